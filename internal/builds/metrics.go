@@ -1,0 +1,101 @@
+package builds
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+// metrics exports build counters for Prometheus. Counts by status and
+// volume bytes are read at scrape time from their sources of truth, so
+// they survive restarts and never drift.
+type metrics struct {
+	s           *Service
+	submittedC  prometheus.Counter
+	finishedC   *prometheus.CounterVec
+	duration    prometheus.Histogram
+	cachedRatio prometheus.Histogram
+
+	byStatus *prometheus.Desc
+	queueLen *prometheus.Desc
+	volBytes *prometheus.Desc
+	volUsed  *prometheus.Desc
+	volCount *prometheus.Desc
+}
+
+func newMetrics(s *Service) *metrics {
+	return &metrics{
+		s: s,
+		submittedC: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_builds_submitted_total", Help: "Builds accepted since the server started.",
+		}),
+		finishedC: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kiln_builds_finished_total", Help: "Builds that reached a terminal status since the server started.",
+		}, []string{"status"}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "kiln_build_duration_seconds", Help: "Running time of builds (excluding time queued).",
+			Buckets: prometheus.ExponentialBuckets(0.5, 2, 14),
+		}),
+		cachedRatio: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "kiln_build_cached_step_ratio", Help: "Share of a succeeded build's steps answered from cache.",
+			Buckets: prometheus.LinearBuckets(0, 0.1, 11),
+		}),
+		byStatus: prometheus.NewDesc("kiln_builds", "Builds recorded, by status.", []string{"status"}, nil),
+		queueLen: prometheus.NewDesc("kiln_queue_length", "Builds waiting to run.", nil, nil),
+		volBytes: prometheus.NewDesc("kiln_cache_volume_allocated_bytes", "Host bytes allocated by a scope's cache volume.", []string{"scope"}, nil),
+		volUsed:  prometheus.NewDesc("kiln_cache_volume_used_bytes", "Bytes used inside a scope's cache volume.", []string{"scope"}, nil),
+		volCount: prometheus.NewDesc("kiln_cache_volumes", "Cache volumes on this host.", nil, nil),
+	}
+}
+
+// Collector returns the service's Prometheus collector.
+func (s *Service) Collector() prometheus.Collector { return s.metrics }
+
+func (m *metrics) submitted() { m.submittedC.Inc() }
+
+func (m *metrics) finished(_ string, o store.Outcome) { m.finishedC.WithLabelValues(o.Status).Inc() }
+
+func (m *metrics) observeDuration(d time.Duration) { m.duration.Observe(d.Seconds()) }
+
+func (m *metrics) observeSteps(total, cached int) {
+	if total > 0 {
+		m.cachedRatio.Observe(float64(cached) / float64(total))
+	}
+}
+
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	m.submittedC.Describe(ch)
+	m.finishedC.Describe(ch)
+	m.duration.Describe(ch)
+	m.cachedRatio.Describe(ch)
+	ch <- m.byStatus
+	ch <- m.queueLen
+	ch <- m.volBytes
+	ch <- m.volUsed
+	ch <- m.volCount
+}
+
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	m.submittedC.Collect(ch)
+	m.finishedC.Collect(ch)
+	m.duration.Collect(ch)
+	m.cachedRatio.Collect(ch)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if counts, err := store.CountByStatus(ctx, m.s.db.SQL); err == nil {
+		for _, st := range []string{store.StatusQueued, store.StatusRunning, store.StatusSucceeded, store.StatusFailed, store.StatusCanceled} {
+			ch <- prometheus.MustNewConstMetric(m.byStatus, prometheus.GaugeValue, float64(counts[st]), st)
+		}
+		ch <- prometheus.MustNewConstMetric(m.queueLen, prometheus.GaugeValue, float64(counts[store.StatusQueued]))
+	}
+	if vols, err := m.s.volumes.List(); err == nil {
+		for _, v := range vols {
+			ch <- prometheus.MustNewConstMetric(m.volBytes, prometheus.GaugeValue, float64(v.AllocatedBytes), v.Scope)
+			ch <- prometheus.MustNewConstMetric(m.volUsed, prometheus.GaugeValue, float64(v.UsedBytes), v.Scope)
+		}
+		ch <- prometheus.MustNewConstMetric(m.volCount, prometheus.GaugeValue, float64(len(vols)))
+	}
+}

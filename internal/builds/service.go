@@ -1,0 +1,262 @@
+package builds
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/riverqueue/river"
+
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+// Build is a build record; the store owns its shape.
+type Build = store.Build
+
+// Errors callers map to HTTP statuses.
+var (
+	ErrNotFound = errors.New("build not found")
+	// ErrFinished: the build is already terminal; the returned build is
+	// its final state.
+	ErrFinished = errors.New("build already finished")
+)
+
+// InputError is a bad submission: the message says what was wrong and
+// what to do; Status is the HTTP status to answer with.
+type InputError struct {
+	Status int
+	Msg    string
+}
+
+func (e *InputError) Error() string { return e.Msg }
+
+func badRequest(format string, args ...any) error {
+	return &InputError{Status: 400, Msg: fmt.Sprintf(format, args...)}
+}
+
+func forbidden(format string, args ...any) error {
+	return &InputError{Status: 403, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Caps bounds one resource: what a build gets when it asks for nothing,
+// and the most it may ask for.
+type Caps struct {
+	Default int
+	Max     int
+}
+
+// Config is the build service's configuration.
+type Config struct {
+	DataDir string
+	// RegistryHost is kiln's registry as the builder reaches it
+	// (host:port); results are pushed to RegistryHost/builds/<id>.
+	RegistryHost string
+	// MaxConcurrent builds run at once across all scopes.
+	MaxConcurrent int
+	Context       buildcontext.Limits
+	CPUs          Caps
+	MemoryMB      Caps
+	DiskGB        Caps
+	TimeoutSec    Caps
+	// GCReservedPercent and GCMaxUsedPercent bound BuildKit's GC as
+	// shares of the cache volume's size.
+	GCReservedPercent int
+	GCMaxUsedPercent  int
+	// CancelGrace is how long a cancel waits for the runtime to stop.
+	CancelGrace time.Duration
+}
+
+// Service runs builds.
+type Service struct {
+	cfg      Config
+	db       *store.DB
+	river    *river.Client[*sql.Tx]
+	reg      *registry.Registry
+	volumes  *cachevol.Manager
+	runtime  runtime.Runtime
+	auth     *auth.Authority
+	log      *slog.Logger
+	hub      *hub
+	slots    chan struct{}
+	metrics  *metrics
+	secrets  sync.Map // build id → map[string][]byte, memory only
+	activeMu sync.Mutex
+	active   map[string]*activeBuild
+	stopping atomic.Bool
+}
+
+type activeBuild struct {
+	cancel context.CancelCauseFunc
+	done   chan struct{}
+}
+
+// Deps are the parts a Service drives.
+type Deps struct {
+	DB       *store.DB
+	Registry *registry.Registry
+	Volumes  *cachevol.Manager
+	Runtime  runtime.Runtime
+	Auth     *auth.Authority
+	Logger   *slog.Logger
+}
+
+// New creates the service; Start begins running queued builds.
+func New(cfg Config, d Deps) (*Service, error) {
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = 1
+	}
+	if cfg.CancelGrace <= 0 {
+		cfg.CancelGrace = 30 * time.Second
+	}
+	if d.Logger == nil {
+		d.Logger = slog.Default()
+	}
+	for _, dir := range []string{contextsDir(cfg.DataDir)} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	s := &Service{
+		cfg:     cfg,
+		db:      d.DB,
+		reg:     d.Registry,
+		volumes: d.Volumes,
+		runtime: d.Runtime,
+		auth:    d.Auth,
+		log:     d.Logger,
+		hub:     newHub(),
+		slots:   make(chan struct{}, cfg.MaxConcurrent),
+		active:  map[string]*activeBuild{},
+	}
+	s.metrics = newMetrics(s)
+	rc, err := newRiver(s)
+	if err != nil {
+		return nil, err
+	}
+	s.river = rc
+	return s, nil
+}
+
+func contextsDir(dataDir string) string { return filepath.Join(dataDir, "contexts") }
+
+func (s *Service) contextDir(id string) string { return filepath.Join(contextsDir(s.cfg.DataDir), id) }
+
+// RuntimeName says which runtime runs builds.
+func (s *Service) RuntimeName() string { return s.runtime.Name() }
+
+// Get loads a build.
+func (s *Service) Get(ctx context.Context, id string) (Build, error) {
+	if !validID(id) {
+		return Build{}, ErrNotFound
+	}
+	b, err := store.GetBuild(ctx, s.db.SQL, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return Build{}, ErrNotFound
+	}
+	return b, err
+}
+
+// QueuePosition is the build's 1-based place among queued builds, or 0
+// when it is not queued.
+func (s *Service) QueuePosition(ctx context.Context, b Build) (int, error) {
+	if b.Status != store.StatusQueued {
+		return 0, nil
+	}
+	return store.QueuePosition(ctx, s.db.SQL, b.Seq)
+}
+
+// List returns builds, newest first.
+func (s *Service) List(ctx context.Context, f store.ListFilter) ([]Build, error) {
+	if f.Status != "" && !validStatus(f.Status) {
+		return nil, badRequest("unknown status %q: use queued, running, succeeded, failed or canceled", f.Status)
+	}
+	return store.ListBuilds(ctx, s.db.SQL, f)
+}
+
+func validStatus(s string) bool {
+	switch s {
+	case store.StatusQueued, store.StatusRunning, store.StatusSucceeded, store.StatusFailed, store.StatusCanceled:
+		return true
+	}
+	return false
+}
+
+// Cancel stops a queued or running build and waits (bounded) until its
+// runtime has stopped. On a terminal build it returns ErrFinished with the
+// final state.
+func (s *Service) Cancel(ctx context.Context, id string) (Build, error) {
+	b, err := s.Get(ctx, id)
+	if err != nil {
+		return Build{}, err
+	}
+	if store.Terminal(b.Status) {
+		return b, ErrFinished
+	}
+	won, err := s.finish(b.ID, store.Outcome{Status: store.StatusCanceled, Error: "canceled by request", Phase: "canceled"})
+	if err != nil {
+		return Build{}, err
+	}
+	if !won {
+		b, err = s.Get(ctx, id)
+		if err != nil {
+			return Build{}, err
+		}
+		return b, ErrFinished
+	}
+	s.activeMu.Lock()
+	a := s.active[id]
+	s.activeMu.Unlock()
+	if a != nil {
+		a.cancel(errCanceled)
+		select {
+		case <-a.done:
+		case <-time.After(s.cfg.CancelGrace):
+			s.log.Warn("canceled build still stopping", "build", id, "waited", s.cfg.CancelGrace)
+		case <-ctx.Done():
+		}
+	} else {
+		s.cleanup(id)
+	}
+	return s.Get(ctx, id)
+}
+
+var errCanceled = errors.New("canceled by request")
+
+// finish moves a build to a terminal state, once. Only the winner emits
+// the closing events, so every build has exactly one end event.
+func (s *Service) finish(id string, o store.Outcome) (bool, error) {
+	won, err := store.FinishBuild(context.Background(), s.db.SQL, id, o, time.Now().UTC())
+	if err != nil || !won {
+		return won, err
+	}
+	s.secrets.Delete(id)
+	if o.Error != "" && o.Status != store.StatusSucceeded {
+		s.message(id, "%s: %s", o.Status, o.Error)
+	}
+	s.emit(id, Event{Status: o.Status, Event: eventOfKind(KindStatus)})
+	s.emit(id, Event{Status: o.Status, Event: eventOfKind(KindEnd)})
+	s.metrics.finished(id, o)
+	return true, nil
+}
+
+// cleanup removes what a build left on disk once nothing runs it.
+func (s *Service) cleanup(id string) {
+	if err := os.RemoveAll(s.contextDir(id)); err != nil {
+		s.log.Warn("remove build context", "build", id, "err", err)
+	}
+	if err := os.RemoveAll(s.contextDir(id) + ".dockerfile"); err != nil {
+		s.log.Warn("remove inline Dockerfile", "build", id, "err", err)
+	}
+}

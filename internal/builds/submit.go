@@ -1,0 +1,322 @@
+package builds
+
+import (
+	"bytes"
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/moby/buildkit/frontend/dockerfile/instructions"
+	"github.com/moby/buildkit/frontend/dockerfile/parser"
+
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/images"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+// Upload is a submission in progress: it owns an id and a context
+// directory until Submit accepts it or Discard drops it.
+type Upload struct {
+	ID      string
+	dir     string
+	context *buildcontext.Info
+}
+
+// NewUpload starts a submission.
+func (s *Service) NewUpload() *Upload {
+	id := newID()
+	return &Upload{ID: id, dir: s.contextDir(id)}
+}
+
+// ReceiveContext streams the build context into the upload's directory.
+// On error nothing is left behind.
+func (s *Service) ReceiveContext(ctx context.Context, u *Upload, r io.Reader) error {
+	if u.context != nil {
+		return badRequest("the request has more than one context part; send exactly one")
+	}
+	info, err := buildcontext.Receive(ctx, r, u.dir, s.cfg.Context)
+	if err != nil {
+		return err
+	}
+	u.context = &info
+	return nil
+}
+
+// Discard drops an upload that was not submitted.
+func (s *Service) Discard(u *Upload) {
+	os.RemoveAll(u.dir)
+	os.RemoveAll(u.dir + ".dockerfile")
+}
+
+// Request is what a client asked for, already decoded from the wire.
+type Request struct {
+	Dockerfile     string // inline text; empty means DockerfilePath
+	DockerfilePath string
+	BuildArgs      map[string]string
+	Target         string
+	Tags           []string
+	NoCache        bool
+	Pull           bool
+	Secrets        map[string][]byte
+	CPUs           int
+	MemoryMB       int
+	DiskGB         int
+	TimeoutSec     int
+	CacheScope     string
+	GlobalCacheKey string
+	GlobalCache    bool
+}
+
+var (
+	argName     = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	secretID    = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
+	globalKey   = regexp.MustCompile(`^[a-z0-9]+(?:[._-][a-z0-9]+)*$`)
+	maxTags     = 32
+	maxArgBytes = 64 << 10
+)
+
+// Submit validates an upload and its request and queues the build. On
+// any error the upload is discarded and nothing is recorded.
+func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req Request) (b Build, err error) {
+	defer func() {
+		if err != nil {
+			s.Discard(u)
+		}
+	}()
+	if !p.Has(auth.ScopeBuildWrite) {
+		return Build{}, forbidden("submitting a build needs the build:write scope; ask for a token that has it")
+	}
+	scope, err := p.CheckCacheScope(req.CacheScope)
+	if err != nil {
+		return Build{}, forbidden("cache_scope %q is not yours: your token's cache scope is %q; omit cache_scope or send your own", req.CacheScope, p.CacheScope)
+	}
+	if u.context == nil {
+		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\"")
+	}
+	opts, err := s.validate(p, u, &req)
+	if err != nil {
+		return Build{}, err
+	}
+	tags, err := normalizeTags(req.Tags)
+	if err != nil {
+		return Build{}, err
+	}
+	b = Build{
+		ID:           u.ID,
+		Status:       store.StatusQueued,
+		Phase:        "queued",
+		Subject:      p.Subject,
+		CacheScope:   scope,
+		Tags:         tags,
+		Options:      opts,
+		ContextBytes: u.context.Bytes,
+		Attempt:      1,
+		Runtime:      s.runtime.Name(),
+		CreatedAt:    time.Now().UTC(),
+	}
+	if len(req.Secrets) > 0 {
+		s.secrets.Store(b.ID, req.Secrets)
+	}
+	err = s.db.InTx(ctx, func(tx *sql.Tx) error {
+		if err := store.CreateBuild(ctx, tx, &b); err != nil {
+			return err
+		}
+		return s.enqueue(ctx, tx, b.ID, b.Attempt)
+	})
+	if err != nil {
+		s.secrets.Delete(b.ID)
+		return Build{}, fmt.Errorf("record build: %w", err)
+	}
+	s.emit(b.ID, Event{Status: store.StatusQueued, Event: progress.Event{Kind: KindStatus}})
+	s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
+	s.metrics.submitted()
+	return b, nil
+}
+
+// validate checks everything about a request that can be checked before
+// BuildKit runs, so a mistake answers 400 at once instead of a failed
+// build minutes later.
+func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.BuildOptions, error) {
+	o := store.BuildOptions{
+		Target:         req.Target,
+		NoCache:        req.NoCache,
+		Pull:           req.Pull,
+		BuildArgs:      req.BuildArgs,
+		GlobalCacheKey: req.GlobalCacheKey,
+		Admin:          p.Has(auth.ScopeBuildAdmin),
+	}
+	total := 0
+	for k, v := range req.BuildArgs {
+		if !argName.MatchString(k) {
+			return o, badRequest("build arg name %q is invalid: names start with a letter or _ and contain only letters, digits and _", k)
+		}
+		total += len(k) + len(v)
+	}
+	if total > maxArgBytes {
+		return o, badRequest("build args total %d bytes, more than the %d byte limit", total, maxArgBytes)
+	}
+	for id := range req.Secrets {
+		if !secretID.MatchString(id) {
+			return o, badRequest("secret id %q is invalid: use 1-128 letters, digits, '.', '_' or '-'", id)
+		}
+		o.SecretIDs = append(o.SecretIDs, id)
+	}
+	sort.Strings(o.SecretIDs)
+	if req.GlobalCache {
+		if !p.Has(auth.ScopeBuildAdmin) {
+			return o, forbidden("global_cache writes the shared global cache tier and needs the build:admin scope; drop global_cache to import it read-only with global_cache_key")
+		}
+		if req.GlobalCacheKey == "" {
+			return o, badRequest("global_cache needs global_cache_key: the key names the cache/global/<key> entry to write")
+		}
+		o.GlobalCacheExport = true
+	}
+	if req.GlobalCacheKey != "" && (!globalKey.MatchString(req.GlobalCacheKey) || len(req.GlobalCacheKey) > 128) {
+		return o, badRequest("global_cache_key %q is invalid: use lower-case letters, digits and single '.', '_' or '-' separators", req.GlobalCacheKey)
+	}
+	var err error
+	if o.CPUs, err = capped("cpus", req.CPUs, s.cfg.CPUs, "limits.cpus"); err != nil {
+		return o, err
+	}
+	if o.MemoryMB, err = capped("memory_mb", req.MemoryMB, s.cfg.MemoryMB, "limits.memory_mb"); err != nil {
+		return o, err
+	}
+	if o.DiskGB, err = capped("disk_gb", req.DiskGB, s.cfg.DiskGB, "limits.disk_gb"); err != nil {
+		return o, err
+	}
+	if o.TimeoutSeconds, err = capped("timeout_seconds", req.TimeoutSec, s.cfg.TimeoutSec, "limits.timeout_seconds"); err != nil {
+		return o, err
+	}
+
+	// The Dockerfile: inline text, or a path inside the context.
+	var dockerfile []byte
+	if req.Dockerfile != "" {
+		o.InlineDockerfile = true
+		o.DockerfilePath = "Dockerfile"
+		dockerfile = []byte(req.Dockerfile)
+		dir := u.dir + ".dockerfile"
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return o, fmt.Errorf("store inline Dockerfile: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), dockerfile, 0o600); err != nil {
+			return o, fmt.Errorf("store inline Dockerfile: %w", err)
+		}
+	} else {
+		rel := req.DockerfilePath
+		if rel == "" {
+			rel = "Dockerfile"
+		}
+		clean := path.Clean("/" + rel)[1:]
+		if clean == "" || rel != clean && rel != "./"+clean || strings.HasPrefix(rel, "/") {
+			return o, badRequest("dockerfile_path %q must be a relative path inside the context, like \"Dockerfile\" or \"docker/app.Dockerfile\"", rel)
+		}
+		o.DockerfilePath = clean
+		full := filepath.Join(u.dir, filepath.FromSlash(clean))
+		fi, err := os.Lstat(full)
+		if err != nil || !fi.Mode().IsRegular() {
+			return o, badRequest("no Dockerfile at %q in the build context: add it, pass dockerfile_path, or send the Dockerfile inline in the dockerfile field", clean)
+		}
+		if fi.Size() > 1<<20 {
+			return o, badRequest("Dockerfile %q is %d bytes; the limit is 1 MiB", clean, fi.Size())
+		}
+		if dockerfile, err = os.ReadFile(full); err != nil {
+			return o, fmt.Errorf("read Dockerfile: %w", err)
+		}
+	}
+	if err := checkDockerfile(dockerfile, req.Target); err != nil {
+		return o, err
+	}
+	return o, nil
+}
+
+func capped(name string, asked int, c Caps, key string) (int, error) {
+	if asked < 0 {
+		return 0, badRequest("%s must not be negative", name)
+	}
+	if asked == 0 {
+		return c.Default, nil
+	}
+	if c.Max > 0 && asked > c.Max {
+		return 0, badRequest("%s=%d is over the cap of %d set by the operator (%s)", name, asked, c.Max, key)
+	}
+	return asked, nil
+}
+
+// checkDockerfile parses the Dockerfile with BuildKit's own parser, so a
+// syntax error or an unknown target is a 400 with BuildKit's message.
+func checkDockerfile(dockerfile []byte, target string) error {
+	res, err := parser.Parse(bytes.NewReader(dockerfile))
+	if err != nil {
+		return badRequest("Dockerfile: %v", err)
+	}
+	if _, _, _, usesSyntax := parser.DetectSyntax(dockerfile); usesSyntax {
+		// A # syntax= frontend may understand more than the built-in
+		// parser; let BuildKit judge it.
+		return nil
+	}
+	stages, _, err := instructions.Parse(res.AST, nil)
+	if err != nil {
+		return badRequest("Dockerfile: %v", err)
+	}
+	if len(stages) == 0 {
+		return badRequest("Dockerfile has no FROM instruction")
+	}
+	if target == "" {
+		return nil
+	}
+	var names []string
+	for _, st := range stages {
+		if strings.EqualFold(st.Name, target) {
+			return nil
+		}
+		if st.Name != "" {
+			names = append(names, st.Name)
+		}
+	}
+	if len(names) == 0 {
+		return badRequest("target %q not found: the Dockerfile has no named stages (name one with FROM image AS name)", target)
+	}
+	return badRequest("target %q not found: the Dockerfile's stages are %s", target, strings.Join(names, ", "))
+}
+
+// normalizeTags turns user image names into repository:tag names in
+// kiln's registry. Names live in kiln's registry, so a registry host is
+// refused, and builds/ and cache/ are kiln's own namespaces.
+func normalizeTags(tags []string) ([]string, error) {
+	if len(tags) > maxTags {
+		return nil, badRequest("%d tags given; at most %d are allowed", len(tags), maxTags)
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, t := range tags {
+		name, err := NormalizeName(t)
+		if err != nil {
+			return nil, err
+		}
+		if !seen[name] {
+			seen[name] = true
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+// NormalizeName validates a user image name and returns it as
+// repository:tag.
+func NormalizeName(t string) (string, error) {
+	repo, tag, err := images.ParseName(t, false)
+	if err != nil {
+		return "", badRequest("%s", err.Error())
+	}
+	return repo + ":" + tag, nil
+}

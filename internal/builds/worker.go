@@ -1,0 +1,421 @@
+package builds
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riversqlite"
+	"github.com/riverqueue/river/rivermigrate"
+
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+// jobArgs is the River job of one build attempt. A job whose attempt is
+// not the build's current one is stale (the build was requeued after a
+// restart) and does nothing.
+type jobArgs struct {
+	BuildID string `json:"build_id"`
+	Attempt int    `json:"attempt"`
+}
+
+func (jobArgs) Kind() string { return "kiln_build" }
+
+// The build's own state machine owns retries; River runs each job once.
+func (jobArgs) InsertOpts() river.InsertOpts { return river.InsertOpts{MaxAttempts: 1} }
+
+type worker struct {
+	river.WorkerDefaults[jobArgs]
+	s *Service
+}
+
+// Timeout is disabled: a build's timeout counts only its running time and
+// is enforced by run, not while it waits for its scope or a slot.
+func (w *worker) Timeout(*river.Job[jobArgs]) time.Duration { return -1 }
+
+func (w *worker) Work(ctx context.Context, job *river.Job[jobArgs]) error {
+	w.s.run(ctx, job.Args.BuildID, job.Args.Attempt)
+	return nil
+}
+
+// maxWaiting bounds how many builds may wait for their scope at once;
+// waiting costs a goroutine, never a build slot.
+const maxWaiting = 1000
+
+func newRiver(s *Service) (*river.Client[*sql.Tx], error) {
+	workers := river.NewWorkers()
+	river.AddWorker(workers, &worker{s: s})
+	return river.NewClient(riversqlite.New(s.db.SQL), &river.Config{
+		Queues:            map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: maxWaiting}},
+		Workers:           workers,
+		FetchCooldown:     50 * time.Millisecond,
+		FetchPollInterval: 250 * time.Millisecond,
+		Logger:            s.log.With("part", "queue"),
+	})
+}
+
+func (s *Service) enqueue(ctx context.Context, tx *sql.Tx, id string, attempt int) error {
+	if _, err := s.river.InsertTx(ctx, tx, jobArgs{BuildID: id, Attempt: attempt}, nil); err != nil {
+		return fmt.Errorf("queue build %s: %w", id, err)
+	}
+	return nil
+}
+
+// Start migrates the queue tables, recovers builds a previous server left
+// unfinished, and starts working the queue.
+func (s *Service) Start(ctx context.Context) error {
+	migrator, err := rivermigrate.New(riversqlite.New(s.db.SQL), nil)
+	if err != nil {
+		return fmt.Errorf("prepare queue migrations: %w", err)
+	}
+	if _, err := migrator.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
+		return fmt.Errorf("migrate queue tables: %w", err)
+	}
+	if err := s.recover(ctx); err != nil {
+		return err
+	}
+	if err := s.river.Start(ctx); err != nil {
+		return fmt.Errorf("start queue: %w", err)
+	}
+	return nil
+}
+
+// Stop stops taking builds and cancels running ones; they are requeued
+// when the server starts again.
+func (s *Service) Stop(ctx context.Context) error {
+	s.stopping.Store(true)
+	return s.river.StopAndCancel(ctx)
+}
+
+// recover makes every build a previous server process left unfinished
+// either queued again (under a new attempt) or failed with the reason.
+// Builds with secrets cannot be rerun: their secrets lived in memory only.
+func (s *Service) recover(ctx context.Context) error {
+	builds, err := store.Unfinished(ctx, s.db.SQL)
+	if err != nil {
+		return fmt.Errorf("find unfinished builds: %w", err)
+	}
+	keep := map[string]bool{}
+	for _, b := range builds {
+		was := b.Status
+		if len(b.Options.SecretIDs) > 0 {
+			if _, err := s.finish(b.ID, store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
+				Error: "the kiln server restarted before this build finished; its secrets were held only in memory and are gone, so it cannot be rerun: submit it again"}); err != nil {
+				return err
+			}
+			s.cleanup(b.ID)
+			continue
+		}
+		keep[b.ID] = true
+		err := s.db.InTx(ctx, func(tx *sql.Tx) error {
+			attempt, err := store.Requeue(ctx, tx, b.ID)
+			if err != nil {
+				return err
+			}
+			return s.enqueue(ctx, tx, b.ID, attempt)
+		})
+		if err != nil {
+			return fmt.Errorf("requeue build %s after restart: %w", b.ID, err)
+		}
+		if was == store.StatusRunning {
+			s.message(b.ID, "the kiln server restarted while this build was running; it was queued again and will rerun")
+			s.emit(b.ID, Event{Status: store.StatusQueued, Event: eventOfKind(KindStatus)})
+		}
+		s.log.Info("requeued unfinished build after restart", "build", b.ID, "was", was)
+	}
+	// Uploads cut short by the crash left context directories behind.
+	entries, _ := os.ReadDir(contextsDir(s.cfg.DataDir))
+	for _, e := range entries {
+		id := strings.TrimSuffix(e.Name(), ".dockerfile")
+		if !keep[id] {
+			os.RemoveAll(s.contextDir(e.Name()))
+		}
+	}
+	return nil
+}
+
+var errTimeout = errors.New("build timed out")
+
+// run executes one build attempt from queue to terminal state.
+func (s *Service) run(ctx context.Context, id string, attempt int) {
+	b, err := s.Get(ctx, id)
+	if err != nil || b.Status != store.StatusQueued || b.Attempt != attempt {
+		return
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	a := &activeBuild{cancel: cancel, done: make(chan struct{})}
+	s.activeMu.Lock()
+	s.active[id] = a
+	s.activeMu.Unlock()
+	defer func() {
+		s.activeMu.Lock()
+		delete(s.active, id)
+		s.activeMu.Unlock()
+		close(a.done)
+	}()
+
+	outcome, ran := s.execute(ctx, b)
+	switch {
+	case context.Cause(ctx) == errCanceled:
+		// Cancel already recorded the terminal state.
+	case s.stopping.Load() && ctx.Err() != nil:
+		// Server shutdown: leave it unfinished; recover requeues it.
+		s.log.Info("build interrupted by shutdown; it will rerun on next start", "build", id)
+		return
+	case ran || outcome.Status != "":
+		if _, err := s.finish(id, outcome); err != nil {
+			s.log.Error("record build outcome", "build", id, "err", err)
+		}
+	}
+	s.cleanup(id)
+}
+
+// execute waits for the build's volume and a slot, then runs it. ran is
+// false when the build never started (canceled while waiting, or lost the
+// race to start).
+func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bool) {
+	id := b.ID
+	secrets, _ := s.secrets.Load(id)
+	if len(b.Options.SecretIDs) > 0 && secrets == nil {
+		return store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
+			Error: "this build's secrets were held only in memory and are gone (the server restarted); submit it again"}, false
+	}
+
+	vol, err := s.attachVolume(ctx, b)
+	if err != nil {
+		if ctx.Err() != nil {
+			return store.Outcome{}, false
+		}
+		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, false
+	}
+	defer func() {
+		if err := vol.Release(); err != nil {
+			s.log.Error("release cache volume", "build", id, "err", err)
+		}
+	}()
+
+	select {
+	case s.slots <- struct{}{}:
+	default:
+		s.phase(id, "waiting for a build slot")
+		select {
+		case s.slots <- struct{}{}:
+		case <-ctx.Done():
+			return store.Outcome{}, false
+		}
+	}
+	defer func() { <-s.slots }()
+
+	started := time.Now().UTC()
+	ok, err := store.StartBuild(ctx, s.db.SQL, id, b.Attempt, s.runtime.Name(), started)
+	if err != nil || !ok {
+		return store.Outcome{}, false
+	}
+	s.emit(id, Event{Status: store.StatusRunning, Event: eventOfKind(KindStatus)})
+	switch {
+	case vol.IsScratch():
+		s.message(id, "using a fresh %d GiB scratch volume (no_cache)", b.Options.DiskGB)
+	case vol.Wiped():
+		s.message(id, "cache of scope %q was wiped: %s", b.CacheScope, vol.WipeReason())
+	case vol.Created():
+		s.message(id, "created cache volume for scope %q", b.CacheScope)
+	default:
+		s.message(id, "using warm cache volume of scope %q", b.CacheScope)
+	}
+
+	job, err := s.job(b, vol, secrets)
+	if err != nil {
+		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
+	}
+	timeout := time.Duration(b.Options.TimeoutSeconds) * time.Second
+	rctx, rcancel := context.WithTimeoutCause(ctx, timeout, errTimeout)
+	defer rcancel()
+	sink := &buildSink{s: s, id: id}
+	res, err := s.runtime.Run(rctx, job, sink)
+	s.metrics.observeDuration(time.Since(started))
+	switch {
+	case context.Cause(ctx) == errCanceled:
+		return store.Outcome{}, true
+	case context.Cause(rctx) == errTimeout:
+		return store.Outcome{Status: store.StatusFailed, Phase: "timed out", StepsTotal: sink.total(), StepsCached: sink.cached(),
+			Error: fmt.Sprintf("the build ran longer than its timeout of %s and was stopped; raise timeout_seconds (the cap is %d s)", timeout, s.cfg.TimeoutSec.Max)}, true
+	case err != nil:
+		return store.Outcome{Status: store.StatusFailed, Phase: "failed", StepsTotal: sink.total(), StepsCached: sink.cached(), Error: err.Error()}, true
+	}
+	if err := s.recordImages(ctx, b, res.Digest); err != nil {
+		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
+	}
+	s.metrics.observeSteps(res.StepsTotal, res.StepsCached)
+	return store.Outcome{Status: store.StatusSucceeded, Phase: "done", ImageDigest: res.Digest,
+		StepsTotal: res.StepsTotal, StepsCached: res.StepsCached}, true
+}
+
+// attachVolume takes the build's cache volume, waiting for the scope's
+// current build if needed, or a scratch volume for no_cache builds.
+func (s *Service) attachVolume(ctx context.Context, b Build) (*cachevol.Volume, error) {
+	if b.Options.NoCache || b.CacheScope == "" {
+		v, err := s.volumes.Scratch(ctx, int64(b.Options.DiskGB)<<30)
+		if err != nil {
+			return nil, fmt.Errorf("create scratch volume: %w", err)
+		}
+		return v, nil
+	}
+	v, ok, err := s.volumes.TryAcquire(ctx, b.CacheScope)
+	if err != nil {
+		return nil, fmt.Errorf("attach cache volume of scope %q: %w", b.CacheScope, err)
+	}
+	if ok {
+		return v, nil
+	}
+	s.phase(b.ID, "waiting for cache scope")
+	s.message(b.ID, "another build of cache scope %q is running; waiting for it (builds of one scope share one cache volume, one at a time)", b.CacheScope)
+	v, err = s.volumes.Acquire(ctx, b.CacheScope)
+	if err != nil {
+		return nil, fmt.Errorf("attach cache volume of scope %q: %w", b.CacheScope, err)
+	}
+	return v, nil
+}
+
+// job assembles the runtime's view of a build.
+func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, error) {
+	host := s.cfg.RegistryHost
+	push := []string{host + "/" + canonicalName(b.ID)}
+	access := []auth.Access{
+		{Repository: "*", Actions: []string{"pull"}},
+		{Repository: "builds/" + b.ID, Actions: []string{"pull", "push"}},
+	}
+	for _, t := range b.Tags {
+		push = append(push, host+"/"+t)
+		repo := t[:strings.LastIndex(t, ":")]
+		access = append(access, auth.Access{Repository: repo, Actions: []string{"pull", "push"}})
+	}
+	scopes := []auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite}
+	req := solve.Request{
+		ContextDir:     s.contextDir(b.ID),
+		DockerfileDir:  s.contextDir(b.ID),
+		DockerfileName: b.Options.DockerfilePath,
+		BuildArgs:      b.Options.BuildArgs,
+		Target:         b.Options.Target,
+		NoCache:        b.Options.NoCache,
+		Pull:           b.Options.Pull,
+		Push:           push,
+	}
+	if b.Options.InlineDockerfile {
+		req.DockerfileDir = s.contextDir(b.ID) + ".dockerfile"
+	}
+	if m, ok := secrets.(map[string][]byte); ok {
+		req.Secrets = m
+	}
+	if k := b.Options.GlobalCacheKey; k != "" {
+		ref := host + "/cache/global/" + k + ":cache"
+		req.CacheImports = []string{ref}
+		if b.Options.GlobalCacheExport && b.Options.Admin {
+			req.CacheExport = ref
+			scopes = append(scopes, auth.ScopeBuildAdmin)
+			access = append(access, auth.Access{Repository: "cache/global/" + k, Actions: []string{"pull", "push"}})
+		}
+	}
+	ttl := time.Duration(b.Options.TimeoutSeconds)*time.Second + 10*time.Minute
+	token, err := s.auth.Issue("build:"+b.ID, scopes, b.CacheScope, ttl, access)
+	if err != nil {
+		return runtime.Job{}, fmt.Errorf("mint the build's registry credentials: %w", err)
+	}
+	req.RegistryAuth = map[string]solve.Credentials{host: {Username: "kiln", Password: token}}
+	size := vol.Size()
+	return runtime.Job{
+		BuildID: b.ID,
+		Solve:   req,
+		Volume:  vol.Path(),
+		GC: runtime.GCPolicy{
+			ReservedSpace: strconv.FormatInt(size*int64(s.cfg.GCReservedPercent)/100, 10),
+			MaxUsedSpace:  strconv.FormatInt(size*int64(s.cfg.GCMaxUsedPercent)/100, 10),
+		},
+		InsecureRegistries: []string{host},
+		CPUs:               b.Options.CPUs,
+		MemoryMB:           b.Options.MemoryMB,
+		Network:            "host",
+	}, nil
+}
+
+// canonicalName is the name every build's result gets.
+func canonicalName(id string) string { return "builds/" + id + ":latest" }
+
+// CanonicalName is the repository:tag every build is pushed to.
+func CanonicalName(id string) string { return canonicalName(id) }
+
+// recordImages points the build's names at its digest.
+func (s *Service) recordImages(ctx context.Context, b Build, digest string) error {
+	if digest == "" {
+		return errors.New("BuildKit reported no image digest for the pushed result")
+	}
+	now := time.Now().UTC()
+	return s.db.InTx(ctx, func(tx *sql.Tx) error {
+		for _, name := range append([]string{canonicalName(b.ID)}, b.Tags...) {
+			i := strings.LastIndex(name, ":")
+			if err := store.PutImage(ctx, tx, store.Image{Name: name, Repository: name[:i], Tag: name[i+1:],
+				Digest: digest, BuildID: b.ID, CreatedAt: now}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// buildSink persists runtime progress as build events and keeps live
+// step counts on the record.
+type buildSink struct {
+	s  *Service
+	id string
+
+	mu       sync.Mutex
+	done     map[string]bool // vertex → cached
+	nDone    atomic.Int64
+	nCached  atomic.Int64
+	lastSave time.Time
+}
+
+func (k *buildSink) Emit(e progress.Event) {
+	switch e.Kind {
+	case progress.Phase:
+		k.s.phase(k.id, e.Phase)
+		return
+	case progress.VertexCached, progress.VertexCompleted:
+		k.mu.Lock()
+		if k.done == nil {
+			k.done = map[string]bool{}
+		}
+		if _, seen := k.done[e.Vertex]; !seen {
+			k.done[e.Vertex] = e.Kind == progress.VertexCached
+			k.nDone.Add(1)
+			if e.Kind == progress.VertexCached {
+				k.nCached.Add(1)
+			}
+		}
+		save := time.Since(k.lastSave) > 500*time.Millisecond
+		if save {
+			k.lastSave = time.Now()
+		}
+		k.mu.Unlock()
+		if save {
+			store.SetSteps(context.Background(), k.s.db.SQL, k.id, k.total(), k.cached())
+		}
+	}
+	k.s.emit(k.id, Event{Event: e})
+}
+
+func (k *buildSink) total() int  { return int(k.nDone.Load()) }
+func (k *buildSink) cached() int { return int(k.nCached.Load()) }

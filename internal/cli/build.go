@@ -1,0 +1,489 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kiln-build/kiln/api"
+)
+
+// buildFlags are the flags of `kiln build`.
+type buildFlags struct {
+	tags           []string
+	file           string
+	buildArgs      []string
+	target         string
+	noCache        bool
+	pull           bool
+	secrets        []string
+	cacheScope     string
+	globalCacheKey string
+	globalCache    bool
+	progress       string
+	cpus           int
+	memoryMB       int
+	diskGB         int
+	timeout        string
+}
+
+// buildForm is a validated build request, ready to upload.
+type buildForm struct {
+	fields  []formField // non-file fields, in the order they are sent
+	secrets []secret
+	dir     string // the context directory
+	// dockerfile is what buildcontext.PackOptions.Dockerfile gets: the
+	// Dockerfile's path so Pack always includes it, or an absolute path
+	// outside the context, which Pack ignores.
+	dockerfile string
+}
+
+type formField struct{ name, value string }
+
+// secret is a secret's id and value. The value lives only in memory and is
+// never formatted into output, logs or errors.
+type secret struct {
+	id    string
+	value []byte
+}
+
+func buildCommand(g *globals) *cobra.Command {
+	var f buildFlags
+	c := &cobra.Command{
+		Use:   "build [flags] CONTEXT",
+		Short: "Build an image from a context directory and a Dockerfile",
+		Long: `Build an image on the kiln server.
+
+CONTEXT is a directory; it is packed (honouring its .dockerignore), streamed
+to the server and built with BuildKit. The Dockerfile is CONTEXT/Dockerfile
+unless -f names another; a Dockerfile outside CONTEXT (or -f -, stdin) is
+sent inline.
+
+Progress follows the build until it ends. Ctrl-C cancels the build on the
+server. The exit status is 0 only if the build succeeded, 1 if it failed or
+was refused, 2 for a usage error and 130 if interrupted.`,
+		Example: `  kiln build -t myapp:1.0 .
+  kiln build -f docker/Dockerfile --build-arg VERSION=1.2 --target prod .
+  kiln build --secret id=npm,src=$HOME/.npmrc --secret id=token,env=GH_TOKEN .`,
+		Args: exactArgs("CONTEXT"),
+	}
+	fl := c.Flags()
+	fl.StringArrayVarP(&f.tags, "tag", "t", nil, "image name (repo[:tag]) to push the result to; repeatable")
+	fl.StringVarP(&f.file, "file", "f", "", `Dockerfile path, relative to the current directory (default "CONTEXT/Dockerfile"); "-" reads it from stdin`)
+	fl.StringArrayVar(&f.buildArgs, "build-arg", nil, "build argument NAME=VALUE; NAME alone takes the value from the environment (skipped if unset); repeatable")
+	fl.StringVar(&f.target, "target", "", "Dockerfile stage to build")
+	fl.BoolVar(&f.noCache, "no-cache", false, "do not use the build cache")
+	fl.BoolVar(&f.pull, "pull", false, "always fetch base images again")
+	fl.StringArrayVar(&f.secrets, "secret", nil, "secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR; repeatable; the value is sent, never printed")
+	fl.StringVar(&f.cacheScope, "cache-scope", "", "cache scope to build in; must equal your token's cache scope")
+	fl.StringVar(&f.globalCacheKey, "global-cache-key", "", "also import the shared global cache cache/global/KEY (read-only)")
+	fl.BoolVar(&f.globalCache, "global-cache", false, "export to the global cache under --global-cache-key (needs build:admin)")
+	fl.StringVar(&f.progress, "progress", progressAuto, "progress output: auto, tty, plain or json (one event per line)")
+	fl.IntVar(&f.cpus, "cpus", 0, "CPUs for the builder (default: the server's)")
+	fl.IntVar(&f.memoryMB, "memory", 0, "memory for the builder in MB (default: the server's)")
+	fl.IntVar(&f.diskGB, "disk", 0, "disk for the builder in GB (default: the server's)")
+	fl.StringVar(&f.timeout, "timeout", "", "build time limit in seconds, or a duration like 30m (default: the server's)")
+
+	c.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
+		form, err := f.form(cmd, args[0], cmd.InOrStdin(), os.LookupEnv)
+		if err != nil {
+			return err
+		}
+		defer form.wipe()
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		mode := resolveProgress(f.progress, cmd.OutOrStdout())
+		return runBuild(ctx, g.settings, cl, form, mode, cmd.OutOrStdout(), cmd.ErrOrStderr())
+	})
+	return c
+}
+
+var (
+	// argNameRE is what docker accepts as a build argument name: an
+	// environment variable name.
+	argNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+	// secretIDRE keeps ids to what survives a multipart filename and a
+	// BuildKit secret mount id unchanged.
+	secretIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+)
+
+const maxInlineDockerfile = 4 << 20
+
+// form validates the flags and assembles the request. Nothing is sent if it
+// fails.
+func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, lookupEnv func(string) (string, bool)) (*buildForm, error) {
+	switch f.progress {
+	case progressAuto, progressTTY, progressPlain, progressJSON:
+	default:
+		return nil, usageError(cmd, "invalid --progress %q: use auto, tty, plain or json", f.progress)
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, usageError(cmd, "build context %q: %v", dir, err)
+	}
+	if !st.IsDir() {
+		return nil, usageError(cmd, "build context %q is not a directory", dir)
+	}
+	form := &buildForm{dir: dir}
+	add := func(name, value string) { form.fields = append(form.fields, formField{name, value}) }
+
+	for _, t := range f.tags {
+		if strings.TrimSpace(t) == "" {
+			return nil, usageError(cmd, "empty -t/--tag: give an image name like myapp:1.0")
+		}
+		add("tags", t)
+	}
+
+	dfPath, inline, err := resolveDockerfile(dir, f.file, stdin)
+	if err != nil {
+		return nil, usageError(cmd, "%v", err)
+	}
+	if inline != nil {
+		add("dockerfile", string(inline))
+		// Pack always includes the Dockerfile it is given; an inline one is
+		// not part of the context, so hand it a path outside the context.
+		form.dockerfile = "/dev/stdin"
+		if abs, err := filepath.Abs(f.file); err == nil && f.file != "-" {
+			form.dockerfile = abs
+		}
+	} else {
+		add("dockerfile_path", dfPath)
+		form.dockerfile = filepath.FromSlash(dfPath)
+	}
+
+	args, err := parseBuildArgs(f.buildArgs, lookupEnv)
+	if err != nil {
+		return nil, usageError(cmd, "%v", err)
+	}
+	if len(args) > 0 {
+		b, _ := json.Marshal(args)
+		add("build_args", string(b))
+	}
+	if f.target != "" {
+		add("target", f.target)
+	}
+	if f.noCache {
+		add("no_cache", "true")
+	}
+	if f.pull {
+		add("pull", "true")
+	}
+	if f.cacheScope != "" {
+		add("cache_scope", f.cacheScope)
+	}
+	if f.globalCache && f.globalCacheKey == "" {
+		return nil, usageError(cmd, "--global-cache needs --global-cache-key to name the global cache to export to")
+	}
+	if f.globalCacheKey != "" {
+		add("global_cache_key", f.globalCacheKey)
+	}
+	if f.globalCache {
+		add("global_cache", "true")
+	}
+	for _, n := range []struct {
+		flag, field string
+		v           int
+	}{{"cpus", "cpus", f.cpus}, {"memory", "memory_mb", f.memoryMB}, {"disk", "disk_gb", f.diskGB}} {
+		if !cmd.Flags().Changed(n.flag) {
+			continue
+		}
+		if n.v <= 0 {
+			return nil, usageError(cmd, "--%s must be a positive number, got %d", n.flag, n.v)
+		}
+		add(n.field, strconv.Itoa(n.v))
+	}
+	if f.timeout != "" {
+		secs, err := parseTimeout(f.timeout)
+		if err != nil {
+			return nil, usageError(cmd, "%v", err)
+		}
+		add("timeout_seconds", strconv.Itoa(secs))
+	}
+
+	form.secrets, err = readSecrets(f.secrets, lookupEnv)
+	if err != nil {
+		return nil, usageError(cmd, "%v", err)
+	}
+	return form, nil
+}
+
+// wipe overwrites the secret values once they have been sent.
+func (form *buildForm) wipe() {
+	for _, s := range form.secrets {
+		clear(s.value)
+	}
+}
+
+// resolveDockerfile decides how the Dockerfile travels: as a path inside
+// the context (dockerfile_path), or inline (dockerfile) when it lies
+// outside the context or comes from stdin. -f is relative to the current
+// directory, as with docker build.
+func resolveDockerfile(dir, file string, stdin io.Reader) (path string, inline []byte, err error) {
+	if file == "-" {
+		b, err := io.ReadAll(io.LimitReader(stdin, maxInlineDockerfile+1))
+		if err != nil {
+			return "", nil, fmt.Errorf("read Dockerfile from stdin: %w", err)
+		}
+		if len(b) > maxInlineDockerfile {
+			return "", nil, fmt.Errorf("the Dockerfile on stdin is larger than %s", humanSize(maxInlineDockerfile))
+		}
+		return "", b, nil
+	}
+	if file == "" {
+		p := filepath.Join(dir, "Dockerfile")
+		st, err := os.Stat(p)
+		if err != nil || !st.Mode().IsRegular() {
+			return "", nil, fmt.Errorf("no Dockerfile at %s: add one, or name it with -f", p)
+		}
+		return "Dockerfile", nil, nil
+	}
+	st, err := os.Stat(file)
+	if err != nil {
+		return "", nil, fmt.Errorf("Dockerfile %q: %w", file, err)
+	}
+	if !st.Mode().IsRegular() {
+		return "", nil, fmt.Errorf("Dockerfile %q is not a regular file", file)
+	}
+	if rel, ok := within(dir, file); ok {
+		return filepath.ToSlash(rel), nil, nil
+	}
+	if st.Size() > maxInlineDockerfile {
+		return "", nil, fmt.Errorf("Dockerfile %q is larger than %s", file, humanSize(maxInlineDockerfile))
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", nil, fmt.Errorf("read Dockerfile: %w", err)
+	}
+	return "", b, nil
+}
+
+// within reports whether file lies inside dir, and its path relative to
+// dir. Symlinks are resolved so that ./ctx/Dockerfile and a link to it
+// agree.
+func within(dir, file string) (string, bool) {
+	real := func(p string) string {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return p
+		}
+		if r, err := filepath.EvalSymlinks(abs); err == nil {
+			return r
+		}
+		return abs
+	}
+	rel, err := filepath.Rel(real(dir), real(file))
+	if err != nil || !filepath.IsLocal(rel) {
+		return "", false
+	}
+	return rel, true
+}
+
+// parseBuildArgs applies docker's rules: NAME=VALUE sets a value, NAME
+// alone takes it from the environment and is left out when unset there (so
+// the Dockerfile's default applies).
+func parseBuildArgs(specs []string, lookupEnv func(string) (string, bool)) (map[string]string, error) {
+	out := map[string]string{}
+	for _, s := range specs {
+		name, value, hasValue := strings.Cut(s, "=")
+		if !argNameRE.MatchString(name) {
+			return nil, fmt.Errorf("invalid --build-arg %q: the name must be letters, digits and underscores, not starting with a digit (NAME=VALUE or NAME)", s)
+		}
+		if !hasValue {
+			v, ok := lookupEnv(name)
+			if !ok {
+				continue
+			}
+			value = v
+		}
+		out[name] = value
+	}
+	return out, nil
+}
+
+// parseTimeout accepts whole seconds ("600") or a Go duration ("10m").
+func parseTimeout(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 {
+			return 0, fmt.Errorf("--timeout must be positive, got %q", s)
+		}
+		return n, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < time.Second {
+		return 0, fmt.Errorf("invalid --timeout %q: give seconds (600) or a duration (10m)", s)
+	}
+	return int(d / time.Second), nil
+}
+
+// readSecrets parses --secret specs and reads their values. Messages name
+// the id and where the value was to come from, never the value.
+//
+// Accepted keys: id, src|source (a file), env (an environment variable),
+// type (file|env, optional). Without src or env the value comes from the
+// environment variable named like the id if it is set, else from a file
+// named like the id, as buildx does.
+func readSecrets(specs []string, lookupEnv func(string) (string, bool)) ([]secret, error) {
+	var out []secret
+	for _, spec := range specs {
+		var id, src, env, typ string
+		for _, kv := range strings.Split(spec, ",") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok {
+				return nil, fmt.Errorf("invalid --secret %q: expected comma-separated key=value pairs like id=npm,src=.npmrc", spec)
+			}
+			switch strings.ToLower(strings.TrimSpace(k)) {
+			case "id":
+				id = v
+			case "src", "source":
+				src = v
+			case "env":
+				env = v
+			case "type":
+				typ = v
+			default:
+				return nil, fmt.Errorf("invalid --secret %q: unknown key %q (use id, src or env)", spec, k)
+			}
+		}
+		if typ != "" && typ != "file" && typ != "env" {
+			return nil, fmt.Errorf("invalid --secret %q: type must be file or env", spec)
+		}
+		if src != "" && env != "" {
+			return nil, fmt.Errorf("invalid --secret %q: give src or env, not both", spec)
+		}
+		if id == "" && src != "" {
+			id = filepath.Base(src)
+		}
+		if id == "" {
+			return nil, fmt.Errorf("invalid --secret %q: missing id=", spec)
+		}
+		if !secretIDRE.MatchString(id) {
+			return nil, fmt.Errorf("invalid secret id %q: use letters, digits, '.', '_' and '-'", id)
+		}
+		if slices.ContainsFunc(out, func(s secret) bool { return s.id == id }) {
+			return nil, fmt.Errorf("secret %q is given twice", id)
+		}
+		if src == "" && env == "" {
+			switch typ {
+			case "env":
+				env = id
+			case "file":
+				src = id
+			default:
+				if _, ok := lookupEnv(id); ok {
+					env = id
+				} else {
+					src = id
+				}
+			}
+		}
+		var value []byte
+		if env != "" {
+			v, ok := lookupEnv(env)
+			if !ok {
+				return nil, fmt.Errorf("secret %q: environment variable %s is not set", id, env)
+			}
+			value = []byte(v)
+		} else {
+			v, err := os.ReadFile(src)
+			if err != nil {
+				var pe *os.PathError
+				if errors.As(err, &pe) {
+					err = pe.Err
+				}
+				return nil, fmt.Errorf("secret %q: read %s: %v", id, src, err)
+			}
+			value = v
+		}
+		out = append(out, secret{id: id, value: value})
+	}
+	return out, nil
+}
+
+// runBuild uploads the build, follows it to the end and reports.
+func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode string, stdout, stderr io.Writer) error {
+	b, err := upload(ctx, c, form, mode, stdout, stderr)
+	if err != nil {
+		return err
+	}
+	form.wipe()
+
+	// Notes about the build go where they do not mix with machine output.
+	info := stdout
+	if mode == progressJSON {
+		info = stderr
+	}
+	fmt.Fprintf(info, "build %s %s", b.Id, b.Status)
+	if b.QueuePosition != nil && b.Status == api.Queued {
+		fmt.Fprintf(info, " (position %d)", *b.QueuePosition)
+	}
+	fmt.Fprintln(info)
+
+	d := newDisplay(mode, stdout, stderr, s)
+	f := &follower{c: c, s: s, id: b.Id, onEvent: d.event, onNote: d.note, onPoll: d.polled}
+	final, err := f.follow(ctx)
+	d.close()
+	if err != nil {
+		if ctx.Err() != nil {
+			return cancelAfterInterrupt(c, s, b.Id, info)
+		}
+		return fmt.Errorf("following build %s: %w", b.Id, err)
+	}
+	return report(info, final)
+}
+
+// cancelAfterInterrupt cancels the build the user stopped waiting for.
+func cancelAfterInterrupt(c *client, s settings, id string, w io.Writer) error {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cancelTimeout)
+	defer cancel()
+	b, finished, err := c.cancelBuild(ctx, id)
+	switch {
+	case err != nil:
+		return interrupted("interrupted, but canceling build %s failed: %v; it may still be running: run `kiln builds cancel %s`", id, err, id)
+	case finished:
+		fmt.Fprintf(w, "build %s had already finished (%s) when interrupted\n", id, b.Status)
+		return interrupted("interrupted")
+	}
+	fmt.Fprintf(w, "build %s canceled\n", id)
+	return interrupted("build %s canceled", id)
+}
+
+// report prints the outcome and turns a failed build into exit status 1.
+func report(w io.Writer, b *api.Build) error {
+	switch b.Status {
+	case api.Succeeded:
+		took := ""
+		if b.StartedAt != nil && b.FinishedAt != nil {
+			took = " in " + seconds(b.FinishedAt.Sub(*b.StartedAt))
+		}
+		fmt.Fprintf(w, "build %s succeeded%s (%d/%d steps cached)\n", b.Id, took, b.StepsCached, b.StepsTotal)
+		if b.DedupOf != nil && *b.DedupOf != "" {
+			fmt.Fprintf(w, "reused the result of identical build %s\n", *b.DedupOf)
+		}
+		fmt.Fprintf(w, "digest: %s\n", str(b.ImageDigest))
+		fmt.Fprintf(w, "image:  %s\n", b.Image)
+		for _, t := range b.Tags {
+			fmt.Fprintf(w, "tag:    %s\n", t)
+		}
+		return nil
+	case api.Canceled:
+		return &exitError{code: exitFailure, err: fmt.Errorf("build %s was canceled", b.Id)}
+	}
+	msg := str(b.Error)
+	if msg == "" {
+		msg = "the server gave no reason"
+	}
+	return &exitError{code: exitFailure, err: fmt.Errorf("build %s %s: %s", b.Id, b.Status, msg)}
+}

@@ -1,0 +1,271 @@
+// Package config defines every kiln server setting once: its config-file
+// key, the environment variable and command-line flag derived from that
+// key, its default and its help. Precedence: flag, then environment, then
+// config file, then default.
+package config
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/docker/go-units"
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the server's configuration.
+type Config struct {
+	ConfigFile string
+	DataDir    string
+	Listen     string
+	Runtime    string
+	LogLevel   string
+	// RegistryHost is how builders reach kiln's registry; empty means the
+	// listen address.
+	RegistryHost string
+
+	MaxConcurrent int
+
+	ContextMaxBytes             int64
+	ContextMaxUncompressedBytes int64
+	ContextMaxEntries           int
+
+	CPUsDefault, CPUsMax             int
+	MemoryMBDefault, MemoryMBMax     int
+	DiskGBDefault, DiskGBMax         int
+	TimeoutSecDefault, TimeoutSecMax int
+
+	CacheVolumeSize   int64
+	CacheMaxTotal     int64
+	CacheMaxVolumes   int
+	GCReservedPercent int
+	GCMaxUsedPercent  int
+
+	ShutdownGrace time.Duration
+}
+
+type kind int
+
+const (
+	kString kind = iota
+	kInt
+	kBytes
+	kDuration
+)
+
+// setting is one knob.
+type setting struct {
+	key  string // config-file key, dotted for nesting
+	def  string
+	help string
+	kind kind
+	ptr  any
+}
+
+// Env is the environment variable of a key: KILN_ + upper-cased key with
+// dots and dashes as underscores.
+func Env(key string) string {
+	return "KILN_" + strings.ToUpper(strings.NewReplacer(".", "_", "-", "_").Replace(key))
+}
+
+// Flag is the command-line flag of a key: dots become dashes.
+func Flag(key string) string { return strings.ReplaceAll(strings.ReplaceAll(key, "_", "-"), ".", "-") }
+
+func (c *Config) settings() []setting {
+	return []setting{
+		{"data", "./kiln-data", "data directory: database, registry storage, cache volumes, keys", kString, &c.DataDir},
+		{"listen", "127.0.0.1:7070", "address the API and registry listen on", kString, &c.Listen},
+		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (microVM), or auto", kString, &c.Runtime},
+		{"log_level", "info", "log level: debug, info, warn, error", kString, &c.LogLevel},
+		{"registry_host", "", "host:port builders use to reach kiln's registry (default: the listen address)", kString, &c.RegistryHost},
+		{"max_concurrent_builds", "2", "builds running at once across all cache scopes", kInt, &c.MaxConcurrent},
+		{"context.max_bytes", "2GiB", "largest build context upload (as sent, possibly compressed)", kBytes, &c.ContextMaxBytes},
+		{"context.max_uncompressed_bytes", "8GiB", "largest build context once uncompressed", kBytes, &c.ContextMaxUncompressedBytes},
+		{"context.max_entries", "1000000", "most files, directories and links in one build context", kInt, &c.ContextMaxEntries},
+		{"limits.cpus.default", "2", "CPUs a build gets when it asks for none", kInt, &c.CPUsDefault},
+		{"limits.cpus.max", "2", "most CPUs a build may ask for", kInt, &c.CPUsMax},
+		{"limits.memory_mb.default", "2048", "memory (MiB) a build gets when it asks for none", kInt, &c.MemoryMBDefault},
+		{"limits.memory_mb.max", "8192", "most memory (MiB) a build may ask for", kInt, &c.MemoryMBMax},
+		{"limits.disk_gb.default", "20", "scratch volume size (GiB) for builds without a warm cache", kInt, &c.DiskGBDefault},
+		{"limits.disk_gb.max", "100", "largest scratch volume (GiB) a build may ask for", kInt, &c.DiskGBMax},
+		{"limits.timeout_seconds.default", "3600", "build timeout (s) when a build asks for none", kInt, &c.TimeoutSecDefault},
+		{"limits.timeout_seconds.max", "21600", "longest timeout (s) a build may ask for", kInt, &c.TimeoutSecMax},
+		{"cache.volume_size", "20GiB", "size of each cache scope's ext4 volume (sparse: only used blocks take host disk)", kBytes, &c.CacheVolumeSize},
+		{"cache.max_total_bytes", "0", "host bytes all cache volumes may take before the least recently used idle ones are evicted (0: no limit)", kBytes, &c.CacheMaxTotal},
+		{"cache.max_volumes", "0", "most cache volumes kept before the least recently used idle ones are evicted (0: no limit)", kInt, &c.CacheMaxVolumes},
+		{"cache.gc_reserved_percent", "10", "share of a cache volume BuildKit's GC always keeps", kInt, &c.GCReservedPercent},
+		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
+		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
+	}
+}
+
+// Bind registers a flag for every setting on fs.
+func (c *Config) Bind(fs *pflag.FlagSet) {
+	fs.StringVar(&c.ConfigFile, "config", os.Getenv("KILN_CONFIG"), "YAML config file (env KILN_CONFIG); keys as in docs/configuration.md")
+	for _, s := range c.settings() {
+		fs.String(Flag(s.key), "", fmt.Sprintf("%s (env %s, config %s, default %q)", s.help, Env(s.key), s.key, s.def))
+	}
+}
+
+// Load resolves every setting from fs, the environment, the config file
+// and the defaults, and validates the result.
+func (c *Config) Load(fs *pflag.FlagSet) error {
+	file := map[string]string{}
+	if c.ConfigFile != "" {
+		var err error
+		if file, err = readFile(c.ConfigFile); err != nil {
+			return err
+		}
+	}
+	known := map[string]bool{}
+	for _, s := range c.settings() {
+		known[s.key] = true
+		val, from := s.def, "default"
+		if v, ok := file[s.key]; ok {
+			val, from = v, "config file "+c.ConfigFile
+		}
+		if v, ok := os.LookupEnv(Env(s.key)); ok {
+			val, from = v, "environment "+Env(s.key)
+		}
+		if fs != nil {
+			if f := fs.Lookup(Flag(s.key)); f != nil && f.Changed {
+				val, from = f.Value.String(), "flag --"+Flag(s.key)
+			}
+		}
+		if err := s.set(val); err != nil {
+			return fmt.Errorf("setting %s from %s: %w", s.key, from, err)
+		}
+	}
+	var unknown []string
+	for k := range file {
+		if !known[k] {
+			unknown = append(unknown, k)
+		}
+	}
+	if len(unknown) > 0 {
+		sort.Strings(unknown)
+		return fmt.Errorf("config file %s has unknown keys %s; see docs/configuration.md for the valid ones", c.ConfigFile, strings.Join(unknown, ", "))
+	}
+	return c.validate()
+}
+
+func (s setting) set(v string) error {
+	switch s.kind {
+	case kString:
+		*s.ptr.(*string) = v
+	case kInt:
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil {
+			return fmt.Errorf("%q is not a whole number", v)
+		}
+		*s.ptr.(*int) = n
+	case kBytes:
+		n, err := ParseBytes(v)
+		if err != nil {
+			return err
+		}
+		*s.ptr.(*int64) = n
+	case kDuration:
+		d, err := time.ParseDuration(strings.TrimSpace(v))
+		if err != nil {
+			return fmt.Errorf("%q is not a duration like 30s or 5m", v)
+		}
+		*s.ptr.(*time.Duration) = d
+	}
+	return nil
+}
+
+// ParseBytes reads a size: a bare integer is bytes; units are binary
+// (KiB, MiB, GiB, and K/M/G/KB/MB/GB meaning the same).
+func ParseBytes(v string) (int64, error) {
+	v = strings.TrimSpace(v)
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if n < 0 {
+			return 0, fmt.Errorf("size %q is negative", v)
+		}
+		return n, nil
+	}
+	n, err := units.RAMInBytes(v)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%q is not a size like 20GiB, 512MiB or 1073741824", v)
+	}
+	return n, nil
+}
+
+func readFile(path string) (map[string]string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config file: %w", err)
+	}
+	var tree map[string]any
+	if err := yaml.Unmarshal(data, &tree); err != nil {
+		return nil, fmt.Errorf("config file %s is not valid YAML: %w", path, err)
+	}
+	out := map[string]string{}
+	flatten("", tree, out)
+	return out, nil
+}
+
+func flatten(prefix string, v any, out map[string]string) {
+	switch t := v.(type) {
+	case map[string]any:
+		for k, c := range t {
+			key := k
+			if prefix != "" {
+				key = prefix + "." + k
+			}
+			flatten(key, c, out)
+		}
+	case nil:
+	default:
+		out[prefix] = fmt.Sprint(t)
+	}
+}
+
+func (c *Config) validate() error {
+	switch c.Runtime {
+	case "process", "vm", "auto":
+	default:
+		return fmt.Errorf("runtime %q is unknown: use process, vm or auto", c.Runtime)
+	}
+	if c.MaxConcurrent < 1 {
+		return fmt.Errorf("max_concurrent_builds must be at least 1")
+	}
+	for _, p := range []struct {
+		name     string
+		def, max int
+	}{
+		{"limits.cpus", c.CPUsDefault, c.CPUsMax},
+		{"limits.memory_mb", c.MemoryMBDefault, c.MemoryMBMax},
+		{"limits.disk_gb", c.DiskGBDefault, c.DiskGBMax},
+		{"limits.timeout_seconds", c.TimeoutSecDefault, c.TimeoutSecMax},
+	} {
+		if p.def < 1 || p.max < 1 {
+			return fmt.Errorf("%s.default and .max must be at least 1", p.name)
+		}
+		if p.def > p.max {
+			return fmt.Errorf("%s.default (%d) is over %s.max (%d)", p.name, p.def, p.name, p.max)
+		}
+	}
+	if c.GCReservedPercent < 0 || c.GCMaxUsedPercent < 1 || c.GCMaxUsedPercent > 100 || c.GCReservedPercent > c.GCMaxUsedPercent {
+		return fmt.Errorf("cache.gc_reserved_percent (%d) and cache.gc_max_used_percent (%d) must satisfy 0 <= reserved <= max_used <= 100", c.GCReservedPercent, c.GCMaxUsedPercent)
+	}
+	if c.ContextMaxBytes < 1 || c.ContextMaxUncompressedBytes < 1 || c.ContextMaxEntries < 1 {
+		return fmt.Errorf("context limits must be positive")
+	}
+	return nil
+}
+
+// Keys lists every setting for documentation: key, env, flag, default, help.
+func Keys() [][5]string {
+	var c Config
+	var out [][5]string
+	for _, s := range c.settings() {
+		out = append(out, [5]string{s.key, Env(s.key), "--" + Flag(s.key), s.def, s.help})
+	}
+	return out
+}

@@ -1,0 +1,213 @@
+// Package daemon assembles a kiln server from its parts: data dir, keys,
+// database, registry, cache volumes, runtime, build service and HTTP. The
+// serve command and the end-to-end tests start kiln through it, so both
+// run the same wiring.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime/debug"
+	"time"
+
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/builds"
+	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/config"
+	"github.com/kiln-build/kiln/internal/images"
+	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/runtime/process"
+	"github.com/kiln-build/kiln/internal/server"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+// buildkitVersion is the BuildKit module this binary was built with; a
+// cache volume made by another version is wiped before use.
+func buildkitVersion() string {
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, d := range info.Deps {
+			if d.Path == "github.com/moby/buildkit" {
+				return "buildkit " + d.Version
+			}
+		}
+	}
+	return "buildkit unknown"
+}
+
+// Serve listens on cfg.Listen and runs kiln until ctx is done.
+func Serve(ctx context.Context, cfg config.Config) error {
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w (another kiln running? pick another with --listen)", cfg.Listen, err)
+	}
+	return Run(ctx, cfg, ln)
+}
+
+// Run serves kiln on ln until ctx is done, then shuts down: running
+// builds are stopped and rerun on the next start.
+func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
+	defer ln.Close()
+	level := slog.LevelInfo
+	level.UnmarshalText([]byte(cfg.LogLevel))
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	data, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return fmt.Errorf("create data dir: %w", err)
+	}
+	authority, created, err := auth.LoadOrCreate(filepath.Join(data, "keys"))
+	if err != nil {
+		return err
+	}
+	if created {
+		log.Info("created the server signing key", "path", filepath.Join(data, "keys"))
+	}
+	if err := ensureAdminToken(authority, filepath.Join(data, "admin.token"), log); err != nil {
+		return err
+	}
+
+	db, err := store.Open(ctx, filepath.Join(data, "kiln.db"))
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority, Logger: log.With("part", "registry")})
+	if err != nil {
+		return err
+	}
+	defer reg.Close()
+
+	vols, err := cachevol.Open(filepath.Join(data, "cache"), cachevol.Config{
+		DefaultSize: cfg.CacheVolumeSize, MaxTotalBytes: cfg.CacheMaxTotal, MaxCount: cfg.CacheMaxVolumes,
+		Stamp: buildkitVersion(), Logger: log.With("part", "cachevol"),
+	})
+	if err != nil {
+		return err
+	}
+
+	rt, err := newRuntime(cfg, data, log)
+	if err != nil {
+		return err
+	}
+
+	registryHost := cfg.RegistryHost
+	if registryHost == "" {
+		registryHost = loopbackAddr(ln.Addr().(*net.TCPAddr))
+	}
+
+	svc, err := builds.New(builds.Config{
+		DataDir:       data,
+		RegistryHost:  registryHost,
+		MaxConcurrent: cfg.MaxConcurrent,
+		Context: buildcontext.Limits{MaxBytes: cfg.ContextMaxBytes, MaxUncompressedBytes: cfg.ContextMaxUncompressedBytes,
+			MaxEntries: cfg.ContextMaxEntries},
+		CPUs:              builds.Caps{Default: cfg.CPUsDefault, Max: cfg.CPUsMax},
+		MemoryMB:          builds.Caps{Default: cfg.MemoryMBDefault, Max: cfg.MemoryMBMax},
+		DiskGB:            builds.Caps{Default: cfg.DiskGBDefault, Max: cfg.DiskGBMax},
+		TimeoutSec:        builds.Caps{Default: cfg.TimeoutSecDefault, Max: cfg.TimeoutSecMax},
+		GCReservedPercent: cfg.GCReservedPercent,
+		GCMaxUsedPercent:  cfg.GCMaxUsedPercent,
+	}, builds.Deps{DB: db, Registry: reg, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
+	if err != nil {
+		return err
+	}
+	if err := svc.Start(ctx); err != nil {
+		return err
+	}
+
+	srv := &http.Server{
+		Handler: server.New(server.Deps{Auth: authority, Builds: svc, Images: images.New(db, reg), Volumes: vols,
+			Registry: reg, RegistryHost: registryHost, Logger: log.With("part", "http")}),
+		ReadHeaderTimeout: 30 * time.Second,
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	log.Info("kiln is serving", "api", "http://"+ln.Addr().String(), "registry", registryHost,
+		"runtime", rt.Name(), "data", data, "buildkit", buildkitVersion())
+
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: running builds stop and rerun on next start")
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownGrace)
+	defer cancel()
+	if err := svc.Stop(sctx); err != nil {
+		log.Warn("stop builds", "err", err)
+	}
+	srv.Shutdown(sctx)
+	return nil
+}
+
+// loopbackAddr turns a wildcard listen address into one a local builder
+// can dial.
+func loopbackAddr(a *net.TCPAddr) string {
+	if a.IP.IsUnspecified() {
+		return fmt.Sprintf("127.0.0.1:%d", a.Port)
+	}
+	return a.String()
+}
+
+func newRuntime(cfg config.Config, data string, log *slog.Logger) (runtime.Runtime, error) {
+	switch cfg.Runtime {
+	case "vm":
+		return nil, errors.New("the vm runtime is not available in this version: use --runtime process (or auto)")
+	case "process", "auto":
+	}
+	bk, err := findBuildkitd()
+	if err != nil {
+		return nil, err
+	}
+	return process.New(process.Config{BuildkitdPath: bk, StateDir: filepath.Join(data, "run"), Logger: log.With("part", "runtime")})
+}
+
+// findBuildkitd looks beside the kiln binary first (make build puts both
+// in bin/), then $KILN_BUILDKITD, then PATH.
+func findBuildkitd() (string, error) {
+	if p := os.Getenv("KILN_BUILDKITD"); p != "" {
+		return p, nil
+	}
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "buildkitd")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("buildkitd"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("buildkitd not found beside kiln, in $KILN_BUILDKITD or on PATH: run make build (it builds bin/buildkitd from the BuildKit Go module)")
+}
+
+// ensureAdminToken writes an all-scopes token on first start so the
+// operator can mint narrower tokens; it is the one secret kiln keeps on
+// disk besides its signing key, readable by its owner only.
+func ensureAdminToken(a *auth.Authority, path string, log *slog.Logger) error {
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	all := []auth.Scope{auth.ScopeBuildRead, auth.ScopeBuildWrite, auth.ScopeBuildAdmin, auth.ScopeImageRead, auth.ScopeImageWrite, auth.ScopeCacheAdmin}
+	tok, err := a.Issue("admin", all, "admin", 10*365*24*time.Hour, nil)
+	if err != nil {
+		return fmt.Errorf("create admin token: %w", err)
+	}
+	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+		return fmt.Errorf("write admin token: %w", err)
+	}
+	log.Info("created an admin token; use it to mint narrower ones with kiln token create", "path", path)
+	return nil
+}

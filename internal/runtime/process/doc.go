@@ -1,0 +1,11 @@
+// Package process is the "process" builder runtime: for each build it
+// loop-mounts the build's ext4 cache volume on the host, starts a private
+// buildkitd (own process group, own mount namespace) with its root on that
+// volume, runs the solve through internal/solve, and tears all of it down
+// again before Run returns.
+//
+// It needs root, runc, losetup and a buildkitd binary. Build steps run as
+// host root inside runc containers with host networking, so it is meant for
+// development and trusted builders; untrusted builds belong in the vm
+// runtime.
+package process

@@ -1,0 +1,433 @@
+package server
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiln-build/kiln/api"
+	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/builds"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+const (
+	maxFieldBytes  = 1 << 20  // a Dockerfile or build args
+	maxSecretBytes = 64 << 10 // one secret
+	maxSecrets     = 100
+)
+
+// createBuild reads the multipart submission part by part; the context
+// part streams straight to disk.
+func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
+	ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if err != nil || ct != "multipart/form-data" {
+		writeError(w, http.StatusBadRequest, "bad_request", "POST /v1/builds takes multipart/form-data with a context part (tar, tar.gz or tar.zst) and optional fields; see api/openapi.yaml")
+		return
+	}
+	mr, err := r.MultipartReader()
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", "malformed multipart body: "+err.Error())
+		return
+	}
+	up := s.builds.NewUpload()
+	submitted := false
+	defer func() {
+		if !submitted {
+			s.builds.Discard(up)
+		}
+	}()
+	req := builds.Request{Secrets: map[string][]byte{}}
+	for {
+		part, err := mr.NextPart()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", "malformed multipart body: "+err.Error())
+			return
+		}
+		name := part.FormName()
+		switch name {
+		case "context":
+			if err := s.builds.ReceiveContext(r.Context(), up, part); err != nil {
+				var ce *buildcontext.Error
+				if errors.As(err, &ce) {
+					writeError(w, ce.Status, "bad_context", ce.Msg)
+					return
+				}
+				s.fail(w, r, err)
+				return
+			}
+		case "secret":
+			id := part.FileName()
+			if id == "" {
+				writeError(w, http.StatusBadRequest, "bad_request", "a secret part needs a filename, which is the secret id (curl: -F 'secret=@file;filename=ID')")
+				return
+			}
+			if len(req.Secrets) >= maxSecrets {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("more than %d secrets", maxSecrets))
+				return
+			}
+			if _, dup := req.Secrets[id]; dup {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("secret %q is sent twice", id))
+				return
+			}
+			v, err := readLimited(part, maxSecretBytes)
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("secret %q: %v", id, err))
+				return
+			}
+			req.Secrets[id] = v
+		default:
+			v, err := readLimited(part, maxFieldBytes)
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("field %s: %v", name, err))
+				return
+			}
+			if err := setField(&req, name, string(v)); err != nil {
+				writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+				return
+			}
+		}
+	}
+	b, err := s.builds.Submit(r.Context(), principal(r), up, req)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	submitted = true
+	writeJSON(w, http.StatusAccepted, s.apiBuild(r, b))
+}
+
+func readLimited(r io.Reader, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("longer than the %d byte limit", limit)
+	}
+	return b, nil
+}
+
+func setField(req *builds.Request, name, v string) error {
+	var err error
+	atoi := func(field string) int {
+		n, e := strconv.Atoi(strings.TrimSpace(v))
+		if e != nil {
+			err = fmt.Errorf("field %s: %q is not a whole number", field, v)
+		}
+		return n
+	}
+	boolean := func(field string) bool {
+		b, e := strconv.ParseBool(strings.TrimSpace(v))
+		if e != nil {
+			err = fmt.Errorf("field %s: %q is not true or false", field, v)
+		}
+		return b
+	}
+	switch name {
+	case "dockerfile":
+		req.Dockerfile = v
+	case "dockerfile_path":
+		req.DockerfilePath = v
+	case "build_args":
+		if e := json.Unmarshal([]byte(v), &req.BuildArgs); e != nil {
+			return fmt.Errorf("field build_args must be a JSON object of strings, like {\"VERSION\":\"1.2\"}: %v", e)
+		}
+	case "target":
+		req.Target = v
+	case "tags":
+		req.Tags = append(req.Tags, v)
+	case "no_cache":
+		req.NoCache = boolean(name)
+	case "pull":
+		req.Pull = boolean(name)
+	case "cpus":
+		req.CPUs = atoi(name)
+	case "memory_mb":
+		req.MemoryMB = atoi(name)
+	case "disk_gb":
+		req.DiskGB = atoi(name)
+	case "timeout_seconds":
+		req.TimeoutSec = atoi(name)
+	case "cache_scope":
+		req.CacheScope = v
+	case "global_cache_key":
+		req.GlobalCacheKey = v
+	case "global_cache":
+		req.GlobalCache = boolean(name)
+	default:
+		return fmt.Errorf("unknown field %q; the fields are listed in api/openapi.yaml (BuildRequest)", name)
+	}
+	return err
+}
+
+func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
+	out := api.Build{
+		Id:             b.ID,
+		Status:         api.BuildStatus(b.Status),
+		Phase:          b.Phase,
+		CacheScope:     b.CacheScope,
+		Tags:           b.Tags,
+		Image:          builds.CanonicalName(b.ID),
+		StepsTotal:     b.StepsTotal,
+		StepsCached:    b.StepsCached,
+		Runtime:        b.Runtime,
+		CreatedAt:      b.CreatedAt,
+		Subject:        &b.Subject,
+		Target:         &b.Options.Target,
+		NoCache:        &b.Options.NoCache,
+		Pull:           &b.Options.Pull,
+		Cpus:           &b.Options.CPUs,
+		MemoryMb:       &b.Options.MemoryMB,
+		DiskGb:         &b.Options.DiskGB,
+		TimeoutSeconds: &b.Options.TimeoutSeconds,
+		ContextBytes:   &b.ContextBytes,
+	}
+	if out.Tags == nil {
+		out.Tags = []string{}
+	}
+	if b.ImageDigest != "" {
+		out.ImageDigest = &b.ImageDigest
+	}
+	if b.DedupOf != "" {
+		out.DedupOf = &b.DedupOf
+	}
+	if b.Error != "" {
+		out.Error = &b.Error
+	}
+	if !b.StartedAt.IsZero() {
+		out.StartedAt = &b.StartedAt
+	}
+	if !b.FinishedAt.IsZero() {
+		out.FinishedAt = &b.FinishedAt
+	}
+	if b.Status == store.StatusQueued {
+		if pos, err := s.builds.QueuePosition(r.Context(), b); err == nil && pos > 0 {
+			out.QueuePosition = &pos
+		}
+	}
+	return out
+}
+
+func (s *Server) listBuilds(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := store.ListFilter{Status: q.Get("status"), InputHash: q.Get("input_hash"), Limit: 50}
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 500 {
+			writeError(w, http.StatusBadRequest, "bad_request", "limit must be a number from 1 to 500")
+			return
+		}
+		f.Limit = n
+	}
+	if v := q.Get("cursor"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 1 {
+			writeError(w, http.StatusBadRequest, "bad_request", "cursor is not one this server gave out; use next_cursor from the previous page")
+			return
+		}
+		f.BeforeSeq = n
+	}
+	list, err := s.builds.List(r.Context(), f)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := api.BuildList{Builds: []api.Build{}}
+	for _, b := range list {
+		out.Builds = append(out.Builds, s.apiBuild(r, b))
+	}
+	if len(list) == f.Limit {
+		c := strconv.FormatInt(list[len(list)-1].Seq, 10)
+		out.NextCursor = &c
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) getBuild(w http.ResponseWriter, r *http.Request) {
+	b, err := s.builds.Get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("%w: no build %q", err, r.PathValue("id")))
+		return
+	}
+	writeJSON(w, http.StatusOK, s.apiBuild(r, b))
+}
+
+func (s *Server) cancelBuild(w http.ResponseWriter, r *http.Request) {
+	b, err := s.builds.Cancel(r.Context(), r.PathValue("id"))
+	switch {
+	case errors.Is(err, builds.ErrFinished):
+		writeJSON(w, http.StatusConflict, s.apiBuild(r, b))
+	case err != nil:
+		s.fail(w, r, fmt.Errorf("%w: no build %q", err, r.PathValue("id")))
+	default:
+		writeJSON(w, http.StatusOK, s.apiBuild(r, b))
+	}
+}
+
+// heartbeat is how often an idle event stream sends a comment, so proxies
+// keep it open and clients notice a dead connection.
+var heartbeat = 15 * time.Second
+
+// buildEvents streams a build's events as Server-Sent Events. It reads
+// from the database after the client's last id, then sleeps until the
+// build gets a new event, so resuming is exact: no loss, no duplicate.
+func (s *Server) buildEvents(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if _, err := s.builds.Get(r.Context(), id); err != nil {
+		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+		return
+	}
+	var after int64
+	last := r.Header.Get("Last-Event-ID")
+	if last == "" {
+		last = r.URL.Query().Get("after")
+	}
+	if last != "" {
+		n, err := strconv.ParseInt(last, 10, 64)
+		if err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, "bad_request", "Last-Event-ID must be the id of an event this stream sent")
+			return
+		}
+		after = n
+	}
+	flusher, ok := w.(http.Flusher)
+	if !ok {
+		writeError(w, http.StatusInternalServerError, "internal", "streaming unsupported by this connection")
+		return
+	}
+	wake, stop := s.builds.Watch(id)
+	defer stop()
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream
+	w.WriteHeader(http.StatusOK)
+	fmt.Fprintf(w, ": kiln build %s events\n\n", id)
+	flusher.Flush()
+	tick := time.NewTicker(heartbeat)
+	defer tick.Stop()
+	for {
+		evs, err := s.builds.Events(r.Context(), id, after, 500)
+		if err != nil {
+			return
+		}
+		for _, e := range evs {
+			out := apiEvent(e)
+			if e.Event.Kind == builds.KindEnd {
+				if b, err := s.builds.Get(r.Context(), id); err == nil {
+					ab := s.apiBuild(r, b)
+					out.Build = &ab
+				}
+			}
+			data, _ := json.Marshal(out)
+			fmt.Fprintf(w, "id: %d\nevent: %s\ndata: %s\n\n", e.Seq, e.Event.Kind, data)
+			after = e.Seq
+			if e.Event.Kind == builds.KindEnd {
+				flusher.Flush()
+				return
+			}
+		}
+		flusher.Flush()
+		if len(evs) == 500 {
+			continue
+		}
+		select {
+		case <-r.Context().Done():
+			return
+		case <-wake:
+		case <-tick.C:
+			if _, err := fmt.Fprint(w, ": heartbeat\n\n"); err != nil {
+				return
+			}
+			flusher.Flush()
+		}
+	}
+}
+
+func apiEvent(e builds.StoredEvent) api.Event {
+	ev := e.Event
+	out := api.Event{Id: e.Seq, Kind: string(ev.Kind), Time: ev.Time}
+	str := func(s string) *string {
+		if s == "" {
+			return nil
+		}
+		return &s
+	}
+	out.Phase, out.Status, out.Vertex, out.Name = str(ev.Phase), str(ev.Status), str(ev.Vertex), str(ev.Name)
+	out.Error, out.Data, out.Message = str(ev.Error), str(ev.Data), str(ev.Message)
+	if ev.Stream != 0 {
+		out.Stream = &ev.Stream
+	}
+	return out
+}
+
+// buildLogs renders the build's events as a plain-text log.
+func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if _, err := s.builds.Get(r.Context(), id); err != nil {
+		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	var after int64
+	names := map[string]string{}
+	for {
+		evs, err := s.builds.Events(r.Context(), id, after, 1000)
+		if err != nil || len(evs) == 0 {
+			return
+		}
+		for _, e := range evs {
+			after = e.Seq
+			if line := logLine(e.Event, names); line != "" {
+				io.WriteString(w, line)
+			}
+		}
+	}
+}
+
+func logLine(e builds.Event, names map[string]string) string {
+	ts := e.Time.UTC().Format("15:04:05")
+	switch e.Kind {
+	case "phase":
+		return fmt.Sprintf("%s [phase] %s\n", ts, e.Phase)
+	case "status", "end":
+		if e.Kind == "end" {
+			return ""
+		}
+		return fmt.Sprintf("%s [status] %s\n", ts, e.Status)
+	case "message":
+		return fmt.Sprintf("%s [kiln] %s\n", ts, e.Message)
+	case "vertex.started":
+		names[e.Vertex] = e.Name
+		return fmt.Sprintf("%s %s\n", ts, e.Name)
+	case "vertex.cached":
+		return fmt.Sprintf("%s CACHED %s\n", ts, e.Name)
+	case "vertex.completed":
+		return ""
+	case "vertex.errored":
+		return fmt.Sprintf("%s ERROR %s: %s\n", ts, e.Name, e.Error)
+	case "log":
+		var b strings.Builder
+		for _, l := range strings.SplitAfter(e.Data, "\n") {
+			if l == "" {
+				continue
+			}
+			if !strings.HasSuffix(l, "\n") {
+				l += "\n"
+			}
+			b.WriteString(ts + " | " + l)
+		}
+		return b.String()
+	}
+	return ""
+}

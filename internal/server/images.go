@@ -1,0 +1,138 @@
+package server
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/kiln-build/kiln/api"
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/store"
+)
+
+func (s *Server) apiImage(im store.Image, names []string) api.Image {
+	ref := s.registryHost + "/" + im.Name
+	out := api.Image{Name: im.Name, Repository: im.Repository, Tag: im.Tag, Digest: im.Digest, Reference: &ref,
+		CreatedAt: &im.CreatedAt}
+	if im.BuildID != "" {
+		out.BuildId = &im.BuildID
+	}
+	if names != nil {
+		out.Names = &names
+	}
+	return out
+}
+
+func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
+	list, err := s.images.List(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := api.ImageList{Images: []api.Image{}}
+	for _, im := range list {
+		out.Images = append(out.Images, s.apiImage(im, nil))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) getImage(w http.ResponseWriter, r *http.Request) {
+	im, err := s.images.Get(r.Context(), r.PathValue("name"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.apiImage(im.Image, im.Names))
+}
+
+func (s *Server) deleteImage(w http.ResponseWriter, r *http.Request) {
+	if err := s.images.Delete(r.Context(), r.PathValue("name")); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// tagImage serves POST /v1/images/{name}/tags; {name} may itself hold
+// slashes (team/app:1), so the route is a catch-all and /tags is cut here.
+func (s *Server) tagImage(w http.ResponseWriter, r *http.Request) {
+	name, ok := strings.CutSuffix(r.PathValue("name"), "/tags")
+	if !ok {
+		writeError(w, http.StatusNotFound, "not_found", "no such endpoint; to add a name use POST /v1/images/{name}/tags")
+		return
+	}
+	var req api.TagRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil || req.Name == "" {
+		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"name": "repository:tag"}`)
+		return
+	}
+	im, err := s.images.Tag(r.Context(), name, req.Name)
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, s.apiImage(im.Image, im.Names))
+}
+
+func (s *Server) listCache(w http.ResponseWriter, r *http.Request) {
+	p := principal(r)
+	vols, err := s.volumes.List()
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := api.CacheVolumeList{Volumes: []api.CacheVolume{}}
+	for _, v := range vols {
+		// Without cache:admin a caller sees only its own scope.
+		if !p.Has(auth.ScopeCacheAdmin) && v.Scope != p.CacheScope {
+			continue
+		}
+		cv := api.CacheVolume{Scope: v.Scope, SizeBytes: v.SizeBytes, UsedBytes: v.UsedBytes,
+			AllocatedBytes: v.AllocatedBytes, InUse: v.InUse}
+		if !v.LastUsed.IsZero() {
+			t := v.LastUsed
+			cv.LastUsed = &t
+		}
+		out.Volumes = append(out.Volumes, cv)
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) deleteCache(w http.ResponseWriter, r *http.Request) {
+	if err := s.volumes.Delete(r.Context(), r.PathValue("scope")); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
+	var req api.TokenRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"subject": "...", "scopes": ["build:write"], "cache_scope": "...", "ttl": "24h"}`)
+		return
+	}
+	scopes, err := auth.ParseScopes(strings.Join(req.Scopes, ","))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	ttl := 24 * time.Hour
+	if req.Ttl != nil && *req.Ttl != "" {
+		if ttl, err = time.ParseDuration(*req.Ttl); err != nil || ttl <= 0 {
+			writeError(w, http.StatusBadRequest, "bad_request", "ttl must be a positive duration like 24h or 30m")
+			return
+		}
+	}
+	cacheScope := ""
+	if req.CacheScope != nil {
+		cacheScope = *req.CacheScope
+	}
+	tok, err := s.auth.Issue(req.Subject, scopes, cacheScope, ttl, nil)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		return
+	}
+	writeJSON(w, http.StatusCreated, api.Token{Token: tok, ExpiresAt: time.Now().Add(ttl).UTC()})
+}

@@ -1,0 +1,182 @@
+package solve
+
+import (
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/moby/buildkit/client"
+	digest "github.com/opencontainers/go-digest"
+
+	"github.com/kiln-build/kiln/internal/progress"
+)
+
+// tracker turns BuildKit's SolveStatus stream, which repeats a vertex every
+// time any of its fields changes, into one event per state change and counts
+// the steps for Result.
+type tracker struct {
+	sink progress.Sink
+	red  *redactor
+
+	mu       sync.Mutex
+	stopped  bool
+	vertices map[digest.Digest]*vertexState
+	total    int
+	cached   int
+}
+
+type vertexState struct {
+	name     string
+	started  bool
+	finished bool // completed or cached; counted once
+	errored  bool
+}
+
+func newTracker(sink progress.Sink, red *redactor) *tracker {
+	return &tracker{sink: sink, red: red, vertices: map[digest.Digest]*vertexState{}}
+}
+
+// stop makes later status updates count nothing and emit nothing, so a sink
+// is never called after Run returned.
+func (t *tracker) stop() {
+	t.mu.Lock()
+	t.stopped = true
+	t.mu.Unlock()
+}
+
+func (t *tracker) result() Result {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return Result{StepsTotal: t.total, StepsCached: t.cached}
+}
+
+func (t *tracker) handle(s *client.SolveStatus) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.stopped {
+		return
+	}
+	for _, v := range s.Vertexes {
+		t.vertex(v)
+	}
+	for _, l := range s.Logs {
+		if len(l.Data) == 0 {
+			continue
+		}
+		name := ""
+		if st, ok := t.vertices[l.Vertex]; ok {
+			name = st.name
+		}
+		t.emit(progress.Event{
+			Kind:   progress.Log,
+			Time:   l.Timestamp,
+			Vertex: l.Vertex.String(),
+			Name:   name,
+			Stream: l.Stream,
+			Data:   t.red.apply(string(l.Data)),
+		})
+	}
+	for _, w := range s.Warnings {
+		t.emit(progress.Event{
+			Kind:    progress.Message,
+			Time:    time.Now(),
+			Vertex:  w.Vertex.String(),
+			Message: t.red.apply("warning: " + strings.TrimSpace(string(w.Short))),
+		})
+	}
+}
+
+func (t *tracker) vertex(v *client.Vertex) {
+	st, ok := t.vertices[v.Digest]
+	if !ok {
+		st = &vertexState{}
+		t.vertices[v.Digest] = st
+	}
+	if v.Name != "" {
+		st.name = v.Name
+	}
+	base := progress.Event{Vertex: v.Digest.String(), Name: st.name}
+	at := func(p *time.Time) time.Time {
+		if p != nil {
+			return *p
+		}
+		return time.Now()
+	}
+
+	if v.Started != nil && !st.started {
+		st.started = true
+		e := base
+		e.Kind, e.Time = progress.VertexStarted, *v.Started
+		t.emit(e)
+	}
+	switch {
+	case v.Error != "":
+		if !st.errored {
+			st.errored = true
+			e := base
+			e.Kind, e.Time, e.Error = progress.VertexErrored, at(v.Completed), t.red.apply(v.Error)
+			t.emit(e)
+		}
+	case v.Cached:
+		if !st.finished {
+			st.finished = true
+			t.total++
+			t.cached++
+			e := base
+			e.Kind, e.Time = progress.VertexCached, at(v.Completed)
+			t.emit(e)
+		}
+	case v.Completed != nil:
+		if !st.finished {
+			st.finished = true
+			t.total++
+			e := base
+			e.Kind, e.Time = progress.VertexCompleted, *v.Completed
+			t.emit(e)
+		}
+	}
+}
+
+func (t *tracker) emit(e progress.Event) {
+	if e.Time.IsZero() {
+		e.Time = time.Now()
+	}
+	t.sink.Emit(e)
+}
+
+// redactor masks secret values in anything that leaves the solve as text:
+// a RUN step that prints a secret must not put it into stored build logs.
+type redactor struct {
+	r *strings.Replacer
+}
+
+// minRedactLen skips very short secrets, which would mangle unrelated log
+// text while protecting nothing.
+const minRedactLen = 4
+
+func newRedactor(secrets map[string][]byte) *redactor {
+	var vals []string
+	for _, v := range secrets {
+		if len(v) >= minRedactLen {
+			vals = append(vals, string(v))
+		}
+	}
+	if len(vals) == 0 {
+		return &redactor{}
+	}
+	// Longest first, so a secret containing another is masked whole.
+	sort.Slice(vals, func(i, j int) bool { return len(vals[i]) > len(vals[j]) })
+	pairs := make([]string, 0, 2*len(vals))
+	for _, v := range vals {
+		pairs = append(pairs, v, "****")
+	}
+	return &redactor{r: strings.NewReplacer(pairs...)}
+}
+
+func (r *redactor) apply(s string) string {
+	if r == nil || r.r == nil {
+		return s
+	}
+	return r.r.Replace(s)
+}

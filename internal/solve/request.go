@@ -1,0 +1,53 @@
+package solve
+
+// Request is everything one BuildKit solve needs. It is plain data so the
+// VM runtime can hand it to the guest agent unchanged; fields marked
+// memory-only must never be written to disk or logs.
+type Request struct {
+	// ContextDir is the extracted build context.
+	ContextDir string `json:"context_dir"`
+	// DockerfileDir holds the Dockerfile; equal to ContextDir unless the
+	// Dockerfile was sent inline.
+	DockerfileDir string `json:"dockerfile_dir"`
+	// DockerfileName is the Dockerfile's path relative to DockerfileDir.
+	DockerfileName string `json:"dockerfile_name"`
+
+	BuildArgs map[string]string `json:"build_args,omitempty"`
+	Target    string            `json:"target,omitempty"`
+	NoCache   bool              `json:"no_cache,omitempty"`
+	Pull      bool              `json:"pull,omitempty"`
+
+	// Secrets are served to RUN --mount=type=secret through the session.
+	// Memory-only.
+	Secrets map[string][]byte `json:"-"`
+
+	// Push lists full image references (host/repo:tag) the result is
+	// pushed to. The first one is the canonical builds/<id> name.
+	Push []string `json:"push"`
+
+	// RegistryAuth maps a registry host to the credentials BuildKit uses
+	// for it (pull of bases, push of results, cache import/export).
+	// Memory-only.
+	RegistryAuth map[string]Credentials `json:"-"`
+
+	// CacheImports are registry cache refs imported read-only.
+	CacheImports []string `json:"cache_imports,omitempty"`
+	// CacheExport, if set, is a registry cache ref the solve exports to.
+	CacheExport string `json:"cache_export,omitempty"`
+}
+
+// Credentials for one registry host. Memory-only.
+type Credentials struct {
+	Username string
+	Password string
+}
+
+// Result is what a successful solve produced.
+type Result struct {
+	// Digest is the pushed image manifest digest (sha256:…).
+	Digest string `json:"digest"`
+	// StepsTotal and StepsCached count the solve's vertices, so callers
+	// can see how warm a build was.
+	StepsTotal  int `json:"steps_total"`
+	StepsCached int `json:"steps_cached"`
+}

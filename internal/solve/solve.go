@@ -1,0 +1,187 @@
+package solve
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/moby/buildkit/client"
+	"github.com/moby/buildkit/session"
+	"github.com/moby/buildkit/session/secrets/secretsprovider"
+	"github.com/tonistiigi/fsutil"
+
+	"github.com/kiln-build/kiln/internal/progress"
+)
+
+// cancelGrace bounds how long Run waits for BuildKit to acknowledge a
+// canceled context before returning anyway; callers waiting on a cancel
+// must not hang on a slow daemon.
+const cancelGrace = 3 * time.Second
+
+// Run solves req's Dockerfile on the buildkitd behind c, pushes the image to
+// every name in req.Push and reports progress to sink while it runs.
+//
+// A Request without Push names still builds (useful to warm a cache) but
+// produces no Digest.
+func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink) (Result, error) {
+	if sink == nil {
+		sink = progress.Discard
+	}
+	opt, err := solveOpt(req)
+	if err != nil {
+		return Result{}, err
+	}
+	red := newRedactor(req.Secrets)
+	tr := newTracker(sink, red)
+
+	statusCh := make(chan *client.SolveStatus)
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		// Keep draining after Run gave up on a canceled solve: the client
+		// blocks on this channel until its status stream ends.
+		for s := range statusCh {
+			tr.handle(s)
+		}
+	}()
+
+	type outcome struct {
+		resp *client.SolveResponse
+		err  error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		resp, err := c.Solve(ctx, nil, opt, statusCh)
+		done <- outcome{resp, err}
+	}()
+
+	var out outcome
+	select {
+	case out = <-done:
+		<-drained
+	case <-ctx.Done():
+		select {
+		case out = <-done:
+			<-drained
+		case <-time.After(cancelGrace):
+		}
+		tr.stop()
+		return tr.result(), fmt.Errorf("build canceled: %w", ctx.Err())
+	}
+	tr.stop()
+
+	res := tr.result()
+	if out.err != nil {
+		if ctx.Err() != nil {
+			return res, fmt.Errorf("build canceled: %w", ctx.Err())
+		}
+		return res, fmt.Errorf("buildkit solve: %w", redactedError{red.apply(out.err.Error()), out.err})
+	}
+	if out.resp != nil {
+		res.Digest = out.resp.ExporterResponse["containerimage.digest"]
+	}
+	if len(req.Push) > 0 && res.Digest == "" {
+		return res, errors.New("buildkit solve: the image exporter reported no digest; the push may not have happened")
+	}
+	return res, nil
+}
+
+// solveOpt translates a Request into BuildKit's SolveOpt.
+func solveOpt(req Request) (client.SolveOpt, error) {
+	if req.ContextDir == "" {
+		return client.SolveOpt{}, errors.New("solve request: context dir is empty")
+	}
+	dockerfileDir := req.DockerfileDir
+	if dockerfileDir == "" {
+		dockerfileDir = req.ContextDir
+	}
+	dockerfileName := req.DockerfileName
+	if dockerfileName == "" {
+		dockerfileName = "Dockerfile"
+	}
+	if filepath.IsAbs(dockerfileName) || strings.HasPrefix(filepath.Clean(dockerfileName), "..") {
+		return client.SolveOpt{}, fmt.Errorf("solve request: dockerfile name %q must be a path inside the dockerfile dir", dockerfileName)
+	}
+	contextFS, err := fsutil.NewFS(req.ContextDir)
+	if err != nil {
+		return client.SolveOpt{}, fmt.Errorf("solve request: open build context %s: %w", req.ContextDir, err)
+	}
+	dockerfileFS, err := fsutil.NewFS(dockerfileDir)
+	if err != nil {
+		return client.SolveOpt{}, fmt.Errorf("solve request: open dockerfile dir %s: %w", dockerfileDir, err)
+	}
+
+	attrs := map[string]string{"filename": dockerfileName}
+	if req.Target != "" {
+		attrs["target"] = req.Target
+	}
+	for k, v := range req.BuildArgs {
+		if k == "" {
+			return client.SolveOpt{}, errors.New("solve request: build arg with empty name")
+		}
+		attrs["build-arg:"+k] = v
+	}
+	if req.NoCache {
+		// An empty value means "every stage", which is what --no-cache means.
+		attrs["no-cache"] = ""
+	}
+	if req.Pull {
+		attrs["image-resolve-mode"] = "pull"
+	}
+
+	opt := client.SolveOpt{
+		Frontend:      "dockerfile.v0",
+		FrontendAttrs: attrs,
+		LocalMounts: map[string]fsutil.FS{
+			"context":    contextFS,
+			"dockerfile": dockerfileFS,
+		},
+		Session: []session.Attachable{
+			secretsprovider.FromMap(req.Secrets),
+			newMemoryAuth(req.RegistryAuth),
+		},
+	}
+	if len(req.Push) > 0 {
+		for _, name := range req.Push {
+			if name == "" || strings.Contains(name, ",") {
+				return client.SolveOpt{}, fmt.Errorf("solve request: invalid push name %q", name)
+			}
+		}
+		// Plain-HTTP registries (kiln's own on loopback) are configured on
+		// the daemon per host, so the exporter needs no insecure flag that
+		// would also weaken TLS for every other name.
+		opt.Exports = []client.ExportEntry{{
+			Type: client.ExporterImage,
+			Attrs: map[string]string{
+				"name": strings.Join(req.Push, ","),
+				"push": "true",
+			},
+		}}
+	}
+	for _, ref := range req.CacheImports {
+		opt.CacheImports = append(opt.CacheImports, client.CacheOptionsEntry{
+			Type:  "registry",
+			Attrs: map[string]string{"ref": ref},
+		})
+	}
+	if req.CacheExport != "" {
+		opt.CacheExports = []client.CacheOptionsEntry{{
+			Type:  "registry",
+			Attrs: map[string]string{"ref": req.CacheExport, "mode": "max"},
+		}}
+	}
+	return opt, nil
+}
+
+// redactedError keeps the original error chain for errors.Is/As while its
+// message has secret values masked.
+type redactedError struct {
+	msg string
+	err error
+}
+
+func (e redactedError) Error() string { return e.msg }
+func (e redactedError) Unwrap() error { return e.err }

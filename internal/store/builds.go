@@ -1,0 +1,302 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Build statuses.
+const (
+	StatusQueued    = "queued"
+	StatusRunning   = "running"
+	StatusSucceeded = "succeeded"
+	StatusFailed    = "failed"
+	StatusCanceled  = "canceled"
+)
+
+// Terminal reports whether status is final.
+func Terminal(status string) bool {
+	return status == StatusSucceeded || status == StatusFailed || status == StatusCanceled
+}
+
+// Build is one build record.
+type Build struct {
+	ID           string
+	Seq          int64
+	Status       string
+	Phase        string
+	Subject      string
+	CacheScope   string
+	Tags         []string
+	Options      BuildOptions
+	ImageDigest  string
+	StepsTotal   int
+	StepsCached  int
+	DedupOf      string
+	InputHash    string
+	Error        string
+	Runtime      string
+	ContextBytes int64
+	Attempt      int
+	CreatedAt    time.Time
+	StartedAt    time.Time // zero until running
+	FinishedAt   time.Time // zero until terminal
+}
+
+// BuildOptions are the request knobs, stored as JSON. Secrets are never
+// here: only their ids.
+type BuildOptions struct {
+	DockerfilePath    string            `json:"dockerfile_path,omitempty"`
+	InlineDockerfile  bool              `json:"inline_dockerfile,omitempty"`
+	BuildArgs         map[string]string `json:"build_args,omitempty"`
+	Target            string            `json:"target,omitempty"`
+	NoCache           bool              `json:"no_cache,omitempty"`
+	Pull              bool              `json:"pull,omitempty"`
+	SecretIDs         []string          `json:"secret_ids,omitempty"`
+	CPUs              int               `json:"cpus,omitempty"`
+	MemoryMB          int               `json:"memory_mb,omitempty"`
+	DiskGB            int               `json:"disk_gb,omitempty"`
+	TimeoutSeconds    int               `json:"timeout_seconds,omitempty"`
+	GlobalCacheKey    string            `json:"global_cache_key,omitempty"`
+	GlobalCacheExport bool              `json:"global_cache_export,omitempty"`
+	Admin             bool              `json:"admin,omitempty"` // submitter held build:admin
+}
+
+const buildColumns = `id, seq, status, phase, subject, cache_scope, tags, options, image_digest,
+	steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
+	created_at, started_at, finished_at`
+
+func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
+	var b Build
+	var tags, opts string
+	var created int64
+	var started, finished sql.NullInt64
+	err := row.Scan(&b.ID, &b.Seq, &b.Status, &b.Phase, &b.Subject, &b.CacheScope, &tags, &opts,
+		&b.ImageDigest, &b.StepsTotal, &b.StepsCached, &b.DedupOf, &b.InputHash, &b.Error, &b.Runtime,
+		&b.ContextBytes, &b.Attempt, &created, &started, &finished)
+	if err != nil {
+		return Build{}, err
+	}
+	if err := json.Unmarshal([]byte(tags), &b.Tags); err != nil {
+		return Build{}, fmt.Errorf("build %s: decode tags: %w", b.ID, err)
+	}
+	if err := json.Unmarshal([]byte(opts), &b.Options); err != nil {
+		return Build{}, fmt.Errorf("build %s: decode options: %w", b.ID, err)
+	}
+	b.CreatedAt = time.UnixMicro(created).UTC()
+	if started.Valid {
+		b.StartedAt = time.UnixMicro(started.Int64).UTC()
+	}
+	if finished.Valid {
+		b.FinishedAt = time.UnixMicro(finished.Int64).UTC()
+	}
+	return b, nil
+}
+
+func micros(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UnixMicro()
+}
+
+// CreateBuild inserts b, assigning b.Seq.
+func CreateBuild(ctx context.Context, q Querier, b *Build) error {
+	tags, _ := json.Marshal(nonNil(b.Tags))
+	opts, _ := json.Marshal(b.Options)
+	err := q.QueryRowContext(ctx, `INSERT INTO builds (id, seq, status, phase, subject, cache_scope, tags, options,
+		image_digest, steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
+		created_at, started_at, finished_at)
+		VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM builds), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		RETURNING seq`,
+		b.ID, b.Status, b.Phase, b.Subject, b.CacheScope, string(tags), string(opts), b.ImageDigest,
+		b.StepsTotal, b.StepsCached, b.DedupOf, b.InputHash, b.Error, b.Runtime, b.ContextBytes, b.Attempt,
+		b.CreatedAt.UnixMicro(), micros(b.StartedAt), micros(b.FinishedAt)).Scan(&b.Seq)
+	if err != nil {
+		return fmt.Errorf("insert build %s: %w", b.ID, err)
+	}
+	return nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+// GetBuild loads one build.
+func GetBuild(ctx context.Context, q Querier, id string) (Build, error) {
+	b, err := scanBuild(q.QueryRowContext(ctx, `SELECT `+buildColumns+` FROM builds WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Build{}, ErrNotFound
+	}
+	if err != nil {
+		return Build{}, fmt.Errorf("load build %s: %w", id, err)
+	}
+	return b, nil
+}
+
+// ListFilter selects builds; results are newest first.
+type ListFilter struct {
+	Status    string
+	InputHash string
+	BeforeSeq int64 // paging cursor: only builds with seq < BeforeSeq
+	Limit     int
+}
+
+// ListBuilds returns builds matching f, newest first.
+func ListBuilds(ctx context.Context, q Querier, f ListFilter) ([]Build, error) {
+	var where []string
+	var args []any
+	if f.Status != "" {
+		where = append(where, "status = ?")
+		args = append(args, f.Status)
+	}
+	if f.InputHash != "" {
+		where = append(where, "input_hash = ?")
+		args = append(args, f.InputHash)
+	}
+	if f.BeforeSeq > 0 {
+		where = append(where, "seq < ?")
+		args = append(args, f.BeforeSeq)
+	}
+	query := `SELECT ` + buildColumns + ` FROM builds`
+	if len(where) > 0 {
+		query += " WHERE " + strings.Join(where, " AND ")
+	}
+	if f.Limit <= 0 {
+		f.Limit = 50
+	}
+	query += " ORDER BY seq DESC LIMIT ?"
+	args = append(args, f.Limit)
+	return queryBuilds(ctx, q, query, args...)
+}
+
+// Unfinished returns every queued or running build, oldest first.
+func Unfinished(ctx context.Context, q Querier) ([]Build, error) {
+	return queryBuilds(ctx, q, `SELECT `+buildColumns+` FROM builds WHERE status IN ('queued', 'running') ORDER BY seq`)
+}
+
+func queryBuilds(ctx context.Context, q Querier, query string, args ...any) ([]Build, error) {
+	rows, err := q.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list builds: %w", err)
+	}
+	defer rows.Close()
+	var out []Build
+	for rows.Next() {
+		b, err := scanBuild(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, rows.Err()
+}
+
+// QueuePosition is 1 + the number of queued builds submitted before seq.
+func QueuePosition(ctx context.Context, q Querier, seq int64) (int, error) {
+	var n int
+	err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM builds WHERE status = 'queued' AND seq < ?`, seq).Scan(&n)
+	if err != nil {
+		return 0, fmt.Errorf("queue position: %w", err)
+	}
+	return n + 1, nil
+}
+
+// CountByStatus returns the number of builds in each status.
+func CountByStatus(ctx context.Context, q Querier) (map[string]int, error) {
+	rows, err := q.QueryContext(ctx, `SELECT status, COUNT(*) FROM builds GROUP BY status`)
+	if err != nil {
+		return nil, fmt.Errorf("count builds: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var s string
+		var n int
+		if err := rows.Scan(&s, &n); err != nil {
+			return nil, err
+		}
+		out[s] = n
+	}
+	return out, rows.Err()
+}
+
+// StartBuild moves a queued build of the given attempt to running. It
+// reports false if the build is no longer queued at that attempt (it was
+// canceled, or a newer attempt owns it).
+func StartBuild(ctx context.Context, q Querier, id string, attempt int, runtime string, at time.Time) (bool, error) {
+	res, err := q.ExecContext(ctx, `UPDATE builds SET status = 'running', runtime = ?, started_at = ?
+		WHERE id = ? AND status = 'queued' AND attempt = ?`, runtime, at.UnixMicro(), id, attempt)
+	if err != nil {
+		return false, fmt.Errorf("start build %s: %w", id, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
+}
+
+// Outcome is how a build ended.
+type Outcome struct {
+	Status      string
+	Error       string
+	ImageDigest string
+	StepsTotal  int
+	StepsCached int
+	Phase       string
+}
+
+// FinishBuild moves an unfinished build to a terminal status. It reports
+// false, changing nothing, if the build was already terminal — so a cancel
+// racing a success has exactly one winner.
+func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.Time) (bool, error) {
+	res, err := q.ExecContext(ctx, `UPDATE builds SET status = ?, error = ?, image_digest = ?,
+		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?
+		WHERE id = ? AND status IN ('queued', 'running')`,
+		o.Status, o.Error, o.ImageDigest, o.StepsTotal, o.StepsCached, o.Phase, at.UnixMicro(), id)
+	if err != nil {
+		return false, fmt.Errorf("finish build %s: %w", id, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
+}
+
+// Requeue puts an unfinished build back in the queue under a new attempt
+// number, so jobs of older attempts become no-ops.
+func Requeue(ctx context.Context, q Querier, id string) (int, error) {
+	var attempt int
+	err := q.QueryRowContext(ctx, `UPDATE builds SET status = 'queued', phase = 'queued', started_at = NULL,
+		attempt = attempt + 1, steps_total = 0, steps_cached = 0
+		WHERE id = ? AND status IN ('queued', 'running') RETURNING attempt`, id).Scan(&attempt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, ErrNotFound
+	}
+	if err != nil {
+		return 0, fmt.Errorf("requeue build %s: %w", id, err)
+	}
+	return attempt, nil
+}
+
+// SetPhase records the build's current phase.
+func SetPhase(ctx context.Context, q Querier, id, phase string) error {
+	_, err := q.ExecContext(ctx, `UPDATE builds SET phase = ? WHERE id = ? AND status IN ('queued', 'running')`, phase, id)
+	if err != nil {
+		return fmt.Errorf("set phase of build %s: %w", id, err)
+	}
+	return nil
+}
+
+// SetSteps records live step counts.
+func SetSteps(ctx context.Context, q Querier, id string, total, cached int) error {
+	_, err := q.ExecContext(ctx, `UPDATE builds SET steps_total = ?, steps_cached = ? WHERE id = ? AND status = 'running'`, total, cached, id)
+	if err != nil {
+		return fmt.Errorf("set steps of build %s: %w", id, err)
+	}
+	return nil
+}
