@@ -433,7 +433,7 @@ func TestPackProgressAndScan(t *testing.T) {
 		files[filepath.Join("many", strings.Repeat("x", i%7+1), string(rune('a'+i%26))+string(rune('a'+i/26)))] = strings.Repeat("y", i)
 	}
 	writeFiles(t, src, files)
-	big := make([]byte, 48<<20)
+	big := make([]byte, 16<<20)
 	for i := range big {
 		big[i] = byte(i * 7 % 251)
 	}
@@ -452,7 +452,7 @@ func TestPackProgressAndScan(t *testing.T) {
 	}
 	var calls []call
 	// A slow upload link: the bar must move while one big file is sent.
-	slow := writerFunc(func(p []byte) (int, error) { time.Sleep(5 * time.Millisecond); return len(p), nil })
+	slow := writerFunc(func(p []byte) (int, error) { time.Sleep(10 * time.Millisecond); return len(p), nil })
 	stats, err := Pack(context.Background(), src, slow, PackOptions{
 		Compression: Uncompressed,
 		Progress:    func(f int, b int64) { calls = append(calls, call{time.Now(), f, b}) },

@@ -10,6 +10,7 @@ import (
 	"reflect"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -67,10 +68,7 @@ func TestBuildUploadsFieldsSecretsAndContext(t *testing.T) {
 	if res.code != 0 {
 		t.Fatalf("build failed:\n%s", res)
 	}
-	if len(s.uploads) != 1 || s.uploadErrs[0] != nil {
-		t.Fatalf("server saw %d uploads, error %v", len(s.uploads), s.uploadErrs)
-	}
-	up := s.uploads[0]
+	up := s.upload(t, 0)
 
 	// Streamed: the client cannot know the length of a body it generates.
 	if up.contentLength != -1 {
@@ -138,7 +136,7 @@ func TestBuildStreamsLargeContextWithoutBuffering(t *testing.T) {
 	dir := t.TempDir()
 	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\nCOPY big /big\n"})
 	// Random bytes do not compress, so the upload is as large as the file.
-	const size = 64 << 20
+	const size = 128 << 20
 	f, err := os.Create(filepath.Join(dir, "big"))
 	if err != nil {
 		t.Fatal(err)
@@ -164,7 +162,7 @@ func TestBuildStreamsLargeContextWithoutBuffering(t *testing.T) {
 	if res.code != 0 {
 		t.Fatalf("build failed:\n%s", res)
 	}
-	if got := s.uploads[0].contextBytes; got < size {
+	if got := s.upload(t, 0).contextBytes; got < size {
 		t.Fatalf("server received a %d-byte context part, want at least %d", got, size)
 	}
 	// Everything the client and this in-process server allocated over the
@@ -174,7 +172,7 @@ func TestBuildStreamsLargeContextWithoutBuffering(t *testing.T) {
 	if alloc > size/2 {
 		t.Errorf("allocated %s while sending a %s context: the body is being buffered", humanSize(int64(alloc)), humanSize(size))
 	}
-	if held := statsDuringHold.TotalAlloc - before.TotalAlloc; held > size/4 {
+	if held := statsDuringHold.TotalAlloc - before.TotalAlloc; held > size/2 {
 		t.Errorf("had allocated %s before the server read any of the context", humanSize(int64(held)))
 	}
 }
@@ -197,7 +195,7 @@ func TestBuildDockerfilePlacement(t *testing.T) {
 		if res.code != 0 {
 			t.Fatalf("%s", res)
 		}
-		up := s.uploads[0]
+		up := s.upload(t, 0)
 		if got := up.fields["dockerfile_path"]; !reflect.DeepEqual(got, []string{"docker/Dockerfile.prod"}) {
 			t.Errorf("dockerfile_path = %v", got)
 		}
@@ -214,7 +212,7 @@ func TestBuildDockerfilePlacement(t *testing.T) {
 		if res.code != 0 {
 			t.Fatalf("%s", res)
 		}
-		up := s.uploads[0]
+		up := s.upload(t, 0)
 		if got := up.fields["dockerfile"]; !reflect.DeepEqual(got, []string{"FROM scratch\nLABEL ci=1\n"}) {
 			t.Errorf("dockerfile = %v", got)
 		}
@@ -229,7 +227,7 @@ func TestBuildDockerfilePlacement(t *testing.T) {
 		if res.code != 0 {
 			t.Fatalf("%s", res)
 		}
-		if got := s.uploads[0].fields["dockerfile"]; !reflect.DeepEqual(got, []string{"FROM scratch\nLABEL stdin=1\n"}) {
+		if got := s.upload(t, 0).fields["dockerfile"]; !reflect.DeepEqual(got, []string{"FROM scratch\nLABEL stdin=1\n"}) {
 			t.Errorf("dockerfile = %v", got)
 		}
 	})
@@ -337,7 +335,7 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 		}
 		var want []string
 		for i := 1; i <= 20; i++ {
-			want = append(want, "compiling unit "+itoa(i))
+			want = append(want, "compiling unit "+strconv.Itoa(i))
 		}
 		if !reflect.DeepEqual(logs, want) {
 			t.Errorf("log lines shown:\n%q\nwant each once in order:\n%q\n%s", logs, want, res)
@@ -352,10 +350,6 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 		}
 	})
 }
-
-func itoa(i int) string { return strings.TrimSpace(strings.Repeat(" ", 0) + fmtInt(i)) }
-
-func fmtInt(i int) string { return strconvItoa(i) }
 
 func TestEventsUnavailableFallsBackToPolling(t *testing.T) {
 	dir := t.TempDir()
@@ -486,7 +480,7 @@ func TestInterruptDuringUploadAbortsIt(t *testing.T) {
 	if events, _, cancels := s.counts(); events != 0 || cancels != 0 {
 		t.Errorf("after an aborted upload the client made %d events and %d cancel calls", events, cancels)
 	}
-	if s.uploadErrs[0] == nil {
+	if s.uploadErr(t, 0) == nil {
 		t.Errorf("the server read a complete upload although it was aborted")
 	}
 }
@@ -571,8 +565,8 @@ func TestBuildUsageErrors(t *testing.T) {
 			}
 		})
 	}
-	if len(s.requests) != 0 {
-		t.Errorf("usage errors reached the server: %v", s.requests)
+	if reqs := s.seenRequests(); len(reqs) != 0 {
+		t.Errorf("usage errors reached the server: %v", reqs)
 	}
 }
 

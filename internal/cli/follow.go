@@ -21,6 +21,8 @@ type follower struct {
 	c  *client
 	s  settings
 	id string
+	// polling is set while the stream is down and the build is polled.
+	polling bool
 	// lastID is the id of the last event handed to onEvent; the stream is
 	// resumed after it and anything at or below it is dropped, so no event
 	// is ever shown twice.
@@ -38,7 +40,6 @@ type follower struct {
 func (f *follower) follow(ctx context.Context) (*api.Build, error) {
 	fails := 0
 	delay := f.s.reconnectMin
-	polling := false
 	var lastPolled api.BuildStatus
 	for {
 		n, end, err := f.stream(ctx)
@@ -53,18 +54,14 @@ func (f *follower) follow(ctx context.Context) (*api.Build, error) {
 		}
 		if n > 0 {
 			fails, delay = 0, f.s.reconnectMin
-			if polling {
-				polling = false
-				f.note("event stream is back")
-			}
 		} else {
 			fails++
 		}
 
 		wait := delay
 		if fails >= f.s.streamFailures {
-			if !polling {
-				polling = true
+			if !f.polling {
+				f.polling = true
 				f.note(fmt.Sprintf("event stream unavailable (%v); checking the build every %s until it comes back", err, f.s.pollInterval))
 			}
 			b, perr := f.c.getBuild(ctx, f.id)
@@ -126,6 +123,10 @@ func (f *follower) stream(ctx context.Context) (n int, end *api.Build, err error
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return 0, nil, f.c.readError(resp)
+	}
+	if f.polling {
+		f.polling = false
+		f.note("event stream is back")
 	}
 
 	// A half-open connection delivers nothing forever; the server's

@@ -12,6 +12,7 @@ import (
 	"mime"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -293,14 +294,17 @@ func readContext(r io.Reader, seen *uploadSeen) error {
 	br := bufio.NewReader(cr)
 	magic, _ := br.Peek(4)
 	var tr io.Reader = br
+	closeDecoder := func() {}
 	switch {
 	case bytes.HasPrefix(magic, []byte{0x28, 0xb5, 0x2f, 0xfd}):
 		seen.contextType = "tar.zst"
-		zr, err := zstd.NewReader(br)
+		// Inline decoding: a background decoder would still be reading br
+		// when the rest of the part is drained below.
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
 		if err != nil {
 			return err
 		}
-		defer zr.Close()
+		closeDecoder = zr.Close
 		tr = zr
 	case bytes.HasPrefix(magic, []byte{0x1f, 0x8b}):
 		seen.contextType = "tar.gz"
@@ -312,6 +316,7 @@ func readContext(r io.Reader, seen *uploadSeen) error {
 	default:
 		seen.contextType = "tar"
 	}
+	defer closeDecoder()
 	seen.files = map[string]string{}
 	t := tar.NewReader(tr)
 	for {
@@ -338,7 +343,9 @@ func readContext(r io.Reader, seen *uploadSeen) error {
 			seen.files[name] = fmt.Sprintf("<type %c>", h.Typeflag)
 		}
 	}
-	// The multipart part must end where the archive ends.
+	closeDecoder()
+	closeDecoder = func() {}
+	// Drain what follows the archive (the compressor's trailer).
 	if _, err := io.Copy(io.Discard, br); err != nil {
 		return err
 	}
@@ -466,6 +473,48 @@ func (s *fakeServer) handleEvents(w http.ResponseWriter, r *http.Request) {
 			fl.Flush()
 		}
 	}
+}
+
+// uploadAttempt waits for the server to finish reading upload i; the
+// handler may still be reading when an aborted client has returned.
+func (s *fakeServer) uploadAttempt(t *testing.T, i int) (*uploadSeen, error) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s.mu.Lock()
+		if len(s.uploads) > i {
+			up, err := s.uploads[i], s.uploadErrs[i]
+			s.mu.Unlock()
+			return up, err
+		}
+		s.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatalf("the server never saw upload %d", i)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// upload returns upload i, which must have been read without error.
+func (s *fakeServer) upload(t *testing.T, i int) *uploadSeen {
+	t.Helper()
+	up, err := s.uploadAttempt(t, i)
+	if err != nil {
+		t.Fatalf("server could not read upload %d: %v", i, err)
+	}
+	return up
+}
+
+func (s *fakeServer) uploadErr(t *testing.T, i int) error {
+	t.Helper()
+	_, err := s.uploadAttempt(t, i)
+	return err
+}
+
+func (s *fakeServer) seenRequests() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.requests)
 }
 
 func (s *fakeServer) counts() (events, gets, cancels int) {

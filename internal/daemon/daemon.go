@@ -6,6 +6,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -172,7 +174,7 @@ func newRuntime(cfg config.Config, data string, log *slog.Logger) (runtime.Runti
 	if err != nil {
 		return nil, err
 	}
-	return process.New(process.Config{BuildkitdPath: bk, StateDir: filepath.Join(data, "run"), Logger: log.With("part", "runtime")})
+	return process.New(process.Config{BuildkitdPath: bk, StateDir: stateDir(data), Logger: log.With("part", "runtime")})
 }
 
 // findBuildkitd looks beside the kiln binary first (make build puts both
@@ -210,4 +212,18 @@ func ensureAdminToken(a *auth.Authority, path string, log *slog.Logger) error {
 	}
 	log.Info("created an admin token; use it to mint narrower ones with kiln token create", "path", path)
 	return nil
+}
+
+// stateDir is where runtimes keep per-build mounts and sockets. It lives
+// in the data dir unless that path is so long that a buildkitd socket
+// below it would pass the 107-byte unix socket limit; then it moves to a
+// short /run path derived from the data dir, so the same data dir always
+// finds (and reaps) its own leftovers.
+func stateDir(data string) string {
+	dir := filepath.Join(data, "run")
+	if len(dir) <= 40 {
+		return dir
+	}
+	sum := sha256.Sum256([]byte(data))
+	return filepath.Join("/run/kiln", hex.EncodeToString(sum[:6]))
 }

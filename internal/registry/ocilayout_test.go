@@ -19,13 +19,12 @@ import (
 // config, an image manifest tagged "v1" and an image index tagged "multi"
 // that points at the manifest.
 type testImage struct {
-	dir           string
-	layer         digest.Digest
-	manifest      digest.Digest
-	manifestBody  []byte
-	index         digest.Digest
-	indexBody     []byte
-	layerFileBody string
+	dir          string
+	layer        digest.Digest
+	manifest     digest.Digest
+	manifestBody []byte
+	index        digest.Digest
+	indexBody    []byte
 }
 
 func writeTestImage(t *testing.T, content string) testImage {
@@ -107,5 +106,5 @@ func writeTestImage(t *testing.T, content string) testImage {
 	if err := os.WriteFile(filepath.Join(dir, v1.ImageLayoutFile), mustJSON(v1.ImageLayout{Version: v1.ImageLayoutVersion}), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return testImage{dir: dir, layer: layer, manifest: manifest, manifestBody: manifestBody, index: index, indexBody: indexBody, layerFileBody: content}
+	return testImage{dir: dir, layer: layer, manifest: manifest, manifestBody: manifestBody, index: index, indexBody: indexBody}
 }

@@ -202,7 +202,7 @@ func TestSecretReachesRunButNotImageOrEvents(t *testing.T) {
 	dir := contextDir(t, map[string]string{
 		// The step prints the secret on purpose: it must be masked in events.
 		"Dockerfile": "FROM " + base + "\n" +
-			"RUN --mount=type=secret,id=s sha256sum /run/secrets/s | cut -d' ' -f1 > /sum && echo \"leak: $(cat /run/secrets/s)\"\n",
+			"RUN --mount=type=secret,id=s,required=true sha256sum /run/secrets/s | cut -d' ' -f1 > /sum && echo \"leak: $(cat /run/secrets/s)\"\n",
 	})
 	rec := &testkit.Recorder{}
 	ref := env.registry + "/test/secret:latest"
@@ -262,6 +262,7 @@ func TestBuildArgsAndTargetSelectStage(t *testing.T) {
 	}
 
 	_, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Push: []string{ref}, Target: "nope"}, nil)
+	t.Logf("unknown target: %v", err)
 	if err == nil || !strings.Contains(err.Error(), `"nope"`) {
 		t.Errorf("unknown target: err = %v, want BuildKit's message naming the target", err)
 	}
@@ -302,6 +303,7 @@ func TestDockerfileSyntaxErrorReturnsBuildKitMessage(t *testing.T) {
 	if err == nil {
 		t.Fatal("syntax error built successfully")
 	}
+	t.Logf("syntax error: %v", err)
 	if !strings.Contains(err.Error(), "unknown instruction: FORM") {
 		t.Errorf("err = %v, want BuildKit's 'unknown instruction: FORM'", err)
 	}

@@ -1,0 +1,452 @@
+package process
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	bkconfig "github.com/moby/buildkit/cmd/buildkitd/config"
+
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
+	"github.com/kiln-build/kiln/internal/testkit"
+)
+
+const volumeSize = 2 << 30
+
+var registry string
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "process runtime tests need root (loop mounts, buildkitd)")
+		os.Exit(1)
+	}
+	tmp, err := os.MkdirTemp("", "kiln-process-registry-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	reg, stop, err := testkit.StartRegistry(tmp, testkit.RegistryOptions{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	registry = reg
+	code := m.Run()
+	stop()
+	os.RemoveAll(tmp)
+	os.Exit(code)
+}
+
+// newRuntime returns a Runtime whose state dir is removed after the test
+// and checked for leftovers first.
+func newRuntime(t *testing.T) *Runtime {
+	t.Helper()
+	// Short path: the buildkitd socket lives below it.
+	stateDir, err := os.MkdirTemp("", "kp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(stateDir) })
+	r, err := New(Config{BuildkitdPath: testkit.Buildkitd(t), StateDir: stateDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func job(id, volume string, req solve.Request) runtime.Job {
+	return runtime.Job{
+		BuildID:            id,
+		Solve:              req,
+		Volume:             volume,
+		InsecureRegistries: []string{registry},
+		GC:                 runtime.GCPolicy{ReservedSpace: "256MB", MaxUsedSpace: "1536MB", MinFreeSpace: "10%"},
+	}
+}
+
+var (
+	baseOnce sync.Once
+	baseRef  string
+	baseErr  error
+)
+
+// busyboxBase pushes the busybox base image through the runtime once.
+func busyboxBase(t *testing.T) string {
+	t.Helper()
+	baseOnce.Do(func() {
+		r := newRuntime(t)
+		baseRef = registry + "/base/busybox:latest"
+		_, baseErr = r.Run(ctx(t), job("base", testkit.Volume(t, volumeSize), solve.Request{
+			ContextDir: testkit.BusyboxDir(t),
+			Push:       []string{baseRef},
+		}), nil)
+	})
+	if baseErr != nil {
+		t.Fatalf("build busybox base: %v", baseErr)
+	}
+	return baseRef
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	t.Cleanup(cancel)
+	return c
+}
+
+func contextDir(t *testing.T, files map[string]string) string {
+	dir := t.TempDir()
+	testkit.WriteFiles(t, dir, files)
+	return dir
+}
+
+// assertReleased fails unless the runtime left nothing behind: no state,
+// no mount, no loop device, no buildkitd, no cgroup.
+func assertReleased(t *testing.T, r *Runtime, volumes ...string) {
+	t.Helper()
+	entries, _ := os.ReadDir(r.cfg.StateDir)
+	for _, e := range entries {
+		t.Errorf("state dir still holds %s", e.Name())
+	}
+	if m, _ := mountsUnder(r.cfg.StateDir); len(m) > 0 {
+		t.Errorf("still mounted: %v", m)
+	}
+	for _, v := range volumes {
+		abs, _ := canonicalPath(v)
+		if devs := loopDevicesFor(abs); len(devs) > 0 {
+			t.Errorf("volume %s still attached to %v", v, devs)
+		}
+	}
+	if pids := processesMentioning(r.cfg.StateDir); len(pids) > 0 {
+		t.Errorf("processes still running from the state dir: %v", pids)
+	}
+	prefix := cgroupName(r.cfg.StateDir, "")
+	if dirs, _ := filepath.Glob("/sys/fs/cgroup/*/" + prefix + "*"); len(dirs) > 0 {
+		t.Errorf("cgroups left behind: %v", dirs)
+	}
+}
+
+func processesMentioning(s string) []string {
+	var out []string
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		raw, err := os.ReadFile(p)
+		cmdline := strings.ReplaceAll(string(raw), "\x00", " ")
+		if err == nil && strings.Contains(cmdline, s) {
+			out = append(out, filepath.Base(filepath.Dir(p))+": "+cmdline)
+		}
+	}
+	return out
+}
+
+func TestRunPushesScratchImageAndReleasesEverything(t *testing.T) {
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	ref := registry + "/builds/b1:latest"
+	res, err := r.Run(ctx(t), job("b1", vol, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\nCOPY a.txt /a.txt\n", "a.txt": "A\n"}),
+		Push:       []string{ref},
+	}), rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !testkit.ManifestExists(t, registry+"/builds/b1@"+res.Digest) {
+		t.Fatalf("registry does not serve digest %q", res.Digest)
+	}
+	if got := string(testkit.FetchImage(t, ref).Files["/a.txt"]); got != "A\n" {
+		t.Errorf("/a.txt = %q", got)
+	}
+	var phases []string
+	for _, e := range rec.Events() {
+		if e.Kind == progress.Phase {
+			phases = append(phases, e.Phase)
+		}
+	}
+	if strings.Join(phases, ",") != PhaseStartingBuildkitd+","+PhaseSolving {
+		t.Errorf("phases = %v", phases)
+	}
+	assertReleased(t, r, vol)
+}
+
+func TestWarmRebuildOnSameVolumeReusesLayersAndCacheMounts(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := contextDir(t, map[string]string{
+		"Dockerfile": "FROM " + base + "\n" +
+			"RUN echo layer > /layer\n" +
+			// Written once, in the first build; the step is cached afterwards.
+			"RUN --mount=type=cache,target=/c test -f /c/stamp || (echo stamp-$RANDOM$RANDOM > /c/stamp)\n" +
+			"ARG BUST\n" +
+			// Re-runs whenever BUST changes and must see build 1's stamp.
+			"RUN --mount=type=cache,target=/c echo \"bust=$BUST\" && cp /c/stamp /out\n",
+	})
+	build := func(id, bust string) (solve.Result, *testkit.Recorder, testkit.Image) {
+		rec := &testkit.Recorder{}
+		ref := registry + "/app/warm:" + id
+		res, err := r.Run(ctx(t), job(id, vol, solve.Request{
+			ContextDir: dir,
+			Push:       []string{ref},
+			BuildArgs:  map[string]string{"BUST": bust},
+		}), rec)
+		if err != nil {
+			t.Fatalf("build %s: %v", id, err)
+		}
+		return res, rec, testkit.FetchImage(t, ref)
+	}
+	res1, _, img1 := build("warm1", "1")
+	res2, rec2, img2 := build("warm2", "2")
+
+	if res1.StepsCached != 0 {
+		t.Errorf("cold build reported %d cached steps", res1.StepsCached)
+	}
+	if res2.StepsCached < 2 {
+		t.Errorf("warm build: StepsCached=%d of %d, want the layer and stamp steps cached", res2.StepsCached, res2.StepsTotal)
+	}
+	if len(rec2.Find(progress.VertexCached, "echo layer")) != 1 {
+		t.Errorf("warm build did not answer `RUN echo layer` from the volume's cache")
+	}
+	if len(rec2.Find(progress.VertexCompleted, "bust=")) != 1 {
+		t.Errorf("warm build did not re-run the busted step")
+	}
+	stamp1, stamp2 := string(img1.Files["/out"]), string(img2.Files["/out"])
+	if !strings.HasPrefix(stamp1, "stamp-") || stamp1 != stamp2 {
+		t.Errorf("cache mount did not survive between builds on the volume: build1 /out=%q build2 /out=%q", stamp1, stamp2)
+	}
+	assertReleased(t, r, vol)
+}
+
+func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	c, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	started := rec.Await(progress.VertexStarted, "sleep 60")
+	canceledAt := make(chan time.Time, 1)
+	go func() {
+		select {
+		case <-started:
+			time.Sleep(500 * time.Millisecond)
+		case <-time.After(2 * time.Minute):
+		}
+		canceledAt <- time.Now()
+		cancel()
+	}()
+	_, err := r.Run(c, job("cancel", vol, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 60\n"}),
+		Push:       []string{registry + "/app/cancel:latest"},
+	}), rec)
+	took := time.Since(<-canceledAt)
+	select {
+	case <-started:
+	default:
+		t.Fatalf("sleep never started: %v", err)
+	}
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	t.Logf("Run returned %s after cancel", took)
+	if took > 10*time.Second {
+		t.Errorf("Run took %s to return after cancel", took)
+	}
+	assertReleased(t, r, vol)
+	if p := processesMentioning("sleep 60"); len(p) > 0 {
+		t.Errorf("build step survived the cancel: %v", p)
+	}
+}
+
+func TestConcurrentRunsOnDifferentVolumes(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vols := []string{testkit.Volume(t, volumeSize), testkit.Volume(t, volumeSize)}
+	var wg sync.WaitGroup
+	results := make([]solve.Result, 2)
+	errs := make([]error, 2)
+	for i := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("par%d", i)
+			results[i], errs[i] = r.Run(ctx(t), job(id, vols[i], solve.Request{
+				ContextDir: contextDir(t, map[string]string{
+					"Dockerfile": "FROM " + base + "\nRUN sleep 1 && echo " + id + " > /id\n",
+				}),
+				Push: []string{registry + "/app/" + id + ":latest"},
+			}), nil)
+		}()
+	}
+	wg.Wait()
+	for i := range 2 {
+		if errs[i] != nil {
+			t.Fatalf("build %d: %v", i, errs[i])
+		}
+		id := fmt.Sprintf("par%d", i)
+		if got := string(testkit.FetchImage(t, registry+"/app/"+id+":latest").Files["/id"]); got != id+"\n" {
+			t.Errorf("%s: /id = %q", id, got)
+		}
+	}
+	assertReleased(t, r, vols...)
+}
+
+func TestRunRefusesVolumeThatIsAlreadyAttached(t *testing.T) {
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	other := t.TempDir()
+	a, err := attachVolume(context.Background(), vol, filepath.Join(other, "m"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.release()
+	_, err = r.Run(ctx(t), job("dup", vol, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
+	}), nil)
+	if err == nil || !strings.Contains(err.Error(), "already attached") {
+		t.Fatalf("err = %v, want a refusal to attach the volume twice", err)
+	}
+	if entries, _ := os.ReadDir(r.cfg.StateDir); len(entries) != 0 {
+		t.Errorf("refused run left state behind")
+	}
+}
+
+// TestNewReapsLeftoversOfACrash simulates a server that died mid-build: a
+// volume mounted under the state dir, a live buildkitd serving it and a
+// build step running in it.
+func TestNewReapsLeftoversOfACrash(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := filepath.Join(r.cfg.StateDir, "crashed")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	a, err := attachVolume(context.Background(), vol, filepath.Join(dir, "root"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := writeState(dir, buildState{Volume: a.file, Loop: a.device}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := StartBuildkitd(context.Background(), DaemonConfig{
+		Binary:             r.cfg.BuildkitdPath,
+		Root:               a.mountPoint,
+		Dir:                dir,
+		Runc:               r.cfg.RuncPath,
+		CgroupParent:       cgroupName(r.cfg.StateDir, "crashed"),
+		InsecureRegistries: []string{registry},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &testkit.Recorder{}
+	started := rec.Await(progress.VertexStarted, "sleep 62")
+	solved := make(chan error, 1)
+	go func() {
+		_, err := solve.Run(ctx(t), d.Client(), solve.Request{
+			ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 62\n"}),
+		}, rec)
+		solved <- err
+	}()
+	select {
+	case <-started:
+	case err := <-solved:
+		t.Fatalf("solve ended before the step started: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("step did not start")
+	}
+	time.Sleep(500 * time.Millisecond)
+	if p := processesMentioning("sleep 62"); len(p) == 0 {
+		t.Fatal("test setup: the build step is not running")
+	}
+
+	if _, err := New(r.cfg); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.Exited():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("reap left buildkitd pid %d running", d.Pid())
+	}
+	if err := <-solved; err == nil {
+		t.Error("solve succeeded although its daemon was reaped")
+	}
+	assertReleased(t, r, vol)
+	if p := processesMentioning("sleep 62"); len(p) > 0 {
+		t.Errorf("reap left the build step running: %v", p)
+	}
+}
+
+func TestStartFailureReportsBuildkitdOutput(t *testing.T) {
+	dir := t.TempDir()
+	notADir := filepath.Join(dir, "root-file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := StartBuildkitd(context.Background(), DaemonConfig{
+		Binary:       testkit.Buildkitd(t),
+		Root:         notADir,
+		Dir:          dir,
+		Runc:         "/usr/sbin/runc",
+		StartTimeout: 20 * time.Second,
+	})
+	if err == nil {
+		t.Fatal("buildkitd started with a file as its root")
+	}
+	if !strings.Contains(err.Error(), "buildkitd output:") || !strings.Contains(err.Error(), "root-file") {
+		t.Errorf("error lacks buildkitd's own explanation: %v", err)
+	}
+}
+
+func TestRenderedConfigMeansWhatWeIntend(t *testing.T) {
+	out, err := renderConfig(DaemonConfig{
+		Root:               "/vol",
+		Dir:                "/state/b1",
+		Runc:               "/usr/sbin/runc",
+		GC:                 runtime.GCPolicy{ReservedSpace: "2GiB", MaxUsedSpace: "18GB", MinFreeSpace: "10%"},
+		InsecureRegistries: []string{"127.0.0.1:5000", "kiln.internal:8443"},
+		CgroupParent:       "kiln-x-b1",
+		MaxParallelism:     2,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := bkconfig.Load(strings.NewReader(string(out)))
+	if err != nil {
+		t.Fatalf("buildkitd cannot parse our config: %v\n%s", err, out)
+	}
+	oci := cfg.Workers.OCI
+	if cfg.Root != "/vol" || oci.Snapshotter != "overlayfs" || oci.Binary != "/usr/sbin/runc" || oci.Mode != "host" {
+		t.Errorf("root/worker settings lost: %+v", cfg)
+	}
+	if oci.Enabled == nil || !*oci.Enabled || cfg.Workers.Containerd.Enabled == nil || *cfg.Workers.Containerd.Enabled {
+		t.Errorf("want oci worker on and containerd worker off")
+	}
+	if oci.GC == nil || !*oci.GC || oci.GCReservedSpace.Bytes != 2<<30 || oci.GCMaxUsedSpace.Bytes != 18<<30 || oci.GCMinFreeSpace.Percentage != 10 {
+		t.Errorf("GC settings parsed as gc=%v reserved=%+v max=%+v minfree=%+v", oci.GC, oci.GCReservedSpace, oci.GCMaxUsedSpace, oci.GCMinFreeSpace)
+	}
+	if oci.DefaultCgroupParent != "kiln-x-b1" || oci.MaxParallelism != 2 {
+		t.Errorf("cgroup parent / parallelism lost")
+	}
+	for _, h := range []string{"127.0.0.1:5000", "kiln.internal:8443"} {
+		rc, ok := cfg.Registries[h]
+		if !ok || rc.PlainHTTP == nil || !*rc.PlainHTTP || rc.Insecure == nil || !*rc.Insecure {
+			t.Errorf("registry %s not configured for plain HTTP: %+v", h, rc)
+		}
+	}
+	if cfg.OTEL.SocketPath != "/state/b1/otel.sock" {
+		t.Errorf("otel socket %q is shared with other daemons", cfg.OTEL.SocketPath)
+	}
+
+	if _, err := renderConfig(DaemonConfig{GC: runtime.GCPolicy{MaxUsedSpace: "lots"}}); err == nil || !strings.Contains(err.Error(), "max used space") {
+		t.Errorf("bad GC size: err = %v", err)
+	}
+}
