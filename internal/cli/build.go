@@ -427,7 +427,7 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 	}
 	fmt.Fprintf(info, "build %s %s", b.Id, b.Status)
 	if b.QueuePosition != nil && b.Status == api.Queued {
-		fmt.Fprintf(info, " (position %d)", *b.QueuePosition)
+		fmt.Fprintf(info, " (queue position %d)", *b.QueuePosition)
 	}
 	fmt.Fprintln(info)
 
@@ -457,7 +457,7 @@ func cancelAfterInterrupt(c *client, s settings, id string, w io.Writer) error {
 		return interrupted("interrupted")
 	}
 	fmt.Fprintf(w, "build %s canceled\n", id)
-	return interrupted("build %s canceled", id)
+	return interrupted("interrupted")
 }
 
 // report prints the outcome and turns a failed build into exit status 1.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"math/rand/v2"
+	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -174,6 +175,31 @@ func TestBuildStreamsLargeContextWithoutBuffering(t *testing.T) {
 	}
 	if held := statsDuringHold.TotalAlloc - before.TotalAlloc; held > size/2 {
 		t.Errorf("had allocated %s before the server read any of the context", humanSize(int64(held)))
+	}
+}
+
+func TestBuildRejectedMidUploadShowsServerReason(t *testing.T) {
+	s := succeededServer(t)
+	s.rejectUpload = http.StatusRequestEntityTooLarge
+	dir := t.TempDir()
+	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n"})
+	f, err := os.Create(filepath.Join(dir, "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(f, rand.NewChaCha8([32]byte{2}), 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	res := s.kiln(context.Background(), "build", "--progress", "plain", dir)
+	if res.code != 1 {
+		t.Fatalf("want exit 1:\n%s", res)
+	}
+	if !strings.Contains(res.stderr, "kiln: the build context is larger than context.max_bytes") {
+		t.Errorf("stderr should carry the server's reason, not a broken pipe:\n%s", res)
+	}
+	if events, _, _ := s.counts(); events != 0 {
+		t.Errorf("followed events of a build that was never created")
 	}
 }
 

@@ -210,7 +210,7 @@ func exactArgs(names ...string) cobra.PositionalArgs {
 			return usageError(cmd, "%q takes no arguments (got %q)", cmd.CommandPath(), args)
 		}
 		if len(args) != len(names) {
-			return usageError(cmd, "%q needs exactly %d argument(s): %s (got %d)", cmd.CommandPath(), len(names), strings.Join(names, " "), len(args))
+			return usageError(cmd, "%q takes %s; got %d argument(s)", cmd.CommandPath(), strings.Join(names, " "), len(args))
 		}
 		return nil
 	}

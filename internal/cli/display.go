@@ -49,7 +49,7 @@ func resolveProgress(mode string, stdout io.Writer) string {
 	if mode != progressAuto {
 		return mode
 	}
-	if _, ok := terminalOf(stdout); ok {
+	if _, ok := terminalOf(stdout); ok && os.Getenv("TERM") != "dumb" {
 		return progressTTY
 	}
 	return progressPlain
@@ -157,7 +157,7 @@ func (d *plainDisplay) printf(format string, args ...any) { fmt.Fprintf(d.out, f
 
 // announce prints the step's name once, before anything else about it.
 func (d *plainDisplay) announce(v *vertex) {
-	if !d.named[v] {
+	if !d.named[v] && v.name != "" {
 		d.named[v] = true
 		d.printf("#%d %s", v.num, v.name)
 	}
@@ -272,7 +272,8 @@ type ttyDisplay struct {
 	phase    string
 	status   string
 	messages []string
-	painted  int // lines of the last frame, to move back over
+	took     time.Duration // the build's own duration, once it ended
+	painted  int           // lines of the last frame, to move back over
 	dirty    bool
 	closed   bool
 
@@ -358,8 +359,11 @@ func (d *ttyDisplay) event(ev api.Event, _ []byte) {
 			v.logs = v.logs[len(v.logs)-ttyErrLogLines:]
 		}
 	case "end":
-		if ev.Build != nil {
-			d.status = string(ev.Build.Status)
+		if b := ev.Build; b != nil {
+			d.status = string(b.Status)
+			if b.StartedAt != nil && b.FinishedAt != nil {
+				d.took = b.FinishedAt.Sub(*b.StartedAt)
+			}
 		}
 	}
 }
@@ -441,7 +445,12 @@ func (d *ttyDisplay) frame(final bool, width int) []string {
 			finished++
 		}
 	}
-	header := fmt.Sprintf("[+] Building %s (%d/%d)", seconds(now.Sub(d.start)), finished, len(d.vs.order))
+	elapsed := now.Sub(d.start)
+	if final && d.took > 0 {
+		// A replayed or reattached build: local time says nothing.
+		elapsed = d.took
+	}
+	header := fmt.Sprintf("[+] Building %s (%d/%d)", seconds(elapsed), finished, len(d.vs.order))
 	switch {
 	case final && d.status != "":
 		header += " " + strings.ToUpper(d.status)

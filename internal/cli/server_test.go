@@ -72,8 +72,11 @@ type fakeServer struct {
 	uploadHook func()
 	// streaming is signalled when an events connection has sent
 	// everything it has and waits for more.
-	streaming chan struct{}
+	streaming      chan struct{}
 	cancelFinished bool
+	// rejectUpload answers POST /v1/builds with this status at once,
+	// without reading the body, as a server enforcing a size cap does.
+	rejectUpload int
 
 	uploads      []*uploadSeen
 	uploadErrs   []error
@@ -214,6 +217,13 @@ func eventScript(logLines int, final *api.Build) []api.Event {
 }
 
 func (s *fakeServer) createBuild(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	reject := s.rejectUpload
+	s.mu.Unlock()
+	if reject != 0 {
+		writeError(w, reject, "the build context is larger than context.max_bytes (1 MiB); shrink it with .dockerignore", "too_large")
+		return
+	}
 	seen, err := s.readUpload(r)
 	s.mu.Lock()
 	s.uploads = append(s.uploads, seen)

@@ -54,7 +54,16 @@ func newRuntime(t *testing.T) *Runtime {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(stateDir) })
+	t.Cleanup(func() {
+		// A failed test may leave a build behind; never delete through a
+		// mounted volume.
+		if err := Reap(context.Background(), stateDir, nil); err != nil {
+			t.Errorf("reap after test: %v", err)
+		}
+		if m, _ := mountsUnder(stateDir); len(m) == 0 {
+			os.RemoveAll(stateDir)
+		}
+	})
 	r, err := New(Config{BuildkitdPath: testkit.Buildkitd(t), StateDir: stateDir})
 	if err != nil {
 		t.Fatal(err)
@@ -347,6 +356,7 @@ func TestNewReapsLeftoversOfACrash(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { d.Stop(context.Background()) })
 	rec := &testkit.Recorder{}
 	started := rec.Await(progress.VertexStarted, "sleep 62")
 	solved := make(chan error, 1)
