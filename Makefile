@@ -31,6 +31,7 @@ bin/buildkitd: go.mod go.sum
 	go build -o bin/buildkitd github.com/moby/buildkit/cmd/buildkitd
 
 generate:
+	go test ./internal/config -run TestConfigurationDocIsCurrent -update >/dev/null
 	cd api && go generate .
 
 test: build

@@ -1,6 +1,8 @@
 package test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -107,27 +109,27 @@ RUN dd if=/dev/urandom of=/big2 bs=1M count=500 2>/dev/null
 `, base)},
 		fields: [][2]string{{"tags", "big:latest"}},
 	}))
-	out, err := exec.Command("skopeo", "inspect", "--tls-verify=false", "--creds", "kiln:"+s.admin,
+	out, err := exec.Command("skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", "kiln:"+s.admin,
 		"docker://"+s.addr+"/big:latest").CombinedOutput()
 	if err != nil {
 		t.Fatalf("skopeo inspect: %v\n%s", err, out)
 	}
-	var info struct {
-		Digest     string
-		LayersData []struct{ Size int64 }
+	var manifest struct {
+		Layers []struct{ Size int64 }
 	}
-	if err := json.Unmarshal(out, &info); err != nil {
-		t.Fatal(err)
+	if err := json.Unmarshal(out, &manifest); err != nil {
+		t.Fatalf("manifest %s: %v", out, err)
 	}
 	var total int64
-	for _, l := range info.LayersData {
+	for _, l := range manifest.Layers {
 		total += l.Size
 	}
 	if total <= 1<<30 {
-		t.Errorf("image layers total %d bytes, want more than 1 GiB", total)
+		t.Errorf("image layers total %d bytes, want more than 1 GiB: %s", total, out)
 	}
-	if info.Digest != *b.ImageDigest {
-		t.Errorf("registry digest %s != build digest %s", info.Digest, *b.ImageDigest)
+	digest := sha256.Sum256(out)
+	if got := "sha256:" + hex.EncodeToString(digest[:]); got != *b.ImageDigest {
+		t.Errorf("registry manifest digest %s != build digest %s", got, *b.ImageDigest)
 	}
 }
 

@@ -33,6 +33,20 @@ func writeTree(t *testing.T, dir string, files map[string]string) {
 	}
 }
 
+// writeRandom writes size incompressible bytes: a context that cannot
+// hide in socket buffers or shrink under compression.
+func writeRandom(t *testing.T, path string, size int64, seed byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := io.CopyN(f, rand.NewChaCha8([32]byte{seed}), size); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func succeededServer(t *testing.T) *fakeServer {
 	s := newFakeServer(t)
 	final := finishedBuild(api.Succeeded, "")
@@ -138,15 +152,7 @@ func TestBuildStreamsLargeContextWithoutBuffering(t *testing.T) {
 	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\nCOPY big /big\n"})
 	// Random bytes do not compress, so the upload is as large as the file.
 	const size = 128 << 20
-	f, err := os.Create(filepath.Join(dir, "big"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rng := rand.NewChaCha8([32]byte{1})
-	if _, err := io.CopyN(f, rng, size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	writeRandom(t, filepath.Join(dir, "big"), size, 1)
 
 	// While the server holds off reading the context, the client must be
 	// stuck inside the upload, not done packing into a buffer.
@@ -183,14 +189,7 @@ func TestBuildRejectedMidUploadShowsServerReason(t *testing.T) {
 	s.rejectUpload = http.StatusRequestEntityTooLarge
 	dir := t.TempDir()
 	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n"})
-	f, err := os.Create(filepath.Join(dir, "big"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.CopyN(f, rand.NewChaCha8([32]byte{2}), 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	writeRandom(t, filepath.Join(dir, "big"), 16<<20, 2)
 	res := s.kiln(context.Background(), "build", "--progress", "plain", dir)
 	if res.code != 1 {
 		t.Fatalf("want exit 1:\n%s", res)
@@ -489,7 +488,10 @@ func TestCanceledContextCancelsBuild(t *testing.T) {
 func TestInterruptDuringUploadAbortsIt(t *testing.T) {
 	s := succeededServer(t)
 	dir := t.TempDir()
-	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n", "a": "x"})
+	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n"})
+	// Larger than socket buffers, so the upload is still going on when
+	// the interrupt comes.
+	writeRandom(t, filepath.Join(dir, "big"), 16<<20, 3)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	s.uploadHook = func() {

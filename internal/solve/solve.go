@@ -78,7 +78,10 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 		if ctx.Err() != nil {
 			return res, fmt.Errorf("build canceled: %w", ctx.Err())
 		}
-		return res, fmt.Errorf("buildkit solve: %w", redactedError{red.apply(out.err.Error()), out.err})
+		// BuildKit's text already says what went wrong ("dockerfile parse
+		// error on line 2: …"); only its generic prefix is noise.
+		msg := strings.TrimPrefix(red.apply(out.err.Error()), "failed to solve: ")
+		return res, fmt.Errorf("build failed: %w", redactedError{msg, out.err})
 	}
 	if out.resp != nil {
 		res.Digest = out.resp.ExporterResponse["containerimage.digest"]

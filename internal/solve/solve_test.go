@@ -360,6 +360,27 @@ func TestCancelReturnsPromptly(t *testing.T) {
 	if len(rec.Events()) != n {
 		t.Errorf("events were emitted after Run returned")
 	}
+	// Returning is not enough: the daemon must have stopped the step too.
+	deadline := time.Now().Add(10 * time.Second)
+	for running("sleep 60") {
+		if time.Now().After(deadline) {
+			t.Fatal("the canceled RUN step is still running in buildkitd")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// running reports whether a process with cmdline (args joined by spaces)
+// containing s exists.
+func running(s string) bool {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		raw, err := os.ReadFile(p)
+		if err == nil && strings.Contains(strings.ReplaceAll(string(raw), "\x00", " "), s) {
+			return true
+		}
+	}
+	return false
 }
 
 func TestRegistryCacheExportThenImportAfterPrune(t *testing.T) {

@@ -240,7 +240,7 @@ func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 	rec := &testkit.Recorder{}
 	c, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	started := rec.Await(progress.VertexStarted, "sleep 60")
+	started := rec.Await(progress.VertexStarted, "sleep 67")
 	canceledAt := make(chan time.Time, 1)
 	go func() {
 		select {
@@ -252,7 +252,7 @@ func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 		cancel()
 	}()
 	_, err := r.Run(c, job("cancel", vol, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 60\n"}),
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
 		Push:       []string{registry + "/app/cancel:latest"},
 	}), rec)
 	took := time.Since(<-canceledAt)
@@ -269,7 +269,7 @@ func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 		t.Errorf("Run took %s to return after cancel", took)
 	}
 	assertReleased(t, r, vol)
-	if p := processesMentioning("sleep 60"); len(p) > 0 {
+	if p := processesMentioning("sleep 67"); len(p) > 0 {
 		t.Errorf("build step survived the cancel: %v", p)
 	}
 }
