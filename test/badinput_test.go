@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kiln-build/kiln/api"
 )
@@ -105,7 +106,7 @@ func TestBadInputIsRejectedAndLeavesNothing(t *testing.T) {
 
 	// A Dockerfile that parses but fails in BuildKit is a failed build
 	// with BuildKit's message, and its context is cleaned up.
-	b := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY missing-file /x\n"}}).Id, 0x7fffffff)
+	b := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY missing-file /x\n"}}).Id, 5*time.Minute)
 	if b.Status != api.Failed || b.Error == nil || !strings.Contains(*b.Error, "missing-file") {
 		t.Errorf("failing build: status %s error %v", b.Status, b.Error)
 	}

@@ -74,8 +74,10 @@ const (
 	// `zstd --ultra -22` and `--long=27` while bounding what one upload can
 	// make the server allocate.
 	maxZstdWindow = 128 << 20
-	// Linux follows at most 40 symlinks while resolving one path.
-	maxSymlinkHops = 40
+	// Every path operation through os.Root opens each directory on the
+	// way, so depth multiplies the cost of every entry. Real contexts
+	// (node_modules included) stay far below this.
+	maxDepth = 256
 	// Directories that the archive only implies get the usual default.
 	impliedDirMode = 0o755
 )
@@ -431,9 +433,9 @@ func (x *extractor) writeFile(name string, hdr *tar.Header, mode uint32, body io
 	if closeErr != nil {
 		return x.fsFault(closeErr, hdr.Name)
 	}
-	if err := x.root.Chtimes(name, hdr.ModTime, hdr.ModTime); err != nil {
-		return x.fsFault(err, hdr.Name)
-	}
+	// Best effort: an archive may carry times the filesystem cannot store,
+	// and nothing depends on them being exact.
+	_ = x.root.Chtimes(name, hdr.ModTime, hdr.ModTime)
 	x.inodes++
 	n := &node{typ: typeFile, mode: mode, ino: x.inodes}
 	h.Sum(n.sum[:0])
@@ -457,30 +459,39 @@ func (x *extractor) link(name string, hdr *tar.Header) error {
 	return nil
 }
 
-// makeParents checks every ancestor of name and creates the ones the
+// makeParents checks the ancestors of name and creates the ones the
 // archive only implies. An ancestor that is a symlink stops the upload:
 // writing beneath it would follow it.
+//
+// Every recorded path's ancestors are recorded directories, so only the
+// deepest recorded ancestor needs checking; that keeps the cost linear in
+// the path length instead of quadratic.
 func (x *extractor) makeParents(name, raw string) error {
-	for i := 0; i < len(name); i++ {
-		if name[i] != '/' {
+	var missing []string
+	for p := path.Dir(name); p != "."; p = path.Dir(p) {
+		n := x.nodes[p]
+		if n == nil {
+			missing = append(missing, p)
 			continue
 		}
-		p := name[:i]
-		n := x.nodes[p]
-		switch {
-		case n == nil:
-			if x.lim.MaxEntries > 0 && len(x.nodes) >= x.lim.MaxEntries+1 {
-				return x.tooManyEntries()
-			}
-			if err := x.root.Mkdir(p, 0o700); err != nil {
-				return x.fsFault(err, raw)
-			}
-			x.nodes[p] = &node{typ: typeDir, mode: impliedDirMode}
-		case n.typ == typeSymlink:
+		switch n.typ {
+		case typeDir:
+		case typeSymlink:
 			return badInput("context entry %q would be written through the symlink %q; an archive may not place entries beneath a symlink, re-create it", raw, p)
-		case n.typ != typeDir:
+		default:
 			return badInput("context entry %q needs %q to be a directory, but the archive made it a %s; re-create the archive", raw, p, n.typ)
 		}
+		break
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		p := missing[i]
+		if x.lim.MaxEntries > 0 && len(x.nodes) >= x.lim.MaxEntries+1 {
+			return x.tooManyEntries()
+		}
+		if err := x.root.Mkdir(p, 0o700); err != nil {
+			return x.fsFault(err, raw)
+		}
+		x.nodes[p] = &node{typ: typeDir, mode: impliedDirMode}
 	}
 	return nil
 }
@@ -497,7 +508,11 @@ func entryPath(raw string) (string, error) {
 	if len(raw) > maxPathLen {
 		return "", badInput("context entry %q... has a path longer than %d bytes; shorten it or add it to .dockerignore", raw[:64], maxPathLen)
 	}
-	for _, c := range strings.Split(raw, "/") {
+	comps := strings.Split(raw, "/")
+	if len(comps) > maxDepth {
+		return "", badInput("context entry %q... is nested more than %d directories deep; flatten it or add it to .dockerignore", raw[:min(len(raw), 64)], maxDepth)
+	}
+	for _, c := range comps {
 		if c == ".." {
 			return "", badInput("context entry %q escapes the context root; entries must not contain \"..\", re-create the archive from inside the context directory", raw)
 		}
@@ -537,61 +552,141 @@ func (x *extractor) checkSymlinkChains() error {
 			links = append(links, p)
 		}
 	}
+	if len(links) == 0 {
+		return nil
+	}
 	slices.Sort(links) // report the same entry every time
+	t := newTrie(x.nodes)
 	for _, p := range links {
-		if x.escapes(p) {
+		if t.resolveLink(t.lookup(p)).status == resEscapes {
 			return badInput("context entry %q is a symlink to %q, which resolves outside the context root through other symlinks; make it point inside the context, or add it to .dockerignore", p, x.nodes[p].link)
 		}
 	}
 	return nil
 }
 
-func (x *extractor) escapes(link string) bool {
-	cur := splitPath(path.Dir(link))
-	todo := splitPath(x.nodes[link].link)
-	hops := 1
-	for len(todo) > 0 {
-		c := todo[0]
-		todo = todo[1:]
-		switch c {
-		case "", ".":
+// trie is the extracted tree as linked nodes, so resolving a symlink costs
+// one map lookup per component and each symlink is resolved only once,
+// however many chains run through it. Path-string lookups would make a
+// hostile archive of long, deep, mutually referencing links quadratic.
+type trie struct{ root *tnode }
+
+type tnode struct {
+	parent *tnode
+	kids   map[string]*tnode
+	n      *node
+	state  uint8 // symlinks: 0 unresolved, 1 resolving, 2 resolved
+	res    resolution
+}
+
+type resolution struct {
+	status  int
+	at      *tnode // deepest existing node reached
+	missing int    // components below at that do not exist
+}
+
+const (
+	resOK      = iota
+	resEscapes // climbed above the root
+	resDead    // ENOTDIR or a loop: the kernel stops, nothing is reached
+)
+
+func newTrie(nodes map[string]*node) *trie {
+	t := &trie{root: &tnode{n: nodes["."], kids: map[string]*tnode{}}}
+	// Parents sort before their children, so each parent exists in time.
+	paths := make([]string, 0, len(nodes))
+	for p := range nodes {
+		if p != "." {
+			paths = append(paths, p)
+		}
+	}
+	slices.Sort(paths)
+	for _, p := range paths {
+		parent := t.root
+		if d := path.Dir(p); d != "." {
+			parent = t.lookup(d)
+		}
+		tn := &tnode{parent: parent, n: nodes[p]}
+		if tn.n.typ == typeDir {
+			tn.kids = map[string]*tnode{}
+		}
+		parent.kids[path.Base(p)] = tn
+	}
+	return t
+}
+
+func (t *trie) lookup(p string) *tnode {
+	cur := t.root
+	for _, c := range strings.Split(p, "/") {
+		cur = cur.kids[c]
+	}
+	return cur
+}
+
+func (t *trie) resolveLink(l *tnode) resolution {
+	switch l.state {
+	case 1:
+		return resolution{status: resDead} // a loop: ELOOP
+	case 2:
+		return l.res
+	}
+	l.state = 1
+	l.res = t.resolve(l.parent, l.n.link)
+	l.state = 2
+	return l.res
+}
+
+// resolve walks target from dir. Components below a missing one are
+// followed lexically: the strictest reading, since the kernel would stop
+// with ENOENT anyway.
+func (t *trie) resolve(dir *tnode, target string) resolution {
+	at, missing := dir, 0
+	comps := strings.Split(target, "/")
+	for i, c := range comps {
+		switch {
+		case c == "" || c == ".":
 			continue
-		case "..":
-			if len(cur) == 0 {
-				return true
+		case c == "..":
+			if missing > 0 {
+				missing--
+			} else if at.parent == nil {
+				return resolution{status: resEscapes}
+			} else {
+				at = at.parent
 			}
-			cur = cur[:len(cur)-1]
+			continue
+		case missing > 0:
+			missing++
 			continue
 		}
-		p := strings.Join(append(slices.Clone(cur), c), "/")
-		n := x.nodes[p]
+		child := at.kids[c]
 		switch {
-		case n == nil:
-			// Missing: resolve the rest lexically, the strictest reading.
-			cur = append(cur, c)
-		case n.typ == typeSymlink:
-			hops++
-			if hops > maxSymlinkHops {
-				return false // ELOOP: the kernel gives up, nothing is reached
+		case child == nil:
+			missing = 1
+			continue
+		case child.n.typ == typeSymlink:
+			r := t.resolveLink(child)
+			if r.status != resOK {
+				return r
 			}
-			todo = append(splitPath(n.link), todo...)
-		case n.typ == typeDir:
-			cur = append(cur, c)
+			at, missing = r.at, r.missing
 		default:
-			if len(todo) > 0 {
-				return false // ENOTDIR
-			}
-			cur = append(cur, c)
+			at = child
+		}
+		if at.n.typ != typeDir && missing == 0 && hasMore(comps[i+1:]) {
+			return resolution{status: resDead} // ENOTDIR
+		}
+	}
+	return resolution{status: resOK, at: at, missing: missing}
+}
+
+func hasMore(comps []string) bool {
+	for _, c := range comps {
+		if c != "" {
+			return true
 		}
 	}
 	return false
-}
-
-func splitPath(p string) []string {
-	if p == "." || p == "" {
-		return nil
-	}
-	return strings.Split(p, "/")
 }
 
 // readIgnore reads .dockerignore the way BuildKit's frontend does: through
@@ -631,9 +726,7 @@ func (x *extractor) finishDirs() error {
 	for _, p := range dirs {
 		n := x.nodes[p]
 		if !n.mtime.IsZero() {
-			if err := x.root.Chtimes(p, n.mtime, n.mtime); err != nil {
-				return x.fsFault(err, p)
-			}
+			_ = x.root.Chtimes(p, n.mtime, n.mtime) // best effort, as for files
 		}
 		mode := os.FileMode(n.mode & 0o777)
 		if n.mode&0o1000 != 0 {

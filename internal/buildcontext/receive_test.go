@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -168,6 +169,10 @@ func TestReceiveRejectsBadContexts(t *testing.T) {
 			[]string{"upload is empty"}},
 		{"xz", append([]byte{0xfd, '7', 'z', 'X', 'Z', 0}, random[:100]...), Limits{}, 400,
 			[]string{"compressed with xz"}},
+		{"too deep", mkTar(t, file(strings.Repeat("d/", 300)+"f", "x")), Limits{}, 400,
+			[]string{"nested more than 256 directories deep"}},
+		{"symlink escape through a long chain", mkTar(t, append([]ent{dir("x/"), symlink("x/up", ".."), symlink("l0", "x/up")}, chain(200)...)...), Limits{}, 400,
+			[]string{"through other symlinks"}},
 		{"long path component", mkTar(t, file(strings.Repeat("a", 300), "x")), Limits{}, 400,
 			[]string{"path component longer than 255 bytes"}},
 	}
@@ -176,6 +181,31 @@ func TestReceiveRejectsBadContexts(t *testing.T) {
 			dst, _, err := receive(t, tc.data, tc.lim)
 			wantError(t, err, dst, tc.status, tc.msg...)
 		})
+	}
+}
+
+// chain makes l1..ln, each pointing at the previous one and then "..".
+// Resolved alone each looks harmless; resolved through l0 (which lands on
+// the root) the first ".." leaves the context.
+func chain(n int) []ent {
+	var out []ent
+	for i := 1; i <= n; i++ {
+		out = append(out, symlink("l"+strconv.Itoa(i), "l"+strconv.Itoa(i-1)+"/.."))
+	}
+	return out
+}
+
+func TestReceiveAcceptsHarmlessSymlinks(t *testing.T) {
+	dst, _ := mustReceive(t, mkTar(t,
+		dir("a/"), dir("a/b/"),
+		symlink("a/b/up", "../.."),                           // the root itself
+		symlink("a/b/sib", "../b/./up"),                      // through another link, still the root
+		symlink("loop1", "loop2"), symlink("loop2", "loop1"), // ELOOP, reaches nothing
+		symlink("dangling", "nowhere/at/all"),
+		file("f", "x"), symlink("notdir", "f/.."), // ENOTDIR
+	))
+	if got := readTree(t, dst); got["a/b/sib"].Link != "../b/./up" || got["loop1"].Link != "loop2" {
+		t.Errorf("links not extracted as archived: %v", got)
 	}
 }
 

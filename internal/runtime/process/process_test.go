@@ -373,9 +373,11 @@ func TestNewReapsLeftoversOfACrash(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("step did not start")
 	}
-	time.Sleep(500 * time.Millisecond)
-	if p := processesMentioning("sleep 62"); len(p) == 0 {
-		t.Fatal("test setup: the build step is not running")
+	for deadline := time.Now().Add(30 * time.Second); len(processesMentioning("sleep 62")) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("test setup: the build step is not running")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 
 	if _, err := New(r.cfg); err != nil {

@@ -1,0 +1,54 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kiln-build/kiln/api"
+)
+
+func TestTimeoutFailsTheBuildAndMetricsCountIt(t *testing.T) {
+	s := startServer(t, withArgs("--limits-timeout-seconds-max", "600", "--limits-timeout-seconds-default", "600"))
+	base := s.base()
+	b := s.wait(s.admin, s.build(s.admin, submission{
+		files:  map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN sleep 120\n", base)},
+		fields: [][2]string{{"timeout_seconds", "3"}},
+	}).Id, 5*time.Minute)
+	if b.Status != api.Failed || b.Error == nil || !strings.Contains(*b.Error, "timeout") {
+		t.Fatalf("timed-out build: status %s error %v", b.Status, b.Error)
+	}
+	if d := b.FinishedAt.Sub(*b.StartedAt); d.Seconds() > 30 {
+		t.Errorf("build ran %s despite a 3 s timeout", d)
+	}
+	assertNoLeftovers(t, s.data)
+
+	code, body := s.submit(s.admin, submission{
+		files:  map[string]string{"Dockerfile": "FROM scratch\n"},
+		fields: [][2]string{{"timeout_seconds", "601"}},
+	})
+	if code != 400 || !strings.Contains(string(body), "limits.timeout_seconds") {
+		t.Errorf("timeout over the cap: status %d %s", code, body)
+	}
+
+	resp, err := http.Get(s.url("/metrics"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	metrics, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`kiln_builds{status="failed"} 1`,
+		`kiln_builds{status="succeeded"} 1`, // the base image
+		`kiln_queue_length 0`,
+		`kiln_build_duration_seconds_count 2`,
+		`kiln_cache_volume_used_bytes{scope="admin"}`,
+	} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
