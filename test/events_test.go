@@ -183,3 +183,29 @@ RUN --mount=type=secret,id=npm test "$(sha256sum /run/secrets/npm | cut -d' ' -f
 		t.Errorf("secret value found on disk: %s", out)
 	}
 }
+
+func TestEventStreamSendsHeartbeats(t *testing.T) {
+	s := startServer(t, withArgs("--sse-heartbeat", "300ms"))
+	base := s.base()
+	b := s.build(s.admin, submission{files: map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN sleep 3\n", base)}})
+	req, _ := http.NewRequest("GET", s.url("/v1/builds/"+b.Id+"/events"), nil)
+	req.Header.Set("Authorization", "Bearer "+s.admin)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	beats := 0
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if sc.Text() == ": heartbeat" {
+			beats++
+		}
+		if sc.Text() == "event: end" {
+			break
+		}
+	}
+	if beats < 2 {
+		t.Errorf("saw %d heartbeats during a 3 s quiet step with a 300 ms heartbeat", beats)
+	}
+}

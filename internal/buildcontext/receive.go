@@ -129,6 +129,7 @@ func Receive(ctx context.Context, r io.Reader, dir string, lim Limits) (info Inf
 	x.src = &sourceReader{ctx: ctx, r: r, buf: make([]byte, 64<<10), res: make(chan sourceRead, 1)}
 	x.wire = &limitCounter{r: x.src, limit: lim.MaxBytes}
 	defer func() {
+		x.closeSubRoot()
 		closeErr := root.Close()
 		if err == nil && closeErr != nil {
 			err = serverFault(closeErr, "closing the build context directory failed")
@@ -154,6 +155,9 @@ type extractor struct {
 	inodes int   // last inode id handed out
 	data   int64 // logical file content written (sparse files can exceed the tar stream)
 	buf    []byte
+
+	subDir  string   // directory of the last entry, see parentRoot
+	subRoot *os.Root // nil or a handle on subDir
 }
 
 func (x *extractor) run() (Info, error) {
@@ -356,6 +360,10 @@ func (x *extractor) entry(hdr *tar.Header, body io.Reader) error {
 	if err := x.makeParents(name, hdr.Name); err != nil {
 		return err
 	}
+	dirRoot, base, err := x.parentRoot(name)
+	if err != nil {
+		return x.fsFault(err, hdr.Name)
+	}
 	if old := x.nodes[name]; old != nil {
 		if old.typ == typeDir {
 			if typ != typeDir {
@@ -364,7 +372,7 @@ func (x *extractor) entry(hdr *tar.Header, body io.Reader) error {
 		} else {
 			// Later entries win, as with tar(1); removing first means the
 			// new one never writes through whatever was there.
-			if err := x.root.Remove(name); err != nil {
+			if err := dirRoot.Remove(base); err != nil {
 				return x.fsFault(err, hdr.Name)
 			}
 			delete(x.nodes, name)
@@ -381,19 +389,19 @@ func (x *extractor) entry(hdr *tar.Header, body io.Reader) error {
 			mode |= 0o1000
 		}
 		if x.nodes[name] == nil {
-			if err := x.root.Mkdir(name, 0o700); err != nil {
+			if err := dirRoot.Mkdir(base, 0o700); err != nil {
 				return x.fsFault(err, hdr.Name)
 			}
 		}
 		x.nodes[name] = &node{typ: typeDir, mode: mode, mtime: hdr.ModTime}
 		return nil
 	case typeFile:
-		return x.writeFile(name, hdr, mode, body)
+		return x.writeFile(dirRoot, base, name, hdr, mode, body)
 	case typeSymlink:
 		if err := checkSymlinkTarget(name, hdr.Linkname, hdr.Name); err != nil {
 			return err
 		}
-		if err := x.root.Symlink(hdr.Linkname, name); err != nil {
+		if err := dirRoot.Symlink(hdr.Linkname, base); err != nil {
 			return x.fsFault(err, hdr.Name)
 		}
 		x.nodes[name] = &node{typ: typeSymlink, link: hdr.Linkname}
@@ -403,7 +411,7 @@ func (x *extractor) entry(hdr *tar.Header, body io.Reader) error {
 	}
 }
 
-func (x *extractor) writeFile(name string, hdr *tar.Header, mode uint32, body io.Reader) error {
+func (x *extractor) writeFile(dirRoot *os.Root, base, name string, hdr *tar.Header, mode uint32, body io.Reader) error {
 	if hdr.Size < 0 {
 		return badInput("context entry %q has a negative size; re-create the archive", hdr.Name)
 	}
@@ -413,7 +421,7 @@ func (x *extractor) writeFile(name string, hdr *tar.Header, mode uint32, body io
 	}
 	// O_EXCL: the path was just cleared, so anything there now (a symlink
 	// above all) is a reason to stop, not something to open.
-	f, err := x.root.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := dirRoot.OpenFile(base, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return x.fsFault(err, hdr.Name)
 	}
@@ -435,7 +443,7 @@ func (x *extractor) writeFile(name string, hdr *tar.Header, mode uint32, body io
 	}
 	// Best effort: an archive may carry times the filesystem cannot store,
 	// and nothing depends on them being exact.
-	_ = x.root.Chtimes(name, hdr.ModTime, hdr.ModTime)
+	_ = dirRoot.Chtimes(base, hdr.ModTime, hdr.ModTime)
 	x.inodes++
 	n := &node{typ: typeFile, mode: mode, ino: x.inodes}
 	h.Sum(n.sum[:0])
@@ -457,6 +465,36 @@ func (x *extractor) link(name string, hdr *tar.Header) error {
 	}
 	x.nodes[name] = &node{typ: typeHardlink, mode: t.mode, sum: t.sum, ino: t.ino}
 	return nil
+}
+
+// parentRoot returns an os.Root for name's directory and name's last
+// component. Every os.Root operation opens each directory on its path, so
+// reusing the root of the directory the previous entry went to (archives
+// are grouped by directory) keeps per-entry cost independent of depth.
+// Directories are never removed or replaced during extraction, so a cached
+// handle always refers to the directory its path names.
+func (x *extractor) parentRoot(name string) (*os.Root, string, error) {
+	d, base := path.Dir(name), path.Base(name)
+	if d == "." {
+		return x.root, base, nil
+	}
+	if x.subRoot != nil && x.subDir == d {
+		return x.subRoot, base, nil
+	}
+	r, err := x.root.OpenRoot(d)
+	if err != nil {
+		return nil, "", err
+	}
+	x.closeSubRoot()
+	x.subDir, x.subRoot = d, r
+	return r, base, nil
+}
+
+func (x *extractor) closeSubRoot() {
+	if x.subRoot != nil {
+		_ = x.subRoot.Close()
+		x.subRoot, x.subDir = nil, ""
+	}
 }
 
 // makeParents checks the ancestors of name and creates the ones the

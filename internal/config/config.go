@@ -46,6 +46,8 @@ type Config struct {
 	GCMaxUsedPercent  int
 
 	ShutdownGrace time.Duration
+	// SSEHeartbeat is how often an idle event stream sends a comment.
+	SSEHeartbeat time.Duration
 }
 
 type kind int
@@ -99,6 +101,7 @@ func (c *Config) settings() []setting {
 		{"cache.max_volumes", "0", "most cache volumes kept before the least recently used idle ones are evicted (0: no limit)", kInt, &c.CacheMaxVolumes},
 		{"cache.gc_reserved_percent", "10", "share of a cache volume BuildKit's GC always keeps", kInt, &c.GCReservedPercent},
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
+		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
 }
@@ -253,6 +256,9 @@ func (c *Config) validate() error {
 	}
 	if c.GCReservedPercent < 0 || c.GCMaxUsedPercent < 1 || c.GCMaxUsedPercent > 100 || c.GCReservedPercent > c.GCMaxUsedPercent {
 		return fmt.Errorf("cache.gc_reserved_percent (%d) and cache.gc_max_used_percent (%d) must satisfy 0 <= reserved <= max_used <= 100", c.GCReservedPercent, c.GCMaxUsedPercent)
+	}
+	if c.SSEHeartbeat < 100*time.Millisecond {
+		return fmt.Errorf("sse_heartbeat must be at least 100ms")
 	}
 	if c.ContextMaxBytes < 1 || c.ContextMaxUncompressedBytes < 1 || c.ContextMaxEntries < 1 {
 		return fmt.Errorf("context limits must be positive")

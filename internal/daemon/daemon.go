@@ -132,7 +132,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 
 	srv := &http.Server{
 		Handler: server.New(server.Deps{Auth: authority, Builds: svc, Images: images.New(db, reg), Volumes: vols,
-			Registry: reg, RegistryHost: registryHost, Logger: log.With("part", "http")}),
+			Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat, Logger: log.With("part", "http")}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}
 	errc := make(chan error, 1)

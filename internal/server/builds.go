@@ -314,7 +314,7 @@ func (s *Server) buildEvents(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	fmt.Fprintf(w, ": kiln build %s events\n\n", id)
 	flusher.Flush()
-	tick := time.NewTicker(heartbeat)
+	tick := time.NewTicker(s.heartbeat)
 	defer tick.Stop()
 	for {
 		evs, err := s.builds.Events(r.Context(), id, after, 500)

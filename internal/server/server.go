@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -32,6 +33,7 @@ type Server struct {
 	log      *slog.Logger
 	// RegistryHost is shown in pullable references.
 	registryHost string
+	heartbeat    time.Duration
 	mux          *http.ServeMux
 }
 
@@ -43,13 +45,19 @@ type Deps struct {
 	Volumes      *cachevol.Manager
 	Registry     *registry.Registry
 	RegistryHost string
-	Logger       *slog.Logger
+	// Heartbeat is how often an idle event stream sends a comment, so
+	// proxies keep it open and clients notice a dead connection.
+	Heartbeat time.Duration
+	Logger    *slog.Logger
 }
 
 // New builds the router.
 func New(d Deps) *Server {
 	s := &Server{auth: d.Auth, builds: d.Builds, images: d.Images, volumes: d.Volumes,
-		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, mux: http.NewServeMux()}
+		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, heartbeat: d.Heartbeat, mux: http.NewServeMux()}
+	if s.heartbeat <= 0 {
+		s.heartbeat = 15 * time.Second
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), d.Builds.Collector())
 

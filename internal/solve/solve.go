@@ -67,12 +67,14 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 		case out = <-done:
 			<-drained
 		case <-time.After(cancelGrace):
+			tr.stop()
+			return tr.result(), fmt.Errorf("build canceled: %w", ctx.Err())
 		}
-		tr.stop()
-		return tr.result(), fmt.Errorf("build canceled: %w", ctx.Err())
 	}
 	tr.stop()
 
+	// A solve that completed despite a late cancel is reported as the
+	// success it was: its image is already pushed.
 	res := tr.result()
 	if out.err != nil {
 		if ctx.Err() != nil {
@@ -87,7 +89,7 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 		res.Digest = out.resp.ExporterResponse["containerimage.digest"]
 	}
 	if len(req.Push) > 0 && res.Digest == "" {
-		return res, errors.New("buildkit solve: the image exporter reported no digest; the push may not have happened")
+		return res, errors.New("build finished but the image exporter reported no digest; the push may not have happened")
 	}
 	return res, nil
 }
