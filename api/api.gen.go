@@ -47,19 +47,24 @@ func (e BuildStatus) Valid() bool {
 
 // Build defines model for Build.
 type Build struct {
-	CacheScope   string     `json:"cache_scope"`
-	ContextBytes *int64     `json:"context_bytes,omitempty"`
-	Cpus         *int       `json:"cpus,omitempty"`
-	CreatedAt    time.Time  `json:"created_at"`
-	DedupOf      *string    `json:"dedup_of"`
-	DiskGb       *int       `json:"disk_gb,omitempty"`
-	Error        *string    `json:"error"`
-	FinishedAt   *time.Time `json:"finished_at"`
-	Id           string     `json:"id"`
+	CacheScope   string    `json:"cache_scope"`
+	ContextBytes *int64    `json:"context_bytes,omitempty"`
+	Cpus         *int      `json:"cpus,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
+
+	// DedupOf The build whose result answered this one (identical inputs).
+	DedupOf    *string    `json:"dedup_of"`
+	DiskGb     *int       `json:"disk_gb,omitempty"`
+	Error      *string    `json:"error"`
+	FinishedAt *time.Time `json:"finished_at"`
+	Id         string     `json:"id"`
 
 	// Image Canonical name builds/<id>.
-	Image          string      `json:"image"`
-	ImageDigest    *string     `json:"image_digest"`
+	Image       string  `json:"image"`
+	ImageDigest *string `json:"image_digest"`
+
+	// InputHash Hash of everything that determines the result; identical hashes share results. Null for builds that never deduplicate (secrets, no_cache, pull, unpinnable bases).
+	InputHash      *string     `json:"input_hash"`
 	MemoryMb       *int        `json:"memory_mb,omitempty"`
 	NoCache        *bool       `json:"no_cache,omitempty"`
 	Phase          string      `json:"phase"`
@@ -221,6 +226,9 @@ type ListBuildsParams struct {
 
 	// Cursor The `next_cursor` of the previous page.
 	Cursor *string `form:"cursor,omitempty" json:"cursor,omitempty"`
+
+	// InputHash Only builds with this input hash (to see how often a build is repeated).
+	InputHash *string `form:"input_hash,omitempty" json:"input_hash,omitempty"`
 }
 
 // BuildEventsParams defines parameters for BuildEvents.
@@ -822,6 +830,18 @@ func NewListBuildsRequest(server string, params *ListBuildsParams) (*http.Reques
 		if params.Cursor != nil {
 
 			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "cursor", *params.Cursor, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.InputHash != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "input_hash", *params.InputHash, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
 				return nil, err
 			} else {
 				for _, qp := range strings.Split(queryFrag, "&") {

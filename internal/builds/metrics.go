@@ -18,6 +18,8 @@ type metrics struct {
 	finishedC   *prometheus.CounterVec
 	duration    prometheus.Histogram
 	cachedRatio prometheus.Histogram
+	dedupHits   prometheus.Counter
+	runs        prometheus.Counter
 
 	byStatus *prometheus.Desc
 	queueLen *prometheus.Desc
@@ -41,7 +43,13 @@ func newMetrics(s *Service) *metrics {
 		}),
 		cachedRatio: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "kiln_build_cached_step_ratio", Help: "Share of a succeeded build's steps answered from cache.",
-			Buckets: prometheus.LinearBuckets(0, 0.1, 11),
+			Buckets: []float64{0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1},
+		}),
+		dedupHits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_dedup_hits_total", Help: "Builds answered from an identical earlier build without running anything.",
+		}),
+		runs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_runtime_runs_total", Help: "Builds handed to a builder runtime (BuildKit solves started).",
 		}),
 		byStatus: prometheus.NewDesc("kiln_builds", "Builds recorded, by status.", []string{"status"}, nil),
 		queueLen: prometheus.NewDesc("kiln_queue_length", "Builds waiting to run.", nil, nil),
@@ -55,6 +63,10 @@ func newMetrics(s *Service) *metrics {
 func (s *Service) Collector() prometheus.Collector { return s.metrics }
 
 func (m *metrics) submitted() { m.submittedC.Inc() }
+
+func (m *metrics) dedupHit() { m.dedupHits.Inc() }
+
+func (m *metrics) runtimeRun() { m.runs.Inc() }
 
 func (m *metrics) finished(_ string, o store.Outcome) { m.finishedC.WithLabelValues(o.Status).Inc() }
 
@@ -71,6 +83,8 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.finishedC.Describe(ch)
 	m.duration.Describe(ch)
 	m.cachedRatio.Describe(ch)
+	m.dedupHits.Describe(ch)
+	m.runs.Describe(ch)
 	ch <- m.byStatus
 	ch <- m.queueLen
 	ch <- m.volBytes
@@ -83,6 +97,8 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.finishedC.Collect(ch)
 	m.duration.Collect(ch)
 	m.cachedRatio.Collect(ch)
+	m.dedupHits.Collect(ch)
+	m.runs.Collect(ch)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if counts, err := store.CountByStatus(ctx, m.s.db.SQL); err == nil {

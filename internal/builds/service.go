@@ -74,6 +74,15 @@ type Config struct {
 	// shares of the cache volume's size.
 	GCReservedPercent int
 	GCMaxUsedPercent  int
+	// BuilderID names what executes builds (runtime, BuildKit version,
+	// builder image digest); it is part of the dedup input hash.
+	BuilderID string
+	// DedupTTL is how long a succeeded build answers identical ones; 0
+	// turns dedup off.
+	DedupTTL time.Duration
+	// DedupAcrossScopes lets a build be answered by an identical build of
+	// another cache scope (identical inputs, same executor).
+	DedupAcrossScopes bool
 	// CancelGrace is how long a cancel waits for the runtime to stop.
 	CancelGrace time.Duration
 }

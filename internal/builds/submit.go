@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -103,7 +104,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if u.context == nil {
 		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\"")
 	}
-	opts, err := s.validate(p, u, &req)
+	opts, dockerfile, err := s.validate(p, u, &req)
 	if err != nil {
 		return Build{}, err
 	}
@@ -124,6 +125,24 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		Runtime:      s.runtime.Name(),
 		CreatedAt:    time.Now().UTC(),
 	}
+	basesNote := ""
+	if dedupEligible(opts) {
+		h, pinned, err := s.inputHash(ctx, u.context.Hash, dockerfile, opts)
+		switch {
+		case err == nil:
+			b.InputHash = h
+			if orig, hit, err := s.findDedup(ctx, h, scope); err != nil {
+				return Build{}, err
+			} else if hit {
+				return s.submitDedup(ctx, u, b, orig)
+			}
+			basesNote = strings.Join(pinned, ", ")
+		case errors.Is(err, errNoDedup):
+			s.log.Debug("build not deduplicable", "build", b.ID, "reason", err)
+		default:
+			return Build{}, err
+		}
+	}
 	if len(req.Secrets) > 0 {
 		s.secrets.Store(b.ID, req.Secrets)
 	}
@@ -139,6 +158,9 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	}
 	s.emit(b.ID, Event{Status: store.StatusQueued, Event: progress.Event{Kind: KindStatus}})
 	s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
+	if basesNote != "" {
+		s.message(b.ID, "base images: %s", basesNote)
+	}
 	s.metrics.submitted()
 	return b, nil
 }
@@ -146,7 +168,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 // validate checks everything about a request that can be checked before
 // BuildKit runs, so a mistake answers 400 at once instead of a failed
 // build minutes later.
-func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.BuildOptions, error) {
+func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.BuildOptions, []byte, error) {
 	o := store.BuildOptions{
 		Target:         req.Target,
 		NoCache:        req.NoCache,
@@ -158,44 +180,44 @@ func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.Bui
 	total := 0
 	for k, v := range req.BuildArgs {
 		if !argName.MatchString(k) {
-			return o, badRequest("build arg name %q is invalid: names start with a letter or _ and contain only letters, digits and _", k)
+			return o, nil, badRequest("build arg name %q is invalid: names start with a letter or _ and contain only letters, digits and _", k)
 		}
 		total += len(k) + len(v)
 	}
 	if total > maxArgBytes {
-		return o, badRequest("build args total %d bytes, more than the %d byte limit", total, maxArgBytes)
+		return o, nil, badRequest("build args total %d bytes, more than the %d byte limit", total, maxArgBytes)
 	}
 	for id := range req.Secrets {
 		if !secretID.MatchString(id) {
-			return o, badRequest("secret id %q is invalid: use 1-128 letters, digits, '.', '_' or '-'", id)
+			return o, nil, badRequest("secret id %q is invalid: use 1-128 letters, digits, '.', '_' or '-'", id)
 		}
 		o.SecretIDs = append(o.SecretIDs, id)
 	}
 	sort.Strings(o.SecretIDs)
 	if req.GlobalCache {
 		if !p.Has(auth.ScopeBuildAdmin) {
-			return o, forbidden("global_cache writes the shared global cache tier and needs the build:admin scope; drop global_cache to import it read-only with global_cache_key")
+			return o, nil, forbidden("global_cache writes the shared global cache tier and needs the build:admin scope; drop global_cache to import it read-only with global_cache_key")
 		}
 		if req.GlobalCacheKey == "" {
-			return o, badRequest("global_cache needs global_cache_key: the key names the cache/global/<key> entry to write")
+			return o, nil, badRequest("global_cache needs global_cache_key: the key names the cache/global/<key> entry to write")
 		}
 		o.GlobalCacheExport = true
 	}
 	if req.GlobalCacheKey != "" && (!globalKey.MatchString(req.GlobalCacheKey) || len(req.GlobalCacheKey) > 128) {
-		return o, badRequest("global_cache_key %q is invalid: use lower-case letters, digits and single '.', '_' or '-' separators", req.GlobalCacheKey)
+		return o, nil, badRequest("global_cache_key %q is invalid: use lower-case letters, digits and single '.', '_' or '-' separators", req.GlobalCacheKey)
 	}
 	var err error
 	if o.CPUs, err = capped("cpus", req.CPUs, s.cfg.CPUs, "limits.cpus"); err != nil {
-		return o, err
+		return o, nil, err
 	}
 	if o.MemoryMB, err = capped("memory_mb", req.MemoryMB, s.cfg.MemoryMB, "limits.memory_mb"); err != nil {
-		return o, err
+		return o, nil, err
 	}
 	if o.DiskGB, err = capped("disk_gb", req.DiskGB, s.cfg.DiskGB, "limits.disk_gb"); err != nil {
-		return o, err
+		return o, nil, err
 	}
 	if o.TimeoutSeconds, err = capped("timeout_seconds", req.TimeoutSec, s.cfg.TimeoutSec, "limits.timeout_seconds"); err != nil {
-		return o, err
+		return o, nil, err
 	}
 
 	// The Dockerfile: inline text, or a path inside the context.
@@ -206,10 +228,10 @@ func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.Bui
 		dockerfile = []byte(req.Dockerfile)
 		dir := u.dir + ".dockerfile"
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return o, fmt.Errorf("store inline Dockerfile: %w", err)
+			return o, nil, fmt.Errorf("store inline Dockerfile: %w", err)
 		}
 		if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), dockerfile, 0o600); err != nil {
-			return o, fmt.Errorf("store inline Dockerfile: %w", err)
+			return o, nil, fmt.Errorf("store inline Dockerfile: %w", err)
 		}
 	} else {
 		rel := req.DockerfilePath
@@ -218,25 +240,25 @@ func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.Bui
 		}
 		clean := path.Clean("/" + rel)[1:]
 		if clean == "" || rel != clean && rel != "./"+clean || strings.HasPrefix(rel, "/") {
-			return o, badRequest("dockerfile_path %q must be a relative path inside the context, like \"Dockerfile\" or \"docker/app.Dockerfile\"", rel)
+			return o, nil, badRequest("dockerfile_path %q must be a relative path inside the context, like \"Dockerfile\" or \"docker/app.Dockerfile\"", rel)
 		}
 		o.DockerfilePath = clean
 		full := filepath.Join(u.dir, filepath.FromSlash(clean))
 		fi, err := os.Lstat(full)
 		if err != nil || !fi.Mode().IsRegular() {
-			return o, badRequest("no Dockerfile at %q in the build context: add it, pass dockerfile_path, or send the Dockerfile inline in the dockerfile field", clean)
+			return o, nil, badRequest("no Dockerfile at %q in the build context: add it, pass dockerfile_path, or send the Dockerfile inline in the dockerfile field", clean)
 		}
 		if fi.Size() > 1<<20 {
-			return o, badRequest("Dockerfile %q is %d bytes; the limit is 1 MiB", clean, fi.Size())
+			return o, nil, badRequest("Dockerfile %q is %d bytes; the limit is 1 MiB", clean, fi.Size())
 		}
 		if dockerfile, err = os.ReadFile(full); err != nil {
-			return o, fmt.Errorf("read Dockerfile: %w", err)
+			return o, nil, fmt.Errorf("read Dockerfile: %w", err)
 		}
 	}
 	if err := checkDockerfile(dockerfile, req.Target); err != nil {
-		return o, err
+		return o, nil, err
 	}
-	return o, nil
+	return o, dockerfile, nil
 }
 
 func capped(name string, asked int, c Caps, key string) (int, error) {
@@ -319,4 +341,26 @@ func NormalizeName(t string) (string, error) {
 		return "", badRequest("%s", err.Error())
 	}
 	return repo + ":" + tag, nil
+}
+
+// submitDedup records a build answered by an earlier identical one.
+func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Build) (Build, error) {
+	if err := s.answerFromDedup(ctx, &b, orig); err != nil {
+		return Build{}, err
+	}
+	err := s.db.InTx(ctx, func(tx *sql.Tx) error {
+		if err := store.CreateBuild(ctx, tx, &b); err != nil {
+			return err
+		}
+		return putImages(ctx, tx, b, b.ImageDigest)
+	})
+	if err != nil {
+		return Build{}, fmt.Errorf("record deduplicated build: %w", err)
+	}
+	s.Discard(u)
+	s.dedupEvents(b.ID, orig, b.InputHash)
+	s.metrics.submitted()
+	s.metrics.dedupHit()
+	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
+	return b, nil
 }

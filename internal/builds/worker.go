@@ -245,6 +245,7 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	rctx, rcancel := context.WithTimeoutCause(ctx, timeout, errTimeout)
 	defer rcancel()
 	sink := &buildSink{s: s, id: id}
+	s.metrics.runtimeRun()
 	res, err := s.runtime.Run(rctx, job, sink)
 	s.metrics.observeDuration(time.Since(started))
 	switch {
@@ -362,17 +363,19 @@ func (s *Service) recordImages(ctx context.Context, b Build, digest string) erro
 	if digest == "" {
 		return errors.New("BuildKit reported no image digest for the pushed result")
 	}
+	return s.db.InTx(ctx, func(tx *sql.Tx) error { return putImages(ctx, tx, b, digest) })
+}
+
+func putImages(ctx context.Context, tx *sql.Tx, b Build, digest string) error {
 	now := time.Now().UTC()
-	return s.db.InTx(ctx, func(tx *sql.Tx) error {
-		for _, name := range append([]string{canonicalName(b.ID)}, b.Tags...) {
-			i := strings.LastIndex(name, ":")
-			if err := store.PutImage(ctx, tx, store.Image{Name: name, Repository: name[:i], Tag: name[i+1:],
-				Digest: digest, BuildID: b.ID, CreatedAt: now}); err != nil {
-				return err
-			}
+	for _, name := range append([]string{canonicalName(b.ID)}, b.Tags...) {
+		i := strings.LastIndex(name, ":")
+		if err := store.PutImage(ctx, tx, store.Image{Name: name, Repository: name[:i], Tag: name[i+1:],
+			Digest: digest, BuildID: b.ID, CreatedAt: now}); err != nil {
+			return err
 		}
-		return nil
-	})
+	}
+	return nil
 }
 
 // buildSink persists runtime progress as build events and keeps live

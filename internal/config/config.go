@@ -46,6 +46,9 @@ type Config struct {
 	GCMaxUsedPercent  int
 
 	ShutdownGrace time.Duration
+
+	DedupTTL          time.Duration
+	DedupAcrossScopes string
 	// SSEHeartbeat is how often an idle event stream sends a comment.
 	SSEHeartbeat time.Duration
 }
@@ -102,6 +105,8 @@ func (c *Config) settings() []setting {
 		{"cache.gc_reserved_percent", "10", "share of a cache volume BuildKit's GC always keeps", kInt, &c.GCReservedPercent},
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
+		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
+		{"dedup.across_scopes", "true", "whether a build may be answered by an identical build of another cache scope", kString, &c.DedupAcrossScopes},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
 }
@@ -256,6 +261,12 @@ func (c *Config) validate() error {
 	}
 	if c.GCReservedPercent < 0 || c.GCMaxUsedPercent < 1 || c.GCMaxUsedPercent > 100 || c.GCReservedPercent > c.GCMaxUsedPercent {
 		return fmt.Errorf("cache.gc_reserved_percent (%d) and cache.gc_max_used_percent (%d) must satisfy 0 <= reserved <= max_used <= 100", c.GCReservedPercent, c.GCMaxUsedPercent)
+	}
+	if c.DedupAcrossScopes != "true" && c.DedupAcrossScopes != "false" {
+		return fmt.Errorf("dedup.across_scopes must be true or false, not %q", c.DedupAcrossScopes)
+	}
+	if c.DedupTTL < 0 {
+		return fmt.Errorf("dedup.ttl must not be negative")
 	}
 	if c.SSEHeartbeat < 100*time.Millisecond {
 		return fmt.Errorf("sse_heartbeat must be at least 100ms")

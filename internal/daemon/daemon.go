@@ -122,6 +122,9 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		TimeoutSec:        builds.Caps{Default: cfg.TimeoutSecDefault, Max: cfg.TimeoutSecMax},
 		GCReservedPercent: cfg.GCReservedPercent,
 		GCMaxUsedPercent:  cfg.GCMaxUsedPercent,
+		BuilderID:         rt.Name() + "/" + buildkitVersion(),
+		DedupTTL:          cfg.DedupTTL,
+		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
 	}, builds.Deps{DB: db, Registry: reg, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err

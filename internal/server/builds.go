@@ -201,6 +201,9 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	if b.DedupOf != "" {
 		out.DedupOf = &b.DedupOf
 	}
+	if b.InputHash != "" {
+		out.InputHash = &b.InputHash
+	}
 	if b.Error != "" {
 		out.Error = &b.Error
 	}

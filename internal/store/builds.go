@@ -300,3 +300,24 @@ func SetSteps(ctx context.Context, q Querier, id string, total, cached int) erro
 	}
 	return nil
 }
+
+// FindOriginal returns the newest succeeded, non-deduplicated build with
+// input hash h that finished at or after since. scope "*" matches any
+// cache scope; otherwise only that scope.
+func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, scope string) (Build, error) {
+	query := `SELECT ` + buildColumns + ` FROM builds WHERE input_hash = ? AND status = 'succeeded'
+		AND dedup_of = '' AND image_digest != '' AND finished_at >= ?`
+	args := []any{h, since.UnixMicro()}
+	if scope != "*" {
+		query += ` AND cache_scope = ?`
+		args = append(args, scope)
+	}
+	list, err := queryBuilds(ctx, q, query+` ORDER BY seq DESC LIMIT 1`, args...)
+	if err != nil {
+		return Build{}, err
+	}
+	if len(list) == 0 {
+		return Build{}, ErrNotFound
+	}
+	return list[0], nil
+}
