@@ -34,9 +34,10 @@ type PackOptions struct {
 	Dockerfile  string
 	Compression Compression
 	// Progress, if set, receives the running totals (entries written and
-	// regular-file bytes read) at most every progressInterval, and once
-	// more with the final totals when Pack finishes successfully. The
-	// totals are comparable to what Scan returns.
+	// regular-file bytes read) at most about every 100 ms, and once more
+	// with the final totals when Pack finishes successfully. The totals
+	// are comparable to what Scan returns. It is called on Pack's goroutine
+	// and must return quickly.
 	Progress func(files int, bytes int64)
 	// Warn, if set, receives a message for each entry Pack leaves out on
 	// its own accord (sockets, devices, named pipes).

@@ -451,8 +451,12 @@ func TestPackProgressAndScan(t *testing.T) {
 		bytes int64
 	}
 	var calls []call
-	// A slow upload link: the bar must move while one big file is sent.
-	slow := writerFunc(func(p []byte) (int, error) { time.Sleep(10 * time.Millisecond); return len(p), nil })
+	// A slow upload link (~25 MB/s): the bar must move while one big file
+	// is sent.
+	slow := writerFunc(func(p []byte) (int, error) {
+		time.Sleep(time.Duration(len(p)) * 40 * time.Nanosecond)
+		return len(p), nil
+	})
 	stats, err := Pack(context.Background(), src, slow, PackOptions{
 		Compression: Uncompressed,
 		Progress:    func(f int, b int64) { calls = append(calls, call{time.Now(), f, b}) },

@@ -101,7 +101,10 @@ const (
 // setuid and setgid are dropped, because the server extracts as its own
 // (often root) user and a setuid-root file from an upload is a local
 // privilege escalation waiting for a traversable directory. Owners are
-// ignored; mtimes of files and directories are kept so COPY reproduces them.
+// ignored. Mtimes of files and directories are applied where the
+// filesystem can store them (best effort: nothing depends on them, but
+// COPY preserves them into image layers). Paths are limited to 4096 bytes,
+// 255 bytes per component and 256 levels of nesting.
 //
 // On any error, dir is removed (unless it already existed and was not empty:
 // then nothing is touched) and the error is an *Error. Canceling ctx stops
@@ -213,7 +216,7 @@ func (x *extractor) run() (Info, error) {
 	}
 	ig, err := newIgnorer(excludes)
 	if err != nil {
-		return Info{}, badInput("the context's %s is invalid: %v; fix the pattern", ignoreFileName, err)
+		return Info{}, badInput("%v; fix the context's %s", err, ignoreFileName)
 	}
 	hash, err := contextHash(x.nodes, ig)
 	if err != nil {
@@ -596,7 +599,8 @@ func (x *extractor) checkSymlinkChains() error {
 	slices.Sort(links) // report the same entry every time
 	t := newTrie(x.nodes)
 	for _, p := range links {
-		if t.resolveLink(t.lookup(p)).status == resEscapes {
+		l := t.lookup(p)
+		if l == nil || t.resolveLink(l).status == resEscapes {
 			return badInput("context entry %q is a symlink to %q, which resolves outside the context root through other symlinks; make it point inside the context, or add it to .dockerignore", p, x.nodes[p].link)
 		}
 	}
@@ -644,6 +648,9 @@ func newTrie(nodes map[string]*node) *trie {
 		if d := path.Dir(p); d != "." {
 			parent = t.lookup(d)
 		}
+		if parent == nil || parent.kids == nil {
+			continue // cannot happen: recorded paths have recorded directory parents
+		}
 		tn := &tnode{parent: parent, n: nodes[p]}
 		if tn.n.typ == typeDir {
 			tn.kids = map[string]*tnode{}
@@ -656,6 +663,9 @@ func newTrie(nodes map[string]*node) *trie {
 func (t *trie) lookup(p string) *tnode {
 	cur := t.root
 	for _, c := range strings.Split(p, "/") {
+		if cur == nil {
+			return nil
+		}
 		cur = cur.kids[c]
 	}
 	return cur

@@ -173,6 +173,10 @@ func TestReceiveRejectsBadContexts(t *testing.T) {
 			[]string{"nested more than 256 directories deep"}},
 		{"symlink escape through a long chain", mkTar(t, append([]ent{dir("x/"), symlink("x/up", ".."), symlink("l0", "x/up")}, chain(200)...)...), Limits{}, 400,
 			[]string{"through other symlinks"}},
+		{"invalid .dockerignore pattern", mkTar(t, file(".dockerignore", "a[\n"), file("a", "x")), Limits{}, 400,
+			[]string{"invalid pattern in .dockerignore", "fix the context's .dockerignore"}},
+		{".dockerignore is a directory", mkTar(t, dir(".dockerignore/")), Limits{}, 400,
+			[]string{".dockerignore is a directory"}},
 		{"long path component", mkTar(t, file(strings.Repeat("a", 300), "x")), Limits{}, 400,
 			[]string{"path component longer than 255 bytes"}},
 	}

@@ -155,9 +155,10 @@ func (s *Service) resolveBase(ctx context.Context, ref string) (string, error) {
 
 // dedupEligible says whether a build may be answered from an earlier one:
 // never with secrets (the result may depend on them), no_cache or pull
-// (the user asked for fresh work).
+// (the user asked for fresh work), or a global cache export (the export
+// is the point of the build).
 func dedupEligible(o store.BuildOptions) bool {
-	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull
+	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport
 }
 
 // findDedup returns the succeeded original build with input hash h that

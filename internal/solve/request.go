@@ -34,6 +34,12 @@ type Request struct {
 	CacheImports []string `json:"cache_imports,omitempty"`
 	// CacheExport, if set, is a registry cache ref the solve exports to.
 	CacheExport string `json:"cache_export,omitempty"`
+
+	// NamedContexts replaces images the Dockerfile names: name → source,
+	// e.g. "node:22" → "docker-image://kiln:5000/mirror/docker.io/library/node@sha256:…".
+	// The name is what BuildKit's frontend looks up for a FROM: the
+	// familiar reference without ":latest" (mirror.Pinned.ContextName).
+	NamedContexts map[string]string `json:"named_contexts,omitempty"`
 }
 
 // Credentials for one registry host. Memory-only.

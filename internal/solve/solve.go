@@ -136,6 +136,12 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 	if req.Pull {
 		attrs["image-resolve-mode"] = "pull"
 	}
+	for name, src := range req.NamedContexts {
+		if name == "" || src == "" {
+			return client.SolveOpt{}, fmt.Errorf("solve request: named context %q → %q: name and source must both be set", name, src)
+		}
+		attrs["context:"+name] = src
+	}
 
 	opt := client.SolveOpt{
 		Frontend:      "dockerfile.v0",

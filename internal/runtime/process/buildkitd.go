@@ -118,10 +118,11 @@ func StartBuildkitd(ctx context.Context, cfg DaemonConfig) (*Daemon, error) {
 		// PATHs do not always carry.
 		"PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin",
 	)
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Setpgid:      true,
-		Unshareflags: syscall.CLONE_NEWNS, // Go also makes / private in the child
-	}
+	// No private mount namespace: one would hold a private copy of every
+	// other build's volume mount for this daemon's whole life, keeping
+	// their loop devices busy after they finish. buildkitd's own mounts
+	// live below the build's mount point and are unmounted on release.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start buildkitd %s: %w", cfg.Binary, err)
 	}

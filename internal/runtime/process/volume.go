@@ -63,9 +63,20 @@ func (a *attachment) release() error {
 		_ = unix.Syncfs(fd)
 		syscall.Close(fd)
 	}
-	if err := unmount(a.mountPoint); err != nil {
-		// Leave the loop device alone: the filesystem is still in use.
+	// Snapshot and step mounts buildkitd left below the volume go first,
+	// deepest first; mountsUnder includes the mount point itself, last.
+	mounts, err := mountsUnder(a.mountPoint)
+	if err != nil {
 		return fmt.Errorf("release volume %s: %w", a.file, err)
+	}
+	if len(mounts) == 0 {
+		mounts = []string{a.mountPoint}
+	}
+	for _, m := range mounts {
+		if err := unmount(m); err != nil {
+			// Leave the loop device alone: the filesystem is still in use.
+			return fmt.Errorf("release volume %s: %w", a.file, err)
+		}
 	}
 	return detachLoop(a.device, a.file)
 }
