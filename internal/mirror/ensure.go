@@ -27,6 +27,9 @@ const (
 	blobAttempts = 3
 	// progressStep is how many bytes pass between progress reports.
 	progressStep = 1 << 20
+	// cancelGrace bounds how long the last canceled caller waits for the
+	// copy to clean up.
+	cancelGrace = 5 * time.Second
 )
 
 // Ensure makes the pinned image pullable from kiln's registry as
@@ -168,7 +171,8 @@ func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, progress 
 	case <-ctx.Done():
 		m.mu.Lock()
 		f.waiters--
-		if f.waiters == 0 {
+		last := f.waiters == 0
+		if last {
 			f.cancel()
 			// A caller arriving now starts afresh instead of joining a
 			// copy that is winding down.
@@ -177,6 +181,14 @@ func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, progress 
 			}
 		}
 		m.mu.Unlock()
+		if last {
+			// The last caller leaves only once partial uploads are gone;
+			// a canceled copy stops at its next read.
+			select {
+			case <-f.done:
+			case <-time.After(cancelGrace):
+			}
+		}
 		return fmt.Errorf("canceled: %w", ctx.Err())
 	}
 }

@@ -255,7 +255,7 @@ func (a *applier) entry(tr *tar.Reader, hdr *tar.Header) error {
 				return fmt.Errorf("create directory: %w", err)
 			}
 		}
-	case tar.TypeReg, tar.TypeGNUSparse, '\x00':
+	case tar.TypeReg, tar.TypeGNUSparse, tar.TypeCont, '\x00':
 		if err := a.writeFile(parent, base, tr); err != nil {
 			return err
 		}

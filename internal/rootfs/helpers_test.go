@@ -29,6 +29,7 @@ import (
 // pushed through the distribution API like any client would.
 type testRegistry struct {
 	reg       *registry.Registry
+	root      string
 	url       string
 	authority *auth.Authority
 }
@@ -42,8 +43,9 @@ func startRegistry(t *testing.T) *testRegistry {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
+	root := filepath.Join(t.TempDir(), "registry")
 	reg, err := registry.New(ctx, registry.Config{
-		RootDir:   filepath.Join(t.TempDir(), "registry"),
+		RootDir:   root,
 		Authority: a,
 		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
@@ -53,7 +55,7 @@ func startRegistry(t *testing.T) *testRegistry {
 	t.Cleanup(func() { reg.Close() })
 	srv := httptest.NewServer(reg)
 	t.Cleanup(srv.Close)
-	return &testRegistry{reg: reg, url: srv.URL, authority: a}
+	return &testRegistry{reg: reg, root: root, url: srv.URL, authority: a}
 }
 
 func requireRoot(t *testing.T) {

@@ -177,7 +177,7 @@ func mkfsExt4(ctx context.Context, uuid string, tree treeStats, dir, out string)
 	// No journal: the image is shared read-only by every VM of the digest.
 	args := []string{"-q", "-F", "-b", "4096", "-m", "0", "-I", "256",
 		"-N", strconv.FormatInt(inodes, 10), "-O", "^has_journal",
-		"-U", uuid, "-E", "hash_seed=" + uuid + ",root_owner=0:0",
+		"-U", uuid, "-E", "hash_seed=" + uuid,
 		"-d", dir, out}
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(), "E2FSPROGS_FAKE_TIME="+strconv.FormatInt(max(tree.maxMtime, 1), 10))

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 )
@@ -38,6 +39,8 @@ func specImage(t *testing.T, r *testRegistry, repo, hostFile string) string {
 		fileE("opq/old1", "old", 0o644),
 		dirE("opq/olddir/", 0o755),
 		fileE("opq/olddir/x", "x", 0o644),
+		dirE("opq2/", 0o755),
+		fileE("opq2/old", "old", 0o644),
 		dirE("usr/", 0o755),
 		dirE("usr/lib/", 0o755),
 		fileE("usr/lib/libfoo.so", "libfoo", 0o644),
@@ -66,6 +69,10 @@ func specImage(t *testing.T, r *testRegistry, repo, hostFile string) string {
 		dirE("opq/", 0o755),
 		fileE("opq/.wh..wh..opq", "", 0),
 		fileE("opq/new", "new", 0o644),
+		// A marker after this layer's own entries hides only lower ones.
+		dirE("opq2/", 0o755),
+		fileE("opq2/early", "early", 0o644),
+		fileE("opq2/.wh..wh..opq", "", 0),
 		hardlinkE("usr/lib/libfoo.so.1", "usr/lib/libfoo.so"),
 		// Parent "lib" is a symlink from the layer below: it resolves
 		// inside the image, to usr/lib.
@@ -209,6 +216,9 @@ func checkSpecTree(t *testing.T, root string, format Format) {
 	content("opq/new", "new")
 	if got := listDir(t, p("opq")); !reflect.DeepEqual(got, []string{"new"}) {
 		t.Errorf("opq holds %v, want only new", got)
+	}
+	if got := listDir(t, p("opq2")); !reflect.DeepEqual(got, []string{"early"}) {
+		t.Errorf("opq2 holds %v, want only early", got)
 	}
 	// Same-layer whiteout does not hide its own layer's file.
 	content("etc/keep", "keep")
@@ -376,5 +386,66 @@ func TestConvertIsReproducible(t *testing.T) {
 	}
 	if sums[0] != sums[1] {
 		t.Errorf("two conversions of %s differ: %s vs %s", dgst, sums[0], sums[1])
+	}
+}
+
+func TestConvertDockerSchema2Images(t *testing.T) {
+	requireTool(t, FormatErofs)
+	r := startRegistry(t)
+	repo := "docker/app"
+	layer := makeLayer(t, "gzip", tarOf(t, fileE("hello", "docker", 0o644)))
+	img := v1.Image{Platform: v1.Platform{OS: "linux", Architecture: "amd64"}, Config: v1.ImageConfig{Entrypoint: []string{"/hello"}},
+		RootFS: v1.RootFS{Type: "layers", DiffIDs: []digest.Digest{layer.diffID}}}
+	m := map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     dockerManifest,
+		"config":        r.pushBlob(t, repo, dockerConfig, mustJSON(t, img)),
+		"layers":        []v1.Descriptor{r.pushBlob(t, repo, "application/vnd.docker.image.rootfs.diff.tar.gzip", layer.blob)},
+	}
+	body := mustJSON(t, m)
+	man := r.pushManifest(t, repo, "single", dockerManifest, body)
+	list := map[string]any{
+		"schemaVersion": 2,
+		"mediaType":     dockerManifestList,
+		"manifests": []v1.Descriptor{{MediaType: dockerManifest, Digest: digestOf(man), Size: int64(len(body)),
+			Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
+	}
+	listDigest := r.pushManifest(t, repo, "list", dockerManifestList, mustJSON(t, list))
+
+	res, err := Convert(context.Background(), r.reg, listDigest, filepath.Join(t.TempDir(), "out"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ManifestDigest != man || !reflect.DeepEqual(res.Config.Entrypoint, []string{"/hello"}) {
+		t.Errorf("converted %+v, want manifest %s with entrypoint /hello", res.Artifact, man)
+	}
+	if b, _ := os.ReadFile(filepath.Join(mount(t, res.RootFS(), "erofs"), "hello")); string(b) != "docker" {
+		t.Errorf("/hello = %q, want docker", b)
+	}
+}
+
+func TestConvertRejectsCorruptLayer(t *testing.T) {
+	requireTool(t, FormatErofs)
+	r := startRegistry(t)
+	layer := makeLayer(t, "", tarOf(t, fileE("data", strings.Repeat("d", 10000), 0o644)))
+	dgst := r.pushImage(t, "corrupt/app", "v1", "amd64", v1.ImageConfig{}, layer)
+	// Flip one byte of the stored layer blob, in the registry's own storage.
+	sum := digest.FromBytes(layer.blob).Encoded()
+	blob := filepath.Join(r.root, "docker/registry/v2/blobs/sha256", sum[:2], sum, "data")
+	b, err := os.ReadFile(blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0xff
+	if err := os.WriteFile(blob, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	parent := t.TempDir()
+	_, err = Convert(context.Background(), r.reg, dgst, filepath.Join(parent, "out"), Options{})
+	if err == nil || !strings.Contains(err.Error(), "does not match its digest") {
+		t.Fatalf("converting a corrupt layer: %v, want a digest mismatch", err)
+	}
+	if got := listDir(t, parent); len(got) != 0 {
+		t.Errorf("a failed conversion left %v behind", got)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -301,7 +302,8 @@ func TestConvertTiming(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("%s%s: %d layer bytes -> %.1f MiB image in %v (mkfs %v)", res.Format, map[bool]string{true: "+" + opt.Compression}[opt.Compression != ""],
-			res.LayerBytes, float64(fi.Size())/(1<<20), res.Duration.Round(time.Millisecond), res.Mkfs.Round(time.Millisecond))
+		onDisk := fi.Sys().(*syscall.Stat_t).Blocks * 512
+		t.Logf("%s%s: %.1f MiB of layers -> %.1f MiB image (%.1f MiB allocated) in %v (mkfs %v)", res.Format, map[bool]string{true: "+" + opt.Compression}[opt.Compression != ""],
+			float64(res.LayerBytes)/(1<<20), float64(fi.Size())/(1<<20), float64(onDisk)/(1<<20), res.Duration.Round(time.Millisecond), res.Mkfs.Round(time.Millisecond))
 	}
 }
