@@ -8,7 +8,7 @@ export GOFLAGS ?= -mod=mod
 
 KILN_ADDR ?= 127.0.0.1:7070
 KILN_DATA ?= ./kiln-data
-APT_PACKAGES := runc skopeo e2fsprogs busybox-static ca-certificates util-linux
+APT_PACKAGES := runc skopeo e2fsprogs erofs-utils busybox-static ca-certificates util-linux
 
 .PHONY: run test build deps generate bench clean bin/kiln
 

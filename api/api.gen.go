@@ -20,25 +20,49 @@ import (
 
 // Defines values for BuildStatus.
 const (
-	Canceled  BuildStatus = "canceled"
-	Failed    BuildStatus = "failed"
-	Queued    BuildStatus = "queued"
-	Running   BuildStatus = "running"
-	Succeeded BuildStatus = "succeeded"
+	BuildStatusCanceled  BuildStatus = "canceled"
+	BuildStatusFailed    BuildStatus = "failed"
+	BuildStatusQueued    BuildStatus = "queued"
+	BuildStatusRunning   BuildStatus = "running"
+	BuildStatusSucceeded BuildStatus = "succeeded"
 )
 
 // Valid indicates whether the value is a known member of the BuildStatus enum.
 func (e BuildStatus) Valid() bool {
 	switch e {
-	case Canceled:
+	case BuildStatusCanceled:
 		return true
-	case Failed:
+	case BuildStatusFailed:
 		return true
-	case Queued:
+	case BuildStatusQueued:
 		return true
-	case Running:
+	case BuildStatusRunning:
 		return true
-	case Succeeded:
+	case BuildStatusSucceeded:
+		return true
+	default:
+		return false
+	}
+}
+
+// Defines values for RootFSStatus.
+const (
+	RootFSStatusConverting RootFSStatus = "converting"
+	RootFSStatusFailed     RootFSStatus = "failed"
+	RootFSStatusPending    RootFSStatus = "pending"
+	RootFSStatusReady      RootFSStatus = "ready"
+)
+
+// Valid indicates whether the value is a known member of the RootFSStatus enum.
+func (e RootFSStatus) Valid() bool {
+	switch e {
+	case RootFSStatusConverting:
+		return true
+	case RootFSStatusFailed:
+		return true
+	case RootFSStatusPending:
+		return true
+	case RootFSStatusReady:
 		return true
 	default:
 		return false
@@ -183,13 +207,30 @@ type Image struct {
 	// Reference Full pullable reference host/repository:tag
 	Reference  *string `json:"reference,omitempty"`
 	Repository string  `json:"repository"`
-	Tag        string  `json:"tag"`
+
+	// Rootfs A digest's bootable root filesystem, converted once per digest.
+	Rootfs *RootFS `json:"rootfs,omitempty"`
+
+	// Size Compressed image size (config and layers).
+	Size *int64 `json:"size,omitempty"`
+	Tag  string `json:"tag"`
 }
 
 // ImageList defines model for ImageList.
 type ImageList struct {
 	Images []Image `json:"images"`
 }
+
+// RootFS A digest's bootable root filesystem, converted once per digest.
+type RootFS struct {
+	Error  *string      `json:"error,omitempty"`
+	Format *string      `json:"format,omitempty"`
+	Size   *int64       `json:"size,omitempty"`
+	Status RootFSStatus `json:"status"`
+}
+
+// RootFSStatus defines model for RootFS.Status.
+type RootFSStatus string
 
 // TagRequest defines model for TagRequest.
 type TagRequest struct {

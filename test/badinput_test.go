@@ -107,7 +107,7 @@ func TestBadInputIsRejectedAndLeavesNothing(t *testing.T) {
 	// A Dockerfile that parses but fails in BuildKit is a failed build
 	// with BuildKit's message, and its context is cleaned up.
 	b := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY missing-file /x\n"}}).Id, 5*time.Minute)
-	if b.Status != api.Failed || b.Error == nil || !strings.Contains(*b.Error, "missing-file") {
+	if b.Status != api.BuildStatusFailed || b.Error == nil || !strings.Contains(*b.Error, "missing-file") {
 		t.Errorf("failing build: status %s error %v", b.Status, b.Error)
 	}
 	if left := s.contextEntries(); len(left) != 0 {

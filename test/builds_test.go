@@ -138,7 +138,7 @@ func TestCancelQueuedAndRunning(t *testing.T) {
 	base := s.base()
 	slow := fmt.Sprintf("FROM %s\nRUN sleep 300\n", base)
 	running := s.build(s.admin, submission{files: map[string]string{"Dockerfile": slow}})
-	s.waitStatus(s.admin, running.Id, api.Running, time.Minute)
+	s.waitStatus(s.admin, running.Id, api.BuildStatusRunning, time.Minute)
 	// Wait until the solve is actually running the sleep.
 	deadline := time.Now().Add(time.Minute)
 	for !strings.Contains(s.logText(s.admin, running.Id), "sleep 300") {
@@ -152,19 +152,19 @@ func TestCancelQueuedAndRunning(t *testing.T) {
 	queued := s.build(other, submission{files: map[string]string{"Dockerfile": slow}})
 	time.Sleep(time.Second)
 	q := s.get(other, queued.Id)
-	if q.Status != api.Queued || q.QueuePosition == nil || *q.QueuePosition != 1 {
+	if q.Status != api.BuildStatusQueued || q.QueuePosition == nil || *q.QueuePosition != 1 {
 		t.Fatalf("second build should wait for the single slot: status %s position %v", q.Status, q.QueuePosition)
 	}
 
 	var canceled api.Build
 	s.doJSON(other, "POST", "/v1/builds/"+queued.Id+"/cancel", nil, http.StatusOK, &canceled)
-	if canceled.Status != api.Canceled {
+	if canceled.Status != api.BuildStatusCanceled {
 		t.Fatalf("canceled queued build has status %s", canceled.Status)
 	}
 
 	start := time.Now()
 	s.doJSON(s.admin, "DELETE", "/v1/builds/"+running.Id, nil, http.StatusOK, &canceled)
-	if canceled.Status != api.Canceled {
+	if canceled.Status != api.BuildStatusCanceled {
 		t.Fatalf("canceled running build has status %s", canceled.Status)
 	}
 	if d := time.Since(start); d > 20*time.Second {
@@ -176,10 +176,10 @@ func TestCancelQueuedAndRunning(t *testing.T) {
 	// A terminal build answers 409 with its final state, never 404.
 	var final api.Build
 	s.doJSON(s.admin, "POST", "/v1/builds/"+running.Id+"/cancel", nil, http.StatusConflict, &final)
-	if final.Status != api.Canceled || final.Id != running.Id {
+	if final.Status != api.BuildStatusCanceled || final.Id != running.Id {
 		t.Errorf("409 body = %+v, want the canceled build", final)
 	}
-	if got := s.get(other, queued.Id); got.Status != api.Canceled || got.StartedAt != nil {
+	if got := s.get(other, queued.Id); got.Status != api.BuildStatusCanceled || got.StartedAt != nil {
 		t.Errorf("queued build after cancel: status %s started %v; it must never have run", got.Status, got.StartedAt)
 	}
 	if left := s.contextEntries(); len(left) != 0 {

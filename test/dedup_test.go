@@ -52,7 +52,7 @@ func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 	start := time.Now()
 	second := s.build(tenantA, submission{files: files, fields: append(args, [2]string{"tags", "dedup/app:1"})})
 	took := time.Since(start)
-	if second.Status != api.Succeeded || second.DedupOf == nil || *second.DedupOf != first.Id {
+	if second.Status != api.BuildStatusSucceeded || second.DedupOf == nil || *second.DedupOf != first.Id {
 		t.Fatalf("identical resubmission: status %s dedup_of %v, want succeeded from %s", second.Status, second.DedupOf, first.Id)
 	}
 	if *second.ImageDigest != *first.ImageDigest || *second.InputHash != *first.InputHash {

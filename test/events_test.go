@@ -126,7 +126,7 @@ RUN echo done
 	}
 	var end api.Event
 	json.Unmarshal([]byte(got[len(got)-1].data), &end)
-	if end.Build == nil || end.Build.Status != api.Succeeded || end.Build.ImageDigest == nil {
+	if end.Build == nil || end.Build.Status != api.BuildStatusSucceeded || end.Build.ImageDigest == nil {
 		t.Errorf("end event does not carry the succeeded build: %s", got[len(got)-1].data)
 	}
 }
@@ -137,7 +137,7 @@ func TestServerKilledMidBuildRerunsIt(t *testing.T) {
 	b := s.build(s.admin, submission{files: map[string]string{"Dockerfile": fmt.Sprintf(`FROM %s
 RUN sleep 6 && echo finished > /f
 `, base)}})
-	s.waitStatus(s.admin, b.Id, api.Running, time.Minute)
+	s.waitStatus(s.admin, b.Id, api.BuildStatusRunning, time.Minute)
 	time.Sleep(2 * time.Second)
 	s.kill9()
 

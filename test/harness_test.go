@@ -333,7 +333,7 @@ func (s *server) wait(token, id string, timeout time.Duration) api.Build {
 	for {
 		b := s.get(token, id)
 		switch b.Status {
-		case api.Succeeded, api.Failed, api.Canceled:
+		case api.BuildStatusSucceeded, api.BuildStatusFailed, api.BuildStatusCanceled:
 			return b
 		}
 		if time.Now().After(deadline) {
@@ -370,7 +370,7 @@ func (s *server) logText(token, id string) string {
 func mustSucceed(t testing.TB, s *server, token string, b api.Build) api.Build {
 	t.Helper()
 	b = s.wait(token, b.Id, 5*time.Minute)
-	if b.Status != api.Succeeded {
+	if b.Status != api.BuildStatusSucceeded {
 		msg := ""
 		if b.Error != nil {
 			msg = *b.Error

@@ -18,7 +18,7 @@ func TestTimeoutFailsTheBuildAndMetricsCountIt(t *testing.T) {
 		files:  map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN sleep 120\n", base)},
 		fields: [][2]string{{"timeout_seconds", "3"}},
 	}).Id, 5*time.Minute)
-	if b.Status != api.Failed || b.Error == nil || !strings.Contains(*b.Error, "timeout") {
+	if b.Status != api.BuildStatusFailed || b.Error == nil || !strings.Contains(*b.Error, "timeout") {
 		t.Fatalf("timed-out build: status %s error %v", b.Status, b.Error)
 	}
 	if d := b.FinishedAt.Sub(*b.StartedAt); d.Seconds() > 30 {

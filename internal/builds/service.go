@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/store"
@@ -93,6 +94,7 @@ type Service struct {
 	db       *store.DB
 	river    *river.Client[*sql.Tx]
 	reg      *registry.Registry
+	images   *images.Service
 	volumes  *cachevol.Manager
 	runtime  runtime.Runtime
 	auth     *auth.Authority
@@ -115,6 +117,7 @@ type activeBuild struct {
 type Deps struct {
 	DB       *store.DB
 	Registry *registry.Registry
+	Images   *images.Service
 	Volumes  *cachevol.Manager
 	Runtime  runtime.Runtime
 	Auth     *auth.Authority
@@ -141,6 +144,7 @@ func New(cfg Config, d Deps) (*Service, error) {
 		cfg:     cfg,
 		db:      d.DB,
 		reg:     d.Registry,
+		images:  d.Images,
 		volumes: d.Volumes,
 		runtime: d.Runtime,
 		auth:    d.Auth,

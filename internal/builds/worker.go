@@ -363,7 +363,11 @@ func (s *Service) recordImages(ctx context.Context, b Build, digest string) erro
 	if digest == "" {
 		return errors.New("BuildKit reported no image digest for the pushed result")
 	}
-	return s.db.InTx(ctx, func(tx *sql.Tx) error { return putImages(ctx, tx, b, digest) })
+	if err := s.db.InTx(ctx, func(tx *sql.Tx) error { return putImages(ctx, tx, b, digest) }); err != nil {
+		return err
+	}
+	s.images.Convert(digest)
+	return nil
 }
 
 func putImages(ctx context.Context, tx *sql.Tx, b Build, digest string) error {

@@ -426,7 +426,7 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 		info = stderr
 	}
 	fmt.Fprintf(info, "build %s %s", b.Id, b.Status)
-	if b.QueuePosition != nil && b.Status == api.Queued {
+	if b.QueuePosition != nil && b.Status == api.BuildStatusQueued {
 		fmt.Fprintf(info, " (queue position %d)", *b.QueuePosition)
 	}
 	fmt.Fprintln(info)
@@ -463,7 +463,7 @@ func cancelAfterInterrupt(c *client, s settings, id string, w io.Writer) error {
 // report prints the outcome and turns a failed build into exit status 1.
 func report(w io.Writer, b *api.Build) error {
 	switch b.Status {
-	case api.Succeeded:
+	case api.BuildStatusSucceeded:
 		took := ""
 		if b.StartedAt != nil && b.FinishedAt != nil {
 			took = " in " + seconds(b.FinishedAt.Sub(*b.StartedAt))
@@ -478,7 +478,7 @@ func report(w io.Writer, b *api.Build) error {
 			fmt.Fprintf(w, "tag:    %s\n", t)
 		}
 		return nil
-	case api.Canceled:
+	case api.BuildStatusCanceled:
 		return &exitError{code: exitFailure, err: fmt.Errorf("build %s was canceled", b.Id)}
 	}
 	msg := str(b.Error)

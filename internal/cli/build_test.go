@@ -49,7 +49,7 @@ func writeRandom(t *testing.T, path string, size int64, seed byte) {
 
 func succeededServer(t *testing.T) *fakeServer {
 	s := newFakeServer(t)
-	final := finishedBuild(api.Succeeded, "")
+	final := finishedBuild(api.BuildStatusSucceeded, "")
 	s.events = eventScript(3, &final)
 	return s
 }
@@ -330,7 +330,7 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 
 	t.Run("json", func(t *testing.T) {
 		s := succeededServer(t)
-		s.events = eventScript(20, p(finishedBuild(api.Succeeded, "")))
+		s.events = eventScript(20, p(finishedBuild(api.BuildStatusSucceeded, "")))
 		s.plan = plan
 		res := s.kiln(context.Background(), "build", "--progress", "json", dir)
 		if res.code != 0 {
@@ -346,7 +346,7 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 	})
 	t.Run("plain", func(t *testing.T) {
 		s := succeededServer(t)
-		s.events = eventScript(20, p(finishedBuild(api.Succeeded, "")))
+		s.events = eventScript(20, p(finishedBuild(api.BuildStatusSucceeded, "")))
 		s.plan = plan
 		res := s.kiln(context.Background(), "build", "--progress", "plain", dir)
 		if res.code != 0 {
@@ -385,11 +385,11 @@ func TestEventsUnavailableFallsBackToPolling(t *testing.T) {
 		s.plan = func(int) eventsPlan { return eventsPlan{status: 502} }
 		s.getBuild = func(call int) api.Build {
 			if call < 3 {
-				b := testBuild(api.Running)
+				b := testBuild(api.BuildStatusRunning)
 				b.Phase = "solving"
 				return b
 			}
-			return finishedBuild(api.Failed, `process "/bin/sh -c make" did not complete successfully: exit code: 2`)
+			return finishedBuild(api.BuildStatusFailed, `process "/bin/sh -c make" did not complete successfully: exit code: 2`)
 		}
 		res := s.kiln(context.Background(), "build", "--progress", "plain", dir)
 		if res.code != 1 {
@@ -421,7 +421,7 @@ func TestEventsUnavailableFallsBackToPolling(t *testing.T) {
 			}
 			return eventsPlan{send: -1}
 		}
-		s.getBuild = func(int) api.Build { return testBuild(api.Running) }
+		s.getBuild = func(int) api.Build { return testBuild(api.BuildStatusRunning) }
 		res := s.kiln(context.Background(), "build", "--progress", "json", dir)
 		if res.code != 0 {
 			t.Fatalf("%s", res)
@@ -515,7 +515,7 @@ func TestInterruptDuringUploadAbortsIt(t *testing.T) {
 
 func TestFailedBuildExitsOne(t *testing.T) {
 	s := newFakeServer(t)
-	final := finishedBuild(api.Failed, `process "/bin/sh -c make" did not complete successfully: exit code: 2`)
+	final := finishedBuild(api.BuildStatusFailed, `process "/bin/sh -c make" did not complete successfully: exit code: 2`)
 	s.events = eventScript(2, &final)
 	dir := t.TempDir()
 	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n"})

@@ -163,5 +163,5 @@ func (c *client) cancelBuild(ctx context.Context, id string) (b *api.Build, fini
 }
 
 func terminal(s api.BuildStatus) bool {
-	return s == api.Succeeded || s == api.Failed || s == api.Canceled
+	return s == api.BuildStatusSucceeded || s == api.BuildStatusFailed || s == api.BuildStatusCanceled
 }

@@ -22,14 +22,14 @@ func TestBuildsList(t *testing.T) {
 	var queries []url.Values
 	s.handle("GET /v1/builds", func(w http.ResponseWriter, r *http.Request) {
 		queries = append(queries, r.URL.Query())
-		b1 := finishedBuild(api.Succeeded, "")
-		b2 := testBuild(api.Running)
+		b1 := finishedBuild(api.BuildStatusSucceeded, "")
+		b2 := testBuild(api.BuildStatusRunning)
 		b2.Id, b2.Phase, b2.CacheScope = "b2", "solving", ""
 		list := api.BuildList{Builds: []api.Build{b2, b1}}
 		if r.URL.Query().Get("cursor") == "" {
 			list.NextCursor = p("page2")
 		} else {
-			b3 := finishedBuild(api.Failed, "boom")
+			b3 := finishedBuild(api.BuildStatusFailed, "boom")
 			b3.Id = "b3"
 			list.Builds = []api.Build{b3}
 		}
@@ -63,7 +63,7 @@ func TestBuildsList(t *testing.T) {
 
 func TestBuildsShow(t *testing.T) {
 	s := newFakeServer(t)
-	s.build = finishedBuild(api.Failed, "exit code: 2")
+	s.build = finishedBuild(api.BuildStatusFailed, "exit code: 2")
 	res := s.kiln(context.Background(), "builds", "show", "b1")
 	if res.code != 0 {
 		t.Fatalf("%s", res)
@@ -75,7 +75,7 @@ func TestBuildsShow(t *testing.T) {
 	}
 	res = s.kiln(context.Background(), "builds", "show", "--json", "b1")
 	var b api.Build
-	if err := json.Unmarshal([]byte(res.stdout), &b); err != nil || b.Id != "b1" || b.Status != api.Failed {
+	if err := json.Unmarshal([]byte(res.stdout), &b); err != nil || b.Id != "b1" || b.Status != api.BuildStatusFailed {
 		t.Errorf("--json gave %v (%v):\n%s", b, err, res)
 	}
 	res = s.kiln(context.Background(), "builds", "show", "nope")
@@ -105,7 +105,7 @@ func TestBuildsCancel(t *testing.T) {
 
 func TestBuildsLogs(t *testing.T) {
 	s := newFakeServer(t)
-	final := finishedBuild(api.Succeeded, "")
+	final := finishedBuild(api.BuildStatusSucceeded, "")
 	s.events = eventScript(4, &final)
 	s.plan = func(call int) eventsPlan {
 		if call == 0 {

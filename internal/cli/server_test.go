@@ -92,7 +92,7 @@ type fakeServer struct {
 func newFakeServer(t *testing.T) *fakeServer {
 	s := &fakeServer{
 		t:         t,
-		build:     testBuild(api.Queued),
+		build:     testBuild(api.BuildStatusQueued),
 		streaming: make(chan struct{}, 16),
 		extra:     map[string]http.HandlerFunc{},
 	}
@@ -158,7 +158,7 @@ func testBuild(status api.BuildStatus) api.Build {
 		Runtime:    "process",
 		CreatedAt:  created,
 	}
-	if status == api.Queued {
+	if status == api.BuildStatusQueued {
 		pos := 0
 		b.QueuePosition = &pos
 	}
@@ -171,7 +171,7 @@ func finishedBuild(status api.BuildStatus, errMsg string) api.Build {
 	started, finished := b.CreatedAt.Add(time.Second), b.CreatedAt.Add(13*time.Second)
 	b.StartedAt, b.FinishedAt = &started, &finished
 	b.StepsTotal, b.StepsCached = 3, 1
-	if status == api.Succeeded {
+	if status == api.BuildStatusSucceeded {
 		d := "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 		b.ImageDigest = &d
 	}
@@ -205,7 +205,7 @@ func eventScript(logLines int, final *api.Build) []api.Event {
 	if final == nil {
 		return evs
 	}
-	if final.Status == api.Failed {
+	if final.Status == api.BuildStatusFailed {
 		add(api.Event{Kind: "vertex.errored", Vertex: p("sha256:v2"), Name: p("[2/3] RUN make"), Error: p("exit code: 2")})
 	} else {
 		add(api.Event{Kind: "vertex.completed", Vertex: p("sha256:v2"), Name: p("[2/3] RUN make")})
@@ -400,10 +400,10 @@ func (s *fakeServer) handleCancel(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if finished {
-		writeJSON(w, http.StatusConflict, finishedBuild(api.Succeeded, ""))
+		writeJSON(w, http.StatusConflict, finishedBuild(api.BuildStatusSucceeded, ""))
 		return
 	}
-	c := finishedBuild(api.Canceled, "canceled by user")
+	c := finishedBuild(api.BuildStatusCanceled, "canceled by user")
 	writeJSON(w, http.StatusOK, c)
 }
 

@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-build/kiln/internal/config"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/runtime/process"
 	"github.com/kiln-build/kiln/internal/server"
@@ -100,6 +101,17 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return err
 	}
 
+	conv, err := rootfs.Open(filepath.Join(data, "images"), reg, rootfs.Options{})
+	if err != nil {
+		return err
+	}
+	defer conv.Close()
+	imgs := images.New(db, reg, conv, log.With("part", "images"))
+	defer imgs.Close()
+	if err := imgs.Resume(ctx); err != nil {
+		return err
+	}
+
 	rt, err := newRuntime(cfg, data, log)
 	if err != nil {
 		return err
@@ -125,7 +137,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		BuilderID:         rt.Name() + "/" + buildkitVersion(),
 		DedupTTL:          cfg.DedupTTL,
 		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
-	}, builds.Deps{DB: db, Registry: reg, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
+	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err
 	}
@@ -134,7 +146,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 	}
 
 	srv := &http.Server{
-		Handler: server.New(server.Deps{Auth: authority, Builds: svc, Images: images.New(db, reg), Volumes: vols,
+		Handler: server.New(server.Deps{Auth: authority, Builds: svc, Images: imgs, Volumes: vols,
 			Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat, Logger: log.With("part", "http")}),
 		ReadHeaderTimeout: 30 * time.Second,
 	}

@@ -6,14 +6,18 @@ package images
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/distribution/reference"
 
 	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -22,6 +26,18 @@ type Image struct {
 	store.Image
 	// Names lists every name pointing at the same digest, this one included.
 	Names []string
+	// Size is the image's compressed size: config and layers.
+	Size int64
+	// RootFS is where the digest's bootable filesystem stands.
+	RootFS RootFS
+}
+
+// RootFS is the conversion state of a digest's root filesystem.
+type RootFS struct {
+	Status string // pending, converting, ready, failed
+	Error  string
+	Size   int64 // bytes of the filesystem image, once ready
+	Format string
 }
 
 // Errors callers map to HTTP statuses.
@@ -34,14 +50,79 @@ type NameError struct{ Msg string }
 
 func (e *NameError) Error() string { return e.Msg }
 
-// Service manages names.
+// Service manages names and the digests' converted root filesystems.
 type Service struct {
-	db  *store.DB
-	reg *registry.Registry
+	db   *store.DB
+	reg  *registry.Registry
+	conv *rootfs.Store
+	log  *slog.Logger
+	// convSlot serializes background conversions: each is disk- and
+	// CPU-heavy, and builds matter more.
+	convSlot chan struct{}
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
 }
 
-// New returns a Service.
-func New(db *store.DB, reg *registry.Registry) *Service { return &Service{db: db, reg: reg} }
+// New returns a Service converting digests into conv.
+func New(db *store.DB, reg *registry.Registry, conv *rootfs.Store, log *slog.Logger) *Service {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Service{db: db, reg: reg, conv: conv, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
+}
+
+// Close stops background conversions (a stopped one is redone on the
+// next start by Resume).
+func (s *Service) Close() {
+	s.cancel()
+	s.wg.Wait()
+}
+
+// Convert makes sure digest's root filesystem gets built, in the
+// background. A digest converts once: a ready digest, or one already
+// converting, costs nothing more, whatever name or build asks.
+func (s *Service) Convert(digest string) {
+	if st, _ := s.conv.Status(digest); st == rootfs.StateReady || st == rootfs.StateConverting {
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case s.convSlot <- struct{}{}:
+		case <-s.ctx.Done():
+			return
+		}
+		defer func() { <-s.convSlot }()
+		start := time.Now()
+		a, err := s.conv.Ensure(s.ctx, digest)
+		switch {
+		case err != nil && s.ctx.Err() == nil:
+			s.log.Warn("convert image to a root filesystem", "digest", digest, "err", err)
+		case err == nil:
+			s.log.Info("image root filesystem ready", "digest", digest, "bytes", a.Size, "took", time.Since(start).Round(time.Millisecond))
+		}
+	}()
+}
+
+// Resume queues conversion of every named digest not converted yet, e.g.
+// after a restart interrupted one.
+func (s *Service) Resume(ctx context.Context) error {
+	list, err := store.ListImages(ctx, s.db.SQL, "")
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for _, im := range list {
+		if !seen[im.Digest] {
+			seen[im.Digest] = true
+			s.Convert(im.Digest)
+		}
+	}
+	return nil
+}
+
+// Conversions counts conversions started since the server started.
+func (s *Service) Conversions() int64 { return s.conv.Conversions() }
 
 // ParseName validates an image name and returns its repository and tag
 // (default "latest"). Names live in kiln's registry, so a registry host is
@@ -105,6 +186,14 @@ func (s *Service) withNames(ctx context.Context, im store.Image) (Image, error) 
 	for _, o := range same {
 		out.Names = append(out.Names, o.Name)
 	}
+	st, msg := s.conv.Status(im.Digest)
+	out.RootFS = RootFS{Status: string(st), Error: msg}
+	if a, ok := s.conv.Get(im.Digest); ok {
+		out.RootFS.Size, out.RootFS.Format = a.Size, string(a.Format)
+	}
+	if _, body, _, err := s.reg.Manifest(ctx, im.Repository, im.Digest); err == nil {
+		out.Size = manifestSize(body)
+	}
 	return out, nil
 }
 
@@ -126,6 +215,7 @@ func (s *Service) Tag(ctx context.Context, src, newName string) (Image, error) {
 	if err := store.PutImage(ctx, s.db.SQL, im); err != nil {
 		return Image{}, err
 	}
+	s.Convert(im.Digest) // a no-op for a converted digest
 	return s.withNames(ctx, im)
 }
 
@@ -138,5 +228,31 @@ func (s *Service) Delete(ctx context.Context, name string) error {
 	if err := s.reg.DeleteTag(ctx, im.Repository, im.Tag); err != nil && !errors.Is(err, registry.ErrNotFound) {
 		return fmt.Errorf("remove name %s: %w", im.Name, err)
 	}
-	return store.DeleteImage(ctx, s.db.SQL, im.Name)
+	if err := store.DeleteImage(ctx, s.db.SQL, im.Name); err != nil {
+		return err
+	}
+	// The converted filesystem goes with the digest's last name.
+	if rest, err := store.ListImages(ctx, s.db.SQL, im.Digest); err == nil && len(rest) == 0 {
+		if err := s.conv.Remove(im.Digest); err != nil {
+			s.log.Warn("remove converted root filesystem", "digest", im.Digest, "err", err)
+		}
+	}
+	return nil
+}
+
+// manifestSize sums the config and layer sizes of an image manifest
+// (0 for an index, whose size depends on the platform picked).
+func manifestSize(body []byte) int64 {
+	var m struct {
+		Config struct{ Size int64 }
+		Layers []struct{ Size int64 }
+	}
+	if json.Unmarshal(body, &m) != nil {
+		return 0
+	}
+	n := m.Config.Size
+	for _, l := range m.Layers {
+		n += l.Size
+	}
+	return n
 }

@@ -82,7 +82,7 @@ func (u *upstream) resolveTag(ctx context.Context, repo, tag string) (digest.Dig
 			return d, nil
 		}
 	case http.StatusNotFound, http.StatusUnauthorized, http.StatusForbidden, http.StatusTooManyRequests:
-		return "", u.statusErr(resp, repo, "manifest "+tag)
+		return "", u.statusErr(resp, repo, fmt.Sprintf("tag %q", tag))
 	}
 	// No digest header, no HEAD support or a server error: a GET digests
 	// the body itself, or at least carries the registry's error message.
@@ -99,14 +99,18 @@ func (u *upstream) getManifest(ctx context.Context, repo, ref string) (body []by
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, "", "", u.statusErr(resp, repo, "manifest "+ref)
+		what := "manifest " + ref
+		if _, err := digest.Parse(ref); err != nil {
+			what = fmt.Sprintf("tag %q", ref)
+		}
+		return nil, "", "", u.statusErr(resp, repo, what)
 	}
 	body, err = io.ReadAll(io.LimitReader(resp.Body, maxManifestBytes+1))
 	if err != nil {
-		return nil, "", "", fmt.Errorf("read manifest %s of %s from %s: %w", ref, repo, u.host, netHint(err, u))
+		return nil, "", "", fmt.Errorf("read manifest %s: %w", ref, netHint(err, u))
 	}
 	if len(body) > maxManifestBytes {
-		return nil, "", "", &statusError{fmt.Errorf("manifest %s of %s from %s is over %d bytes; refusing it", ref, repo, u.host, maxManifestBytes)}
+		return nil, "", "", &statusError{fmt.Errorf("manifest %s is over %d bytes; refusing it", ref, maxManifestBytes)}
 	}
 	actual := digest.FromBytes(body)
 	if want, err := digest.Parse(ref); err == nil {
@@ -114,18 +118,18 @@ func (u *upstream) getManifest(ctx context.Context, repo, ref string) (body []by
 			actual = want.Algorithm().FromBytes(body)
 		}
 		if actual != want {
-			return nil, "", "", &statusError{fmt.Errorf("manifest %s of %s from %s: %w: the registry sent content with digest %s", ref, repo, u.host, ErrDigestMismatch, actual)}
+			return nil, "", "", &statusError{fmt.Errorf("manifest %s: %w: %s sent content with digest %s", ref, ErrDigestMismatch, u.host, actual)}
 		}
 		d = want
 	} else {
 		d = actual
 		if h, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil && h.Algorithm() == digest.SHA256 && h != actual {
-			return nil, "", "", &statusError{fmt.Errorf("manifest %s of %s from %s: %w: header says %s, content is %s", ref, repo, u.host, ErrDigestMismatch, h, actual)}
+			return nil, "", "", &statusError{fmt.Errorf("manifest %s: %w: %s says %s, the content is %s", ref, ErrDigestMismatch, u.host, h, actual)}
 		}
 	}
 	mediaType, err = manifestMediaType(resp.Header.Get("Content-Type"), body)
 	if err != nil {
-		return nil, "", "", &statusError{fmt.Errorf("manifest %s of %s from %s: %w", ref, repo, u.host, err)}
+		return nil, "", "", &statusError{fmt.Errorf("manifest %s: %w", ref, err)}
 	}
 	return body, mediaType, d, nil
 }
@@ -200,7 +204,7 @@ func (u *upstream) do(ctx context.Context, method, repo, path, accept string) (*
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
-			return nil, fmt.Errorf("%s %s: %w", method, u.describe(), netHint(err, u))
+			return nil, netHint(err, u)
 		}
 		return resp, nil
 	}
@@ -357,33 +361,33 @@ func (u *upstream) unauthorized(repo, detail string) error {
 		detail = " (" + detail + ")"
 	}
 	if u.creds == nil {
-		return &statusError{fmt.Errorf("%s/%s: %w: the registry requires authentication%s; the image may be private or may not exist. Set credentials for %q in the server config key %s",
-			u.host, repo, ErrUnauthorized, detail, u.host, CredentialsConfigKey)}
+		return &statusError{fmt.Errorf("%w: %s requires authentication for %s%s; the image may be private or may not exist. Set credentials for %q in the server config key %s",
+			ErrUnauthorized, u.host, repo, detail, u.host, CredentialsConfigKey)}
 	}
-	return &statusError{fmt.Errorf("%s/%s: %w: the credentials configured for %q in %s were rejected or lack pull access%s; check them, and that the image exists",
-		u.host, repo, ErrUnauthorized, u.host, CredentialsConfigKey, detail)}
+	return &statusError{fmt.Errorf("%w: %s rejected the credentials configured for %q in %s, or they lack pull access to %s%s; check them, and that the image exists",
+		ErrUnauthorized, u.host, u.host, CredentialsConfigKey, repo, detail)}
 }
 
-// statusErr turns a non-2xx answer for what (e.g. "manifest 22") into an
+// statusErr turns a non-2xx answer about what (e.g. `tag "22"`) into an
 // error that says what to do.
 func (u *upstream) statusErr(resp *http.Response, repo, what string) error {
 	msg := ""
 	if resp.Request.Method != http.MethodHead {
 		if m := registryMessage(resp); m != "" {
-			msg = ": " + m
+			msg = " (" + m + ")"
 		}
 	}
 	switch resp.StatusCode {
 	case http.StatusNotFound:
-		return &statusError{fmt.Errorf("%s/%s: %w: %s does not exist at %s%s; check the name and tag", u.host, repo, ErrNotFound, what, u.host, msg)}
+		return &statusError{fmt.Errorf("%w: %s has no %s in %s%s; check the image name and tag", ErrNotFound, u.host, what, repo, msg)}
 	case http.StatusUnauthorized:
-		return u.unauthorized(repo, strings.TrimPrefix(msg, ": "))
+		return u.unauthorized(repo, strings.TrimSuffix(strings.TrimPrefix(msg, " ("), ")"))
 	case http.StatusForbidden:
-		return &statusError{fmt.Errorf("%s/%s: %w: access to %s is forbidden%s; check the credentials for %q in %s", u.host, repo, ErrUnauthorized, what, msg, u.host, CredentialsConfigKey)}
+		return &statusError{fmt.Errorf("%w: %s forbids access to %s of %s%s; check the credentials for %q in %s", ErrUnauthorized, u.host, what, repo, msg, u.host, CredentialsConfigKey)}
 	case http.StatusTooManyRequests:
-		return fmt.Errorf("%s/%s: %s rate-limited kiln fetching %s%s; retry later, or set credentials for %q in %s to raise the limit", u.host, repo, u.host, what, msg, u.host, CredentialsConfigKey)
+		return fmt.Errorf("%s rate-limited kiln fetching %s of %s%s; retry later, or set credentials for %q in %s to raise the limit", u.host, what, repo, msg, u.host, CredentialsConfigKey)
 	}
-	err := fmt.Errorf("%s/%s: fetching %s failed: %s answered %s%s", u.host, repo, what, u.host, resp.Status, msg)
+	err := fmt.Errorf("%s answered %s fetching %s of %s%s", u.host, resp.Status, what, repo, msg)
 	if resp.StatusCode >= 500 {
 		return err
 	}
@@ -424,30 +428,30 @@ func registryMessage(resp *http.Response) string {
 
 func (u *upstream) describe() string {
 	if strings.TrimPrefix(strings.TrimPrefix(u.base, "https://"), "http://") == u.host {
-		return "upstream registry " + u.base
+		return "upstream registry " + u.host
 	}
 	return fmt.Sprintf("upstream registry %s (at %s)", u.host, u.base)
 }
 
-// netHint adds what to do to transport errors a user can fix.
+// netHint turns a transport error into one that says what to do.
 func netHint(err error, u *upstream) error {
 	var dns *net.DNSError
 	if errors.As(err, &dns) && dns.IsNotFound {
-		return &statusError{fmt.Errorf("registry host %q not found (DNS): check the image reference, or the server's DNS: %w", dns.Name, err)}
+		return &statusError{fmt.Errorf("registry host %q not found (DNS: %s); check the image reference, or the server's DNS settings", dns.Name, dns.Err)}
 	}
 	var certErr *tls.CertificateVerificationError
 	var unknownAuth x509.UnknownAuthorityError
 	if errors.As(err, &certErr) || errors.As(err, &unknownAuth) {
-		return &statusError{fmt.Errorf("the TLS certificate of %s is not trusted; install its CA on the server: %w", u.host, err)}
+		return &statusError{fmt.Errorf("the TLS certificate of %s is not trusted; install its CA on the server: %w", u.describe(), err)}
 	}
 	if strings.Contains(err.Error(), "server gave HTTP response to HTTPS client") {
-		return &statusError{fmt.Errorf("%s speaks plain HTTP; list it under mirror.insecure if that is intended: %w", u.host, err)}
+		return &statusError{fmt.Errorf("%s speaks plain HTTP; list it under mirror.insecure if that is intended: %w", u.describe(), err)}
 	}
 	var opErr *net.OpError
 	if errors.As(err, &opErr) && opErr.Op == "dial" {
-		return fmt.Errorf("cannot connect to %s: %w", u.host, err)
+		return fmt.Errorf("cannot connect to %s: %w", u.describe(), opErr.Err)
 	}
-	return err
+	return fmt.Errorf("request to %s failed: %w", u.describe(), err)
 }
 
 // parseChallenges parses WWW-Authenticate values such as

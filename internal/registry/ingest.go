@@ -138,13 +138,23 @@ func (r *Registry) PutBlob(ctx context.Context, repo, dgst string, size int64, r
 		}
 	}()
 
+	// The content is verified here as well as by Commit: a writer whose
+	// Commit failed can no longer be canceled, so its upload would stay on
+	// disk until the purger runs.
+	if !d.Algorithm().Available() {
+		return fail(fmt.Errorf("digest algorithm %s is not supported", d.Algorithm()))
+	}
+	h := d.Algorithm().Hash()
 	// One byte more than announced is enough to tell a too-long body.
-	n, err := io.Copy(w, io.LimitReader(ingestCtxReader{ctx, rd}, size+1))
+	n, err := io.Copy(w, io.TeeReader(io.LimitReader(ingestCtxReader{ctx, rd}, size+1), h))
 	if err != nil {
 		return fail(err)
 	}
 	if n != size {
 		return fail(fmt.Errorf("%w: got %s bytes, want %d", ErrDigestMismatch, ingestCount(n, size), size))
+	}
+	if got := digest.NewDigest(d.Algorithm(), h); got != d {
+		return fail(fmt.Errorf("%w: the content's digest is %s", ErrDigestMismatch, got))
 	}
 	if _, err := w.Commit(ctx, v1.Descriptor{Digest: d, Size: size}); err != nil {
 		var bad distribution.ErrBlobInvalidDigest

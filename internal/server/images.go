@@ -8,8 +8,24 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/store"
 )
+
+func (s *Server) apiFullImage(im images.Image) api.Image {
+	out := s.apiImage(im.Image, im.Names)
+	out.Size = &im.Size
+	rs := api.RootFS{Status: api.RootFSStatus(im.RootFS.Status)}
+	if im.RootFS.Error != "" {
+		rs.Error = &im.RootFS.Error
+	}
+	if im.RootFS.Size > 0 {
+		rs.Size = &im.RootFS.Size
+		rs.Format = &im.RootFS.Format
+	}
+	out.Rootfs = &rs
+	return out
+}
 
 func (s *Server) apiImage(im store.Image, names []string) api.Image {
 	ref := s.registryHost + "/" + im.Name
@@ -43,7 +59,7 @@ func (s *Server) getImage(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, s.apiImage(im.Image, im.Names))
+	writeJSON(w, http.StatusOK, s.apiFullImage(im))
 }
 
 func (s *Server) deleteImage(w http.ResponseWriter, r *http.Request) {
@@ -72,7 +88,7 @@ func (s *Server) tagImage(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, s.apiImage(im.Image, im.Names))
+	writeJSON(w, http.StatusCreated, s.apiFullImage(im))
 }
 
 func (s *Server) listCache(w http.ResponseWriter, r *http.Request) {

@@ -59,7 +59,10 @@ func New(d Deps) *Server {
 		s.heartbeat = 15 * time.Second
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), d.Builds.Collector())
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), d.Builds.Collector(),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "kiln_rootfs_conversions_total", Help: "Image digests converted to a bootable root filesystem since the server started.",
+		}, func() float64 { return float64(d.Images.Conversions()) }))
 
 	m := s.mux
 	m.Handle("/v2/", d.Registry)
