@@ -92,6 +92,30 @@ func TestColdThenWarmBuildOfOneScopeAndScopesAreIsolated(t *testing.T) {
 	if len(mine.Volumes) != 1 || mine.Volumes[0].Scope != "tenant-b" {
 		t.Errorf("tenant-b sees cache volumes %+v, want only its own", mine.Volumes)
 	}
+
+	// Deleting a scope's cache needs cache:admin; the next build is cold.
+	resp := s.do(tenantB, "DELETE", "/v1/cache/tenant-b", nil, "")
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("tenant deleting its cache: %d, want 403 (needs cache:admin)", resp.StatusCode)
+	}
+	resp = s.do(s.admin, "DELETE", "/v1/cache/tenant-b", nil, "")
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Errorf("admin deleting tenant-b's cache: %d, want 204", resp.StatusCode)
+	}
+	resp = s.do(s.admin, "DELETE", "/v1/cache/tenant-b", nil, "")
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("second delete: %d, want 404", resp.StatusCode)
+	}
+	again := mustSucceed(t, s, tenantB, s.build(tenantB, submission{
+		files:  map[string]string{"Dockerfile": df},
+		fields: [][2]string{{"build_args", `{"STAMP":"stamp-b2"}`}},
+	}))
+	if l := s.logText(tenantB, again.Id); strings.Contains(l, "stamp-b1") || !strings.Contains(l, "created cache volume") {
+		t.Errorf("build after deleting the cache was not cold:\n%s", l)
+	}
 }
 
 // A build whose layers exceed 1 GiB succeeds: BuildKit's root is a disk

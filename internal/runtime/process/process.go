@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"time"
 
+	"github.com/kiln-build/kiln/internal/buildkitd"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/solve"
@@ -150,7 +151,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 
 	var (
 		vol    *attachment
-		daemon *Daemon
+		daemon *buildkitd.Daemon
 	)
 	defer func() {
 		// Cleanup must finish even though ctx may be canceled already.
@@ -185,12 +186,12 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	}
 
 	sink.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
-	daemon, err = StartBuildkitd(ctx, DaemonConfig{
+	daemon, err = buildkitd.Start(ctx, buildkitd.Config{
 		Binary:             r.cfg.BuildkitdPath,
 		Root:               vol.mountPoint,
 		Dir:                dir,
 		Runc:               r.cfg.RuncPath,
-		GC:                 job.GC,
+		GC:                 buildkitd.GCPolicy(job.GC),
 		InsecureRegistries: job.InsecureRegistries,
 		CgroupParent:       cgroupName(r.cfg.StateDir, job.BuildID),
 		MaxParallelism:     job.CPUs,
@@ -230,7 +231,7 @@ func writeState(dir string, st buildState) error {
 // removeStateDir deletes a build's state dir, but never while anything is
 // mounted below it: that would delete the cache volume's contents.
 func removeStateDir(dir string) error {
-	mounted, err := mountsUnder(dir)
+	mounted, err := buildkitd.MountsUnder(dir)
 	if err != nil {
 		return err
 	}

@@ -8,10 +8,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
-	"syscall"
-	"time"
+
+	"github.com/kiln-build/kiln/internal/buildkitd"
 )
 
 // Reap undoes what builds of a crashed process left in stateDir: it kills
@@ -48,22 +46,18 @@ func Reap(ctx context.Context, stateDir string, log *slog.Logger) error {
 
 func reapBuild(stateDir, dir, buildID string) error {
 	var errs []error
-	if pid, ok := readPid(filepath.Join(dir, pidFileName)); ok && isOurBuildkitd(pid, dir) {
-		_ = syscall.Kill(-pid, syscall.SIGKILL)
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-		if !waitGone(pid, 10*time.Second) {
-			errs = append(errs, fmt.Errorf("buildkitd pid %d survived SIGKILL", pid))
-		}
-	}
-	if err := killCgroup(cgroupName(stateDir, buildID)); err != nil {
+	if err := buildkitd.KillLeftover(dir); err != nil {
 		errs = append(errs, err)
 	}
-	mounts, err := mountsUnder(dir)
+	if err := buildkitd.KillCgroup(cgroupName(stateDir, buildID)); err != nil {
+		errs = append(errs, err)
+	}
+	mounts, err := buildkitd.MountsUnder(dir)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
 	for _, m := range mounts {
-		if err := unmount(m); err != nil {
+		if err := buildkitd.Unmount(m); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -81,42 +75,4 @@ func reapBuild(stateDir, dir, buildID string) error {
 		return errors.Join(errs...)
 	}
 	return removeStateDir(dir)
-}
-
-func readPid(path string) (int, bool) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return 0, false
-	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
-	return pid, err == nil && pid > 0
-}
-
-// isOurBuildkitd guards against a recycled pid: the process must be serving
-// the socket in dir.
-func isOurBuildkitd(pid int, dir string) bool {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
-		return false
-	}
-	return strings.Contains(string(raw), "unix://"+filepath.Join(dir, socketName))
-}
-
-// waitGone waits until pid no longer exists or is a zombie (its parent, not
-// us, will reap it).
-func waitGone(pid int, limit time.Duration) bool {
-	deadline := time.Now().Add(limit)
-	for {
-		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-		if err != nil {
-			return true
-		}
-		if i := strings.LastIndexByte(string(data), ')'); i > 0 && i+2 < len(data) && data[i+2] == 'Z' {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }

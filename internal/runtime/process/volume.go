@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/buildkitd"
 )
 
 // attachment is a volume image attached to a loop device and mounted.
@@ -65,7 +67,7 @@ func (a *attachment) release() error {
 	}
 	// Snapshot and step mounts buildkitd left below the volume go first,
 	// deepest first; mountsUnder includes the mount point itself, last.
-	mounts, err := mountsUnder(a.mountPoint)
+	mounts, err := buildkitd.MountsUnder(a.mountPoint)
 	if err != nil {
 		return fmt.Errorf("release volume %s: %w", a.file, err)
 	}
@@ -73,7 +75,7 @@ func (a *attachment) release() error {
 		mounts = []string{a.mountPoint}
 	}
 	for _, m := range mounts {
-		if err := unmount(m); err != nil {
+		if err := buildkitd.Unmount(m); err != nil {
 			// Leave the loop device alone: the filesystem is still in use.
 			return fmt.Errorf("release volume %s: %w", a.file, err)
 		}

@@ -1,4 +1,4 @@
-package process
+package buildkitd
 
 import (
 	"bufio"
@@ -72,9 +72,10 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
-// mountsUnder returns mount points at or below dir, deepest first so they
-// can be unmounted in order.
-func mountsUnder(dir string) ([]string, error) {
+// MountsUnder returns mount points at or below dir, deepest first so they
+// can be unmounted in order. Callers use it to release a buildkitd root:
+// the daemon's snapshot and step mounts live below it.
+func MountsUnder(dir string) ([]string, error) {
 	mounts, err := readMounts()
 	if err != nil {
 		return nil, err
@@ -90,10 +91,10 @@ func mountsUnder(dir string) ([]string, error) {
 	return out, nil
 }
 
-// unmount unmounts target, retrying while it is busy and detaching it lazily
+// Unmount unmounts target, retrying while it is busy and detaching it lazily
 // as a last resort. A lazy detach is reported as an error because the
-// filesystem may still be in use.
-func unmount(target string) error {
+// filesystem may still be in use. Not being a mount point is success.
+func Unmount(target string) error {
 	var err error
 	for range 25 {
 		err = syscall.Unmount(target, 0)
@@ -111,9 +112,10 @@ func unmount(target string) error {
 	return fmt.Errorf("unmount %s: still busy after 5s, detached lazily; something still holds files on it", target)
 }
 
-// killCgroup kills every process in the cgroup named name (relative to each
-// hierarchy's root) and its children, then removes the cgroups.
-func killCgroup(name string) error {
+// KillCgroup kills every process in the cgroup named name (relative to each
+// hierarchy's root) and its children, then removes the cgroups. Daemon.Stop
+// calls it for Config.CgroupParent; crash recovery calls it directly.
+func KillCgroup(name string) error {
 	if name == "" || strings.Contains(name, "..") || strings.HasPrefix(name, "/") {
 		return fmt.Errorf("refusing to kill cgroup %q", name)
 	}
