@@ -13,9 +13,8 @@ import (
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
-// runtimeRuns reads kiln_runtime_runs_total: how many builds reached a
-// BuildKit solve.
-func (s *server) runtimeRuns() int {
+// metric reads one unlabeled counter or gauge from /metrics.
+func (s *server) metric(name string) int {
 	s.t.Helper()
 	resp, err := http.Get(s.url("/metrics"))
 	if err != nil {
@@ -23,13 +22,16 @@ func (s *server) runtimeRuns() int {
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^kiln_runtime_runs_total (\d+)`).FindSubmatch(body)
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\d+)`).FindSubmatch(body)
 	if m == nil {
-		s.t.Fatalf("no kiln_runtime_runs_total in metrics")
+		s.t.Fatalf("no %s in metrics", name)
 	}
 	n, _ := strconv.Atoi(string(m[1]))
 	return n
 }
+
+// runtimeRuns counts builds that reached a BuildKit solve.
+func (s *server) runtimeRuns() int { return s.metric("kiln_runtime_runs_total") }
 
 func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 	s := startServer(t, withArgs("--dedup-ttl", "6s"))

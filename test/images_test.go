@@ -1,31 +1,15 @@
 package test
 
 import (
-	"io"
 	"net/http"
-	"regexp"
-	"strconv"
 	"testing"
 	"time"
 
 	"github.com/kiln-build/kiln/api"
 )
 
-func (s *server) conversions() int {
-	s.t.Helper()
-	resp, err := http.Get(s.url("/metrics"))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	m := regexp.MustCompile(`(?m)^kiln_rootfs_conversions_total (\d+)`).FindSubmatch(body)
-	if m == nil {
-		s.t.Fatalf("no kiln_rootfs_conversions_total in metrics")
-	}
-	n, _ := strconv.Atoi(string(m[1]))
-	return n
-}
+// conversions counts digests converted to a root filesystem.
+func (s *server) conversions() int { return s.metric("kiln_rootfs_conversions_total") }
 
 func (s *server) waitRootFS(name string) api.Image {
 	s.t.Helper()

@@ -17,7 +17,6 @@ import (
 	"github.com/docker/go-units"
 	"github.com/moby/buildkit/client"
 	"github.com/pelletier/go-toml/v2"
-
 )
 
 // GCPolicy bounds BuildKit's garbage collection. Fields hold BuildKit size

@@ -43,7 +43,8 @@ const (
 //
 // progress, if not nil, is called with the bytes downloaded so far and the
 // bytes to download in total (blobs not yet held); done can go back when a
-// dropped download is retried. Concurrent Ensure calls for the same image
+// dropped download is retried. Calls are serialized and must return
+// quickly: the download waits for them. Concurrent Ensure calls for the same image
 // share one copy; each returns when it is done or its own ctx ends, and
 // the copy stops once every caller gave up.
 func (m *Mirror) Ensure(ctx context.Context, p Pinned, progress func(done, total int64)) error {
@@ -212,15 +213,8 @@ type manifestItem struct {
 // what it references.
 func (m *Mirror) copyImage(ctx context.Context, img image, root digest.Digest, f *flight) error {
 	started := time.Now()
-	var (
-		up    *upstream
-		upErr error
-		once  sync.Once
-	)
-	getUp := func() (*upstream, error) {
-		once.Do(func() { up, upErr = m.upstream(img.host) })
-		return up, upErr
-	}
+	// The upstream is only looked at when something is missing locally.
+	getUp := func() *upstream { return m.upstream(img.host) }
 	p := &plan{seen: map[digest.Digest]bool{}}
 	if err := m.walk(ctx, img, root, 0, p, getUp); err != nil {
 		return err
@@ -240,11 +234,7 @@ func (m *Mirror) copyImage(ctx context.Context, img image, root digest.Digest, f
 	}
 	f.start(total)
 	if len(need) > 0 {
-		u, err := getUp()
-		if err != nil {
-			return err
-		}
-		if err := m.fetchBlobs(ctx, u, img, need, f); err != nil {
+		if err := m.fetchBlobs(ctx, getUp(), img, need, f); err != nil {
 			return err
 		}
 	}
@@ -265,7 +255,7 @@ func (m *Mirror) copyImage(ctx context.Context, img image, root digest.Digest, f
 // A manifest already stored needs nothing: the store accepts an image
 // manifest only after its blobs. A stored index still has its children
 // checked, since only some platforms are kept.
-func (m *Mirror) walk(ctx context.Context, img image, d digest.Digest, depth int, p *plan, getUp func() (*upstream, error)) error {
+func (m *Mirror) walk(ctx context.Context, img image, d digest.Digest, depth int, p *plan, getUp func() *upstream) error {
 	if p.seen[d] {
 		return nil
 	}
@@ -293,11 +283,7 @@ func (m *Mirror) walk(ctx context.Context, img image, d digest.Digest, depth int
 			return nil
 		}
 	} else {
-		u, err := getUp()
-		if err != nil {
-			return err
-		}
-		body, mediaType, _, err = u.getManifest(ctx, img.path, d.String())
+		body, mediaType, _, err = getUp().getManifest(ctx, img.path, d.String())
 		if err != nil {
 			return err
 		}

@@ -302,11 +302,7 @@ func (m *Mirror) Resolve(ctx context.Context, ref string, pull bool) (Pinned, er
 			return Pinned{}, fmt.Errorf("resolve %s from the local mirror: %w", p.Upstream, err)
 		}
 	}
-	up, err := m.upstream(img.host)
-	if err != nil {
-		return Pinned{}, fmt.Errorf("resolve %s: %w", p.Upstream, err)
-	}
-	d, err := up.resolveTag(ctx, img.path, img.tag)
+	d, err := m.upstream(img.host).resolveTag(ctx, img.path, img.tag)
 	if err != nil {
 		return Pinned{}, fmt.Errorf("resolve %s: %w", p.Upstream, err)
 	}
@@ -317,11 +313,11 @@ func (m *Mirror) Resolve(ctx context.Context, ref string, pull bool) (Pinned, er
 
 // upstream returns the client state for host, creating it on first use so
 // tokens are cached across resolves.
-func (m *Mirror) upstream(host string) (*upstream, error) {
+func (m *Mirror) upstream(host string) *upstream {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if u, ok := m.upstreams[host]; ok {
-		return u, nil
+		return u
 	}
 	base, ok := m.endpoints[host]
 	if !ok {
@@ -345,7 +341,7 @@ func (m *Mirror) upstream(host string) (*upstream, error) {
 		u.creds = &c
 	}
 	m.upstreams[host] = u
-	return u, nil
+	return u
 }
 
 // isLoopback reports whether host (optionally with a port) names this

@@ -1,6 +1,6 @@
 // Package process is the "process" builder runtime: for each build it
 // loop-mounts the build's ext4 cache volume on the host, starts a private
-// buildkitd (own process group, own mount namespace) with its root on that
+// buildkitd (internal/buildkitd; own process group) with its root on that
 // volume, runs the solve through internal/solve, and tears all of it down
 // again before Run returns.
 //

@@ -1,0 +1,80 @@
+package buildkitd
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	bkconfig "github.com/moby/buildkit/cmd/buildkitd/config"
+
+	"github.com/kiln-build/kiln/internal/testkit"
+)
+
+func TestStartFailureReportsBuildkitdOutput(t *testing.T) {
+	dir := t.TempDir()
+	notADir := filepath.Join(dir, "root-file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Start(context.Background(), Config{
+		Binary:       testkit.Buildkitd(t),
+		Root:         notADir,
+		Dir:          dir,
+		Runc:         "/usr/sbin/runc",
+		StartTimeout: 20 * time.Second,
+	})
+	if err == nil {
+		t.Fatal("buildkitd started with a file as its root")
+	}
+	if !strings.Contains(err.Error(), "buildkitd output:") || !strings.Contains(err.Error(), "root-file") {
+		t.Errorf("error lacks buildkitd's own explanation: %v", err)
+	}
+}
+
+func TestRenderedConfigMeansWhatWeIntend(t *testing.T) {
+	out, err := renderConfig(Config{
+		Root:               "/vol",
+		Dir:                "/state/b1",
+		Runc:               "/usr/sbin/runc",
+		GC:                 GCPolicy{ReservedSpace: "2GiB", MaxUsedSpace: "18GB", MinFreeSpace: "10%"},
+		InsecureRegistries: []string{"127.0.0.1:5000", "kiln.internal:8443"},
+		CgroupParent:       "kiln-x-b1",
+		MaxParallelism:     2,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := bkconfig.Load(strings.NewReader(string(out)))
+	if err != nil {
+		t.Fatalf("buildkitd cannot parse our config: %v\n%s", err, out)
+	}
+	oci := cfg.Workers.OCI
+	if cfg.Root != "/vol" || oci.Snapshotter != "overlayfs" || oci.Binary != "/usr/sbin/runc" || oci.Mode != "host" {
+		t.Errorf("root/worker settings lost: %+v", cfg)
+	}
+	if oci.Enabled == nil || !*oci.Enabled || cfg.Workers.Containerd.Enabled == nil || *cfg.Workers.Containerd.Enabled {
+		t.Errorf("want oci worker on and containerd worker off")
+	}
+	if oci.GC == nil || !*oci.GC || oci.GCReservedSpace.Bytes != 2<<30 || oci.GCMaxUsedSpace.Bytes != 18<<30 || oci.GCMinFreeSpace.Percentage != 10 {
+		t.Errorf("GC settings parsed as gc=%v reserved=%+v max=%+v minfree=%+v", oci.GC, oci.GCReservedSpace, oci.GCMaxUsedSpace, oci.GCMinFreeSpace)
+	}
+	if oci.DefaultCgroupParent != "kiln-x-b1" || oci.MaxParallelism != 2 {
+		t.Errorf("cgroup parent / parallelism lost")
+	}
+	for _, h := range []string{"127.0.0.1:5000", "kiln.internal:8443"} {
+		rc, ok := cfg.Registries[h]
+		if !ok || rc.PlainHTTP == nil || !*rc.PlainHTTP || rc.Insecure == nil || !*rc.Insecure {
+			t.Errorf("registry %s not configured for plain HTTP: %+v", h, rc)
+		}
+	}
+	if cfg.OTEL.SocketPath != "/state/b1/otel.sock" {
+		t.Errorf("otel socket %q is shared with other daemons", cfg.OTEL.SocketPath)
+	}
+
+	if _, err := renderConfig(Config{GC: GCPolicy{MaxUsedSpace: "lots"}}); err == nil || !strings.Contains(err.Error(), "max used space") {
+		t.Errorf("bad GC size: err = %v", err)
+	}
+}
