@@ -39,7 +39,7 @@ test: build
 	go test -count=1 -timeout 25m ./...
 
 bench: build
-	go test -run '^$$' -bench . -benchtime 3x -timeout 20m ./test/...
+	go test -run '^$$' -bench . -benchtime 3x -timeout 20m ./test/
 
 run: build
 	@scripts/run-example.sh "$(KILN_ADDR)" "$(KILN_DATA)"

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -76,5 +77,68 @@ func TestRenderedConfigMeansWhatWeIntend(t *testing.T) {
 
 	if _, err := renderConfig(Config{GC: GCPolicy{MaxUsedSpace: "lots"}}); err == nil || !strings.Contains(err.Error(), "max used space") {
 		t.Errorf("bad GC size: err = %v", err)
+	}
+}
+
+// TestStopAndKillLeftoverLeaveNoDaemon covers both ways a daemon ends: a
+// normal Stop, and KillLeftover finding one that a crashed parent left
+// behind by its pid file.
+func TestStopAndKillLeftoverLeaveNoDaemon(t *testing.T) {
+	dir, err := os.MkdirTemp("", "kbk-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	start := func(name string) *Daemon {
+		t.Helper()
+		state := filepath.Join(dir, name)
+		if err := os.MkdirAll(state, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		d, err := Start(context.Background(), Config{
+			Binary:       testkit.Buildkitd(t),
+			Root:         filepath.Join(dir, name+"-root"),
+			Dir:          state,
+			Runc:         "/usr/sbin/runc",
+			CgroupParent: "kiln-bk-test-" + name,
+			StartTimeout: time.Minute,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Stop(context.Background()) })
+		return d
+	}
+
+	d := start("stop")
+	if _, err := d.Client().ListWorkers(context.Background()); err != nil {
+		t.Fatalf("started daemon does not answer: %v", err)
+	}
+	if err := d.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "stop", pidFileName)); !os.IsNotExist(err) {
+		t.Errorf("Stop left the pid file behind: %v", err)
+	}
+	if _, err := os.Stat("/proc/" + strconv.Itoa(d.Pid())); err == nil {
+		t.Errorf("buildkitd pid %d still exists after Stop", d.Pid())
+	}
+
+	leftover := start("leftover")
+	if err := KillLeftover(filepath.Join(dir, "leftover")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-leftover.Exited():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("KillLeftover left pid %d running", leftover.Pid())
+	}
+	// A dir whose pid file names a process that is not its buildkitd must
+	// not get that process killed.
+	if err := os.WriteFile(filepath.Join(dir, "stop", pidFileName), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := KillLeftover(filepath.Join(dir, "stop")); err != nil {
+		t.Fatalf("KillLeftover with a recycled pid: %v", err)
 	}
 }

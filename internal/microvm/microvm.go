@@ -1,0 +1,459 @@
+package microvm
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Config describes one VM.
+type Config struct {
+	// QEMU is the qemu-system-x86_64 binary; default found on PATH.
+	QEMU string
+	// Kernel is an uncompressed vmlinux with a PVH entry point; Initrd is
+	// optional.
+	Kernel string
+	Initrd string
+	// Cmdline is appended to the base kernel command line (BaseCmdline).
+	Cmdline []string
+
+	MemoryMiB int
+	CPUs      int
+
+	// Disks become virtio-blk devices in this order; the guest should
+	// find them by serial, not by order.
+	Disks []Disk
+	// Ports are virtio-serial port names (e.g. "kiln.0"). Each is wired to
+	// a host connection returned by VM.Port.
+	Ports []string
+
+	// Accel forces KVM or TCG; AccelAuto probes (see ProbeAccel).
+	Accel Accel
+
+	// Console receives the guest's serial console (kernel messages,
+	// init's output) as it arrives; optional. The last 64 KiB are always
+	// kept for VM.Console.
+	Console io.Writer
+	// RunDir holds the VM's sockets while it starts; default os.TempDir.
+	RunDir string
+	// StartTimeout bounds how long QEMU may take to connect its ports;
+	// default 30s.
+	StartTimeout time.Duration
+
+	Logger *slog.Logger
+}
+
+// Disk is a raw disk image attached as virtio-blk.
+type Disk struct {
+	Path   string
+	Serial string // at most 20 bytes: virtio-blk's serial field
+	// ReadOnly attaches the disk read-only; QEMU then takes only a shared
+	// lock, so several VMs can boot from one image at once.
+	ReadOnly bool
+}
+
+// BaseCmdline is always on the kernel command line. console=ttyS0 is
+// what Console captures. reboot=t makes a guest reboot a triple fault,
+// which -no-reboot turns into QEMU exiting at once; an ACPI power-off can
+// spin under -M microvm. panic=-1 turns a kernel panic (for instance init
+// dying) into such a reboot, so a broken guest never hangs.
+var BaseCmdline = []string{"console=ttyS0", "reboot=t", "panic=-1"}
+
+// VM is a running QEMU process.
+type VM struct {
+	cmd     *exec.Cmd
+	accel   Accel
+	args    []string
+	ports   map[string]*net.UnixConn
+	console *ring
+	stderr  *ring
+	log     *slog.Logger
+
+	mu     sync.Mutex
+	exited bool // QEMU has exited but may not be reaped yet
+	done   chan struct{}
+	err    error
+}
+
+// Start launches QEMU and returns once it runs and every port is
+// connected. The VM lives until the guest powers off, Kill or Stop is
+// called, or ctx is done, whichever comes first; in all cases QEMU is
+// gone once Wait returns. Port sockets exist only while Start runs.
+func Start(ctx context.Context, cfg Config) (*VM, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	accel := cfg.Accel
+	if accel == AccelAuto {
+		var reason string
+		accel, reason = ProbeAccel()
+		logAccelOnce(log, accel, reason)
+	}
+	qemu := cfg.QEMU
+	if qemu == "" {
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return nil, errors.New("qemu-system-x86_64 not found; install it with `apt-get install -y qemu-system-x86`")
+		}
+		qemu = p
+	}
+	runDir := cfg.RunDir
+	if runDir == "" {
+		runDir = os.TempDir()
+	}
+	sockDir, err := os.MkdirTemp(runDir, "kiln-vm-")
+	if err != nil {
+		return nil, fmt.Errorf("create VM socket directory: %w", err)
+	}
+	// The sockets are only needed until QEMU has connected.
+	defer os.RemoveAll(sockDir)
+
+	listeners := make([]*net.UnixListener, len(cfg.Ports))
+	sockets := make([]string, len(cfg.Ports))
+	defer func() {
+		for _, l := range listeners {
+			if l != nil {
+				l.Close()
+			}
+		}
+	}()
+	for i := range cfg.Ports {
+		sockets[i] = filepath.Join(sockDir, fmt.Sprintf("port%d.sock", i))
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sockets[i], Net: "unix"})
+		if err != nil {
+			return nil, fmt.Errorf("listen for VM port %s: %w", cfg.Ports[i], err)
+		}
+		listeners[i] = l
+	}
+
+	args := Args(cfg, accel, sockets)
+	cmd := exec.Command(qemu, args...)
+	vm := &VM{
+		cmd:     cmd,
+		accel:   accel,
+		args:    args,
+		ports:   map[string]*net.UnixConn{},
+		console: newRing(64 << 10),
+		stderr:  newRing(16 << 10),
+		log:     log,
+		done:    make(chan struct{}),
+	}
+	var consoleOut io.Writer = vm.console
+	if cfg.Console != nil {
+		consoleOut = io.MultiWriter(vm.console, cfg.Console)
+	}
+	cmd.Stdin = nil
+	cmd.Stdout = consoleOut
+	cmd.Stderr = vm.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		// Own process group so Kill reaches everything QEMU is; Pdeathsig
+		// so a crashed kiln does not leave VMs running.
+		Setpgid:   true,
+		Pdeathsig: syscall.SIGKILL,
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", qemu, err)
+	}
+	go vm.wait()
+
+	stop := context.AfterFunc(ctx, func() { vm.Kill() })
+	if err := vm.acceptPorts(ctx, cfg, listeners); err != nil {
+		stop()
+		vm.Kill()
+		return nil, err
+	}
+	// Keep killing on ctx for the VM's whole life.
+	go func() {
+		<-vm.done
+		stop()
+	}()
+	return vm, nil
+}
+
+// Args is the QEMU command line for cfg, with port i connected to the
+// unix socket sockets[i].
+func Args(cfg Config, accel Accel, sockets []string) []string {
+	args := []string{
+		// Nothing implicit: no default devices, no config files, no
+		// display, seccomp on, and a guest reset ends the process.
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-sandbox", "on", "-no-reboot",
+		// ACPI stays on: without it the Debian kernel (no
+		// VIRTIO_MMIO_CMDLINE_DEVICES) finds no virtio-mmio device.
+		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+	}
+	switch accel {
+	case AccelKVM:
+		args = append(args, "-accel", "kvm", "-cpu", "host")
+	default:
+		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
+	}
+	args = append(args,
+		"-m", strconv.Itoa(cfg.MemoryMiB)+"M",
+		"-smp", strconv.Itoa(cfg.CPUs),
+		"-kernel", cfg.Kernel,
+		"-append", strings.Join(append(append([]string(nil), BaseCmdline...), cfg.Cmdline...), " "),
+		"-chardev", "stdio,id=console,signal=off",
+		"-serial", "chardev:console",
+	)
+	if cfg.Initrd != "" {
+		args = append(args, "-initrd", cfg.Initrd)
+	}
+	for i, d := range cfg.Disks {
+		ro := "off"
+		if d.ReadOnly {
+			ro = "on"
+		}
+		id := fmt.Sprintf("disk%d", i)
+		args = append(args,
+			"-drive", fmt.Sprintf("id=%s,file=%s,if=none,format=raw,readonly=%s,cache=none,aio=threads", id, qemuEscape(d.Path), ro),
+			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", id, d.Serial))
+	}
+	if len(cfg.Ports) > 0 {
+		args = append(args, "-device", "virtio-serial-device,id=vser0")
+		for i, name := range cfg.Ports {
+			id := fmt.Sprintf("port%d", i)
+			args = append(args,
+				"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuEscape(sockets[i])),
+				"-device", fmt.Sprintf("virtserialport,bus=vser0.0,nr=%d,chardev=%s,name=%s", i+1, id, name))
+		}
+	}
+	return args
+}
+
+// qemuEscape doubles commas, QEMU's option separator.
+func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
+
+func (c *Config) validate() error {
+	if c.Kernel == "" {
+		return errors.New("microvm: no kernel given")
+	}
+	for _, f := range []string{c.Kernel, c.Initrd} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return fmt.Errorf("microvm: %w", err)
+		}
+	}
+	if c.MemoryMiB < 64 {
+		return fmt.Errorf("microvm: memory %d MiB is too small; give at least 64 MiB", c.MemoryMiB)
+	}
+	if c.CPUs < 1 {
+		c.CPUs = 1
+	}
+	if c.CPUs > 255 {
+		return fmt.Errorf("microvm: %d CPUs is more than the 255 QEMU's microvm machine supports", c.CPUs)
+	}
+	if c.Accel != AccelAuto && c.Accel != AccelKVM && c.Accel != AccelTCG {
+		return fmt.Errorf("microvm: unknown accelerator %q; use kvm, tcg or empty for auto", c.Accel)
+	}
+	serials := map[string]bool{}
+	for _, d := range c.Disks {
+		if _, err := os.Stat(d.Path); err != nil {
+			return fmt.Errorf("microvm: disk %s: %w", d.Serial, err)
+		}
+		if d.Serial == "" || len(d.Serial) > 20 || strings.ContainsAny(d.Serial, ", =") {
+			return fmt.Errorf("microvm: disk serial %q must be 1-20 characters without commas, spaces or '='", d.Serial)
+		}
+		if serials[d.Serial] {
+			return fmt.Errorf("microvm: two disks have serial %q", d.Serial)
+		}
+		serials[d.Serial] = true
+	}
+	names := map[string]bool{}
+	for _, p := range c.Ports {
+		if p == "" || strings.ContainsAny(p, ", =") || names[p] {
+			return fmt.Errorf("microvm: port name %q is empty, repeated or contains commas, spaces or '='", p)
+		}
+		names[p] = true
+	}
+	if c.StartTimeout == 0 {
+		c.StartTimeout = 30 * time.Second
+	}
+	return nil
+}
+
+// acceptPorts waits until QEMU has connected every port socket. QEMU
+// connects while it sets up devices, before the guest runs, so nothing the
+// guest writes can be lost to a missing listener.
+func (v *VM) acceptPorts(ctx context.Context, cfg Config, ls []*net.UnixListener) error {
+	deadline := time.Now().Add(cfg.StartTimeout)
+	for i, l := range ls {
+		l.SetDeadline(deadline)
+		type res struct {
+			c   *net.UnixConn
+			err error
+		}
+		ch := make(chan res, 1)
+		go func() {
+			c, err := l.AcceptUnix()
+			ch <- res{c, err}
+		}()
+		select {
+		case r := <-ch:
+			if r.err != nil {
+				return fmt.Errorf("QEMU did not connect port %s within %s: %w%s", cfg.Ports[i], cfg.StartTimeout, r.err, v.stderrSuffix())
+			}
+			v.mu.Lock()
+			v.ports[cfg.Ports[i]] = r.c
+			v.mu.Unlock()
+		case <-v.done:
+			l.Close()
+			return fmt.Errorf("QEMU exited while starting: %v%s", v.err, v.stderrSuffix())
+		case <-ctx.Done():
+			l.Close()
+			return fmt.Errorf("start VM: %w", ctx.Err())
+		}
+	}
+	return nil
+}
+
+func (v *VM) stderrSuffix() string {
+	if s := strings.TrimSpace(v.stderr.String()); s != "" {
+		return ": " + s
+	}
+	return ""
+}
+
+// wait notes QEMU's exit before reaping it, so Kill never signals a
+// process group whose leader's PID may already be reused.
+func (v *VM) wait() {
+	pid := v.cmd.Process.Pid
+	var info unix.Siginfo
+	for {
+		err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	v.mu.Lock()
+	v.exited = true
+	// Anything QEMU left behind in its group goes with it.
+	unix.Kill(-pid, unix.SIGKILL)
+	v.mu.Unlock()
+	err := v.cmd.Wait()
+	v.mu.Lock()
+	for _, c := range v.ports {
+		c.Close()
+	}
+	v.mu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("qemu: %w%s", err, v.stderrSuffix())
+	}
+	v.err = err
+	close(v.done)
+}
+
+// Kill stops the VM at once (SIGKILL to QEMU's process group) and waits
+// until QEMU is reaped. It is safe to call any number of times.
+func (v *VM) Kill() error {
+	v.mu.Lock()
+	if !v.exited {
+		unix.Kill(-v.cmd.Process.Pid, unix.SIGKILL)
+	}
+	v.mu.Unlock()
+	<-v.done
+	return nil
+}
+
+// Stop asks QEMU to quit (SIGTERM), and kills it if it has not exited
+// after grace.
+func (v *VM) Stop(grace time.Duration) error {
+	v.mu.Lock()
+	if !v.exited {
+		unix.Kill(v.cmd.Process.Pid, unix.SIGTERM)
+	}
+	v.mu.Unlock()
+	select {
+	case <-v.done:
+		return nil
+	case <-time.After(grace):
+		return v.Kill()
+	}
+}
+
+// Wait blocks until QEMU has exited and returns its error, nil when the
+// guest powered off or rebooted.
+func (v *VM) Wait() error {
+	<-v.done
+	return v.err
+}
+
+// Done is closed when QEMU has exited.
+func (v *VM) Done() <-chan struct{} { return v.done }
+
+// Port returns the host end of a virtio-serial port, or nil if the VM has
+// no such port. Closing it tells the guest the host went away.
+func (v *VM) Port(name string) *net.UnixConn {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.ports[name]
+}
+
+// Console returns the last 64 KiB of the guest's serial console.
+func (v *VM) Console() string { return v.console.String() }
+
+// PID is QEMU's process ID.
+func (v *VM) PID() int { return v.cmd.Process.Pid }
+
+// Accel is the accelerator the VM runs with.
+func (v *VM) Accel() Accel { return v.accel }
+
+// Args is the QEMU command line the VM was started with.
+func (v *VM) Args() []string { return append([]string(nil), v.args...) }
+
+var accelLogOnce sync.Once
+
+func logAccelOnce(log *slog.Logger, accel Accel, reason string) {
+	accelLogOnce.Do(func() {
+		if accel == AccelTCG {
+			log.Warn("microvm: KVM not usable, running VMs under TCG software emulation (builds roughly 10-20x slower)", "reason", reason)
+			return
+		}
+		log.Info("microvm: using KVM", "reason", reason)
+	})
+}
+
+// ring keeps the last n bytes written to it.
+type ring struct {
+	mu  sync.Mutex
+	n   int
+	buf []byte
+}
+
+func newRing(n int) *ring { return &ring{n: n} }
+
+func (r *ring) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.buf = append(r.buf, p...)
+	if over := len(r.buf) - r.n; over > 0 {
+		r.buf = append(r.buf[:0], r.buf[over:]...)
+	}
+	return len(p), nil
+}
+
+func (r *ring) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return string(bytes.ToValidUTF8(r.buf, nil))
+}
