@@ -19,6 +19,11 @@ const RegistryTokenTTL = 15 * time.Minute
 // pushing below it needs build:admin whatever else a token says.
 const GlobalCachePrefix = "cache/global"
 
+// MirrorPrefix is where kiln keeps base images mirrored from upstream
+// registries. Builds trust what is there, so like the global cache only
+// build:admin may push below it (kiln itself writes it through storage).
+const MirrorPrefix = "mirror"
+
 // RegistryAccess is one resource entry of a registry token's access claim,
 // as in the Docker registry token specification.
 type RegistryAccess struct {
@@ -153,7 +158,7 @@ func registryAllowed(p Principal, typ, name, action string) bool {
 	case "pull":
 		byScope = p.Has(ScopeImageRead) || p.Has(ScopeBuildRead)
 	case "push":
-		byScope = p.Has(ScopeImageWrite) && (!isGlobalCache(name) || p.Has(ScopeBuildAdmin))
+		byScope = p.Has(ScopeImageWrite) && (!isProtected(name) || p.Has(ScopeBuildAdmin))
 	case "delete":
 		byScope = p.Has(ScopeBuildAdmin)
 	}
@@ -171,8 +176,15 @@ func registryAllowed(p Principal, typ, name, action string) bool {
 	return false
 }
 
-func isGlobalCache(repo string) bool {
-	return repo == GlobalCachePrefix || strings.HasPrefix(repo, GlobalCachePrefix+"/")
+// isProtected reports repositories whose contents other builds trust:
+// the global cache tier and the base-image mirror.
+func isProtected(repo string) bool {
+	for _, p := range []string{GlobalCachePrefix, MirrorPrefix} {
+		if repo == p || strings.HasPrefix(repo, p+"/") {
+			return true
+		}
+	}
+	return false
 }
 
 type registryClaims struct {

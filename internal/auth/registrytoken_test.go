@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -235,5 +236,23 @@ func TestTokenHandler(t *testing.T) {
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	if code, _ = doToken(t, req); code != 400 {
 		t.Fatalf("unsupported grant type: %d, want 400", code)
+	}
+}
+
+// Mirrored base images are trusted by every build, so only build:admin
+// may push there, whatever an image:write token or Access list says.
+func TestMirrorNamespaceNeedsBuildAdmin(t *testing.T) {
+	req := []RegistryAccess{{Type: "repository", Name: "mirror/docker.io/library/node", Actions: []string{"pull", "push"}}}
+	writer := Principal{Subject: "w", Scopes: []Scope{ScopeImageWrite}}
+	scoped := Principal{Subject: "b", Scopes: []Scope{ScopeImageWrite}, Access: []Access{{Repository: "*", Actions: []string{"pull", "push"}}}}
+	admin := Principal{Subject: "a", Scopes: []Scope{ScopeBuildAdmin}}
+	for _, p := range []Principal{writer, scoped} {
+		got := GrantRegistryAccess(p, req)
+		if len(got) != 1 || !slices.Equal(got[0].Actions, []string{"pull"}) {
+			t.Errorf("%s: granted %+v on the mirror, want pull only", p.Subject, got)
+		}
+	}
+	if got := GrantRegistryAccess(admin, req); len(got) != 1 || !slices.Contains(got[0].Actions, "push") {
+		t.Errorf("build:admin: granted %+v, want push", got)
 	}
 }

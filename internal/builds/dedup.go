@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
 	"github.com/moby/buildkit/frontend/dockerfile/shell"
 
+	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/store"
 )
@@ -25,10 +27,6 @@ import (
 // input hash so a multi-platform future cannot collide with it.
 const platform = "linux/amd64"
 
-// errNoDedup marks inputs that cannot be hashed safely (a base image
-// kiln cannot pin to a digest); such builds simply run.
-var errNoDedup = errors.New("inputs cannot be pinned")
-
 // inputHash computes H over everything that determines a build's result,
 // from what the host holds:
 //
@@ -36,11 +34,7 @@ var errNoDedup = errors.New("inputs cannot be pinned")
 //	        ‖ target ‖ platform ‖ each base image ref and its digest ‖ builder identity )
 //
 // every field length-prefixed so no two inputs share an encoding.
-func (s *Service) inputHash(ctx context.Context, contextHash string, dockerfile []byte, o storeOptions) (string, []string, error) {
-	bases, err := baseImages(dockerfile, o.BuildArgs)
-	if err != nil {
-		return "", nil, err
-	}
+func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOptions, bases []pinnedBase) string {
 	h := sha256.New()
 	field := func(v string) {
 		var n [8]byte
@@ -64,25 +58,84 @@ func (s *Service) inputHash(ctx context.Context, contextHash string, dockerfile 
 	field(o.Target)
 	field(platform)
 	field(fmt.Sprint(len(bases)))
-	var pinned []string
-	for _, ref := range bases {
-		d, err := s.resolveBase(ctx, ref)
-		if err != nil {
-			return "", nil, err
-		}
-		field(ref)
-		field(d)
-		pinned = append(pinned, ref+"@"+d)
+	for _, b := range bases {
+		field(b.ref)
+		field(b.digest)
 	}
 	field(s.cfg.BuilderID)
-	return "sha256:" + hex.EncodeToString(h.Sum(nil)), pinned, nil
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))
+}
+
+// pinnedBase is one image a build starts from or copies from, with the
+// digest it will use.
+type pinnedBase struct {
+	ref    string         // as the Dockerfile names it, ARGs expanded
+	digest string         //
+	mirror *store.BasePin // nil for images already in kiln's registry
+}
+
+// pinBases resolves every image the Dockerfile uses to a digest: images in
+// kiln's registry there, all others through the mirror (the first time
+// from their upstream registry; a pull build always asks upstream).
+func (s *Service) pinBases(ctx context.Context, dockerfile []byte, o storeOptions) ([]pinnedBase, error) {
+	refs, err := baseImages(dockerfile, o.BuildArgs)
+	if err != nil {
+		return nil, badRequest("Dockerfile: %v", err)
+	}
+	var out []pinnedBase
+	for _, ref := range refs {
+		named, err := reference.ParseNormalizedNamed(ref)
+		if err != nil {
+			return nil, badRequest("base image %q is not a valid image reference: %v", ref, err)
+		}
+		if reference.Domain(named) == s.cfg.RegistryHost {
+			d, err := s.resolveLocal(ctx, named)
+			if err != nil {
+				return nil, badRequest("base image %q: %v; push it to kiln's registry first", ref, err)
+			}
+			out = append(out, pinnedBase{ref: ref, digest: d})
+			continue
+		}
+		if s.mirror == nil {
+			return nil, badRequest("base image %q is in another registry and this server mirrors none", ref)
+		}
+		p, err := s.mirror.Resolve(ctx, ref, o.Pull)
+		if err != nil {
+			return nil, mirrorError(ref, err)
+		}
+		out = append(out, pinnedBase{ref: ref, digest: p.Digest, mirror: &store.BasePin{
+			Upstream: p.Upstream, LocalRepo: p.LocalRepo, Digest: p.Digest, FromUpstream: p.FromUpstream}})
+	}
+	return out, nil
+}
+
+func mirrorError(ref string, err error) error {
+	switch {
+	case errors.Is(err, mirror.ErrNotFound):
+		return badRequest("base image %q was not found in its registry: check the name and tag", ref)
+	case errors.Is(err, mirror.ErrUnauthorized):
+		return &InputError{Status: 400, Msg: fmt.Sprintf("base image %q: %v", ref, err)}
+	default:
+		return &InputError{Status: 502, Msg: fmt.Sprintf("base image %q could not be resolved in its registry: %v; retry, or check the server's mirror settings", ref, err)}
+	}
+}
+
+func (s *Service) resolveLocal(ctx context.Context, named reference.Named) (string, error) {
+	if d, ok := named.(reference.Digested); ok {
+		return d.Digest().String(), nil
+	}
+	tag := "latest"
+	if t, ok := named.(reference.Tagged); ok {
+		tag = t.Tag()
+	}
+	return s.reg.Resolve(ctx, reference.Path(named), tag)
 }
 
 type storeOptions = store.BuildOptions
 
-// baseImages lists the images a Dockerfile's stages start from, with ARGs
-// in FROM expanded the way BuildKit expands them (build args over ARG
-// defaults), skipping scratch and references to earlier stages.
+// baseImages lists the images a Dockerfile uses — FROM, COPY --from and
+// RUN --mount from= — with ARGs expanded the way BuildKit expands them in
+// FROM (build args over ARG defaults), skipping scratch and stages.
 func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error) {
 	res, err := parser.Parse(bytes.NewReader(dockerfile))
 	if err != nil {
@@ -110,47 +163,52 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 			env = append(env, a.Key+"="+v)
 		}
 	}
-	seen := map[string]bool{}
+	stageNames := map[string]bool{}
+	added := map[string]bool{}
 	var out []string
-	for _, st := range stages {
-		base, _, err := lex.ProcessWord(st.BaseName, shell.EnvsFromSlice(env))
+	add := func(word string, what string) error {
+		ref, _, err := lex.ProcessWord(word, shell.EnvsFromSlice(env))
 		if err != nil {
-			return nil, fmt.Errorf("expand FROM %s: %w", st.BaseName, err)
+			return fmt.Errorf("expand %s %s: %w", what, word, err)
 		}
-		name := strings.ToLower(base)
-		if name != "scratch" && !seen[name] {
-			out = append(out, base)
+		name := strings.ToLower(ref)
+		if name == "" || name == "scratch" || stageNames[name] || added[name] {
+			return nil
+		}
+		if _, err := strconv.Atoi(name); err == nil {
+			return nil // COPY --from=0: a stage index
+		}
+		added[name] = true
+		out = append(out, ref)
+		return nil
+	}
+	for _, st := range stages {
+		if err := add(st.BaseName, "FROM"); err != nil {
+			return nil, err
+		}
+		for _, cmd := range st.Commands {
+			switch c := cmd.(type) {
+			case *instructions.CopyCommand:
+				if c.From != "" {
+					if err := add(c.From, "COPY --from"); err != nil {
+						return nil, err
+					}
+				}
+			case *instructions.RunCommand:
+				for _, m := range instructions.GetMounts(c) {
+					if m.From != "" {
+						if err := add(m.From, "RUN --mount from"); err != nil {
+							return nil, err
+						}
+					}
+				}
+			}
 		}
 		if st.Name != "" {
-			seen[strings.ToLower(st.Name)] = true
+			stageNames[strings.ToLower(st.Name)] = true
 		}
 	}
 	return out, nil
-}
-
-// resolveBase pins a base image reference to a manifest digest: a
-// reference with a digest is pinned already; one in kiln's own registry
-// is resolved there. Anything else cannot be pinned on the host yet.
-func (s *Service) resolveBase(ctx context.Context, ref string) (string, error) {
-	named, err := reference.ParseNormalizedNamed(ref)
-	if err != nil {
-		return "", fmt.Errorf("%w: base %q: %v", errNoDedup, ref, err)
-	}
-	if d, ok := named.(reference.Digested); ok {
-		return d.Digest().String(), nil
-	}
-	if reference.Domain(named) != s.cfg.RegistryHost {
-		return "", fmt.Errorf("%w: base %q is not in kiln's registry", errNoDedup, ref)
-	}
-	tag := "latest"
-	if t, ok := named.(reference.Tagged); ok {
-		tag = t.Tag()
-	}
-	d, err := s.reg.Resolve(ctx, reference.Path(named), tag)
-	if err != nil {
-		return "", fmt.Errorf("%w: resolve base %q: %v", errNoDedup, ref, err)
-	}
-	return d, nil
 }
 
 // dedupEligible says whether a build may be answered from an earlier one:

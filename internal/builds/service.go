@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/images"
+	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/store"
@@ -95,6 +96,7 @@ type Service struct {
 	river    *river.Client[*sql.Tx]
 	reg      *registry.Registry
 	images   *images.Service
+	mirror   *mirror.Mirror
 	volumes  *cachevol.Manager
 	runtime  runtime.Runtime
 	auth     *auth.Authority
@@ -118,10 +120,12 @@ type Deps struct {
 	DB       *store.DB
 	Registry *registry.Registry
 	Images   *images.Service
-	Volumes  *cachevol.Manager
-	Runtime  runtime.Runtime
-	Auth     *auth.Authority
-	Logger   *slog.Logger
+	// Mirror serves base images from other registries; nil: none.
+	Mirror  *mirror.Mirror
+	Volumes *cachevol.Manager
+	Runtime runtime.Runtime
+	Auth    *auth.Authority
+	Logger  *slog.Logger
 }
 
 // New creates the service; Start begins running queued builds.
@@ -145,6 +149,7 @@ func New(cfg Config, d Deps) (*Service, error) {
 		db:      d.DB,
 		reg:     d.Registry,
 		images:  d.Images,
+		mirror:  d.Mirror,
 		volumes: d.Volumes,
 		runtime: d.Runtime,
 		auth:    d.Auth,

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -125,22 +124,26 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		Runtime:      s.runtime.Name(),
 		CreatedAt:    time.Now().UTC(),
 	}
-	basesNote := ""
+	bases, err := s.pinBases(ctx, dockerfile, opts)
+	if err != nil {
+		return Build{}, err
+	}
+	var notes []string
+	for _, pb := range bases {
+		notes = append(notes, pb.ref+"@"+pb.digest)
+		if pb.mirror != nil {
+			b.Options.Bases = append(b.Options.Bases, *pb.mirror)
+		}
+	}
+	basesNote := strings.Join(notes, ", ")
 	if dedupEligible(opts) {
-		h, pinned, err := s.inputHash(ctx, u.context.Hash, dockerfile, opts)
-		switch {
-		case err == nil:
-			b.InputHash = h
-			if orig, hit, err := s.findDedup(ctx, h, scope); err != nil {
-				return Build{}, err
-			} else if hit {
-				return s.submitDedup(ctx, u, b, orig)
-			}
-			basesNote = strings.Join(pinned, ", ")
-		case errors.Is(err, errNoDedup):
-			s.log.Debug("build not deduplicable", "build", b.ID, "reason", err)
-		default:
+		b.InputHash = s.inputHash(u.context.Hash, dockerfile, opts, bases)
+		orig, hit, err := s.findDedup(ctx, b.InputHash, scope)
+		if err != nil {
 			return Build{}, err
+		}
+		if hit {
+			return s.submitDedup(ctx, u, b, orig)
 		}
 	}
 	if len(req.Secrets) > 0 {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/solve"
@@ -241,6 +242,12 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	if err != nil {
 		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
 	}
+	if err := s.fetchBases(ctx, b, &job); err != nil {
+		if context.Cause(ctx) == errCanceled {
+			return store.Outcome{}, true
+		}
+		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
+	}
 	timeout := time.Duration(b.Options.TimeoutSeconds) * time.Second
 	rctx, rcancel := context.WithTimeoutCause(ctx, timeout, errTimeout)
 	defer rcancel()
@@ -426,3 +433,29 @@ func (k *buildSink) Emit(e progress.Event) {
 
 func (k *buildSink) total() int  { return int(k.nDone.Load()) }
 func (k *buildSink) cached() int { return int(k.nCached.Load()) }
+
+// fetchBases makes sure the build's pinned base images from other
+// registries are in kiln's mirror, and points BuildKit at them there: a
+// named-context override per image, pinned by digest.
+func (s *Service) fetchBases(ctx context.Context, b Build, job *runtime.Job) error {
+	if len(b.Options.Bases) == 0 {
+		return nil
+	}
+	s.phase(b.ID, "fetching base images")
+	job.Solve.NamedContexts = map[string]string{}
+	for _, bp := range b.Options.Bases {
+		p := mirror.Pinned{Upstream: bp.Upstream, LocalRepo: bp.LocalRepo, Digest: bp.Digest, FromUpstream: bp.FromUpstream}
+		var last time.Time
+		err := s.mirror.Ensure(ctx, p, func(done, total int64) {
+			if time.Since(last) > 2*time.Second || done == total {
+				last = time.Now()
+				s.message(b.ID, "base image %s: %d of %d bytes in kiln's mirror", bp.Upstream, done, total)
+			}
+		})
+		if err != nil {
+			return fmt.Errorf("fetch base image %s: %w", bp.Upstream, err)
+		}
+		job.Solve.NamedContexts[p.ContextName()] = "docker-image://" + p.LocalRef(s.cfg.RegistryHost)
+	}
+	return nil
+}

@@ -5,6 +5,7 @@
 package config
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"sort"
@@ -49,6 +50,12 @@ type Config struct {
 
 	DedupTTL          time.Duration
 	DedupAcrossScopes string
+
+	// MirrorCredentials maps an upstream registry host to credentials
+	// ({"ghcr.io": {"username": "u", "password": "token"}}); memory only.
+	MirrorCredentials map[string]map[string]string
+	MirrorInsecure    []string
+	MirrorEndpoints   map[string]string
 	// SSEHeartbeat is how often an idle event stream sends a comment.
 	SSEHeartbeat time.Duration
 }
@@ -60,6 +67,8 @@ const (
 	kInt
 	kBytes
 	kDuration
+	kList   // comma-separated in env and flags, a YAML list in the file
+	kObject // JSON in env and flags, a YAML mapping in the file
 )
 
 // setting is one knob.
@@ -107,6 +116,9 @@ func (c *Config) settings() []setting {
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
 		{"dedup.across_scopes", "true", "whether a build may be answered by an identical build of another cache scope", kString, &c.DedupAcrossScopes},
+		{"mirror.credentials", "{}", "credentials per upstream registry host for base images, e.g. {\"ghcr.io\":{\"username\":\"u\",\"password\":\"token\"}} (prefer the config file or env over the flag: flags show in ps)", kObject, &c.MirrorCredentials},
+		{"mirror.insecure", "", "upstream registry hosts reached over plain HTTP (loopback always is), comma-separated", kList, &c.MirrorInsecure},
+		{"mirror.endpoints", "{}", "upstream host → URL contacted instead, e.g. {\"docker.io\":\"https://dockerhub-cache.internal\"}", kObject, &c.MirrorEndpoints},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
 }
@@ -183,8 +195,30 @@ func (s setting) set(v string) error {
 			return fmt.Errorf("%q is not a duration like 30s or 5m", v)
 		}
 		*s.ptr.(*time.Duration) = d
+	case kList:
+		var out []string
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				out = append(out, f)
+			}
+		}
+		*s.ptr.(*[]string) = out
+	case kObject:
+		// Values are never echoed: this kind carries credentials.
+		if err := json.Unmarshal([]byte(v), s.ptr); err != nil {
+			return fmt.Errorf("not a JSON object of the right shape (%s)", jsonShape(s.ptr))
+		}
 	}
 	return nil
+}
+
+func jsonShape(ptr any) string {
+	switch ptr.(type) {
+	case *map[string]map[string]string:
+		return `{"host": {"username": "...", "password": "..."}}`
+	default:
+		return `{"key": "value"}`
+	}
 }
 
 // ParseBytes reads a size: a bare integer is bytes; units are binary
@@ -213,12 +247,34 @@ func readFile(path string) (map[string]string, error) {
 	if err := yaml.Unmarshal(data, &tree); err != nil {
 		return nil, fmt.Errorf("config file %s is not valid YAML: %w", path, err)
 	}
+	whole := map[string]bool{}
+	var c Config
+	for _, st := range c.settings() {
+		if st.kind == kObject || st.kind == kList {
+			whole[st.key] = true
+		}
+	}
 	out := map[string]string{}
-	flatten("", tree, out)
+	flatten("", tree, out, whole)
 	return out, nil
 }
 
-func flatten(prefix string, v any, out map[string]string) {
+// flatten turns nested YAML into dotted keys, keeping the values of
+// object and list settings whole (as JSON, or a comma list).
+func flatten(prefix string, v any, out map[string]string, whole map[string]bool) {
+	if whole[prefix] {
+		if l, ok := v.([]any); ok {
+			var parts []string
+			for _, e := range l {
+				parts = append(parts, fmt.Sprint(e))
+			}
+			out[prefix] = strings.Join(parts, ",")
+			return
+		}
+		b, _ := json.Marshal(v)
+		out[prefix] = string(b)
+		return
+	}
 	switch t := v.(type) {
 	case map[string]any:
 		for k, c := range t {
@@ -226,7 +282,7 @@ func flatten(prefix string, v any, out map[string]string) {
 			if prefix != "" {
 				key = prefix + "." + k
 			}
-			flatten(key, c, out)
+			flatten(key, c, out, whole)
 		}
 	case nil:
 	default:

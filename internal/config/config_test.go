@@ -98,3 +98,18 @@ func TestParseBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestMirrorSettingsFromFileAndEnv(t *testing.T) {
+	c, err := load(t, "mirror:\n  credentials:\n    ghcr.io:\n      username: u\n      password: p\n  insecure: [reg.local:5000, other:1]\n",
+		map[string]string{"KILN_MIRROR_ENDPOINTS": `{"docker.io":"http://127.0.0.1:5000"}`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.MirrorCredentials["ghcr.io"]["password"] != "p" || len(c.MirrorInsecure) != 2 || c.MirrorEndpoints["docker.io"] != "http://127.0.0.1:5000" {
+		t.Errorf("mirror settings: %+v %v %v", c.MirrorCredentials, c.MirrorInsecure, c.MirrorEndpoints)
+	}
+	_, err = load(t, "", map[string]string{"KILN_MIRROR_CREDENTIALS": `{"ghcr.io":"s3cret"}`})
+	if err == nil || strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("bad credentials: error %v must exist and not echo the value", err)
+	}
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/config"
 	"github.com/kiln-build/kiln/internal/images"
+	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/runtime"
@@ -112,6 +113,16 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return err
 	}
 
+	creds := map[string]mirror.Credentials{}
+	for host, c := range cfg.MirrorCredentials {
+		creds[host] = mirror.Credentials{Username: c["username"], Password: c["password"], Token: c["token"]}
+	}
+	mir, err := mirror.New(mirror.Config{Registry: reg, Credentials: creds, Insecure: cfg.MirrorInsecure,
+		Endpoints: cfg.MirrorEndpoints, Logger: log.With("part", "mirror")})
+	if err != nil {
+		return fmt.Errorf("mirror settings: %w", err)
+	}
+
 	rt, err := newRuntime(cfg, data, log)
 	if err != nil {
 		return err
@@ -137,7 +148,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		BuilderID:         rt.Name() + "/" + buildkitVersion(),
 		DedupTTL:          cfg.DedupTTL,
 		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
-	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
+	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err
 	}

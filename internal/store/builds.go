@@ -65,6 +65,17 @@ type BuildOptions struct {
 	GlobalCacheKey    string            `json:"global_cache_key,omitempty"`
 	GlobalCacheExport bool              `json:"global_cache_export,omitempty"`
 	Admin             bool              `json:"admin,omitempty"` // submitter held build:admin
+	// Bases are the build's base images from other registries, pinned
+	// at submission and served from kiln's mirror.
+	Bases []BasePin `json:"bases,omitempty"`
+}
+
+// BasePin is a base image pinned to a digest in kiln's mirror.
+type BasePin struct {
+	Upstream     string `json:"upstream"`   // normalized, e.g. docker.io/library/node:22
+	LocalRepo    string `json:"local_repo"` // e.g. mirror/docker.io/library/node
+	Digest       string `json:"digest"`
+	FromUpstream bool   `json:"from_upstream,omitempty"`
 }
 
 const buildColumns = `id, seq, status, phase, subject, cache_scope, tags, options, image_digest,

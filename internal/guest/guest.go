@@ -1,0 +1,203 @@
+package guest
+
+import (
+	"errors"
+	"time"
+
+	"github.com/kiln-build/kiln/internal/buildkitd"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/solve"
+)
+
+// Version is the protocol version this build of kiln speaks. Host and agent
+// must speak the same one: the agent ships inside the builder image, so a
+// mismatch means the image was built by a different kiln.
+const Version = 1
+
+// Job is everything the agent needs for one build.
+type Job struct {
+	BuildID string `json:"build_id"`
+	// Solve is the BuildKit request. On the host its ContextDir and
+	// DockerfileDir are host paths that Host.Serve streams to the agent;
+	// Session.FetchContext turns them into guest paths. Its memory-only
+	// fields (Secrets, RegistryAuth) travel in a separate part of the job
+	// message because their JSON tags keep them out of any encoding.
+	Solve solve.Request `json:"solve"`
+	// CacheDisk is the serial of the virtio disk holding the cache volume
+	// (/sys/block/vdX/serial inside the guest).
+	CacheDisk string `json:"cache_disk"`
+	// GC bounds BuildKit's garbage collection to the volume.
+	GC buildkitd.GCPolicy `json:"gc"`
+	// InsecureRegistries are hosts buildkitd reaches over plain HTTP: the
+	// tunnel listen addresses of kiln's own registry.
+	InsecureRegistries []string `json:"insecure_registries,omitempty"`
+	// Network is the build steps' network mode; "", "host" and "default"
+	// all mean the guest's own network.
+	Network        string `json:"network,omitempty"`
+	MaxParallelism int    `json:"max_parallelism,omitempty"`
+	// Tunnels are TCP addresses the agent listens on inside the guest; each
+	// accepted connection becomes one stream to the host, which connects
+	// it with Host.Tunnels[Name].
+	Tunnels []Tunnel `json:"tunnels,omitempty"`
+}
+
+// Tunnel is one TCP forward from the guest to the host.
+type Tunnel struct {
+	// Name selects the host-side Dialer ("registry"; later "egress" for
+	// an HTTP CONNECT proxy). It is the kind in every stream header.
+	Name string `json:"name"`
+	// Listen is the guest address (ip:port) the agent listens on. For the
+	// registry it is the same host:port the push references name, so
+	// BuildKit in the guest pushes to the reference as given.
+	Listen string `json:"listen"`
+}
+
+// Errors callers can test for with errors.Is.
+var (
+	// ErrVersionMismatch: host and agent speak different protocol versions.
+	ErrVersionMismatch = errors.New("guest protocol version mismatch")
+	// ErrAgentGone: the connection to the agent ended before it answered
+	// (the VM died, the agent crashed, the channel broke).
+	ErrAgentGone = errors.New("guest agent went away")
+	// ErrHostGone is the agent's view of ErrAgentGone; Session.Context's
+	// cause when the host disappears.
+	ErrHostGone = errors.New("connection to the host was lost")
+	// ErrCanceledByHost is Session.Context's cause when the host canceled
+	// the build.
+	ErrCanceledByHost = errors.New("host canceled the build")
+)
+
+// Stream kinds, named in each stream's header.
+const (
+	kindControl = "control"
+	kindEvents  = "events"
+	kindContext = "context"
+	kindTunnel  = "tunnel"
+)
+
+// Context transfer names: on the wire, Job.Solve.ContextDir and
+// DockerfileDir hold these instead of host paths.
+const (
+	treeContext    = "context"
+	treeDockerfile = "dockerfile"
+)
+
+// Control message types.
+const (
+	msgJob    = "job"    // host → agent, first and once
+	msgCancel = "cancel" // host → agent, any time before ack
+	msgAck    = "ack"    // host → agent, after done
+	msgDone   = "done"   // agent → host, once
+)
+
+const (
+	protoName = "kiln-guest"
+	// maxLine bounds a hello or stream header.
+	maxLine = 4 << 10
+	// maxFrame bounds one JSON frame. The guest runs untrusted builds, so
+	// the host never buffers an unbounded message from it.
+	maxFrame = 4 << 20
+	// maxTunnels bounds concurrently open tunnel connections per build.
+	maxTunnels = 64
+	// ackTimeout bounds the agent's wait for the host's ack of its result.
+	ackTimeout = 10 * time.Second
+	// eventsDrain bounds the host's wait for the events stream to end after
+	// the result arrived; the agent closes it before sending the result.
+	eventsDrain = 10 * time.Second
+)
+
+// hello is the first thing on the wire, sent by the agent as one JSON line
+// before any multiplexing: a virtio-serial port drops what the host sends
+// while the guest has the port closed, so the host waits for it.
+type hello struct {
+	Proto   string `json:"proto"`
+	Version int    `json:"version"`
+	Agent   string `json:"agent,omitempty"`
+}
+
+// helloReply is the host's one-line answer; a non-empty Error means the
+// host refuses the agent and closes the connection.
+type helloReply struct {
+	Version int    `json:"version"`
+	Error   string `json:"error,omitempty"`
+}
+
+// streamHeader opens every stream; the host answers with a streamReply.
+type streamHeader struct {
+	Kind string `json:"kind"`
+	Name string `json:"name,omitempty"`
+}
+
+type streamReply struct {
+	Error string `json:"error,omitempty"`
+}
+
+// hostMessage is a control frame from the host.
+type hostMessage struct {
+	Type string `json:"type"`
+	Job  *Job   `json:"job,omitempty"`
+	// Memory carries the request's memory-only fields. It exists only in
+	// the job frame, only on the wire, and is never logged.
+	Memory *memoryOnly `json:"memory,omitempty"`
+}
+
+type memoryOnly struct {
+	Secrets      map[string][]byte      `json:"secrets,omitempty"`
+	RegistryAuth map[string]credentials `json:"registry_auth,omitempty"`
+}
+
+type credentials struct {
+	Username string `json:"username"`
+	Password string `json:"password"`
+}
+
+// agentMessage is a control frame from the agent.
+type agentMessage struct {
+	Type   string       `json:"type"`
+	Result solve.Result `json:"result"`
+	// Error is empty on success. Canceled marks a build that ended because
+	// the host canceled it.
+	Error    string `json:"error,omitempty"`
+	Canceled bool   `json:"canceled,omitempty"`
+}
+
+// eventFrame is one item on the events stream: a progress event for the
+// build, or a log record of the agent itself.
+type eventFrame struct {
+	Event *progress.Event `json:"event,omitempty"`
+	Log   *logRecord      `json:"log,omitempty"`
+}
+
+type logRecord struct {
+	Time  time.Time `json:"time"`
+	Level string    `json:"level"`
+	Msg   string    `json:"msg"`
+	// Attrs holds key, value, key, value… in the order they were logged.
+	Attrs []string `json:"attrs,omitempty"`
+}
+
+func splitMemory(req solve.Request) (solve.Request, *memoryOnly) {
+	m := &memoryOnly{Secrets: req.Secrets}
+	if len(req.RegistryAuth) > 0 {
+		m.RegistryAuth = make(map[string]credentials, len(req.RegistryAuth))
+		for host, c := range req.RegistryAuth {
+			m.RegistryAuth[host] = credentials{Username: c.Username, Password: c.Password}
+		}
+	}
+	req.Secrets, req.RegistryAuth = nil, nil
+	return req, m
+}
+
+func joinMemory(req solve.Request, m *memoryOnly) solve.Request {
+	if m == nil {
+		return req
+	}
+	req.Secrets = m.Secrets
+	if len(m.RegistryAuth) > 0 {
+		req.RegistryAuth = make(map[string]solve.Credentials, len(m.RegistryAuth))
+		for host, c := range m.RegistryAuth {
+			req.RegistryAuth[host] = solve.Credentials{Username: c.Username, Password: c.Password}
+		}
+	}
+	return req
+}

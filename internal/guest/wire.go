@@ -1,0 +1,163 @@
+package guest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/yamux"
+)
+
+// readLine reads one '\n'-terminated line a byte at a time, so nothing
+// behind the line is consumed: after the hello the same connection carries
+// yamux, and after a stream header the stream carries its payload.
+func readLine(r io.Reader, limit int) ([]byte, error) {
+	var line []byte
+	var b [1]byte
+	for {
+		n, err := r.Read(b[:])
+		if n == 1 {
+			if b[0] == '\n' {
+				return line, nil
+			}
+			if len(line) >= limit {
+				return nil, fmt.Errorf("line longer than %d bytes: %q…", limit, preview(line))
+			}
+			line = append(line, b[0])
+			continue
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(line) > 0 {
+				return nil, fmt.Errorf("connection ended inside a line: %q: %w", preview(line), io.ErrUnexpectedEOF)
+			}
+			return nil, err
+		}
+	}
+}
+
+// preview shortens peer-supplied bytes for error messages.
+func preview(b []byte) string {
+	const n = 120
+	if len(b) > n {
+		return string(b[:n])
+	}
+	return string(b)
+}
+
+// writeLine writes v as one JSON line in a single Write.
+func writeLine(w io.Writer, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(data, '\n'))
+	return err
+}
+
+func readJSONLine(r io.Reader, v any) error {
+	line, err := readLine(r, maxLine)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(line, v); err != nil {
+		return fmt.Errorf("decode %q: %w", preview(line), err)
+	}
+	return nil
+}
+
+// frameWriter writes JSON frames, one per line, from concurrent callers.
+type frameWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (f *frameWriter) write(v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	if len(data) >= maxFrame {
+		return fmt.Errorf("frame of %d bytes exceeds the %d byte limit", len(data), maxFrame)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, err = f.w.Write(append(data, '\n'))
+	return err
+}
+
+// frameReader reads JSON frames of at most maxFrame bytes.
+type frameReader struct {
+	br *bufio.Reader
+}
+
+func newFrameReader(r io.Reader) *frameReader {
+	return &frameReader{br: bufio.NewReaderSize(r, 64<<10)}
+}
+
+func (f *frameReader) read(v any) error {
+	var buf bytes.Buffer
+	for {
+		chunk, err := f.br.ReadSlice('\n')
+		if buf.Len()+len(chunk) > maxFrame {
+			return fmt.Errorf("frame exceeds the %d byte limit", maxFrame)
+		}
+		buf.Write(chunk)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue
+		}
+		if errors.Is(err, io.EOF) && buf.Len() > 0 {
+			return fmt.Errorf("stream ended inside a frame: %w", io.ErrUnexpectedEOF)
+		}
+		return err
+	}
+	if err := json.Unmarshal(buf.Bytes(), v); err != nil {
+		return fmt.Errorf("decode frame %q: %w", preview(buf.Bytes()), err)
+	}
+	return nil
+}
+
+// muxConfig tunes yamux for a slow guest (TCG is 10-20x slower than the
+// host) while still noticing a frozen one: a keepalive ping that goes
+// unanswered for ConnectionWriteTimeout ends the session.
+func muxConfig(log *slog.Logger) *yamux.Config {
+	c := yamux.DefaultConfig()
+	c.KeepAliveInterval = 15 * time.Second
+	c.ConnectionWriteTimeout = 30 * time.Second
+	c.StreamOpenTimeout = 60 * time.Second
+	c.StreamCloseTimeout = time.Minute
+	c.LogOutput = nil
+	c.Logger = muxLogger{log}
+	return c
+}
+
+// muxLogger routes yamux's own log lines to slog at debug level: they are
+// about connection teardown, which Serve and Accept report as errors.
+type muxLogger struct{ log *slog.Logger }
+
+func (l muxLogger) Print(v ...any) { l.log.Debug(strings.TrimSpace(fmt.Sprint(v...))) }
+func (l muxLogger) Printf(format string, v ...any) {
+	l.log.Debug(strings.TrimSpace(fmt.Sprintf(format, v...)))
+}
+func (l muxLogger) Println(v ...any) { l.log.Debug(strings.TrimSpace(fmt.Sprintln(v...))) }
+
+// untilDone runs fn, closing c if ctx ends first so a blocked read or write
+// on c returns. It reports ctx's error in that case.
+func untilDone(ctx context.Context, c io.Closer, fn func() error) error {
+	stop := context.AfterFunc(ctx, func() { c.Close() })
+	err := fn()
+	if !stop() && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}

@@ -1,0 +1,79 @@
+package test
+
+import (
+	"fmt"
+	"net/http"
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/kiln-build/kiln/internal/testkit"
+)
+
+// copyImage copies an image between registries with skopeo.
+func copyImage(t *testing.T, srcCreds, src, destCreds, dest string) {
+	t.Helper()
+	args := []string{"copy", "--src-tls-verify=false", "--dest-tls-verify=false"}
+	if srcCreds != "" {
+		args = append(args, "--src-creds", srcCreds)
+	}
+	if destCreds != "" {
+		args = append(args, "--dest-creds", destCreds)
+	}
+	if out, err := exec.Command("skopeo", append(args, "docker://"+src, "docker://"+dest)...).CombinedOutput(); err != nil {
+		t.Fatalf("skopeo copy %s %s: %v\n%s", src, dest, err, out)
+	}
+}
+
+// Base images from another registry are pulled into kiln's mirror the
+// first time, served from kiln after that, pinned per build, and
+// re-resolved by pull builds. The "upstream" is a second registry on
+// loopback standing in for docker.io.
+func TestBaseImagesFromAnotherRegistry(t *testing.T) {
+	upstream := testkit.RegistryWithAuth(t, "up-user", "up-pass")
+	s := startServer(t, withArgs(
+		"--mirror-endpoints", fmt.Sprintf(`{"docker.io":"http://%s"}`, upstream),
+		"--mirror-credentials", `{"docker.io":{"username":"up-user","password":"up-pass"}}`))
+	base := s.base()
+	copyImage(t, "kiln:"+s.admin, base, "up-user:up-pass", upstream+"/library/busybox:1")
+
+	// FROM busybox:1 means docker.io/library/busybox:1, as with docker.
+	df := "FROM busybox:1\nRUN echo from-mirror > /m\n"
+	first := mustSucceed(t, s, s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": df}}))
+	log := s.logText(s.admin, first.Id)
+	if !strings.Contains(log, "busybox:1@sha256:") || !strings.Contains(log, "kiln's mirror") {
+		t.Errorf("build log does not show the pinned, mirrored base:\n%s", log)
+	}
+	if !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/mirror/docker.io/library/busybox:1") {
+		t.Errorf("the base is not in kiln's mirror")
+	}
+
+	// The upstream tag moves; a normal build keeps using kiln's copy
+	// (its input hash is unchanged, so it is even deduplicated)...
+	copyImage(t, "kiln:"+s.admin, s.addr+"/builds/"+first.Id+":latest", "up-user:up-pass", upstream+"/library/busybox:1")
+	again := s.build(s.admin, submission{files: map[string]string{"Dockerfile": df}})
+	if again.DedupOf == nil || *again.DedupOf != first.Id {
+		t.Errorf("rebuild after the upstream tag moved did not use kiln's pinned copy (dedup_of %v)", again.DedupOf)
+	}
+	// ...while a pull build re-resolves upstream and builds on the new digest.
+	pulled := mustSucceed(t, s, s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": df},
+		fields: [][2]string{{"pull", "true"}}}))
+	if *pulled.ImageDigest == *first.ImageDigest {
+		t.Errorf("pull build produced the same image as before the upstream tag moved")
+	}
+
+	// Bad bases fail the submission with a clear message, recording nothing.
+	code, body := s.submit(s.admin, submission{files: map[string]string{"Dockerfile": "FROM busybox:nope\n"}})
+	if code != http.StatusBadRequest || !strings.Contains(string(body), "not found") {
+		t.Errorf("missing upstream tag: %d %s", code, body)
+	}
+
+	// Nobody but kiln (or build:admin) may write the mirror.
+	w := s.token("mallory", "m", "image:read", "image:write")
+	out, err := exec.Command("skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+		"--src-creds", "kiln:"+s.admin, "--dest-creds", "kiln:"+w,
+		"docker://"+base, "docker://"+s.addr+"/mirror/docker.io/library/busybox:1").CombinedOutput()
+	if err == nil {
+		t.Errorf("image:write token pushed into the mirror: %s", out)
+	}
+}
