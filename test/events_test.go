@@ -168,12 +168,13 @@ func TestSecretsAreServedButNeverStored(t *testing.T) {
 		files: map[string]string{"Dockerfile": fmt.Sprintf(`FROM %s
 ARG WANT
 RUN --mount=type=secret,id=npm test "$(sha256sum /run/secrets/npm | cut -d' ' -f1)" = "$WANT" && echo secret-ok
+RUN --mount=type=secret,id=npm echo "careless step prints: $(cat /run/secrets/npm)"
 `, base)},
 		fields:  [][2]string{{"build_args", fmt.Sprintf(`{"WANT":%q}`, hex.EncodeToString(sum[:]))}},
 		secrets: map[string]string{"npm": secret},
 	}))
 	log := s.logText(s.admin, b.Id)
-	if !strings.Contains(log, "secret-ok") {
+	if !strings.Contains(log, "secret-ok") || !strings.Contains(log, "careless step prints") {
 		t.Fatalf("the secret was not served to RUN:\n%s", log)
 	}
 	if strings.Contains(log, secret) || strings.Contains(s.logs(), secret) {

@@ -49,6 +49,10 @@ type Config struct {
 	CgroupParent string
 	// MaxParallelism caps concurrently running steps (0: unlimited).
 	MaxParallelism int
+	// NoHistory turns BuildKit's build history off. The history keeps
+	// every step's output, unmasked, in the content store below Root, so a
+	// step that prints a secret would leave it on the cache volume.
+	NoHistory bool
 	// StartTimeout bounds the wait for the daemon to answer (default 60s).
 	StartTimeout time.Duration
 	Logger       *slog.Logger
@@ -153,6 +157,21 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 func (d *Daemon) waitReady(parent context.Context) error {
 	ctx, cancel := context.WithTimeout(parent, d.cfg.StartTimeout)
 	defer cancel()
+	// Dial only once the socket exists: a failed first dial puts gRPC into
+	// its reconnect backoff, which alone cost builds 1-3 s per start.
+	sock := strings.TrimPrefix(d.addr, "unix://")
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("buildkitd did not open its socket %s within %s: %w\n%s", sock, d.cfg.StartTimeout, ctx.Err(), d.StderrTail())
+		case <-d.exited:
+			return fmt.Errorf("buildkitd exited while starting: %v\n%s", d.waitErr, d.StderrTail())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 	c, err := client.New(ctx, d.addr)
 	if err != nil {
 		return fmt.Errorf("connect to buildkitd at %s: %w", d.addr, err)
@@ -185,7 +204,7 @@ func (d *Daemon) waitReady(parent context.Context) error {
 			}
 			return fmt.Errorf("buildkitd did not answer within %s: %v", d.cfg.StartTimeout, lastErr)
 		case <-d.exited:
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(25 * time.Millisecond):
 		}
 	}
 }
@@ -276,6 +295,13 @@ type buildkitdConfig struct {
 		} `toml:"containerd"`
 	} `toml:"worker"`
 	Registry map[string]registryConfig `toml:"registry,omitempty"`
+	History  *historyConfig            `toml:"history,omitempty"`
+}
+
+// historyConfig with MaxEntries 0 disables recording history at all (not
+// just its retention) in BuildKit v0.34.
+type historyConfig struct {
+	MaxEntries int64 `toml:"maxEntries"`
 }
 
 type registryConfig struct {
@@ -323,6 +349,9 @@ func renderConfig(cfg Config) ([]byte, error) {
 			}
 			c.Registry[h] = registryConfig{HTTP: true, Insecure: true}
 		}
+	}
+	if cfg.NoHistory {
+		c.History = &historyConfig{MaxEntries: 0}
 	}
 	out, err := toml.Marshal(c)
 	if err != nil {

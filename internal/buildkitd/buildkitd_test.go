@@ -75,6 +75,20 @@ func TestRenderedConfigMeansWhatWeIntend(t *testing.T) {
 		t.Errorf("otel socket %q is shared with other daemons", cfg.OTEL.SocketPath)
 	}
 
+	if cfg.History != nil {
+		t.Errorf("history settings appeared without NoHistory: %+v", cfg.History)
+	}
+	out, err = renderConfig(Config{Root: "/vol", Dir: "/d", NoHistory: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg, err = bkconfig.Load(strings.NewReader(string(out))); err != nil {
+		t.Fatal(err)
+	}
+	if cfg.History == nil || cfg.History.MaxEntries == nil || *cfg.History.MaxEntries != 0 {
+		t.Errorf("NoHistory did not set history.maxEntries = 0:\n%s", out)
+	}
+
 	if _, err := renderConfig(Config{GC: GCPolicy{MaxUsedSpace: "lots"}}); err == nil || !strings.Contains(err.Error(), "max used space") {
 		t.Errorf("bad GC size: err = %v", err)
 	}

@@ -36,9 +36,10 @@ type Session struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	control net.Conn
-	ctrlW   *frameWriter
-	ack     chan struct{}
+	control  net.Conn
+	ctrlW    *frameWriter
+	ack      chan struct{} // closed when the host acknowledged the result
+	ctrlDone chan struct{} // closed when the control stream ended without an ack
 
 	events    net.Conn
 	eventsW   *frameWriter
@@ -95,7 +96,7 @@ func accept(ctx context.Context, conn io.ReadWriteCloser, opt AgentOptions, vers
 		conn.Close()
 		return nil, fmt.Errorf("start host multiplexer: %w", err)
 	}
-	s := &Session{mux: mux, local: opt.Logger, ack: make(chan struct{})}
+	s := &Session{mux: mux, local: opt.Logger, ack: make(chan struct{}), ctrlDone: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
 	fail := func(err error) (*Session, error) {
 		s.cancel(err)
@@ -161,6 +162,7 @@ func (s *Session) readControl() {
 		var m hostMessage
 		if err := fr.read(&m); err != nil {
 			s.cancel(ErrHostGone)
+			close(s.ctrlDone)
 			return
 		}
 		switch m.Type {
@@ -216,7 +218,7 @@ func (s *Session) FetchContext(ctx context.Context, dir string) (solve.Request, 
 			return "", fmt.Errorf("fetch %s from the host: %w", name, err)
 		}
 		defer stream.Close()
-		if err := untilDone(ctx, stream, func() error { return receiveTree(stream, target) }); err != nil {
+		if err := untilDone(ctx, stream, func() error { return receiveTreeChunked(stream, target) }); err != nil {
 			return "", fmt.Errorf("fetch %s from the host: %w", name, err)
 		}
 		return target, nil
@@ -319,13 +321,16 @@ func (s *Session) finish(res solve.Result, buildErr error) error {
 		m.Error = buildErr.Error()
 		m.Canceled = errors.Is(context.Cause(s.ctx), ErrCanceledByHost)
 	}
-	if err := s.ctrlW.write(m); err != nil {
-		return fmt.Errorf("send the result to the host: %w", err)
-	}
+	// A write can report failure although the frame went out: a fast host
+	// acks and hangs up before yamux confirms the send. The ack decides.
+	werr := s.ctrlW.write(m)
 	select {
 	case <-s.ack:
 		return nil
-	case <-s.mux.CloseChan():
+	case <-s.ctrlDone:
+		if werr != nil {
+			return fmt.Errorf("send the result to the host: %w (%v)", ErrHostGone, werr)
+		}
 		return fmt.Errorf("send the result to the host: %w before it acknowledged", ErrHostGone)
 	case <-time.After(ackTimeout):
 		return fmt.Errorf("send the result to the host: no acknowledgement within %s", ackTimeout)

@@ -54,10 +54,12 @@
 // delivers every event before Serve returns; none after.
 //
 // Context streams (host → agent): a tar of the directory (files, dirs,
-// symlinks; mode, owner, PAX mtimes), unpacked through an os.Root so no
-// entry can land outside the target. On the wire Job.Solve.ContextDir is
-// "context" and DockerfileDir is "dockerfile" or empty; host paths never
-// reach the guest.
+// symlinks; mode, owner, PAX mtimes) cut into chunks (4-byte big-endian
+// length, bytes), ended by a zero length and a reply line ({} or
+// {"error":"…"}), because a tar cut off between entries reads as a complete
+// smaller context. The agent unpacks it through an os.Root, so no entry can
+// land outside the target. On the wire Job.Solve.ContextDir is "context" and
+// DockerfileDir is "dockerfile" or empty; host paths never reach the guest.
 //
 // Tunnel streams: after the accept reply, raw bytes both ways, half-closes
 // passed on. The agent listens on each Job.Tunnels[i].Listen inside the
@@ -73,7 +75,9 @@
 // references an IP literal the guest can bind (a loopback address such as
 // 127.0.0.1:PORT) and sets Tunnel.Listen to exactly that; the host side
 // dials wherever the registry really listens. Tests make the two differ to
-// prove the push goes through the tunnel.
+// prove the push goes through the tunnel. The registry's token realm must
+// be reachable from the guest as well: served on the same host:port, it
+// rides the same tunnel; elsewhere, it needs a tunnel of its own.
 //
 // # Ending
 //

@@ -99,6 +99,8 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 		return res, fmt.Errorf("%w: the connection closed before the agent opened its control stream", ErrAgentGone)
 	case <-ctx.Done():
 		return res, fmt.Errorf("build canceled: %w", ctx.Err())
+	case <-time.After(h.helloTimeout()):
+		return res, fmt.Errorf("guest agent said hello but did not open its control stream within %s", h.helloTimeout())
 	}
 	if err := writeLine(control, hostMessage{Type: msgJob, Job: &wire, Memory: memory}); err != nil {
 		return res, fmt.Errorf("%w: send job: %v", ErrAgentGone, err)
@@ -168,6 +170,13 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 	return res, errors.New(m.Error)
 }
 
+func (h *Host) helloTimeout() time.Duration {
+	if h.HelloTimeout > 0 {
+		return h.HelloTimeout
+	}
+	return 2 * time.Minute
+}
+
 // prepare checks job and splits it into what goes on the wire.
 func (h *Host) prepare(job Job) (Job, *memoryOnly, error) {
 	for _, t := range job.Tunnels {
@@ -207,10 +216,7 @@ func (h *Host) prepare(job Job) (Job, *memoryOnly, error) {
 // written before the hello arrives: a virtio-serial port drops data while
 // the guest has it closed.
 func (h *Host) handshake(ctx context.Context, conn io.ReadWriteCloser) (string, error) {
-	timeout := h.HelloTimeout
-	if timeout == 0 {
-		timeout = 2 * time.Minute
-	}
+	timeout := h.helloTimeout()
 	hctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var line []byte
@@ -358,11 +364,9 @@ func (s *hostSession) sendTree(stream net.Conn, name, dir string) {
 	if err := writeLine(stream, streamReply{}); err != nil {
 		return
 	}
-	err := untilDone(s.ctx, stream, func() error { return sendTree(stream, dir) })
-	if err != nil {
-		// The agent sees a truncated tar and fails the build; this is the
-		// only place the reason is known.
-		s.log.Error("sending the build context to the guest failed", "tree", name, "err", err)
+	err := untilDone(s.ctx, stream, func() error { return sendTreeChunked(stream, dir) })
+	if err != nil && s.ctx.Err() == nil {
+		s.log.Warn("sending the build context to the guest failed", "tree", name, "err", err)
 	}
 }
 

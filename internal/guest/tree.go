@@ -2,6 +2,8 @@ package guest
 
 import (
 	"archive/tar"
+	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +11,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -41,7 +44,7 @@ func sendTree(w io.Writer, dir string) error {
 				return err
 			}
 		default:
-			return fmt.Errorf("%s is a %s; a build context holds only files, directories and symlinks", rel, fi.Mode().Type())
+			return fmt.Errorf("%s is a %s; a build context holds only files, directories and symlinks", rel, describeType(fi.Mode()))
 		}
 		hdr, err := tar.FileInfoHeader(fi, link)
 		if err != nil {
@@ -76,9 +79,35 @@ func sendTree(w io.Writer, dir string) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("send %s: %w", dir, err)
+		return hidePaths(dir, err)
 	}
 	return tw.Close()
+}
+
+// hidePaths makes file errors name paths relative to dir: the message
+// travels to the guest, which has no business knowing host paths.
+func hidePaths(dir string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		rel, rerr := filepath.Rel(dir, pe.Path)
+		if rerr != nil || strings.HasPrefix(rel, "..") {
+			rel = filepath.Base(pe.Path)
+		}
+		return fmt.Errorf("%s %s: %w", pe.Op, rel, pe.Err)
+	}
+	return err
+}
+
+func describeType(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeNamedPipe != 0:
+		return "named pipe"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
 }
 
 // receiveTree unpacks a tar stream from sendTree into dir, which must exist
@@ -174,4 +203,103 @@ func receiveTree(r io.Reader, dir string) error {
 		}
 	}
 	return nil
+}
+
+// A tree travels in chunks (4-byte big-endian length, then the bytes), ended
+// by a zero length and a streamReply line. A tar stream alone cannot carry
+// the sender's failure: cut off at an entry boundary it reads as a complete,
+// smaller context.
+type chunkWriter struct {
+	w io.Writer
+}
+
+func (c *chunkWriter) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	var hdr [4]byte
+	binary.BigEndian.PutUint32(hdr[:], uint32(len(p)))
+	if _, err := c.w.Write(hdr[:]); err != nil {
+		return 0, err
+	}
+	return c.w.Write(p)
+}
+
+// end writes the terminator carrying the sender's outcome.
+func (c *chunkWriter) end(sendErr error) error {
+	if _, err := c.w.Write(make([]byte, 4)); err != nil {
+		return err
+	}
+	var r streamReply
+	if sendErr != nil {
+		r.Error = sendErr.Error()
+	}
+	return writeLine(c.w, r)
+}
+
+type chunkReader struct {
+	r    io.Reader
+	left uint32
+	err  error // sticky: io.EOF after a clean end
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	if c.left == 0 {
+		var hdr [4]byte
+		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+			c.err = fmt.Errorf("transfer cut off: %w", io.ErrUnexpectedEOF)
+			return 0, c.err
+		}
+		c.left = binary.BigEndian.Uint32(hdr[:])
+		if c.left == 0 {
+			var r streamReply
+			if err := readJSONLine(c.r, &r); err != nil {
+				c.err = fmt.Errorf("transfer cut off: %w", err)
+			} else if r.Error != "" {
+				c.err = fmt.Errorf("the host failed to send it: %s", r.Error)
+			} else {
+				c.err = io.EOF
+			}
+			return 0, c.err
+		}
+	}
+	if uint32(len(p)) > c.left {
+		p = p[:c.left]
+	}
+	n, err := c.r.Read(p)
+	c.left -= uint32(n)
+	if err != nil && n == 0 {
+		c.err = fmt.Errorf("transfer cut off: %w", io.ErrUnexpectedEOF)
+		return 0, c.err
+	}
+	return n, nil
+}
+
+// sendTreeChunked sends dir to w in chunks and ends with the outcome.
+func sendTreeChunked(w io.Writer, dir string) error {
+	cw := &chunkWriter{w: w}
+	bw := bufio.NewWriterSize(cw, 256<<10)
+	err := sendTree(bw, dir)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if endErr := cw.end(err); err == nil {
+		err = endErr
+	}
+	return err
+}
+
+// receiveTreeChunked unpacks a chunked tree into dir and returns the
+// sender's failure, if any, over anything the unpacking noticed.
+func receiveTreeChunked(r io.Reader, dir string) error {
+	cr := &chunkReader{r: r}
+	err := receiveTree(cr, dir)
+	// The tar end marker comes before the terminator; read up to it.
+	if _, derr := io.Copy(io.Discard, cr); derr != nil {
+		return derr
+	}
+	return err
 }

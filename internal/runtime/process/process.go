@@ -195,7 +195,11 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		InsecureRegistries: job.InsecureRegistries,
 		CgroupParent:       cgroupName(r.cfg.StateDir, job.BuildID),
 		MaxParallelism:     job.CPUs,
-		Logger:             log,
+		// BuildKit's build history keeps every step's output unmasked on
+		// the volume; a step that prints a secret would leave it on disk.
+		// kiln keeps its own events, so history is off.
+		NoHistory: true,
+		Logger:    log,
 	})
 	if err != nil {
 		return res, fmt.Errorf("process runtime: %w", err)

@@ -1,0 +1,348 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/buildkitd"
+	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/solve"
+)
+
+// Env is where the agent finds things. In the builder VM it is fixed by
+// the image (see VMEnv); tests point it at temp dirs and a loop device.
+type Env struct {
+	// Buildkitd and Runc are the binaries buildkitd runs with.
+	Buildkitd string
+	Runc      string
+	// Mount is where the cache volume is mounted and buildkitd's root
+	// (/var/lib/buildkit in the VM).
+	Mount string
+	// StateDir holds buildkitd's socket, config and temp files. It must not
+	// be on the volume, and its path must be short (unix socket limit).
+	StateDir string
+	// Disks maps a disk serial to a device path and takes precedence over
+	// the lookup in /sys/block/*/serial. Tests pass a loop device here.
+	Disks map[string]string
+	// DiskWait bounds the wait for the cache disk to show up (default 10s).
+	DiskWait time.Duration
+	// MountCgroup mounts cgroup2 on /sys/fs/cgroup if it is not there yet.
+	// Set it in the VM only; a host has its own.
+	MountCgroup bool
+	// CgroupParent is the cgroup build steps run under (default "kiln").
+	CgroupParent string
+	// Agent names the agent and its version in the hello.
+	Agent string
+	// Logger is the local log (the VM console). Records also go to the host.
+	Logger *slog.Logger
+}
+
+// VMEnv is the Env of the builder VM's image.
+func VMEnv(agentVersion string) Env {
+	return Env{
+		Buildkitd:   "/usr/bin/buildkitd",
+		Runc:        "/usr/sbin/runc",
+		Mount:       "/var/lib/buildkit",
+		StateDir:    "/run/kiln",
+		MountCgroup: true,
+		Agent:       "kiln-agent " + agentVersion,
+	}
+}
+
+// Phases the agent reports through progress.Phase events; the same names
+// the process runtime uses, so a build looks alike on either runtime.
+const (
+	PhaseStartingBuildkitd = "starting buildkitd"
+	PhaseSolving           = "solving"
+)
+
+// workDirName is the directory on the volume the build context is unpacked
+// into. It lives on the volume, not in guest RAM, because contexts can be
+// large; it is removed before the volume is released.
+const workDirName = "kiln-context"
+
+// Run serves one build over conn, the guest end of the host channel: it
+// says hello, receives the job, mounts the cache volume at env.Mount,
+// starts buildkitd on it, solves while streaming events to the host, and
+// answers with the result. Before answering it stops buildkitd and
+// unmounts the volume, also when the host canceled or went away, so the
+// volume is clean whatever happens next. It returns the build's error, if
+// any, joined with any failure to deliver the result.
+func Run(ctx context.Context, conn io.ReadWriteCloser, env Env) error {
+	if env.Logger == nil {
+		env.Logger = slog.Default()
+	}
+	s, err := guest.Accept(ctx, conn, guest.AgentOptions{Agent: env.Agent, Logger: env.Logger})
+	if err != nil {
+		return fmt.Errorf("agent: connect to the host: %w", err)
+	}
+	defer s.Close()
+	// A broken image is reported to the host as the build's error rather
+	// than left for it to find as a silent agent.
+	var res solve.Result
+	buildErr := env.check()
+	if buildErr == nil {
+		res, buildErr = build(ctx, s, env, s.Logger())
+	}
+	if err := s.Finish(res, buildErr); err != nil {
+		return errors.Join(buildErr, fmt.Errorf("agent: %w", err))
+	}
+	return buildErr
+}
+
+func (env *Env) check() error {
+	for _, f := range []struct{ name, value string }{
+		{"buildkitd binary", env.Buildkitd},
+		{"runc binary", env.Runc},
+		{"mount point", env.Mount},
+		{"state dir", env.StateDir},
+	} {
+		if f.value == "" {
+			return fmt.Errorf("builder image: agent %s is not set", f.name)
+		}
+	}
+	if env.DiskWait == 0 {
+		env.DiskWait = 10 * time.Second
+	}
+	if env.CgroupParent == "" {
+		env.CgroupParent = "kiln"
+	}
+	return nil
+}
+
+func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) (res solve.Result, err error) {
+	// The build stops when the agent's caller stops it or the host cancels
+	// (or disappears).
+	ctx, cancel := context.WithCancelCause(parent)
+	defer cancel(nil)
+	stopFollow := context.AfterFunc(s.Context(), func() { cancel(context.Cause(s.Context())) })
+	defer stopFollow()
+
+	job := s.Job()
+	switch job.Network {
+	case "", "host", "default":
+	default:
+		return res, fmt.Errorf("network %q is not supported; build steps share the builder VM's network", job.Network)
+	}
+	if env.MountCgroup {
+		if err := ensureCgroup2(); err != nil {
+			return res, err
+		}
+	}
+	dev, err := findDisk(ctx, job.CacheDisk, env)
+	if err != nil {
+		return res, err
+	}
+
+	// Teardown runs in this order whatever happened: tunnels, buildkitd,
+	// context, volume. Its errors join the build's.
+	var (
+		stopTunnels func()
+		daemon      *buildkitd.Daemon
+		work        string
+		mounted     bool
+	)
+	defer func() {
+		var errs []error
+		if stopTunnels != nil {
+			stopTunnels()
+		}
+		if daemon != nil {
+			sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			if e := daemon.Stop(sctx); e != nil {
+				errs = append(errs, fmt.Errorf("stop buildkitd: %w", e))
+			}
+			scancel()
+		}
+		if work != "" {
+			if e := os.RemoveAll(work); e != nil {
+				errs = append(errs, fmt.Errorf("remove build context: %w", e))
+			}
+		}
+		if mounted {
+			if e := releaseVolume(env.Mount); e != nil {
+				errs = append(errs, e)
+			}
+		}
+		if e := errors.Join(errs...); e != nil {
+			log.Error("cleanup failed", "err", e)
+			err = errors.Join(err, fmt.Errorf("clean up: %w", e))
+		}
+	}()
+
+	started := time.Now()
+	if err := mountVolume(dev, env.Mount); err != nil {
+		return res, err
+	}
+	mounted = true
+	log.Info("cache volume mounted", "device", dev, "at", env.Mount, "took", time.Since(started).Round(time.Millisecond))
+
+	// A crashed earlier run may have left its context behind.
+	work = filepath.Join(env.Mount, workDirName)
+	if err := os.RemoveAll(work); err != nil {
+		return res, fmt.Errorf("remove stale build context: %w", err)
+	}
+	if err := os.Mkdir(work, 0o700); err != nil {
+		return res, fmt.Errorf("create build context dir: %w", err)
+	}
+	req, err := s.FetchContext(ctx, work)
+	if err != nil {
+		return res, err
+	}
+
+	if stopTunnels, err = s.ListenTunnels(ctx); err != nil {
+		return res, err
+	}
+
+	s.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
+	if err := os.MkdirAll(env.StateDir, 0o700); err != nil {
+		return res, fmt.Errorf("create buildkitd state dir: %w", err)
+	}
+	started = time.Now()
+	daemon, err = buildkitd.Start(ctx, buildkitd.Config{
+		Binary:             env.Buildkitd,
+		Root:               env.Mount,
+		Dir:                env.StateDir,
+		Runc:               env.Runc,
+		GC:                 job.GC,
+		InsecureRegistries: job.InsecureRegistries,
+		CgroupParent:       env.CgroupParent,
+		MaxParallelism:     job.MaxParallelism,
+		// The volume outlives the build; step output may hold secrets.
+		NoHistory: true,
+		Logger:    log,
+	})
+	if err != nil {
+		return res, err
+	}
+	log.Info("buildkitd ready", "took", time.Since(started).Round(time.Millisecond))
+
+	s.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseSolving})
+	res, err = solve.Run(ctx, daemon.Client(), req, s)
+	if err != nil && ctx.Err() != nil {
+		if cause := context.Cause(ctx); cause != ctx.Err() {
+			err = fmt.Errorf("%w: %w", err, cause)
+		}
+	}
+	if err != nil && ctx.Err() == nil {
+		select {
+		case <-daemon.Exited():
+			err = fmt.Errorf("%w\nbuildkitd exited during the build; its output:\n%s", err, daemon.StderrTail())
+		default:
+		}
+	}
+	return res, err
+}
+
+// findDisk maps a disk serial to its device node, waiting for it to appear:
+// virtio disks are probed asynchronously during boot.
+func findDisk(ctx context.Context, serial string, env Env) (string, error) {
+	if serial == "" {
+		return "", errors.New("the job names no cache disk")
+	}
+	if dev, ok := env.Disks[serial]; ok {
+		return dev, checkBlockDevice(dev)
+	}
+	deadline := time.Now().Add(env.DiskWait)
+	for {
+		var seen []string
+		matches, _ := filepath.Glob("/sys/block/*/serial")
+		for _, m := range matches {
+			b, err := os.ReadFile(m)
+			if err != nil {
+				continue
+			}
+			name := filepath.Base(filepath.Dir(m))
+			s := strings.TrimSpace(string(b))
+			seen = append(seen, name+"="+s)
+			if s == serial {
+				dev := "/dev/" + name
+				return dev, checkBlockDevice(dev)
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no disk with serial %q after %s (found %v); the host must attach the cache volume with serial=%s", serial, env.DiskWait, seen, serial)
+		}
+		select {
+		case <-ctx.Done():
+			return "", context.Cause(ctx)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func checkBlockDevice(dev string) error {
+	fi, err := os.Stat(dev)
+	if err != nil {
+		return fmt.Errorf("cache disk: %w", err)
+	}
+	if fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
+		return fmt.Errorf("cache disk %s is not a block device", dev)
+	}
+	return nil
+}
+
+// mountVolume mounts the ext4 cache volume. Never anything else: a tmpfs
+// root would lose the cache with the VM.
+func mountVolume(dev, at string) error {
+	if m, err := buildkitd.MountsUnder(at); err != nil {
+		return err
+	} else if len(m) > 0 {
+		return fmt.Errorf("%s is already in use (%v mounted); refusing to mount the cache volume over it", at, m)
+	}
+	if err := os.MkdirAll(at, 0o700); err != nil {
+		return fmt.Errorf("create mount point %s: %w", at, err)
+	}
+	if err := syscall.Mount(dev, at, "ext4", syscall.MS_NOATIME, ""); err != nil {
+		return fmt.Errorf("mount cache volume %s at %s: %w; is it an ext4 filesystem (and is the ext4 module loaded)?", dev, at, err)
+	}
+	return nil
+}
+
+// releaseVolume flushes the volume and unmounts it together with whatever
+// buildkitd left mounted below it, deepest first, so the filesystem is
+// clean when the VM goes away.
+func releaseVolume(at string) error {
+	if fd, err := unix.Open(at, unix.O_RDONLY|unix.O_DIRECTORY, 0); err == nil {
+		_ = unix.Syncfs(fd)
+		unix.Close(fd)
+	}
+	mounts, err := buildkitd.MountsUnder(at)
+	if err != nil {
+		return fmt.Errorf("release cache volume: %w", err)
+	}
+	for _, m := range mounts {
+		if err := buildkitd.Unmount(m); err != nil {
+			return fmt.Errorf("release cache volume: %w", err)
+		}
+	}
+	return nil
+}
+
+// ensureCgroup2 mounts the unified cgroup hierarchy runc needs, unless the
+// init already did.
+func ensureCgroup2() error {
+	const at = "/sys/fs/cgroup"
+	var st unix.Statfs_t
+	if err := unix.Statfs(at, &st); err == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {
+		return nil
+	}
+	if err := os.MkdirAll(at, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", at, err)
+	}
+	if err := unix.Mount("cgroup2", at, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("mount cgroup2 on %s: %w; runc needs it", at, err)
+	}
+	return nil
+}

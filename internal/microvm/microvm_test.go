@@ -1,0 +1,341 @@
+package microvm_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/microvm"
+)
+
+var (
+	imageOnce sync.Once
+	image     builderimage.Manifest
+	imageErr  error
+)
+
+// builderImage builds (or reuses, when its inputs are unchanged) the
+// builder image in a directory shared by all test binaries.
+func builderImage(t *testing.T) builderimage.Manifest {
+	t.Helper()
+	requireQEMU(t)
+	imageOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+		defer cancel()
+		image, imageErr = builderimage.Build(ctx, builderimage.Options{
+			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
+			InstallPackages: true,
+		})
+	})
+	if imageErr != nil {
+		t.Fatalf("build builder image: %v", imageErr)
+	}
+	return image
+}
+
+func requireQEMU(t *testing.T) {
+	t.Helper()
+	_, qerr := exec.LookPath("qemu-system-x86_64")
+	_, kerr := os.Stat("/dev/kvm")
+	if qerr != nil && kerr != nil {
+		t.Skip("needs qemu-system-x86_64 (apt-get install -y qemu-system-x86); this host has neither QEMU nor /dev/kvm")
+	}
+	if qerr != nil {
+		t.Fatalf("qemu-system-x86_64 is missing: %v; install it with `apt-get install -y qemu-system-x86`", qerr)
+	}
+}
+
+func builderConfig(t *testing.T, m builderimage.Manifest, memMiB int) microvm.Config {
+	return microvm.Config{
+		Kernel:    m.KernelPath(),
+		Initrd:    m.InitramfsPath(),
+		Cmdline:   m.Cmdline,
+		MemoryMiB: memMiB,
+		CPUs:      2,
+		Disks:     []microvm.Disk{{Path: m.RootfsPath(), Serial: m.RootSerial, ReadOnly: true}},
+		Ports:     []string{m.AgentPort},
+		RunDir:    t.TempDir(),
+		Logger:    slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		Console:   consoleWriter(),
+	}
+}
+
+// consoleWriter streams guest consoles to stderr, stamped with the time
+// since the test binary started, when KILN_TEST_CONSOLE=1.
+func consoleWriter() io.Writer {
+	if os.Getenv("KILN_TEST_CONSOLE") != "1" {
+		return nil
+	}
+	return &stampWriter{start: testStart}
+}
+
+var testStart = time.Now()
+
+type stampWriter struct {
+	mu    sync.Mutex
+	start time.Time
+	bol   bool
+}
+
+func (w *stampWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, line := range strings.SplitAfter(string(p), "\n") {
+		if line == "" {
+			continue
+		}
+		if !w.bol {
+			fmt.Fprintf(os.Stderr, "[%7.3f] ", time.Since(w.start).Seconds())
+		}
+		os.Stderr.WriteString(line)
+		w.bol = strings.HasSuffix(line, "\n") == false
+	}
+	return len(p), nil
+}
+
+// bootToReady starts a VM and reads the placeholder agent's ready line
+// from the host end of the virtio-serial port.
+func bootToReady(ctx context.Context, t *testing.T, cfg microvm.Config) (vm *microvm.VM, line string, took time.Duration) {
+	t.Helper()
+	start := time.Now()
+	vm, err := microvm.Start(ctx, cfg)
+	if err != nil {
+		t.Fatalf("start VM: %v", err)
+	}
+	t.Cleanup(func() { vm.Kill() })
+	port := vm.Port(builderimage.AgentPort)
+	if port == nil {
+		t.Fatal("VM has no agent port")
+	}
+	type res struct {
+		line string
+		err  error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		l, err := bufio.NewReader(port).ReadString('\n')
+		ch <- res{l, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			vm.Kill()
+			t.Fatalf("read agent port: %v\nconsole:\n%s", r.err, vm.Console())
+		}
+		return vm, strings.TrimSpace(r.line), time.Since(start)
+	case <-ctx.Done():
+		vm.Kill()
+		t.Fatalf("no agent ready line before %v\nconsole:\n%s", ctx.Err(), vm.Console())
+	}
+	return nil, "", 0
+}
+
+// TestBootMatrix boots the builder image with every memory size a build
+// may ask for and checks the agent comes up and sees that memory.
+func TestBootMatrix(t *testing.T) {
+	m := builderImage(t)
+	accel, reason := microvm.ProbeAccel()
+	t.Logf("accelerator %s: %s", accel, reason)
+	for _, mem := range []int{256, 512, 1024, 2048, 4096, 8192} {
+		t.Run(fmt.Sprintf("%dMiB", mem), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			vm, line, took := bootToReady(ctx, t, builderConfig(t, m, mem))
+			f := strings.Fields(line)
+			if len(f) != 4 || f[0] != "kiln-agent" || f[1] != "ready" {
+				t.Fatalf("agent said %q, want \"kiln-agent ready <kernel> <MiB>\"", line)
+			}
+			if f[2] != m.KernelVersion {
+				t.Errorf("guest runs kernel %s, image has %s", f[2], m.KernelVersion)
+			}
+			seen, err := strconv.Atoi(f[3])
+			if err != nil {
+				t.Fatalf("memory %q: %v", f[3], err)
+			}
+			// The kernel keeps some memory for itself; MemTotal must
+			// still be most of what was asked for, and never more.
+			if seen > mem || seen < mem*80/100 {
+				t.Errorf("guest sees %d MiB, asked for %d", seen, mem)
+			}
+			// The agent powers off: QEMU must exit on its own, cleanly.
+			select {
+			case <-vm.Done():
+			case <-time.After(30 * time.Second):
+				t.Fatalf("QEMU still running 30s after the agent powered off\nconsole:\n%s", vm.Console())
+			}
+			if err := vm.Wait(); err != nil {
+				t.Fatalf("QEMU exit: %v\nconsole:\n%s", err, vm.Console())
+			}
+			t.Logf("%5d MiB: boot to agent ready %s (guest MemTotal %d MiB, %s)", mem, took.Round(time.Millisecond), seen, vm.Accel())
+		})
+	}
+}
+
+// TestKillLeavesNothing kills a booting VM and checks no QEMU process and
+// no socket or run directory remain.
+func TestKillLeavesNothing(t *testing.T) {
+	m := builderImage(t)
+	cfg := builderConfig(t, m, 512)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	vm, err := microvm.Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := vm.PID()
+	if !processAlive(pid) {
+		t.Fatal("QEMU is not running right after Start")
+	}
+	// Kill while the guest is still booting.
+	time.Sleep(300 * time.Millisecond)
+	if err := vm.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if processAlive(pid) {
+		t.Fatalf("QEMU pid %d still exists after Kill", pid)
+	}
+	if pids := qemuProcessesUsing(t, cfg.RunDir); len(pids) > 0 {
+		t.Fatalf("QEMU processes still running for this VM: %v", pids)
+	}
+	leftovers, _ := os.ReadDir(cfg.RunDir)
+	if len(leftovers) > 0 {
+		t.Fatalf("run directory still holds %v", leftovers)
+	}
+	if err := vm.Wait(); err == nil {
+		t.Fatal("Wait after Kill returned nil, want the kill reported")
+	}
+	// Kill is idempotent.
+	if err := vm.Kill(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestContextCancelStopsVM: canceling Start's context ends the VM.
+func TestContextCancelStopsVM(t *testing.T) {
+	m := builderImage(t)
+	cfg := builderConfig(t, m, 256)
+	ctx, cancel := context.WithCancel(context.Background())
+	vm, err := microvm.Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	select {
+	case <-vm.Done():
+	case <-time.After(10 * time.Second):
+		vm.Kill()
+		t.Fatal("VM still running 10s after its context was canceled")
+	}
+	if processAlive(vm.PID()) {
+		t.Fatal("QEMU process survives cancel")
+	}
+}
+
+// TestTwoVMsShareTheReadOnlyRoot boots two VMs from one root image at
+// once, as concurrent builds do; a writable attachment would fail on
+// QEMU's image lock.
+func TestTwoVMsShareTheReadOnlyRoot(t *testing.T) {
+	m := builderImage(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	lines := make([]string, 2)
+	for i := range lines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, lines[i], _ = bootToReady(ctx, t, builderConfig(t, m, 256))
+		}()
+	}
+	wg.Wait()
+	for i, l := range lines {
+		if !strings.HasPrefix(l, "kiln-agent ready ") {
+			t.Fatalf("VM %d said %q", i, l)
+		}
+	}
+}
+
+// TestBrokenGuestEndsVM: without the root disk, init fails; the VM must
+// end by itself (panic=-1, reboot=t, -no-reboot) with the reason on the
+// console instead of hanging.
+func TestBrokenGuestEndsVM(t *testing.T) {
+	m := builderImage(t)
+	cfg := builderConfig(t, m, 256)
+	cfg.Disks = nil
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	vm, err := microvm.Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-vm.Done():
+	case <-ctx.Done():
+		vm.Kill()
+		t.Fatalf("VM without a root disk did not end\nconsole:\n%s", vm.Console())
+	}
+	if !strings.Contains(vm.Console(), `no virtio disk with serial "kiln-root"`) {
+		t.Fatalf("console does not say why the guest failed:\n%s", vm.Console())
+	}
+}
+
+func TestStartRejectsBadConfig(t *testing.T) {
+	m := builderImage(t)
+	for name, mutate := range map[string]func(*microvm.Config){
+		"tiny memory":   func(c *microvm.Config) { c.MemoryMiB = 16 },
+		"missing disk":  func(c *microvm.Config) { c.Disks[0].Path = "/nonexistent" },
+		"long serial":   func(c *microvm.Config) { c.Disks[0].Serial = strings.Repeat("x", 21) },
+		"bad accel":     func(c *microvm.Config) { c.Accel = "hvf" },
+		"missing qemu":  func(c *microvm.Config) { c.QEMU = "/nonexistent/qemu" },
+		"dup port name": func(c *microvm.Config) { c.Ports = []string{"a", "a"} },
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := builderConfig(t, m, 256)
+			mutate(&cfg)
+			vm, err := microvm.Start(context.Background(), cfg)
+			if err == nil {
+				vm.Kill()
+				t.Fatal("Start accepted a bad config")
+			}
+		})
+	}
+}
+
+// processAlive reports whether pid exists, zombies included: Kill must
+// also reap.
+func processAlive(pid int) bool {
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return err == nil
+}
+
+// qemuProcessesUsing lists processes whose command line mentions dir.
+func qemuProcessesUsing(t *testing.T, dir string) []int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil && strings.Contains(string(b), dir) && strings.Contains(string(b), "qemu") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
