@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -50,5 +51,13 @@ func TestTimeoutFailsTheBuildAndMetricsCountIt(t *testing.T) {
 		if !strings.Contains(string(metrics), want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+}
+
+func TestConfigOverTheHostIsAStartupError(t *testing.T) {
+	out, err := exec.Command(kilnBinary(t), "serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0",
+		"--limits-cpus-max", "4096").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "limits.cpus.max") {
+		t.Errorf("kiln serve with more CPUs than the host: err %v\n%s", err, out)
 	}
 }

@@ -105,7 +105,7 @@ func (c *Config) settings() []setting {
 		{"limits.memory_mb.default", "2048", "memory (MiB) a build gets when it asks for none", kInt, &c.MemoryMBDefault},
 		{"limits.memory_mb.max", "8192", "most memory (MiB) a build may ask for", kInt, &c.MemoryMBMax},
 		{"limits.disk_gb.default", "20", "scratch volume size (GiB) for builds without a warm cache", kInt, &c.DiskGBDefault},
-		{"limits.disk_gb.max", "100", "largest scratch volume (GiB) a build may ask for", kInt, &c.DiskGBMax},
+		{"limits.disk_gb.max", "50", "largest scratch volume (GiB) a build may ask for", kInt, &c.DiskGBMax},
 		{"limits.timeout_seconds.default", "3600", "build timeout (s) when a build asks for none", kInt, &c.TimeoutSecDefault},
 		{"limits.timeout_seconds.max", "21600", "longest timeout (s) a build may ask for", kInt, &c.TimeoutSecMax},
 		{"cache.volume_size", "20GiB", "size of each cache scope's ext4 volume (sparse: only used blocks take host disk)", kBytes, &c.CacheVolumeSize},

@@ -113,3 +113,31 @@ func TestMirrorSettingsFromFileAndEnv(t *testing.T) {
 		t.Errorf("bad credentials: error %v must exist and not echo the value", err)
 	}
 }
+
+func TestCapsAreCheckedAgainstTheHost(t *testing.T) {
+	c, err := load(t, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := Host{CPUs: 2, MemoryMB: 4096, DiskBytes: 200 << 30, FreeBytes: 50 << 30}
+	c.CPUsMax, c.MemoryMBMax, c.DiskGBMax = 2, 4096, 100
+	warn, err := c.CheckHost(host)
+	if err != nil || len(warn) != 1 || !strings.Contains(warn[0], "free") {
+		t.Errorf("caps within the host: err %v warnings %v", err, warn)
+	}
+	for name, mutate := range map[string]func(*Config){
+		"limits.cpus.max":      func(c *Config) { c.CPUsMax = 3 },
+		"limits.memory_mb.max": func(c *Config) { c.MemoryMBMax = 8192 },
+		"limits.disk_gb.max":   func(c *Config) { c.DiskGBMax = 300 },
+	} {
+		cc := c
+		mutate(&cc)
+		if _, err := cc.CheckHost(host); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s over the host: error %v", name, err)
+		}
+	}
+	real, err := ReadHost(t.TempDir())
+	if err != nil || real.CPUs < 1 || real.MemoryMB < 1 || real.DiskBytes <= 0 {
+		t.Errorf("ReadHost: %+v %v", real, err)
+	}
+}

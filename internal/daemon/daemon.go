@@ -64,6 +64,17 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 	level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
+	host, err := config.ReadHost(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	warnings, err := cfg.CheckHost(host)
+	if err != nil {
+		return fmt.Errorf("configuration does not fit this host: %w", err)
+	}
+	for _, w := range warnings {
+		log.Warn(w)
+	}
 	data, err := filepath.Abs(cfg.DataDir)
 	if err != nil {
 		return err
