@@ -26,9 +26,12 @@ bin/kiln:
 	go build -o bin/kiln ./cmd/kiln
 
 # buildkitd is built from the BuildKit Go module pinned in go.mod (a tool
-# directive), so nothing is downloaded outside the Go module proxy.
+# directive), so nothing is downloaded outside the Go module proxy. It is
+# static and built with exactly the flags internal/builderimage uses for
+# the builder VM, so the host and the guest share one compile (it is the
+# slowest step of a fresh build).
 bin/buildkitd: go.mod go.sum
-	go build -o bin/buildkitd github.com/moby/buildkit/cmd/buildkitd
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 go build -trimpath -buildvcs=false -ldflags="-s -w -buildid=" -o bin/buildkitd github.com/moby/buildkit/cmd/buildkitd
 
 generate:
 	go test ./internal/config -run TestConfigurationDocIsCurrent -update >/dev/null

@@ -28,6 +28,10 @@ const (
 	AgentPort = "kiln.0"
 	// AgentPath is the agent binary inside the root filesystem.
 	AgentPath = "/usr/bin/kiln-agent"
+	// CacheSerial is the serial the vm runtime gives the build's ext4
+	// cache volume; the agent finds it by this serial and mounts it at
+	// CacheMountPoint.
+	CacheSerial = "kiln-cache"
 	// CacheMountPoint is the empty directory in the root filesystem where
 	// the agent mounts the build's cache volume.
 	CacheMountPoint = "/var/lib/buildkit"
@@ -238,6 +242,13 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 		return Manifest{}, err
 	}
 	defer unlock()
+	// Under the lock no other build is running: whatever a crashed one
+	// left behind can go.
+	if stale, _ := filepath.Glob(filepath.Join(out, ".build-*")); len(stale) > 0 {
+		for _, d := range stale {
+			os.RemoveAll(d)
+		}
+	}
 
 	work, err := os.MkdirTemp(out, ".build-")
 	if err != nil {
@@ -386,19 +397,29 @@ func binaries(ctx context.Context, opts Options, work string, log *slog.Logger) 
 			return b, err
 		}
 	}
+	var bkVersion []string
+	if b.buildkitd == "" {
+		// The tool directive in go.mod pins the version; stamp it so
+		// buildkitd reports it like a release build does.
+		v, err := goModuleVersion(ctx, src, "github.com/moby/buildkit")
+		if err != nil {
+			return b, err
+		}
+		bkVersion = []string{"-X", "github.com/moby/buildkit/version.Version=" + v}
+	}
 	for _, t := range []struct {
-		dst *string
-		pkg string
+		dst     *string
+		pkg     string
+		ldflags []string
 	}{
-		{&b.agent, "./cmd/kiln-agent"},
-		{&b.init, "./cmd/kiln-init"},
-		// The tool directive in go.mod pins the version.
-		{&b.buildkitd, "github.com/moby/buildkit/cmd/buildkitd"},
+		{&b.agent, "./cmd/kiln-agent", nil},
+		{&b.init, "./cmd/kiln-init", nil},
+		{&b.buildkitd, "github.com/moby/buildkit/cmd/buildkitd", bkVersion},
 	} {
 		if *t.dst == "" {
 			p := filepath.Join(work, "bin", filepath.Base(t.pkg))
 			start := time.Now()
-			if err := goBuild(ctx, src, t.pkg, p); err != nil {
+			if err := goBuild(ctx, src, t.pkg, p, t.ldflags...); err != nil {
 				return b, err
 			}
 			log.Debug("built static binary", "package", t.pkg, "elapsed", time.Since(start).Round(time.Millisecond))
@@ -510,10 +531,12 @@ func ensurePackages(ctx context.Context, opts Options, log *slog.Logger) error {
 		return fmt.Errorf("builder image needs Debian packages %s; install them with `%s`", strings.Join(missing, ", "), install)
 	}
 	log.Info("installing packages for the builder image", "packages", missing)
-	cmd := exec.CommandContext(ctx, "apt-get", append([]string{"install", "-y", "-q"}, missing...)...)
-	cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s: %w\n%s", install, err, strings.TrimSpace(string(out)))
+	for _, args := range [][]string{{"update", "-q"}, append([]string{"install", "-y", "-q"}, missing...)} {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("apt-get %s: %w\n%s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
 	}
 	return nil
 }

@@ -19,14 +19,17 @@ const kilnModule = "github.com/kiln-build/kiln"
 // goBuild builds one package as a static linux/amd64 binary. -trimpath,
 // no VCS stamping and an empty build ID make the output a function of the
 // source and toolchain alone, which the reproducibility promise needs.
-func goBuild(ctx context.Context, srcDir, pkg, out string) error {
+func goBuild(ctx context.Context, srcDir, pkg, out string, ldflags ...string) error {
 	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-buildvcs=false",
-		"-ldflags=-s -w -buildid=", "-o", out, pkg)
+		"-ldflags="+strings.Join(append([]string{"-s", "-w", "-buildid="}, ldflags...), " "), "-o", out, pkg)
 	cmd.Dir = srcDir
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if errors.Is(err, exec.ErrNotFound) {
+			return fmt.Errorf("go build %s: the go command is not installed; install Go, or pass prebuilt static binaries in Options", pkg)
 		}
 		return fmt.Errorf("go build %s (in %s): %w\n%s", pkg, srcDir, err, strings.TrimSpace(string(out)))
 	}
@@ -101,4 +104,16 @@ func commandVersion(ctx context.Context, bin string) string {
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
 	return strings.TrimSpace(line)
+}
+
+// goModuleVersion asks the go command which version of mod the source
+// tree pins.
+func goModuleVersion(ctx context.Context, srcDir, mod string) (string, error) {
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", mod)
+	cmd.Dir = srcDir
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("go list -m %s (in %s): %w", mod, srcDir, err)
+	}
+	return strings.TrimSpace(string(out)), nil
 }

@@ -44,6 +44,7 @@ func rootLayout(agent, buildkitd, runc string, caBundle string) ([]rootFile, err
 		{Path: "/lib", Mode: fs.ModeSymlink, Link: "usr/lib"},
 		{Path: "/lib64", Mode: fs.ModeSymlink, Link: "usr/lib64"},
 		{Path: "/var/run", Mode: fs.ModeSymlink, Link: "../run"},
+		{Path: "/var/tmp", Mode: fs.ModeSymlink, Link: "../tmp"},
 		{Path: "/etc/resolv.conf", Mode: fs.ModeSymlink, Link: "../run/resolv.conf"},
 		{Path: "/etc/mtab", Mode: fs.ModeSymlink, Link: "../proc/self/mounts"},
 		{Path: "/usr/bin/kiln-agent", Mode: 0o755, Source: agent},
@@ -56,7 +57,7 @@ func rootLayout(agent, buildkitd, runc string, caBundle string) ([]rootFile, err
 		{Path: "/etc/nsswitch.conf", Mode: 0o644, Data: []byte("passwd: files\ngroup: files\nhosts: files dns\n")},
 		{Path: "/etc/os-release", Mode: 0o644, Data: []byte("NAME=\"kiln builder\"\nID=kiln-builder\n")},
 	}
-	for _, d := range []string{"/dev", "/proc", "/sys", "/run", "/root", "/var/lib/buildkit", "/var/tmp", "/etc/buildkit"} {
+	for _, d := range []string{"/dev", "/proc", "/sys", "/run", "/root", "/var/lib/buildkit"} {
 		files = append(files, rootFile{Path: d, Mode: fs.ModeDir | 0o755})
 	}
 	files = append(files, rootFile{Path: "/tmp", Mode: fs.ModeDir | fs.ModeSticky | 0o777})

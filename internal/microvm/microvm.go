@@ -1,8 +1,10 @@
 package microvm
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -89,10 +91,11 @@ type VM struct {
 	err    error
 }
 
-// Start launches QEMU and returns once it runs and every port is
-// connected. The VM lives until the guest powers off, Kill or Stop is
-// called, or ctx is done, whichever comes first; in all cases QEMU is
-// gone once Wait returns. Port sockets exist only while Start runs.
+// Start launches QEMU and returns once every device is set up, every port
+// is connected and the guest runs; the port sockets exist only while
+// Start runs. The VM lives until the guest powers off or reboots, Kill or
+// Stop is called, or ctx is done, whichever comes first; in all cases
+// QEMU is gone once Wait returns.
 func Start(ctx context.Context, cfg Config) (*VM, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -126,8 +129,11 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	// The sockets are only needed until QEMU has connected.
 	defer os.RemoveAll(sockDir)
 
-	listeners := make([]*net.UnixListener, len(cfg.Ports))
-	sockets := make([]string, len(cfg.Ports))
+	// Socket 0 is QMP, then one per port. QEMU connects to all of them
+	// as a client while it creates its chardevs.
+	names := append([]string{"qmp"}, cfg.Ports...)
+	listeners := make([]*net.UnixListener, len(names))
+	sockets := make([]string, len(names))
 	defer func() {
 		for _, l := range listeners {
 			if l != nil {
@@ -135,16 +141,19 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 			}
 		}
 	}()
-	for i := range cfg.Ports {
-		sockets[i] = filepath.Join(sockDir, fmt.Sprintf("port%d.sock", i))
+	for i := range names {
+		sockets[i] = filepath.Join(sockDir, fmt.Sprintf("s%d.sock", i))
+		if len(sockets[i]) > 107 {
+			return nil, fmt.Errorf("VM socket path %s is longer than the 107 bytes unix sockets allow; use a shorter RunDir", sockets[i])
+		}
 		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sockets[i], Net: "unix"})
 		if err != nil {
-			return nil, fmt.Errorf("listen for VM port %s: %w", cfg.Ports[i], err)
+			return nil, fmt.Errorf("listen for VM socket %s: %w", names[i], err)
 		}
 		listeners[i] = l
 	}
 
-	args := Args(cfg, accel, sockets)
+	args := Args(cfg, accel, sockets[0], sockets[1:])
 	cmd := exec.Command(qemu, args...)
 	vm := &VM{
 		cmd:     cmd,
@@ -175,7 +184,7 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	go vm.wait()
 
 	stop := context.AfterFunc(ctx, func() { vm.Kill() })
-	if err := vm.acceptPorts(ctx, cfg, listeners); err != nil {
+	if err := vm.boot(ctx, cfg, names, listeners); err != nil {
 		stop()
 		vm.Kill()
 		return nil, err
@@ -188,43 +197,59 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	return vm, nil
 }
 
-// Args is the QEMU command line for cfg, with port i connected to the
-// unix socket sockets[i].
-func Args(cfg Config, accel Accel, sockets []string) []string {
+// Args is the QEMU command line for cfg: QMP on the unix socket qmp and
+// port i on portSockets[i]. QEMU connects to all of them as a client and
+// starts with the guest paused (-S) until QMP says "cont".
+func Args(cfg Config, accel Accel, qmp string, portSockets []string) []string {
 	args := []string{
 		// Nothing implicit: no default devices, no config files, no
 		// display, seccomp on, and a guest reset ends the process.
 		"-nodefaults", "-no-user-config", "-display", "none",
-		"-sandbox", "on", "-no-reboot",
+		"-sandbox", "on", "-no-reboot", "-S",
+		"-chardev", "socket,id=qmp,path=" + qemuEscape(qmp),
+		"-mon", "chardev=qmp,mode=control",
 		// ACPI stays on: without it the Debian kernel (no
 		// VIRTIO_MMIO_CMDLINE_DEVICES) finds no virtio-mmio device.
 		"-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
 	}
+	cmdline := append([]string(nil), BaseCmdline...)
 	switch accel {
 	case AccelKVM:
 		args = append(args, "-accel", "kvm", "-cpu", "host")
 	default:
 		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
+		// See hostTSCKHz: without the frequency a busy host makes the
+		// guest's timer calibration fail and the boot hang. Under TCG
+		// all vCPUs read the host's TSC, so it is also a reliable
+		// clocksource, far better than jiffies.
+		if khz := hostTSCKHz(); khz > 0 {
+			cmdline = append(cmdline, fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable")
+		}
 	}
+	cmdline = append(cmdline, cfg.Cmdline...)
 	args = append(args,
 		"-m", strconv.Itoa(cfg.MemoryMiB)+"M",
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-kernel", cfg.Kernel,
-		"-append", strings.Join(append(append([]string(nil), BaseCmdline...), cfg.Cmdline...), " "),
+		"-append", strings.Join(cmdline, " "),
 		"-chardev", "stdio,id=console,signal=off",
 		"-serial", "chardev:console",
 	)
 	if cfg.Initrd != "" {
 		args = append(args, "-initrd", cfg.Initrd)
 	}
+	// QEMU's default writeback cache: guest flushes still reach the disk,
+	// and VMs booting from one root image share the host's page cache.
+	// Writable disks pass discards through, so space the guest frees in a
+	// sparse cache volume is returned to the host.
 	for i, d := range cfg.Disks {
-		ro := "off"
+		mode := "readonly=off,discard=unmap"
 		if d.ReadOnly {
-			ro = "on"
+			mode = "readonly=on"
 		}
 		id := fmt.Sprintf("disk%d", i)
 		args = append(args,
-			"-drive", fmt.Sprintf("id=%s,file=%s,if=none,format=raw,readonly=%s,cache=none,aio=threads", id, qemuEscape(d.Path), ro),
+			"-drive", fmt.Sprintf("id=%s,file=%s,if=none,format=raw,%s", id, qemuEscape(d.Path), mode),
 			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", id, d.Serial))
 	}
 	if len(cfg.Ports) > 0 {
@@ -232,7 +257,7 @@ func Args(cfg Config, accel Accel, sockets []string) []string {
 		for i, name := range cfg.Ports {
 			id := fmt.Sprintf("port%d", i)
 			args = append(args,
-				"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuEscape(sockets[i])),
+				"-chardev", fmt.Sprintf("socket,id=%s,path=%s", id, qemuEscape(portSockets[i])),
 				"-device", fmt.Sprintf("virtserialport,bus=vser0.0,nr=%d,chardev=%s,name=%s", i+1, id, name))
 		}
 	}
@@ -292,36 +317,106 @@ func (c *Config) validate() error {
 	return nil
 }
 
-// acceptPorts waits until QEMU has connected every port socket. QEMU
-// connects while it sets up devices, before the guest runs, so nothing the
-// guest writes can be lost to a missing listener.
-func (v *VM) acceptPorts(ctx context.Context, cfg Config, ls []*net.UnixListener) error {
+// boot accepts QEMU's connections to the QMP and port sockets, then
+// resumes the guest through QMP. QMP answers only once QEMU has created
+// every device, so a device error (a locked disk, a bad option) fails
+// Start instead of surfacing later, and the ports are connected before
+// the guest can write to them.
+func (v *VM) boot(ctx context.Context, cfg Config, names []string, ls []*net.UnixListener) error {
 	deadline := time.Now().Add(cfg.StartTimeout)
+	var qmp *net.UnixConn
 	for i, l := range ls {
-		l.SetDeadline(deadline)
-		type res struct {
-			c   *net.UnixConn
-			err error
+		c, err := v.accept(ctx, l, deadline)
+		if err != nil {
+			return fmt.Errorf("start VM: QEMU did not connect %s: %w", names[i], err)
 		}
-		ch := make(chan res, 1)
-		go func() {
-			c, err := l.AcceptUnix()
-			ch <- res{c, err}
-		}()
-		select {
-		case r := <-ch:
-			if r.err != nil {
-				return fmt.Errorf("QEMU did not connect port %s within %s: %w%s", cfg.Ports[i], cfg.StartTimeout, r.err, v.stderrSuffix())
-			}
-			v.mu.Lock()
-			v.ports[cfg.Ports[i]] = r.c
-			v.mu.Unlock()
-		case <-v.done:
-			l.Close()
-			return fmt.Errorf("QEMU exited while starting: %v%s", v.err, v.stderrSuffix())
-		case <-ctx.Done():
-			l.Close()
+		if i == 0 {
+			qmp = c
+			defer qmp.Close()
+			continue
+		}
+		v.mu.Lock()
+		v.ports[names[i]] = c
+		v.mu.Unlock()
+	}
+	qmp.SetDeadline(deadline)
+	if err := qmpResume(qmp); err != nil {
+		if ctx.Err() != nil {
 			return fmt.Errorf("start VM: %w", ctx.Err())
+		}
+		// QEMU closes QMP when it fails during setup; wait for its exit
+		// so the error carries all of its stderr.
+		select {
+		case <-v.done:
+			return fmt.Errorf("start VM: QEMU exited during setup: %v", v.err)
+		case <-time.After(2 * time.Second):
+			return fmt.Errorf("start VM: resume guest over QMP: %w%s", err, v.stderrSuffix())
+		}
+	}
+	return nil
+}
+
+func (v *VM) accept(ctx context.Context, l *net.UnixListener, deadline time.Time) (*net.UnixConn, error) {
+	l.SetDeadline(deadline)
+	type res struct {
+		c   *net.UnixConn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		c, err := l.AcceptUnix()
+		ch <- res{c, err}
+	}()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, fmt.Errorf("%w%s", r.err, v.stderrSuffix())
+		}
+		return r.c, nil
+	case <-v.done:
+		l.Close()
+		return nil, fmt.Errorf("QEMU exited: %v", v.err)
+	case <-ctx.Done():
+		l.Close()
+		return nil, ctx.Err()
+	}
+}
+
+// qmpResume negotiates QMP and continues the paused guest.
+func qmpResume(c *net.UnixConn) error {
+	r := bufio.NewReader(c)
+	greeting, err := r.ReadBytes('\n')
+	if err != nil {
+		return fmt.Errorf("read QMP greeting: %w", err)
+	}
+	if !bytes.Contains(greeting, []byte(`"QMP"`)) {
+		return fmt.Errorf("unexpected QMP greeting %q", greeting)
+	}
+	for _, cmd := range []string{"qmp_capabilities", "cont"} {
+		if _, err := fmt.Fprintf(c, "{\"execute\":%q}\n", cmd); err != nil {
+			return fmt.Errorf("QMP %s: %w", cmd, err)
+		}
+		for {
+			line, err := r.ReadBytes('\n')
+			if err != nil {
+				return fmt.Errorf("QMP %s: %w", cmd, err)
+			}
+			var resp struct {
+				Return json.RawMessage `json:"return"`
+				Error  *struct {
+					Desc string `json:"desc"`
+				} `json:"error"`
+			}
+			if err := json.Unmarshal(line, &resp); err != nil {
+				return fmt.Errorf("QMP %s: bad reply %q: %w", cmd, line, err)
+			}
+			if resp.Error != nil {
+				return fmt.Errorf("QMP %s: %s", cmd, resp.Error.Desc)
+			}
+			if resp.Return != nil {
+				break
+			}
+			// Anything else is an asynchronous event.
 		}
 	}
 	return nil

@@ -1,0 +1,5 @@
+package microvm
+
+func rdtsc() uint64
+
+const haveTSC = true
