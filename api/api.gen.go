@@ -18,6 +18,24 @@ import (
 	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
+// Defines values for BuildRequestNetwork.
+const (
+	Egress   BuildRequestNetwork = "egress"
+	Isolated BuildRequestNetwork = "isolated"
+)
+
+// Valid indicates whether the value is a known member of the BuildRequestNetwork enum.
+func (e BuildRequestNetwork) Valid() bool {
+	switch e {
+	case Egress:
+		return true
+	case Isolated:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for BuildStatus.
 const (
 	BuildStatusCanceled  BuildStatus = "canceled"
@@ -71,10 +89,11 @@ func (e RootFSStatus) Valid() bool {
 
 // Build defines model for Build.
 type Build struct {
-	CacheScope   string    `json:"cache_scope"`
-	ContextBytes *int64    `json:"context_bytes,omitempty"`
-	Cpus         *int      `json:"cpus,omitempty"`
-	CreatedAt    time.Time `json:"created_at"`
+	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
+	CacheScope     string    `json:"cache_scope"`
+	ContextBytes   *int64    `json:"context_bytes,omitempty"`
+	Cpus           *int      `json:"cpus,omitempty"`
+	CreatedAt      time.Time `json:"created_at"`
 
 	// DedupOf The build whose result answered this one (identical inputs).
 	DedupOf    *string    `json:"dedup_of"`
@@ -90,6 +109,7 @@ type Build struct {
 	// InputHash Hash of everything that determines the result; identical hashes share results. Null for builds that never deduplicate (secrets, no_cache, pull, unpinnable bases).
 	InputHash      *string     `json:"input_hash"`
 	MemoryMb       *int        `json:"memory_mb,omitempty"`
+	Network        *string     `json:"network,omitempty"`
 	NoCache        *bool       `json:"no_cache,omitempty"`
 	Phase          string      `json:"phase"`
 	Pull           *bool       `json:"pull,omitempty"`
@@ -113,6 +133,9 @@ type BuildList struct {
 
 // BuildRequest defines model for BuildRequest.
 type BuildRequest struct {
+	// AllowedDomains With egress, the only domains reachable ("example.com", "*.example.com"); repeat the field.
+	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
+
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`
 
@@ -134,8 +157,14 @@ type BuildRequest struct {
 	// GlobalCacheKey Import the global cache tier cache/global/<key> read-only.
 	GlobalCacheKey *string `json:"global_cache_key,omitempty"`
 	MemoryMb       *int    `json:"memory_mb,omitempty"`
-	NoCache        *bool   `json:"no_cache,omitempty"`
-	Pull           *bool   `json:"pull,omitempty"`
+
+	// Network What RUN steps can reach. egress (default): the internet, or
+	// with allowed_domains only those domains through a filtering
+	// proxy; isolated: nothing but kiln's registry. The operator sets
+	// the default and which modes are allowed (403 otherwise).
+	Network *BuildRequestNetwork `json:"network,omitempty"`
+	NoCache *bool                `json:"no_cache,omitempty"`
+	Pull    *bool                `json:"pull,omitempty"`
 
 	// Secret One part per secret: part name "secret", its filename the secret
 	// id, its body the value (curl: -F 'secret=@token.txt;filename=npm').
@@ -147,6 +176,12 @@ type BuildRequest struct {
 	Target         *string   `json:"target,omitempty"`
 	TimeoutSeconds *int      `json:"timeout_seconds,omitempty"`
 }
+
+// BuildRequestNetwork What RUN steps can reach. egress (default): the internet, or
+// with allowed_domains only those domains through a filtering
+// proxy; isolated: nothing but kiln's registry. The operator sets
+// the default and which modes are allowed (403 otherwise).
+type BuildRequestNetwork string
 
 // BuildStatus defines model for BuildStatus.
 type BuildStatus string

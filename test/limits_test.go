@@ -61,3 +61,31 @@ func TestConfigOverTheHostIsAStartupError(t *testing.T) {
 		t.Errorf("kiln serve with more CPUs than the host: err %v\n%s", err, out)
 	}
 }
+
+func TestNetworkModePolicy(t *testing.T) {
+	s := startServer(t, withArgs("--network-allowed", "egress"))
+	files := map[string]string{"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"}
+	code, body := s.submit(s.admin, submission{files: files, fields: [][2]string{{"network", "isolated"}}})
+	if code != http.StatusForbidden || !strings.Contains(string(body), "network.allowed") {
+		t.Errorf("disallowed mode: %d %s", code, body)
+	}
+	code, body = s.submit(s.admin, submission{files: files, fields: [][2]string{{"network", "wifi"}}})
+	if code != http.StatusBadRequest {
+		t.Errorf("unknown mode: %d %s", code, body)
+	}
+	code, body = s.submit(s.admin, submission{files: files, fields: [][2]string{{"allowed_domains", "not a domain!"}}})
+	if code != http.StatusBadRequest || !strings.Contains(string(body), "allowed_domains") {
+		t.Errorf("bad domain: %d %s", code, body)
+	}
+	b := mustSucceed(t, s, s.admin, s.build(s.admin, submission{files: files}))
+	if b.Network == nil || *b.Network != "egress" {
+		t.Errorf("default network: %v", b.Network)
+	}
+	// The process runtime cannot enforce an allowlist: it refuses the
+	// build rather than run it with more access than asked for.
+	f := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY f /g\n", "f": "y"},
+		fields: [][2]string{{"allowed_domains", "example.com"}}}).Id, 5*time.Minute)
+	if f.Status != api.BuildStatusFailed || f.Error == nil || !strings.Contains(*f.Error, "--runtime vm") {
+		t.Errorf("allowlisted build on the process runtime: %s %v", f.Status, f.Error)
+	}
+}

@@ -85,6 +85,10 @@ type Config struct {
 	// DedupAcrossScopes lets a build be answered by an identical build of
 	// another cache scope (identical inputs, same executor).
 	DedupAcrossScopes bool
+	// NetworkDefault is the mode of builds that ask for none;
+	// NetworkAllowed the modes builds may ask for.
+	NetworkDefault string
+	NetworkAllowed []string
 	// CancelGrace is how long a cancel waits for the runtime to stop.
 	CancelGrace time.Duration
 }

@@ -10,6 +10,7 @@ import (
 	"path"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/egress"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/store"
@@ -75,6 +77,8 @@ type Request struct {
 	CacheScope     string
 	GlobalCacheKey string
 	GlobalCache    bool
+	Network        string
+	AllowedDomains []string
 }
 
 var (
@@ -208,6 +212,9 @@ func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.Bui
 	}
 	if req.GlobalCacheKey != "" && (!globalKey.MatchString(req.GlobalCacheKey) || len(req.GlobalCacheKey) > 128) {
 		return o, nil, badRequest("global_cache_key %q is invalid: use lower-case letters, digits and single '.', '_' or '-' separators", req.GlobalCacheKey)
+	}
+	if err := s.validateNetwork(req, &o); err != nil {
+		return o, nil, err
 	}
 	var err error
 	if o.CPUs, err = capped("cpus", req.CPUs, s.cfg.CPUs, "limits.cpus"); err != nil {
@@ -367,4 +374,32 @@ func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Buil
 	s.metrics.dedupHit()
 	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
 	return b, nil
+}
+
+// validateNetwork applies the operator's network policy: the default
+// mode, the allowed modes (403 for others) and a valid domain list.
+func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
+	mode := req.Network
+	if mode == "" {
+		mode = s.cfg.NetworkDefault
+	}
+	if mode == "" {
+		mode = "egress"
+	}
+	if mode != "egress" && mode != "isolated" {
+		return badRequest("network %q is unknown: use egress or isolated", req.Network)
+	}
+	if len(s.cfg.NetworkAllowed) > 0 && !slices.Contains(s.cfg.NetworkAllowed, mode) {
+		return forbidden("network mode %q is not allowed on this server (network.allowed is %s)", mode, strings.Join(s.cfg.NetworkAllowed, ", "))
+	}
+	if len(req.AllowedDomains) > 0 {
+		if mode != "egress" {
+			return badRequest("allowed_domains needs network egress: an isolated build reaches nothing but kiln's registry")
+		}
+		if _, err := egress.New(egress.Config{Allowed: req.AllowedDomains}); err != nil {
+			return badRequest("allowed_domains: %v", err)
+		}
+	}
+	o.Network, o.AllowedDomains = mode, req.AllowedDomains
+	return nil
 }

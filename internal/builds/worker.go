@@ -355,7 +355,8 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 		InsecureRegistries: []string{host},
 		CPUs:               b.Options.CPUs,
 		MemoryMB:           b.Options.MemoryMB,
-		Network:            "host",
+		Network:            b.Options.Network,
+		AllowedDomains:     b.Options.AllowedDomains,
 	}, nil
 }
 

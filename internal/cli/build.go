@@ -36,6 +36,8 @@ type buildFlags struct {
 	memoryMB       int
 	diskGB         int
 	timeout        string
+	network        string
+	allowDomains   []string
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -94,6 +96,8 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 	fl.IntVar(&f.memoryMB, "memory", 0, "memory for the builder in MB (default: the server's)")
 	fl.IntVar(&f.diskGB, "disk", 0, "disk for the builder in GB (default: the server's)")
 	fl.StringVar(&f.timeout, "timeout", "", "build time limit in seconds, or a duration like 30m (default: the server's)")
+	fl.StringVar(&f.network, "network", "", "network for RUN steps: egress (internet, the default) or isolated (only kiln's registry); the server decides which are allowed")
+	fl.StringArrayVar(&f.allowDomains, "allow-domain", nil, "with egress: allow only these domains (example.com, *.example.com) through a filtering proxy; repeatable")
 
 	c.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
 		form, err := f.form(cmd, args[0], cmd.InOrStdin(), os.LookupEnv)
@@ -211,6 +215,21 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 			return nil, usageError(cmd, "%v", err)
 		}
 		add("timeout_seconds", strconv.Itoa(secs))
+	}
+
+	switch f.network {
+	case "", "egress", "isolated":
+	default:
+		return nil, usageError(cmd, "--network %q: use egress or isolated", f.network)
+	}
+	if f.network == "isolated" && len(f.allowDomains) > 0 {
+		return nil, usageError(cmd, "--allow-domain needs --network egress: isolated builds reach nothing but kiln's registry")
+	}
+	if f.network != "" {
+		add("network", f.network)
+	}
+	for _, d := range f.allowDomains {
+		add("allowed_domains", d)
 	}
 
 	form.secrets, err = readSecrets(f.secrets, lookupEnv)

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -56,6 +57,9 @@ type Config struct {
 	MirrorCredentials map[string]map[string]string
 	MirrorInsecure    []string
 	MirrorEndpoints   map[string]string
+
+	NetworkDefault string
+	NetworkAllowed []string
 	// SSEHeartbeat is how often an idle event stream sends a comment.
 	SSEHeartbeat time.Duration
 }
@@ -119,6 +123,8 @@ func (c *Config) settings() []setting {
 		{"mirror.credentials", "{}", "credentials per upstream registry host for base images, e.g. {\"ghcr.io\":{\"username\":\"u\",\"password\":\"token\"}} (prefer the config file or env over the flag: flags show in ps)", kObject, &c.MirrorCredentials},
 		{"mirror.insecure", "", "upstream registry hosts reached over plain HTTP (loopback always is), comma-separated", kList, &c.MirrorInsecure},
 		{"mirror.endpoints", "{}", "upstream host → URL contacted instead, e.g. {\"docker.io\":\"https://dockerhub-cache.internal\"}", kObject, &c.MirrorEndpoints},
+		{"network.default", "egress", "network mode of builds that ask for none: egress or isolated", kString, &c.NetworkDefault},
+		{"network.allowed", "egress,isolated", "network modes builds may ask for (others get 403), comma-separated", kList, &c.NetworkAllowed},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
 }
@@ -323,6 +329,14 @@ func (c *Config) validate() error {
 	}
 	if c.DedupTTL < 0 {
 		return fmt.Errorf("dedup.ttl must not be negative")
+	}
+	for _, m := range append([]string{c.NetworkDefault}, c.NetworkAllowed...) {
+		if m != "egress" && m != "isolated" {
+			return fmt.Errorf("network mode %q is unknown: use egress or isolated (network.default, network.allowed)", m)
+		}
+	}
+	if !slices.Contains(c.NetworkAllowed, c.NetworkDefault) {
+		return fmt.Errorf("network.default %q is not in network.allowed %v", c.NetworkDefault, c.NetworkAllowed)
 	}
 	if c.SSEHeartbeat < 100*time.Millisecond {
 		return fmt.Errorf("sse_heartbeat must be at least 100ms")

@@ -159,6 +159,8 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		BuilderID:         rt.Name() + "/" + buildkitVersion(),
 		DedupTTL:          cfg.DedupTTL,
 		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
+		NetworkDefault:    cfg.NetworkDefault,
+		NetworkAllowed:    cfg.NetworkAllowed,
 	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err

@@ -29,7 +29,11 @@ type Job struct {
 
 	CPUs     int
 	MemoryMB int
-	Network  string
+	// Network is egress or isolated; AllowedDomains, with egress, limits
+	// RUN steps to those domains. Runtimes that cannot enforce a mode must
+	// refuse the job rather than run it with more access.
+	Network        string
+	AllowedDomains []string
 }
 
 // GCPolicy holds quoted BuildKit size strings ("18GB", "2GiB"); a bare

@@ -164,6 +164,10 @@ func setField(req *builds.Request, name, v string) error {
 		req.GlobalCacheKey = v
 	case "global_cache":
 		req.GlobalCache = boolean(name)
+	case "network":
+		req.Network = v
+	case "allowed_domains":
+		req.AllowedDomains = append(req.AllowedDomains, v)
 	default:
 		return fmt.Errorf("unknown field %q; the fields are listed in api/openapi.yaml (BuildRequest)", name)
 	}
@@ -191,6 +195,10 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 		DiskGb:         &b.Options.DiskGB,
 		TimeoutSeconds: &b.Options.TimeoutSeconds,
 		ContextBytes:   &b.ContextBytes,
+		Network:        &b.Options.Network,
+	}
+	if len(b.Options.AllowedDomains) > 0 {
+		out.AllowedDomains = &b.Options.AllowedDomains
 	}
 	if out.Tags == nil {
 		out.Tags = []string{}

@@ -65,6 +65,8 @@ type BuildOptions struct {
 	GlobalCacheKey    string            `json:"global_cache_key,omitempty"`
 	GlobalCacheExport bool              `json:"global_cache_export,omitempty"`
 	Admin             bool              `json:"admin,omitempty"` // submitter held build:admin
+	Network           string            `json:"network,omitempty"`
+	AllowedDomains    []string          `json:"allowed_domains,omitempty"`
 	// Bases are the build's base images from other registries, pinned
 	// at submission and served from kiln's mirror.
 	Bases []BasePin `json:"bases,omitempty"`

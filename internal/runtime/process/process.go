@@ -134,10 +134,10 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	if job.Volume == "" {
 		return res, fmt.Errorf("process runtime: build %s has no volume", job.BuildID)
 	}
-	switch job.Network {
-	case "", "host", "default":
-	default:
-		return res, fmt.Errorf("process runtime: network %q is not supported; steps share the host network", job.Network)
+	// Steps share the host's network here, so only unrestricted egress
+	// can be honoured; anything narrower would silently be wider.
+	if (job.Network != "" && job.Network != "egress") || len(job.AllowedDomains) > 0 {
+		return res, fmt.Errorf("process runtime: RUN steps use the host network, so it cannot enforce network %q with allowed domains %v; run kiln with --runtime vm, or build with --network egress and no --allow-domain", job.Network, job.AllowedDomains)
 	}
 	log := r.log.With("build", job.BuildID)
 
