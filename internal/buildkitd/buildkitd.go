@@ -17,6 +17,8 @@ import (
 	"github.com/docker/go-units"
 	"github.com/moby/buildkit/client"
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/kiln-build/kiln/internal/tail"
 )
 
 // GCPolicy bounds BuildKit's garbage collection. Fields hold BuildKit size
@@ -63,7 +65,7 @@ type Daemon struct {
 	cfg    Config
 	addr   string
 	cmd    *exec.Cmd
-	stderr *ringBuffer
+	stderr *tail.Buffer
 	client *client.Client
 
 	exited  chan struct{} // closed when the process was reaped
@@ -114,7 +116,7 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 	d := &Daemon{
 		cfg:    cfg,
 		addr:   addr,
-		stderr: newRingBuffer(stderrTail),
+		stderr: tail.New(stderrTail),
 		exited: make(chan struct{}),
 	}
 	cmd := exec.Command(cfg.Binary, "--config", confPath, "--addr", addr, "--root", cfg.Root)
@@ -376,27 +378,3 @@ func validateDiskSpace(v string) error {
 	return nil
 }
 
-// ringBuffer keeps the last n bytes written to it.
-type ringBuffer struct {
-	mu  sync.Mutex
-	n   int
-	buf []byte
-}
-
-func newRingBuffer(n int) *ringBuffer { return &ringBuffer{n: n} }
-
-func (r *ringBuffer) Write(p []byte) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.buf = append(r.buf, p...)
-	if over := len(r.buf) - r.n; over > 0 {
-		r.buf = append(r.buf[:0], r.buf[over:]...)
-	}
-	return len(p), nil
-}
-
-func (r *ringBuffer) String() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return string(r.buf)
-}

@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/tail"
 )
 
 // Config describes one VM.
@@ -81,8 +83,8 @@ type VM struct {
 	accel   Accel
 	args    []string
 	ports   map[string]*net.UnixConn
-	console *ring
-	stderr  *ring
+	console *tail.Buffer
+	stderr  *tail.Buffer
 	log     *slog.Logger
 
 	mu     sync.Mutex
@@ -160,8 +162,8 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		accel:   accel,
 		args:    args,
 		ports:   map[string]*net.UnixConn{},
-		console: newRing(64 << 10),
-		stderr:  newRing(16 << 10),
+		console: tail.New(64 << 10),
+		stderr:  tail.New(16 << 10),
 		log:     log,
 		done:    make(chan struct{}),
 	}
@@ -528,27 +530,3 @@ func logAccelOnce(log *slog.Logger, accel Accel, reason string) {
 	})
 }
 
-// ring keeps the last n bytes written to it.
-type ring struct {
-	mu  sync.Mutex
-	n   int
-	buf []byte
-}
-
-func newRing(n int) *ring { return &ring{n: n} }
-
-func (r *ring) Write(p []byte) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.buf = append(r.buf, p...)
-	if over := len(r.buf) - r.n; over > 0 {
-		r.buf = append(r.buf[:0], r.buf[over:]...)
-	}
-	return len(p), nil
-}
-
-func (r *ring) String() string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return string(bytes.ToValidUTF8(r.buf, nil))
-}
