@@ -377,4 +377,3 @@ func validateDiskSpace(v string) error {
 	}
 	return nil
 }
-

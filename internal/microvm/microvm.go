@@ -529,4 +529,3 @@ func logAccelOnce(log *slog.Logger, accel Accel, reason string) {
 		log.Info("microvm: using KVM", "reason", reason)
 	})
 }
-
