@@ -87,6 +87,24 @@ func (e RootFSStatus) Valid() bool {
 	}
 }
 
+// Defines values for RunOutputStream.
+const (
+	Stderr RunOutputStream = "stderr"
+	Stdout RunOutputStream = "stdout"
+)
+
+// Valid indicates whether the value is a known member of the RunOutputStream enum.
+func (e RunOutputStream) Valid() bool {
+	switch e {
+	case Stderr:
+		return true
+	case Stdout:
+		return true
+	default:
+		return false
+	}
+}
+
 // Build defines model for Build.
 type Build struct {
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
@@ -267,6 +285,28 @@ type RootFS struct {
 // RootFSStatus defines model for RootFS.Status.
 type RootFSStatus string
 
+// RunOutput defines model for RunOutput.
+type RunOutput struct {
+	Data     *string          `json:"data,omitempty"`
+	Error    *string          `json:"error,omitempty"`
+	ExitCode *int             `json:"exit_code,omitempty"`
+	Stream   *RunOutputStream `json:"stream,omitempty"`
+}
+
+// RunOutputStream defines model for RunOutput.Stream.
+type RunOutputStream string
+
+// RunRequest defines model for RunRequest.
+type RunRequest struct {
+	// Args Replace the image's cmd.
+	Args *[]string `json:"args,omitempty"`
+	Cpus *int      `json:"cpus,omitempty"`
+
+	// Env KEY=VALUE entries added to the image's.
+	Env      *[]string `json:"env,omitempty"`
+	MemoryMb *int      `json:"memory_mb,omitempty"`
+}
+
 // TagRequest defines model for TagRequest.
 type TagRequest struct {
 	// Name New repository:tag for the same digest.
@@ -315,6 +355,9 @@ type BuildEventsParams struct {
 
 // CreateBuildMultipartRequestBody defines body for CreateBuild for multipart/form-data ContentType.
 type CreateBuildMultipartRequestBody = BuildRequest
+
+// RunImageJSONRequestBody defines body for RunImage for application/json ContentType.
+type RunImageJSONRequestBody = RunRequest
 
 // TagImageJSONRequestBody defines body for TagImage for application/json ContentType.
 type TagImageJSONRequestBody = TagRequest
@@ -477,6 +520,32 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /v1/images/{name} (the `GetImage` operationId).
 	GetImage(ctx context.Context, name ImageName, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// RunImageWithBody Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+	//
+	// Boots the image's converted root filesystem (converting it first if
+	// needed) with the builder's kernel, runs the image's entrypoint and
+	// cmd (args replace cmd) with its env, workdir and user, and streams
+	// the output as newline-delimited JSON RunOutput objects; the last
+	// one carries exit_code (or error). Closing the request stops the run.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+	RunImageWithBody(ctx context.Context, name ImageName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// RunImage Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+	//
+	// Boots the image's converted root filesystem (converting it first if
+	// needed) with the builder's kernel, runs the image's entrypoint and
+	// cmd (args replace cmd) with its env, workdir and user, and streams
+	// the output as newline-delimited JSON RunOutput objects; the last
+	// one carries exit_code (or error). Closing the request stops the run.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+	RunImage(ctx context.Context, name ImageName, body RunImageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// TagImageWithBody Add another name for the same digest (needs image:write)
 	//
@@ -719,6 +788,52 @@ func (c *Client) DeleteImage(ctx context.Context, name ImageName, reqEditors ...
 // Corresponds with GET /v1/images/{name} (the `GetImage` operationId).
 func (c *Client) GetImage(ctx context.Context, name ImageName, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewGetImageRequest(c.Server, name)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// RunImageWithBody Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+//
+// Boots the image's converted root filesystem (converting it first if
+// needed) with the builder's kernel, runs the image's entrypoint and
+// cmd (args replace cmd) with its env, workdir and user, and streams
+// the output as newline-delimited JSON RunOutput objects; the last
+// one carries exit_code (or error). Closing the request stops the run.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+func (c *Client) RunImageWithBody(ctx context.Context, name ImageName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewRunImageRequestWithBody(c.Server, name, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// RunImage Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+//
+// Boots the image's converted root filesystem (converting it first if
+// needed) with the builder's kernel, runs the image's entrypoint and
+// cmd (args replace cmd) with its env, workdir and user, and streams
+// the output as newline-delimited JSON RunOutput objects; the last
+// one carries exit_code (or error). Closing the request stops the run.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+func (c *Client) RunImage(ctx context.Context, name ImageName, body RunImageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewRunImageRequest(c.Server, name, body)
 	if err != nil {
 		return nil, err
 	}
@@ -1338,6 +1453,53 @@ func NewGetImageRequest(server string, name ImageName) (*http.Request, error) {
 	return req, nil
 }
 
+// NewRunImageRequest calls the generic RunImage builder with application/json body
+func NewRunImageRequest(server string, name ImageName, body RunImageJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewRunImageRequestWithBody(server, name, "application/json", bodyReader)
+}
+
+// NewRunImageRequestWithBody constructs an http.Request for the RunImage method, with any body, and a specified content type
+func NewRunImageRequestWithBody(server string, name ImageName, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "name", name, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/images/%s/run", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewTagImageRequest calls the generic TagImage builder with application/json body
 func NewTagImageRequest(server string, name ImageName, body TagImageJSONRequestBody) (*http.Request, error) {
 	var bodyReader io.Reader
@@ -1576,6 +1738,32 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /v1/images/{name} (the `GetImage` operationId).
 	GetImageWithResponse(ctx context.Context, name ImageName, reqEditors ...RequestEditorFn) (*GetImageResponse, error)
+
+	// RunImageWithBodyWithResponse Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+	//
+	// Boots the image's converted root filesystem (converting it first if
+	// needed) with the builder's kernel, runs the image's entrypoint and
+	// cmd (args replace cmd) with its env, workdir and user, and streams
+	// the output as newline-delimited JSON RunOutput objects; the last
+	// one carries exit_code (or error). Closing the request stops the run.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+	RunImageWithBodyWithResponse(ctx context.Context, name ImageName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RunImageResponse, error)
+
+	// RunImageWithResponse Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+	//
+	// Boots the image's converted root filesystem (converting it first if
+	// needed) with the builder's kernel, runs the image's entrypoint and
+	// cmd (args replace cmd) with its env, workdir and user, and streams
+	// the output as newline-delimited JSON RunOutput objects; the last
+	// one carries exit_code (or error). Closing the request stops the run.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+	RunImageWithResponse(ctx context.Context, name ImageName, body RunImageJSONRequestBody, reqEditors ...RequestEditorFn) (*RunImageResponse, error)
 
 	// TagImageWithBodyWithResponse Add another name for the same digest (needs image:write)
 	//
@@ -2292,6 +2480,54 @@ func (r GetImageResponse) ContentType() string {
 	return ""
 }
 
+type RunImageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *Error
+	// JSON503 the response for an HTTP 503 `application/json` response
+	JSON503 *Error
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r RunImageResponse) GetJSON404() *Error {
+	return r.JSON404
+}
+
+// GetJSON503 returns the response for an HTTP 503 `application/json` response
+func (r RunImageResponse) GetJSON503() *Error {
+	return r.JSON503
+}
+
+// GetBody returns the raw response body bytes
+func (r RunImageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r RunImageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r RunImageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r RunImageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type TagImageResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -2585,6 +2821,44 @@ func (c *ClientWithResponses) GetImageWithResponse(ctx context.Context, name Ima
 		return nil, err
 	}
 	return ParseGetImageResponse(rsp)
+}
+
+// RunImageWithBodyWithResponse Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+//
+// Boots the image's converted root filesystem (converting it first if
+// needed) with the builder's kernel, runs the image's entrypoint and
+// cmd (args replace cmd) with its env, workdir and user, and streams
+// the output as newline-delimited JSON RunOutput objects; the last
+// one carries exit_code (or error). Closing the request stops the run.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+func (c *ClientWithResponses) RunImageWithBodyWithResponse(ctx context.Context, name ImageName, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*RunImageResponse, error) {
+	rsp, err := c.RunImageWithBody(ctx, name, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRunImageResponse(rsp)
+}
+
+// RunImageWithResponse Boot the image in a microVM and run its entrypoint/cmd (needs build:write)
+//
+// Boots the image's converted root filesystem (converting it first if
+// needed) with the builder's kernel, runs the image's entrypoint and
+// cmd (args replace cmd) with its env, workdir and user, and streams
+// the output as newline-delimited JSON RunOutput objects; the last
+// one carries exit_code (or error). Closing the request stops the run.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/images/{name}/run (the `RunImage` operationId).
+func (c *ClientWithResponses) RunImageWithResponse(ctx context.Context, name ImageName, body RunImageJSONRequestBody, reqEditors ...RequestEditorFn) (*RunImageResponse, error) {
+	rsp, err := c.RunImage(ctx, name, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRunImageResponse(rsp)
 }
 
 // TagImageWithBodyWithResponse Add another name for the same digest (needs image:write)
@@ -3109,6 +3383,39 @@ func ParseGetImageResponse(rsp *http.Response) (*GetImageResponse, error) {
 			return nil, err
 		}
 		response.JSON404 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseRunImageResponse parses an HTTP response from a RunImageWithResponse call
+func ParseRunImageResponse(rsp *http.Response) (*RunImageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &RunImageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 503:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON503 = &dest
 
 	}
 

@@ -6,6 +6,13 @@
 // crashed agent ends the VM cleanly instead of panicking the kernel.
 //
 // The boot contract it implements is documented in internal/builderimage.
+//
+// With kiln.mode=run on the kernel command line it boots a converted image
+// instead, for `kiln run`: the image's erofs disk under a writable tmpfs
+// overlay becomes the root and /init runs one process in it, talking to
+// the host over the kiln.run port (run.go; the protocol is documented in
+// internal/runner).
+//
 // It must be built static (CGO_ENABLED=0).
 package main
 
@@ -22,6 +29,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/runner/proto"
 )
 
 const (
@@ -48,6 +57,13 @@ func run() error {
 	params := kernelParams()
 	if err := loadModules(); err != nil {
 		return err
+	}
+	switch mode := params[proto.ModeParam]; mode {
+	case "":
+	case proto.ModeRun:
+		return runImage(params)
+	default:
+		return fmt.Errorf("unknown %s=%s on the kernel command line; want %s or nothing", proto.ModeParam, mode, proto.ModeRun)
 	}
 	serial := params["kiln.root"]
 	if serial == "" {

@@ -132,6 +132,7 @@ func newCommands(s settings) []*cobra.Command {
 		imagesCommand(g),
 		cacheCommand(g),
 		tokenCommand(g),
+		runCommand(g),
 	}
 	for _, c := range cmds {
 		g.addFlags(c)

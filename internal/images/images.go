@@ -62,6 +62,8 @@ type Service struct {
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
+	// builderDir holds the builder VM image that boots images for Run.
+	builderDir string
 }
 
 // New returns a Service converting digests into conv.

@@ -2,8 +2,11 @@ package server
 
 import (
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kiln-build/kiln/api"
@@ -70,14 +73,31 @@ func (s *Server) deleteImage(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// tagImage serves POST /v1/images/{name}/tags; {name} may itself hold
-// slashes (team/app:1), so the route is a catch-all and /tags is cut here.
-func (s *Server) tagImage(w http.ResponseWriter, r *http.Request) {
-	name, ok := strings.CutSuffix(r.PathValue("name"), "/tags")
-	if !ok {
-		writeError(w, http.StatusNotFound, "not_found", "no such endpoint; to add a name use POST /v1/images/{name}/tags")
+// imageAction serves POST /v1/images/{name}/tags and /run; {name} may
+// itself hold slashes (team/app:1), so the route is a catch-all and the
+// action is cut off here, each checking the scope it needs.
+func (s *Server) imageAction(w http.ResponseWriter, r *http.Request) {
+	p := principal(r)
+	if name, ok := strings.CutSuffix(r.PathValue("name"), "/tags"); ok {
+		if !p.Has(auth.ScopeImageWrite) {
+			writeError(w, http.StatusForbidden, "forbidden", "adding a name needs the image:write scope, which your token does not have")
+			return
+		}
+		s.tagImage(w, r, name)
 		return
 	}
+	if name, ok := strings.CutSuffix(r.PathValue("name"), "/run"); ok {
+		if !p.Has(auth.ScopeBuildWrite) {
+			writeError(w, http.StatusForbidden, "forbidden", "running an image executes it on kiln's machines and needs the build:write scope, which your token does not have")
+			return
+		}
+		s.runImage(w, r, name)
+		return
+	}
+	writeError(w, http.StatusNotFound, "not_found", "no such endpoint; use POST /v1/images/{name}/tags or /v1/images/{name}/run")
+}
+
+func (s *Server) tagImage(w http.ResponseWriter, r *http.Request, name string) {
 	var req api.TagRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil || req.Name == "" {
 		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"name": "repository:tag"}`)
@@ -152,3 +172,76 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusCreated, api.Token{Token: tok, ExpiresAt: time.Now().Add(ttl).UTC()})
 }
+
+// runImage boots an image and streams its output as NDJSON RunOutput
+// lines, the last carrying the exit code.
+func (s *Server) runImage(w http.ResponseWriter, r *http.Request, name string) {
+	var req api.RunRequest
+	if r.ContentLength != 0 {
+		if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(&req); err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"args": [...], "env": ["K=V"]}`)
+			return
+		}
+	}
+	spec := images.RunSpec{}
+	if req.Args != nil {
+		spec.Args = *req.Args
+	}
+	if req.Env != nil {
+		spec.Env = *req.Env
+	}
+	if req.MemoryMb != nil {
+		spec.MemoryMB = *req.MemoryMb
+	}
+	if req.Cpus != nil {
+		spec.CPUs = *req.Cpus
+	}
+	if _, err := s.images.Get(r.Context(), name); err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := &ndjsonWriter{w: w, flusher: w.(http.Flusher)}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("X-Accel-Buffering", "no")
+	code, err := s.images.Run(r.Context(), name, spec, out.stream("stdout"), out.stream("stderr"))
+	if err != nil && errors.Is(err, images.ErrNoBuilderImage) && !out.started {
+		writeError(w, http.StatusServiceUnavailable, "no_builder_image", err.Error())
+		return
+	}
+	end := api.RunOutput{ExitCode: &code}
+	if err != nil {
+		msg := err.Error()
+		end.Error = &msg
+	}
+	out.write(end)
+}
+
+// ndjsonWriter frames a run's stdout and stderr as JSON lines; the two
+// streams write concurrently.
+type ndjsonWriter struct {
+	mu      sync.Mutex
+	w       http.ResponseWriter
+	flusher http.Flusher
+	started bool
+}
+
+func (n *ndjsonWriter) write(v api.RunOutput) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.started = true
+	json.NewEncoder(n.w).Encode(v)
+	n.flusher.Flush()
+}
+
+func (n *ndjsonWriter) stream(name string) io.Writer {
+	st := api.RunOutputStream(name)
+	return writerFunc(func(p []byte) (int, error) {
+		data := string(p)
+		n.write(api.RunOutput{Stream: &st, Data: &data})
+		return len(p), nil
+	})
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

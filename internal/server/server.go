@@ -80,7 +80,7 @@ func New(d Deps) *Server {
 	m.Handle("GET /v1/images", s.authed(s.listImages, auth.ScopeImageRead))
 	m.Handle("GET /v1/images/{name...}", s.authed(s.getImage, auth.ScopeImageRead))
 	m.Handle("DELETE /v1/images/{name...}", s.authed(s.deleteImage, auth.ScopeImageWrite))
-	m.Handle("POST /v1/images/{name...}", s.authed(s.tagImage, auth.ScopeImageWrite))
+	m.Handle("POST /v1/images/{name...}", s.authed(s.imageAction, auth.ScopeImageRead))
 
 	m.Handle("GET /v1/cache", s.authed(s.listCache, auth.ScopeBuildRead))
 	m.Handle("DELETE /v1/cache/{scope}", s.authed(s.deleteCache, auth.ScopeCacheAdmin))
