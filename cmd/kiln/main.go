@@ -19,6 +19,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(serveCommand())
+	root.AddCommand(builderImageCommand())
 	root.AddCommand(cli.Commands()...)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "kiln:", err)

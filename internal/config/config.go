@@ -25,7 +25,10 @@ type Config struct {
 	DataDir    string
 	Listen     string
 	Runtime    string
-	LogLevel   string
+	// BuilderImage is the builder VM image directory; empty means
+	// <data>/builder.
+	BuilderImage string
+	LogLevel     string
 	// RegistryHost is how builders reach kiln's registry; empty means the
 	// listen address.
 	RegistryHost string
@@ -98,6 +101,7 @@ func (c *Config) settings() []setting {
 		{"data", "./kiln-data", "data directory: database, registry storage, cache volumes, keys", kString, &c.DataDir},
 		{"listen", "127.0.0.1:7070", "address the API and registry listen on", kString, &c.Listen},
 		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (microVM), or auto", kString, &c.Runtime},
+		{"builder_image", "", "directory of the builder VM image the vm runtime boots (default: <data>/builder; make it with kiln builder-image build)", kString, &c.BuilderImage},
 		{"log_level", "info", "log level: debug, info, warn, error", kString, &c.LogLevel},
 		{"registry_host", "", "host:port builders use to reach kiln's registry (default: the listen address)", kString, &c.RegistryHost},
 		{"max_concurrent_builds", "2", "builds running at once across all cache scopes", kInt, &c.MaxConcurrent},

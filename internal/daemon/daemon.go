@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/builderimage"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/config"
@@ -30,6 +31,7 @@ import (
 	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/runtime/process"
+	"github.com/kiln-build/kiln/internal/runtime/vm"
 	"github.com/kiln-build/kiln/internal/server"
 	"github.com/kiln-build/kiln/internal/store"
 )
@@ -120,6 +122,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 	defer conv.Close()
 	imgs := images.New(db, reg, conv, log.With("part", "images"))
 	defer imgs.Close()
+	imgs.SetBuilderDir(builderDir(cfg, data))
 	if err := imgs.Resume(ctx); err != nil {
 		return err
 	}
@@ -134,7 +137,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return fmt.Errorf("mirror settings: %w", err)
 	}
 
-	rt, err := newRuntime(cfg, data, log)
+	rt, err := newRuntime(cfg, data, loopbackAddr(ln.Addr().(*net.TCPAddr)), log)
 	if err != nil {
 		return err
 	}
@@ -203,17 +206,35 @@ func loopbackAddr(a *net.TCPAddr) string {
 	return a.String()
 }
 
-func newRuntime(cfg config.Config, data string, log *slog.Logger) (runtime.Runtime, error) {
-	switch cfg.Runtime {
-	case "vm":
-		return nil, errors.New("the vm runtime is not available in this version: use --runtime process (or auto)")
-	case "process", "auto":
+// newRuntime picks the builder runtime. registryAddr is where the registry
+// really listens; VM guests reach it through their registry tunnel.
+func newRuntime(cfg config.Config, data, registryAddr string, log *slog.Logger) (runtime.Runtime, error) {
+	rlog := log.With("part", "runtime")
+	if cfg.Runtime == "vm" {
+		dir := builderDir(cfg, data)
+		img, err := builderimage.Load(dir)
+		if err != nil {
+			return nil, fmt.Errorf("the vm runtime needs a builder image: %w", err)
+		}
+		// Its own state dir: the process runtime reaps everything in its one.
+		rt, err := vm.New(vm.Config{Image: img, StateDir: stateDir(data) + "-vm", RegistryAddr: registryAddr, Logger: rlog})
+		if err != nil {
+			return nil, err
+		}
+		log.Info("builder runtime: vm", "accelerator", rt.Accel(), "builder_image", img.Digest, "image_dir", img.Dir)
+		return rt, nil
 	}
 	bk, err := findBuildkitd()
 	if err != nil {
 		return nil, err
 	}
-	return process.New(process.Config{BuildkitdPath: bk, StateDir: stateDir(data), Logger: log.With("part", "runtime")})
+	rt, err := process.New(process.Config{BuildkitdPath: bk, StateDir: stateDir(data), Logger: rlog})
+	if err != nil {
+		return nil, err
+	}
+	// auto stays on process until the vm runtime is the proven default.
+	log.Info("builder runtime: process (buildkitd on the host, no VM isolation)", "requested", cfg.Runtime, "accelerator", "none")
+	return rt, nil
 }
 
 // findBuildkitd looks beside the kiln binary first (make build puts both
@@ -265,4 +286,13 @@ func stateDir(data string) string {
 	}
 	sum := sha256.Sum256([]byte(data))
 	return filepath.Join("/run/kiln", hex.EncodeToString(sum[:6]))
+}
+
+// builderDir is where the builder VM image lives: it boots builds (vm
+// runtime) and `kiln run`.
+func builderDir(cfg config.Config, data string) string {
+	if cfg.BuilderImage != "" {
+		return cfg.BuilderImage
+	}
+	return filepath.Join(data, "builder")
 }

@@ -3,12 +3,14 @@ package microvm_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/guest"
 	"github.com/kiln-build/kiln/internal/microvm"
 )
 
@@ -104,9 +107,10 @@ func (w *stampWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// bootToReady starts a VM and reads the placeholder agent's ready line
-// from the host end of the virtio-serial port.
-func bootToReady(ctx context.Context, t *testing.T, cfg microvm.Config) (vm *microvm.VM, line string, took time.Duration) {
+// bootToReady starts a VM and reads the agent's hello, the first line
+// kiln-agent writes on the virtio-serial port once the guest is up (see
+// internal/guest), from the host end of the port.
+func bootToReady(ctx context.Context, t *testing.T, cfg microvm.Config) (vm *microvm.VM, hi agentHello, took time.Duration) {
 	t.Helper()
 	start := time.Now()
 	vm, err := microvm.Start(ctx, cfg)
@@ -129,20 +133,50 @@ func bootToReady(ctx context.Context, t *testing.T, cfg microvm.Config) (vm *mic
 	}()
 	select {
 	case r := <-ch:
+		took = time.Since(start)
 		if r.err != nil {
 			vm.Kill()
 			t.Fatalf("read agent port: %v\nconsole:\n%s", r.err, vm.Console())
 		}
-		return vm, strings.TrimSpace(r.line), time.Since(start)
+		if err := json.Unmarshal([]byte(r.line), &hi); err != nil || hi.Proto != "kiln-guest" {
+			vm.Kill()
+			t.Fatalf("agent's first line %q is not a kiln-guest hello (%v)\nconsole:\n%s", r.line, err, vm.Console())
+		}
+		return vm, hi, took
 	case <-ctx.Done():
 		vm.Kill()
-		t.Fatalf("no agent ready line before %v\nconsole:\n%s", ctx.Err(), vm.Console())
+		t.Fatalf("no agent hello before %v\nconsole:\n%s", ctx.Err(), vm.Console())
 	}
-	return nil, "", 0
+	return nil, hi, 0
 }
 
+// agentHello is the first line of internal/guest's protocol.
+type agentHello struct {
+	Proto   string `json:"proto"`
+	Version int    `json:"version"`
+	Agent   string `json:"agent"`
+}
+
+// refuse answers the agent's hello with a refusal, as a host does that
+// has no job for it; the agent then exits and the VM ends by itself.
+func refuse(t *testing.T, vm *microvm.VM) {
+	t.Helper()
+	if _, err := fmt.Fprintf(vm.Port(builderimage.AgentPort), "{\"version\":%d,\"error\":\"boot test: no job\"}\n", guest.Version); err != nil {
+		t.Fatalf("answer the agent's hello: %v", err)
+	}
+}
+
+// kernelMemory reads what the guest kernel reports at boot: its version
+// ("Linux version 6.1.0-…") and the memory it manages ("Memory:
+// 1982140K/2096632K available"), the second number being all usable RAM.
+var (
+	kernelVersionRE = regexp.MustCompile(`Linux version (\S+)`)
+	kernelMemoryRE  = regexp.MustCompile(`Memory: \d+K/(\d+)K available`)
+)
+
 // TestBootMatrix boots the builder image with every memory size a build
-// may ask for and checks the agent comes up and sees that memory.
+// may ask for and checks the real agent comes up, the guest sees that
+// memory, and the VM ends by itself when the agent exits.
 func TestBootMatrix(t *testing.T) {
 	m := builderImage(t)
 	accel, reason := microvm.ProbeAccel()
@@ -151,34 +185,41 @@ func TestBootMatrix(t *testing.T) {
 		t.Run(fmt.Sprintf("%dMiB", mem), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
-			vm, line, took := bootToReady(ctx, t, builderConfig(t, m, mem))
-			f := strings.Fields(line)
-			if len(f) != 4 || f[0] != "kiln-agent" || f[1] != "ready" {
-				t.Fatalf("agent said %q, want \"kiln-agent ready <kernel> <MiB>\"", line)
+			vm, hi, took := bootToReady(ctx, t, builderConfig(t, m, mem))
+			if hi.Version != guest.Version || !strings.HasPrefix(hi.Agent, "kiln-agent ") {
+				t.Fatalf("agent hello %+v, want protocol version %d from kiln-agent", hi, guest.Version)
 			}
-			if f[2] != m.KernelVersion {
-				t.Errorf("guest runs kernel %s, image has %s", f[2], m.KernelVersion)
-			}
-			seen, err := strconv.Atoi(f[3])
-			if err != nil {
-				t.Fatalf("memory %q: %v", f[3], err)
-			}
-			// The kernel keeps ~50 MiB (its image, reserved ranges)
-			// plus page tables for itself; the rest must be visible,
-			// and never more than was asked for.
-			if seen > mem || seen < mem*95/100-80 {
-				t.Errorf("guest sees %d MiB, asked for %d", seen, mem)
-			}
-			// The agent powers off: QEMU must exit on its own, cleanly.
+			refuse(t, vm)
+			// The agent exits on the refusal and init reboots: QEMU
+			// must exit on its own, cleanly.
 			select {
 			case <-vm.Done():
 			case <-time.After(30 * time.Second):
-				t.Fatalf("QEMU still running 30s after the agent powered off\nconsole:\n%s", vm.Console())
+				t.Fatalf("QEMU still running 30s after the agent was refused\nconsole:\n%s", vm.Console())
 			}
 			if err := vm.Wait(); err != nil {
 				t.Fatalf("QEMU exit: %v\nconsole:\n%s", err, vm.Console())
 			}
-			t.Logf("%5d MiB: boot to agent ready %s (guest MemTotal %d MiB, %s)", mem, took.Round(time.Millisecond), seen, vm.Accel())
+			console := vm.Console()
+			if !strings.Contains(console, "boot test: no job") {
+				t.Errorf("console does not show the agent exiting on the refusal:\n%s", console)
+			}
+			if v := kernelVersionRE.FindStringSubmatch(console); v == nil || v[1] != m.KernelVersion {
+				t.Errorf("guest kernel version %v, image has %s", v, m.KernelVersion)
+			}
+			mm := kernelMemoryRE.FindStringSubmatch(console)
+			if mm == nil {
+				t.Fatalf("no memory line on the console:\n%s", console)
+			}
+			kib, _ := strconv.Atoi(mm[1])
+			seen := kib / 1024
+			// The firmware and the kernel's reserved ranges take a
+			// little; the rest must be visible, and never more than was
+			// asked for.
+			if seen > mem || seen < mem*95/100-16 {
+				t.Errorf("guest sees %d MiB, asked for %d", seen, mem)
+			}
+			t.Logf("%5d MiB: boot to agent hello %s (guest kernel manages %d MiB, %s)", mem, took.Round(time.Millisecond), seen, vm.Accel())
 		})
 	}
 }
@@ -270,8 +311,8 @@ func TestTwoVMsShareTheReadOnlyRoot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var wg sync.WaitGroup
-	lines := make([]string, 2)
-	for i := range lines {
+	hellos := make([]agentHello, 2)
+	for i := range hellos {
 		cfg := builderConfig(t, m, 256)
 		// Each also gets its own writable disk, as builds get their
 		// cache volume.
@@ -279,13 +320,13 @@ func TestTwoVMsShareTheReadOnlyRoot(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, lines[i], _ = bootToReady(ctx, t, cfg)
+			_, hellos[i], _ = bootToReady(ctx, t, cfg)
 		}()
 	}
 	wg.Wait()
-	for i, l := range lines {
-		if !strings.HasPrefix(l, "kiln-agent ready ") {
-			t.Fatalf("VM %d said %q", i, l)
+	for i, hi := range hellos {
+		if hi.Proto != "kiln-guest" {
+			t.Fatalf("VM %d said %+v", i, hi)
 		}
 	}
 }

@@ -26,31 +26,15 @@ import (
 	"github.com/kiln-build/kiln/internal/builderimage"
 	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/rootfs"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
-var (
-	builderOnce sync.Once
-	builder     builderimage.Manifest
-	builderErr  error
-)
-
-// builderImage builds (or reuses, when its inputs are unchanged) the
-// builder image in the directory all test binaries share.
+// builderImage is the builder image of this source tree, shared by all
+// its test binaries.
 func builderImage(t *testing.T) builderimage.Manifest {
 	t.Helper()
 	requireQEMU(t)
-	builderOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-		defer cancel()
-		builder, builderErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
-			InstallPackages: true,
-		})
-	})
-	if builderErr != nil {
-		t.Fatalf("build builder image: %v", builderErr)
-	}
-	return builder
+	return testkit.BuilderImage(t)
 }
 
 func requireQEMU(t *testing.T) {

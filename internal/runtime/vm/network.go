@@ -1,0 +1,146 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"maps"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-build/kiln/internal/egress"
+	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
+)
+
+// A builder VM has no network card. What its RUN steps reach is decided
+// here, per job:
+//
+//   - isolated: nothing but kiln's registry tunnel.
+//   - egress with allowed domains: additionally an HTTP proxy inside the
+//     guest (the "egress" tunnel), served on the host by internal/egress,
+//     which lets through only those domains. Steps find it through
+//     HTTP_PROXY/HTTPS_PROXY, set as BuildKit's predefined proxy build
+//     args: BuildKit puts them in each RUN's environment but keeps them out
+//     of the image, its history and the cache key. Tools that ignore proxy
+//     variables reach nothing.
+//   - egress without allowed domains (unrestricted internet) is not
+//     available: the guest has no route out, and the egress proxy only
+//     lets listed domains through. The build runs as isolated, with a
+//     message saying so; it never gets more access than asked for.
+
+// egressListen is the proxy address inside the guest; egressListenAlt is
+// used when a registry tunnel already listens there.
+const (
+	egressListen    = "127.0.0.1:3128"
+	egressListenAlt = "127.0.0.2:3128"
+)
+
+// proxyArgs are BuildKit's predefined proxy build args, compared
+// case-insensitively by BuildKit.
+var proxyArgs = []string{"HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY"}
+
+// network is what one build's steps may reach beyond the registry.
+type network struct {
+	// tunnel and dialer are set when the build gets the egress proxy.
+	tunnel guest.Tunnel
+	dialer guest.Dialer
+	// notice explains a narrowed network to the user; empty if none.
+	notice string
+	stop   func()
+}
+
+// buildNetwork prepares job's network. sink receives proxy denials until
+// stop is called.
+func (r *Runtime) buildNetwork(job runtime.Job, registry []guest.Tunnel, sink *gatedSink, log *slog.Logger) (*network, error) {
+	n := &network{stop: func() {}}
+	switch job.Network {
+	case "isolated":
+		if len(job.AllowedDomains) > 0 {
+			return nil, fmt.Errorf("vm runtime: build %s is isolated but lists allowed domains %v; allowed domains need network egress", job.BuildID, job.AllowedDomains)
+		}
+		return n, nil
+	case "", "egress":
+	default:
+		return nil, fmt.Errorf("vm runtime: network %q is unknown; use egress or isolated", job.Network)
+	}
+	if len(job.AllowedDomains) == 0 {
+		n.notice = "this builder VM has no internet access: the vm runtime does not offer unrestricted egress yet, so RUN steps reach only kiln's registry; list the domains a build needs with --allow-domain"
+		return n, nil
+	}
+	cfg := egress.Config{
+		Allowed: job.AllowedDomains,
+		OnDenied: func(host string, port int, reason string) {
+			sink.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
+				Message: fmt.Sprintf("egress proxy refused %s:%d: %s", host, port, reason)})
+		},
+		Logger: log,
+	}
+	if r.egressHook != nil {
+		r.egressHook(&cfg)
+	}
+	p, err := egress.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("vm runtime: allowed domains of build %s: %w", job.BuildID, err)
+	}
+	listen := egressListen
+	for _, t := range registry {
+		if t.Listen == listen {
+			listen = egressListenAlt
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n.tunnel = guest.Tunnel{Name: "egress", Listen: listen}
+	n.dialer = p.Dialer(ctx)
+	n.stop = cancel
+	return n, nil
+}
+
+// withProxy points the request's proxy build args at the guest's egress
+// proxy, replacing any the build set (in any case): nothing else is
+// reachable from the guest.
+func withProxy(req solve.Request, listen string) solve.Request {
+	args := maps.Clone(req.BuildArgs)
+	if args == nil {
+		args = map[string]string{}
+	}
+	for k := range args {
+		for _, p := range proxyArgs {
+			if strings.EqualFold(k, p) {
+				delete(args, k)
+			}
+		}
+	}
+	url := "http://" + listen
+	args["HTTP_PROXY"] = url
+	args["HTTPS_PROXY"] = url
+	args["NO_PROXY"] = "localhost,127.0.0.1,::1"
+	req.BuildArgs = args
+	return req
+}
+
+// gatedSink forwards events until closed; the egress proxy's denials can
+// race with the end of the build, and a sink must not get events after
+// Run returned.
+type gatedSink struct {
+	mu     sync.Mutex
+	sink   progress.Sink
+	closed bool
+}
+
+func (g *gatedSink) Emit(e progress.Event) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if !g.closed {
+		g.sink.Emit(e)
+	}
+}
+
+func (g *gatedSink) close() {
+	g.mu.Lock()
+	g.closed = true
+	g.mu.Unlock()
+}

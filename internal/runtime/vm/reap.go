@@ -1,0 +1,129 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/buildkitd"
+)
+
+// Reap kills the QEMU processes that builds of a crashed server left in
+// stateDir and removes their directories. Call it only when no build of
+// this stateDir is running; New does so.
+func Reap(ctx context.Context, stateDir string, log *slog.Logger) error {
+	if log == nil {
+		log = slog.Default()
+	}
+	entries, err := os.ReadDir(stateDir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("reap %s: %w", stateDir, err)
+	}
+	var errs []error
+	for _, e := range entries {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(stateDir, e.Name())
+		var st buildState
+		if data, err := os.ReadFile(filepath.Join(dir, stateFileName)); err == nil {
+			_ = json.Unmarshal(data, &st)
+		}
+		pids := leftoverQEMU(dir)
+		log.Warn("vm runtime: reaping leftovers of an interrupted build", "dir", dir, "build", st.BuildID, "recorded_pid", st.PID, "qemu_pids", pids)
+		if err := reapBuild(ctx, dir, pids); err != nil {
+			errs = append(errs, fmt.Errorf("reap %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func reapBuild(ctx context.Context, dir string, pids []int) error {
+	for _, pid := range pids {
+		if err := unix.Kill(pid, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("kill leftover QEMU %d: %w", pid, err)
+		}
+	}
+	// QEMU holds the cache volume's lock until it is dead; a zombie holds
+	// nothing.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, pid := range pids {
+		for alive(pid) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("leftover QEMU %d still alive 10s after SIGKILL", pid)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	// The vm runtime mounts nothing on the host, but never delete through
+	// a mount whoever made it.
+	if m, err := buildkitd.MountsUnder(dir); err != nil {
+		return err
+	} else if len(m) > 0 {
+		return fmt.Errorf("not removing %s: %v mounted below it", dir, m)
+	}
+	return os.RemoveAll(dir)
+}
+
+// leftoverQEMU finds the QEMU processes of one build dir by their command
+// line, which names the dir (the VM's socket paths are below it). That
+// also covers a crash before state.json recorded the PID, and never
+// mistakes a reused PID for the VM.
+func leftoverQEMU(dir string) []int {
+	var pids []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		raw, err := os.ReadFile(p)
+		if err != nil || len(raw) == 0 {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
+		if !strings.Contains(filepath.Base(args[0]), "qemu") {
+			continue
+		}
+		for _, a := range args[1:] {
+			if strings.Contains(a, dir+string(filepath.Separator)) {
+				pids = append(pids, pid)
+				break
+			}
+		}
+	}
+	return pids
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesized command name.
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z'
+	}
+	return true
+}

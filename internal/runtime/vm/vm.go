@@ -1,0 +1,457 @@
+package vm
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/distribution/reference"
+
+	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/buildkitd"
+	"github.com/kiln-build/kiln/internal/egress"
+	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/microvm"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
+)
+
+// Config configures the vm runtime.
+type Config struct {
+	// Image is the builder image every build boots (builderimage.Load).
+	Image builderimage.Manifest
+	// StateDir holds one directory per running build. It must belong to
+	// this Runtime alone: New reaps whatever a crashed predecessor left in
+	// it. Keep it short (under ~60 bytes): QEMU's unix sockets live below.
+	StateDir string
+	// RegistryAddr is where kiln's registry really listens on the host
+	// (host:port); the guest's registry tunnel connects there.
+	RegistryAddr string
+
+	// QEMU is the qemu-system-x86_64 binary; default found on PATH.
+	QEMU string
+	// Accel forces kvm or tcg; empty probes (microvm.ProbeAccel).
+	Accel microvm.Accel
+	// HelloTimeout bounds the boot, from starting QEMU to the agent's
+	// hello (default 60s: a TCG boot takes ~4s, but many at once on a busy
+	// host take longer).
+	HelloTimeout time.Duration
+	// CancelGrace is how long after ctx ends the agent gets to stop the
+	// build and unmount the volume before the VM is killed (default 1s).
+	CancelGrace time.Duration
+	// ExitWait bounds the wait for the VM to end by itself after the agent
+	// reported its result (default 10s); then it is killed.
+	ExitWait time.Duration
+	// Console, if set, receives every VM's serial console (kernel, init
+	// and agent log) as it arrives; for debugging.
+	Console io.Writer
+	Logger  *slog.Logger
+}
+
+// Runtime boots one microVM per build.
+type Runtime struct {
+	cfg   Config
+	log   *slog.Logger
+	accel microvm.Accel
+	// egressHook lets tests point the egress proxy's resolver and dialer
+	// at local servers.
+	egressHook func(*egress.Config)
+}
+
+var _ runtime.Runtime = (*Runtime)(nil)
+
+// PhaseBooting is reported while the builder VM boots; the agent then
+// reports the same phases as the process runtime ("starting buildkitd",
+// "solving").
+const PhaseBooting = "booting"
+
+const (
+	stateFileName = "state.json"
+	buildDirPref  = "b-"
+	// minMemoryMB: below this the kernel, buildkitd and the tmpfs /run
+	// do not fit (the boot matrix test covers 256 MiB and up).
+	minMemoryMB = 256
+	// defaultMemoryMB and defaultCPUs apply to jobs that name none.
+	defaultMemoryMB = 2048
+	defaultCPUs     = 1
+)
+
+// New checks the image and QEMU are usable, decides the accelerator and
+// reaps leftovers of a crashed predecessor from cfg.StateDir.
+func New(cfg Config) (*Runtime, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Image.Dir == "" {
+		return nil, errors.New("vm runtime: no builder image; build one with `kiln builder-image build`")
+	}
+	for _, f := range []string{cfg.Image.KernelPath(), cfg.Image.InitramfsPath(), cfg.Image.RootfsPath()} {
+		if _, err := os.Stat(f); err != nil {
+			return nil, fmt.Errorf("vm runtime: builder image in %s is incomplete: %w; rebuild it with `kiln builder-image build`", cfg.Image.Dir, err)
+		}
+	}
+	if cfg.RegistryAddr == "" {
+		return nil, errors.New("vm runtime: registry address is empty; the guest's registry tunnel needs to know where kiln's registry listens")
+	}
+	if cfg.QEMU == "" {
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return nil, errors.New("vm runtime: qemu-system-x86_64 not found; install it with `apt-get install -y qemu-system-x86`")
+		}
+		cfg.QEMU = p
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("vm runtime: state dir is empty")
+	}
+	abs, err := filepath.Abs(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("vm runtime: state dir %s: %w", cfg.StateDir, err)
+	}
+	cfg.StateDir = abs
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("vm runtime: create state dir: %w", err)
+	}
+	if cfg.HelloTimeout == 0 {
+		cfg.HelloTimeout = 60 * time.Second
+	}
+	if cfg.CancelGrace == 0 {
+		cfg.CancelGrace = time.Second
+	}
+	if cfg.ExitWait == 0 {
+		cfg.ExitWait = 10 * time.Second
+	}
+	if err := Reap(context.Background(), cfg.StateDir, cfg.Logger); err != nil {
+		// Only the leftover builds' own dirs are affected; new builds get
+		// fresh ones, so keep serving and let the operator look.
+		cfg.Logger.Warn("vm runtime: could not fully clean up after a previous run", "state_dir", cfg.StateDir, "err", err)
+	}
+	accel, reason := cfg.Accel, "set in the configuration"
+	if accel == microvm.AccelAuto {
+		accel, reason = microvm.ProbeAccel()
+	}
+	level := slog.LevelInfo
+	if accel == microvm.AccelTCG {
+		level = slog.LevelWarn
+	}
+	cfg.Logger.Log(context.Background(), level, "vm runtime: builder VMs use "+string(accel), "accelerator", accel, "reason", reason,
+		"image", cfg.Image.Digest, "kernel", cfg.Image.KernelVersion, "image_dir", cfg.Image.Dir)
+	return &Runtime{cfg: cfg, log: cfg.Logger, accel: accel}, nil
+}
+
+// Name is "vm".
+func (r *Runtime) Name() string { return "vm" }
+
+// Accel is the accelerator builder VMs run with.
+func (r *Runtime) Accel() microvm.Accel { return r.accel }
+
+// ImageDigest identifies the builder image builds run in; it belongs in a
+// build's dedup key.
+func (r *Runtime) ImageDigest() string { return r.cfg.Image.Digest }
+
+var buildIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// buildState is written next to a running VM so Reap can find its QEMU
+// after a crash.
+type buildState struct {
+	BuildID string `json:"build_id"`
+	Volume  string `json:"volume"`
+	PID     int    `json:"pid,omitempty"`
+}
+
+// Run boots a builder VM with job.Volume attached, serves job to its agent
+// and returns the agent's result. The VM is gone and its state dir removed
+// when Run returns, also on failure and cancel.
+func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (res solve.Result, err error) {
+	if sink == nil {
+		sink = progress.Discard
+	}
+	gs := &gatedSink{sink: sink}
+	defer gs.close()
+	gjob, mem, err := r.guestJob(job)
+	if err != nil {
+		return res, err
+	}
+	log := r.log.With("build", job.BuildID)
+	tunnels := map[string]guest.Dialer{"registry": guest.DialTCP(r.cfg.RegistryAddr)}
+	netw, err := r.buildNetwork(job, gjob.Tunnels, gs, log)
+	if err != nil {
+		return res, err
+	}
+	defer netw.stop()
+	if netw.dialer != nil {
+		gjob.Tunnels = append(gjob.Tunnels, netw.tunnel)
+		gjob.Solve = withProxy(gjob.Solve, netw.tunnel.Listen)
+		tunnels[netw.tunnel.Name] = netw.dialer
+	}
+
+	dir := filepath.Join(r.cfg.StateDir, buildDirName(job.BuildID))
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return res, fmt.Errorf("vm runtime: %s exists: build %s is already running here, or a crash left it behind (restart kiln to reap it)", dir, job.BuildID)
+		}
+		return res, fmt.Errorf("vm runtime: create build state dir: %w", err)
+	}
+	state := buildState{BuildID: job.BuildID, Volume: job.Volume}
+	var vm *microvm.VM
+	defer func() {
+		if vm != nil {
+			vm.Kill() // no-op when it ended already; waits until reaped
+		}
+		if e := os.RemoveAll(dir); e != nil {
+			log.Error("vm runtime: cleanup failed", "err", e)
+			err = errors.Join(err, fmt.Errorf("vm runtime: remove build state dir: %w", e))
+		}
+	}()
+	if err := writeState(dir, state); err != nil {
+		return res, err
+	}
+
+	// The VM lives on vmCtx, not ctx: on cancel the agent first gets
+	// CancelGrace to stop the build and release the volume. Whatever it
+	// does, the VM is killed when the grace is over.
+	vmCtx, killVM := context.WithCancel(context.WithoutCancel(ctx))
+	defer killVM()
+	runDone := make(chan struct{})
+	defer close(runDone)
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-runDone:
+			return
+		}
+		select {
+		case <-time.After(r.cfg.CancelGrace):
+		case <-runDone:
+		}
+		killVM()
+	}()
+
+	gs.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseBooting})
+	if netw.notice != "" {
+		log.Warn("vm runtime: " + netw.notice)
+		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: netw.notice})
+	}
+	started := time.Now()
+	vm, err = microvm.Start(vmCtx, microvm.Config{
+		QEMU:      r.cfg.QEMU,
+		Kernel:    r.cfg.Image.KernelPath(),
+		Initrd:    r.cfg.Image.InitramfsPath(),
+		Cmdline:   r.cfg.Image.Cmdline,
+		MemoryMiB: mem,
+		CPUs:      gjob.MaxParallelism,
+		Disks: []microvm.Disk{
+			{Path: r.cfg.Image.RootfsPath(), Serial: builderimage.RootSerial, ReadOnly: true},
+			{Path: job.Volume, Serial: builderimage.CacheSerial},
+		},
+		Ports:   []string{builderimage.AgentPort},
+		Accel:   r.accel,
+		Console: r.cfg.Console,
+		// QEMU's command line names its sockets below dir, which is how
+		// Reap recognizes a leftover QEMU of this build.
+		RunDir: dir,
+		Logger: log,
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return res, fmt.Errorf("build canceled while starting the builder VM: %w", ctx.Err())
+		}
+		return res, fmt.Errorf("vm runtime: start builder VM: %w", err)
+	}
+	state.PID = vm.PID()
+	if err := writeState(dir, state); err != nil {
+		return res, err
+	}
+
+	port := &helloWatch{ReadWriteCloser: vm.Port(builderimage.AgentPort), onFirst: func() {
+		took := time.Since(started).Round(time.Millisecond)
+		log.Info("vm runtime: builder VM booted", "took", took, "accelerator", vm.Accel(), "memory_mib", mem, "cpus", gjob.MaxParallelism)
+		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
+			Message: fmt.Sprintf("builder VM booted in %s (%s, %d MiB, %d CPUs)", took, accelName(vm.Accel()), mem, gjob.MaxParallelism)})
+	}}
+	host := guest.Host{
+		Tunnels:      tunnels,
+		HelloTimeout: r.cfg.HelloTimeout,
+		CancelGrace:  r.cfg.CancelGrace,
+		Logger:       log,
+	}
+	res, err = host.Serve(ctx, port, gjob, gs)
+
+	switch {
+	case ctx.Err() != nil:
+		// The agent had its grace inside Serve.
+		vm.Kill()
+	case err == nil || port.seen() && !errors.Is(err, guest.ErrAgentGone):
+		// The agent answered (success or a failed build): it has released
+		// the volume and is exiting, which ends the VM.
+		select {
+		case <-vm.Done():
+		case <-time.After(r.cfg.ExitWait):
+			log.Warn("vm runtime: builder VM did not end after the agent's result; killing it", "waited", r.cfg.ExitWait)
+			vm.Kill()
+		}
+	default:
+		// Boot failure or a dead agent: the console tells why.
+		select {
+		case <-vm.Done():
+		case <-time.After(2 * time.Second):
+		}
+		vm.Kill()
+		err = fmt.Errorf("vm runtime: %w\nbuilder VM console (last lines):\n%s", err, consoleTail(vm.Console(), 30))
+	}
+	if qerr := vm.Wait(); qerr != nil && err == nil && ctx.Err() == nil {
+		log.Debug("vm runtime: QEMU exit", "err", qerr)
+	}
+	return res, err
+}
+
+// guestJob validates job and translates it into the agent's job.
+func (r *Runtime) guestJob(job runtime.Job) (guest.Job, int, error) {
+	if !buildIDPattern.MatchString(job.BuildID) {
+		return guest.Job{}, 0, fmt.Errorf("vm runtime: build id %q must be 1-64 letters, digits, '_', '.', '-'", job.BuildID)
+	}
+	if job.Volume == "" {
+		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s has no volume", job.BuildID)
+	}
+	if fi, err := os.Stat(job.Volume); err != nil || !fi.Mode().IsRegular() {
+		return guest.Job{}, 0, fmt.Errorf("vm runtime: volume %s of build %s is not a regular file (an ext4 image)", job.Volume, job.BuildID)
+	}
+	mem := job.MemoryMB
+	if mem == 0 {
+		mem = defaultMemoryMB
+	}
+	if mem < minMemoryMB {
+		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s asks for %d MiB; a builder VM needs at least %d MiB", job.BuildID, mem, minMemoryMB)
+	}
+	cpus := job.CPUs
+	if cpus == 0 {
+		cpus = defaultCPUs
+	}
+	tunnels, err := registryTunnels(job)
+	if err != nil {
+		return guest.Job{}, 0, err
+	}
+	return guest.Job{
+		BuildID:            job.BuildID,
+		Solve:              job.Solve,
+		CacheDisk:          builderimage.CacheSerial,
+		GC:                 buildkitd.GCPolicy(job.GC),
+		InsecureRegistries: job.InsecureRegistries,
+		// Steps share the guest's own network; what it reaches is decided
+		// by the tunnels (see network.go).
+		Network:        "",
+		MaxParallelism: cpus,
+		Tunnels:        tunnels,
+	}, mem, nil
+}
+
+// registryTunnels lists the registry hosts the build refers to; the agent
+// listens on each inside the guest and forwards to kiln's registry. A
+// builder VM has no other network, so every registry a build names must be
+// kiln's, addressed by a loopback IP the guest can own.
+func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
+	hosts := map[string]string{} // host → where it came from, for errors
+	add := func(host, from string) {
+		if _, ok := hosts[host]; !ok && host != "" {
+			hosts[host] = from
+		}
+	}
+	for _, h := range job.InsecureRegistries {
+		add(h, "insecure registries")
+	}
+	refs := append(append([]string(nil), job.Solve.Push...), job.Solve.CacheImports...)
+	if job.Solve.CacheExport != "" {
+		refs = append(refs, job.Solve.CacheExport)
+	}
+	for _, src := range job.Solve.NamedContexts {
+		if ref, ok := strings.CutPrefix(src, "docker-image://"); ok {
+			refs = append(refs, ref)
+		}
+	}
+	for _, ref := range refs {
+		named, err := reference.ParseNormalizedNamed(ref)
+		if err != nil {
+			return nil, fmt.Errorf("vm runtime: image reference %q: %w", ref, err)
+		}
+		add(reference.Domain(named), "reference "+ref)
+	}
+	var out []guest.Tunnel
+	for host, from := range hosts {
+		ip, port, err := net.SplitHostPort(host)
+		addr, aerr := netip.ParseAddr(ip)
+		if err != nil || port == "" || aerr != nil || !addr.IsLoopback() {
+			return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), but a builder VM reaches only kiln's own registry, through a tunnel it listens on at a loopback IP:port; set registry_host to one such as 127.0.0.1:7070", host, from)
+		}
+		out = append(out, guest.Tunnel{Name: "registry", Listen: host})
+	}
+	slices.SortFunc(out, func(a, b guest.Tunnel) int { return strings.Compare(a.Listen, b.Listen) })
+	return out, nil
+}
+
+// buildDirName is short and fixed-length whatever the build ID, because
+// QEMU's unix socket paths live below it.
+func buildDirName(buildID string) string {
+	sum := sha256.Sum256([]byte(buildID))
+	return buildDirPref + hex.EncodeToString(sum[:6])
+}
+
+func writeState(dir string, st buildState) error {
+	data, _ := json.Marshal(st)
+	tmp := filepath.Join(dir, stateFileName+".tmp")
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return fmt.Errorf("vm runtime: record build state: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, stateFileName)); err != nil {
+		return fmt.Errorf("vm runtime: record build state: %w", err)
+	}
+	return nil
+}
+
+// helloWatch notes the first bytes from the agent (its hello): the boot is
+// over.
+type helloWatch struct {
+	io.ReadWriteCloser
+	onFirst func()
+	got     atomic.Bool
+}
+
+func (h *helloWatch) Read(p []byte) (int, error) {
+	n, err := h.ReadWriteCloser.Read(p)
+	if n > 0 && h.got.CompareAndSwap(false, true) {
+		h.onFirst()
+	}
+	return n, err
+}
+
+func (h *helloWatch) seen() bool { return h.got.Load() }
+
+func accelName(a microvm.Accel) string {
+	if a == microvm.AccelTCG {
+		return "TCG software emulation, no KVM"
+	}
+	return string(a)
+}
+
+// consoleTail returns the last n lines of a VM console.
+func consoleTail(console string, n int) string {
+	lines := strings.Split(strings.TrimRight(console, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,740 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/egress"
+	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/microvm"
+	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
+	"github.com/kiln-build/kiln/internal/testkit"
+)
+
+const volumeSize = 2 << 30
+
+var (
+	// registry is where the test registry really listens on the host.
+	registry string
+	// guestRegistry is the registry host the builds name. Nothing listens
+	// there on the host: a build can only reach it through the guest's
+	// registry tunnel, so a pushed image proves the tunnel works.
+	guestRegistry = "127.0.0.1:5999"
+)
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "vm runtime tests need root (QEMU disk locks, loop mounts for the fsck checks)")
+		os.Exit(1)
+	}
+	tmp, err := os.MkdirTemp("", "kiln-vm-registry-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	reg, stop, err := testkit.StartRegistry(tmp, testkit.RegistryOptions{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	registry = reg
+	code := m.Run()
+	stop()
+	os.RemoveAll(tmp)
+	os.Exit(code)
+}
+
+var (
+	imageOnce sync.Once
+	image     builderimage.Manifest
+	imageErr  error
+)
+
+// builderImage builds (or reuses, when its inputs are unchanged) the
+// builder image in the directory the builderimage and microvm tests share.
+func builderImage(t *testing.T) builderimage.Manifest {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Fatalf("qemu-system-x86_64 is missing: %v; install it with `apt-get install -y qemu-system-x86`", err)
+	}
+	imageOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+		defer cancel()
+		image, imageErr = builderimage.Build(ctx, builderimage.Options{
+			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
+			InstallPackages: true,
+		})
+	})
+	if imageErr != nil {
+		t.Fatalf("build builder image: %v", imageErr)
+	}
+	return image
+}
+
+// newRuntime returns a Runtime whose state dir is checked for leftovers
+// and removed after the test.
+func newRuntime(t *testing.T) *Runtime {
+	t.Helper()
+	m := builderImage(t)
+	stateDir, err := os.MkdirTemp("", "kvm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := Reap(context.Background(), stateDir, nil); err != nil {
+			t.Errorf("reap after test: %v", err)
+		}
+		os.RemoveAll(stateDir)
+	})
+	r, err := New(Config{Image: m, StateDir: stateDir, RegistryAddr: registry, Console: consoleWriter(),
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func job(id, volume string, memMB int, req solve.Request) runtime.Job {
+	return runtime.Job{
+		BuildID:            id,
+		Solve:              req,
+		Volume:             volume,
+		InsecureRegistries: []string{guestRegistry},
+		GC:                 runtime.GCPolicy{ReservedSpace: "256MB", MaxUsedSpace: "1536MB", MinFreeSpace: "10%"},
+		CPUs:               2,
+		MemoryMB:           memMB,
+		Network:            "isolated",
+	}
+}
+
+var (
+	baseOnce sync.Once
+	baseErr  error
+	baseTook time.Duration
+)
+
+// busyboxBase pushes the busybox base image through a builder VM once and
+// returns its name as builds write it.
+func busyboxBase(t *testing.T) string {
+	t.Helper()
+	baseOnce.Do(func() {
+		r := newRuntime(t)
+		start := time.Now()
+		_, baseErr = r.Run(ctx(t, 3*time.Minute), job("base", testkit.Volume(t, volumeSize), 1024, solve.Request{
+			ContextDir: testkit.BusyboxDir(t),
+			Push:       []string{guestRegistry + "/base/busybox:latest"},
+		}), nil)
+		baseTook = time.Since(start)
+		t.Logf("busybox base built and pushed from a VM in %s", baseTook.Round(time.Millisecond))
+	})
+	if baseErr != nil {
+		t.Fatalf("build busybox base: %v", baseErr)
+	}
+	return guestRegistry + "/base/busybox:latest"
+}
+
+// onHost turns a reference the builds use into one the host can fetch.
+func onHost(ref string) string { return registry + strings.TrimPrefix(ref, guestRegistry) }
+
+func ctx(t *testing.T, d time.Duration) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return c
+}
+
+func contextDir(t *testing.T, files map[string]string) string {
+	dir := t.TempDir()
+	testkit.WriteFiles(t, dir, files)
+	return dir
+}
+
+// consoleWriter streams VM consoles to stderr when KILN_TEST_CONSOLE=1.
+func consoleWriter() io.Writer {
+	if os.Getenv("KILN_TEST_CONSOLE") != "1" {
+		return nil
+	}
+	return os.Stderr
+}
+
+// assertReleased fails unless the runtime left nothing behind: no state
+// dir entry, no QEMU, nothing holding the volumes open.
+func assertReleased(t *testing.T, r *Runtime, volumes ...string) {
+	t.Helper()
+	entries, _ := os.ReadDir(r.cfg.StateDir)
+	for _, e := range entries {
+		t.Errorf("state dir still holds %s", e.Name())
+	}
+	if pids := qemuMentioning(r.cfg.StateDir); len(pids) > 0 {
+		t.Errorf("QEMU processes still running for this runtime: %v", pids)
+	}
+	for _, v := range volumes {
+		if holders := openedBy(v); len(holders) > 0 {
+			t.Errorf("volume %s still open in processes %v", v, holders)
+		}
+	}
+}
+
+func qemuMentioning(s string) []string {
+	var out []string
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		raw, err := os.ReadFile(p)
+		cmdline := strings.ReplaceAll(string(raw), "\x00", " ")
+		if err == nil && strings.Contains(cmdline, "qemu") && strings.Contains(cmdline, s) {
+			out = append(out, filepath.Base(filepath.Dir(p))+": "+cmdline)
+		}
+	}
+	return out
+}
+
+// openedBy lists the processes with path open.
+func openedBy(path string) []string {
+	var out []string
+	fds, _ := filepath.Glob("/proc/[0-9]*/fd/*")
+	for _, fd := range fds {
+		if target, err := os.Readlink(fd); err == nil && target == path {
+			out = append(out, strings.Split(fd, "/")[2])
+		}
+	}
+	return out
+}
+
+func phases(rec *testkit.Recorder) []string {
+	var out []string
+	for _, e := range rec.Events() {
+		if e.Kind == progress.Phase {
+			out = append(out, e.Phase)
+		}
+	}
+	return out
+}
+
+// breakdown splits a build's wall time by its events: boot (QEMU start to
+// the agent's hello), agent setup (volume, context, buildkitd), solve and
+// push, and the VM's shutdown after the result.
+func breakdown(rec *testkit.Recorder, total time.Duration) string {
+	var start, booted, solving, last time.Time
+	for _, e := range rec.Events() {
+		switch {
+		case e.Kind == progress.Phase && e.Phase == PhaseBooting:
+			start = e.Time
+		case e.Kind == progress.Message && strings.HasPrefix(e.Message, "builder VM booted"):
+			booted = e.Time
+		case e.Kind == progress.Phase && e.Phase == "solving":
+			solving = e.Time
+		}
+		last = e.Time
+	}
+	if start.IsZero() || booted.IsZero() || solving.IsZero() {
+		return "no phase events"
+	}
+	ms := func(d time.Duration) time.Duration { return d.Round(10 * time.Millisecond) }
+	return fmt.Sprintf("boot %s, agent setup + buildkitd %s, solve + push %s, rest (shutdown, teardown) %s",
+		ms(booted.Sub(start)), ms(solving.Sub(booted)), ms(last.Sub(solving)), ms(total-last.Sub(start)))
+}
+
+// warmDockerfile is the process runtime's warm-cache test, so the two
+// runtimes can be compared on the same build.
+func warmDockerfile(base string) string {
+	return "FROM " + base + "\n" +
+		"COPY hello.txt /hello.txt\n" +
+		"RUN echo layer > /layer\n" +
+		// Written once, in the first build; the step is cached afterwards.
+		"RUN --mount=type=cache,target=/c test -f /c/stamp || (echo stamp-$RANDOM$RANDOM > /c/stamp)\n" +
+		"ARG BUST\n" +
+		// Re-runs whenever BUST changes and must see build 1's stamp.
+		"RUN --mount=type=cache,target=/c echo \"bust=$BUST\" && cp /c/stamp /out\n"
+}
+
+// TestColdThenWarmBuildAcrossVMs runs one build twice on the same cache
+// volume, each in its own VM: the second must answer the unchanged steps
+// from the volume's cache and see the first build's cache mount.
+func TestColdThenWarmBuildAcrossVMs(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := contextDir(t, map[string]string{"Dockerfile": warmDockerfile(base), "hello.txt": "hello from the host\n"})
+	build := func(id, bust string) (solve.Result, *testkit.Recorder, testkit.Image, time.Duration) {
+		rec := &testkit.Recorder{}
+		ref := guestRegistry + "/app/warm:" + id
+		start := time.Now()
+		res, err := r.Run(ctx(t, 3*time.Minute), job(id, vol, 1024, solve.Request{
+			ContextDir: dir,
+			Push:       []string{ref},
+			BuildArgs:  map[string]string{"BUST": bust},
+		}), rec)
+		took := time.Since(start)
+		if err != nil {
+			t.Fatalf("build %s: %v", id, err)
+		}
+		assertReleased(t, r, vol)
+		return res, rec, testkit.FetchImage(t, onHost(ref)), took
+	}
+	res1, rec1, img1, cold := build("cold", "1")
+	res2, rec2, img2, warm := build("warm", "2")
+	t.Logf("cold build %s: %s", cold.Round(time.Millisecond), breakdown(rec1, cold))
+	t.Logf("warm build %s: %s; %d of %d steps cached", warm.Round(time.Millisecond), breakdown(rec2, warm), res2.StepsCached, res2.StepsTotal)
+
+	if got := strings.Join(phases(rec1), ","); got != "booting,starting buildkitd,solving" {
+		t.Errorf("phases = %s", got)
+	}
+	if got := string(img1.Files["/hello.txt"]); got != "hello from the host\n" {
+		t.Errorf("/hello.txt = %q: the build context did not reach the guest intact", got)
+	}
+	if res1.StepsCached != 0 {
+		t.Errorf("cold build reported %d cached steps", res1.StepsCached)
+	}
+	if len(rec2.Find(progress.VertexCached, "echo layer")) != 1 {
+		t.Errorf("warm build did not answer `RUN echo layer` from the volume's cache")
+	}
+	if len(rec2.Find(progress.VertexCompleted, "bust=")) != 1 {
+		t.Errorf("warm build did not re-run the busted step")
+	}
+	stamp1, stamp2 := string(img1.Files["/out"]), string(img2.Files["/out"])
+	if !strings.HasPrefix(stamp1, "stamp-") || stamp1 != stamp2 {
+		t.Errorf("cache mount did not survive into the next VM: build1 /out=%q build2 /out=%q", stamp1, stamp2)
+	}
+	if !testkit.ManifestExists(t, onHost(guestRegistry+"/app/warm@"+res2.Digest)) {
+		t.Errorf("registry does not serve the reported digest %s", res2.Digest)
+	}
+	// A successful build unmounts the volume before the VM ends.
+	if dirty := volumeNeedsRecovery(t, vol); dirty {
+		t.Errorf("volume needs journal recovery after a successful build: the agent did not unmount it")
+	}
+}
+
+// TestIsolatedBuildReachesNothingAndFailsWithTheStepError: an isolated
+// build's steps see no network card and no proxy, and a failing RUN is
+// the build's error while the VM still ends by itself with the volume
+// released.
+func TestIsolatedBuildReachesNothingAndFailsWithTheStepError(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	_, err := r.Run(ctx(t, 3*time.Minute), job("fail", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+			"RUN echo \"nics=$(ls /sys/class/net | tr '\\n' ' ')proxy=${HTTP_PROXY:-none}\"; " +
+			"if nc 127.0.0.1 3128 </dev/null; then echo egress-reachable; fi; echo about to fail && exit 3\n"}),
+		Push: []string{guestRegistry + "/app/fail:latest"},
+	}), rec)
+	if err == nil {
+		t.Fatal("a failing RUN step succeeded")
+	}
+	if !strings.Contains(err.Error(), "exit code: 3") || strings.Contains(err.Error(), "console") {
+		t.Errorf("error should be the step's failure, not a VM problem: %v", err)
+	}
+	logs := rec.Logs()
+	if !strings.Contains(logs, "about to fail") {
+		t.Errorf("the step's output did not reach the host")
+	}
+	if !strings.Contains(logs, "nics=lo proxy=none") || strings.Contains(logs, "egress-reachable") {
+		t.Errorf("isolated step saw a network beyond loopback or a proxy:\n%s", logs)
+	}
+	assertReleased(t, r, vol)
+	if volumeNeedsRecovery(t, vol) {
+		t.Errorf("volume left mounted after a failed build")
+	}
+}
+
+// TestEgressReachesOnlyAllowedDomains: with allowed domains, steps get an
+// HTTP proxy inside the guest that the host serves through the egress
+// tunnel; an allowed domain answers, any other is refused with 403 and a
+// message in the build's events, and the proxy settings stay out of the
+// image.
+func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	site := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		fmt.Fprintf(w, "hello from %s%s", req.Host, req.URL.Path)
+	}))
+	defer site.Close()
+	// app.test stands for a public site: it resolves to a documentation
+	// address, and the proxy's connection to it lands on the local server.
+	public := netip.MustParseAddr("203.0.113.7")
+	r.egressHook = func(c *egress.Config) {
+		c.Resolve = func(context.Context, string) ([]netip.Addr, error) { return []netip.Addr{public}, nil }
+		c.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if addr != "203.0.113.7:80" {
+				return nil, fmt.Errorf("test dialer: unexpected %s", addr)
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, network, site.Listener.Addr().String())
+		}
+	}
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	fetch := func(host, out string) string {
+		return `(printf 'GET http://` + host + `/x HTTP/1.0\r\nHost: ` + host + `\r\n\r\n'; sleep 3) | nc ${p%:*} ${p##*:} > ` + out
+	}
+	j := job("egress", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+			"RUN echo \"$HTTP_PROXY\" > /proxy && p=${HTTP_PROXY#http://} && " + fetch("app.test", "/allowed") + " && " + fetch("evil.test", "/denied") + "\n"}),
+		Push: []string{guestRegistry + "/app/egress:latest"},
+	})
+	j.Network, j.AllowedDomains = "egress", []string{"app.test"}
+	if _, err := r.Run(ctx(t, 3*time.Minute), j, rec); err != nil {
+		t.Fatal(err)
+	}
+	img := testkit.FetchImage(t, onHost(guestRegistry+"/app/egress:latest"))
+	if got := string(img.Files["/proxy"]); got != "http://"+egressListen+"\n" {
+		t.Errorf("HTTP_PROXY in the step = %q", got)
+	}
+	if got := string(img.Files["/allowed"]); !strings.Contains(got, " 200 ") || !strings.Contains(got, "hello from app.test/x") {
+		t.Errorf("allowed domain through the proxy answered:\n%s", got)
+	}
+	if got := string(img.Files["/denied"]); !strings.Contains(got, " 403 ") || !strings.Contains(got, "allowed domains") {
+		t.Errorf("other domain through the proxy answered:\n%s", got)
+	}
+	if !rec.Contains("egress proxy refused evil.test:80") {
+		t.Errorf("the refusal is not in the build's events")
+	}
+	for _, e := range img.Config.Config.Env {
+		if strings.Contains(strings.ToUpper(e), "PROXY") {
+			t.Errorf("proxy setting leaked into the image: %s", e)
+		}
+	}
+	assertReleased(t, r, vol)
+}
+
+// TestCancelStopsTheVMWithinTwoSeconds cancels a running build: Run must
+// return, with the VM gone, within 2s, and the volume must still be
+// usable by the next build.
+func TestCancelStopsTheVMWithinTwoSeconds(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	c, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	started := rec.Await(progress.VertexStarted, "sleep 67")
+	canceledAt := make(chan time.Time, 1)
+	go func() {
+		select {
+		case <-started:
+			time.Sleep(500 * time.Millisecond)
+		case <-time.After(2 * time.Minute):
+		}
+		canceledAt <- time.Now()
+		cancel()
+	}()
+	_, err := r.Run(c, job("cancel", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/big bs=1M count=64 && sleep 67\n"}),
+		Push:       []string{guestRegistry + "/app/cancel:latest"},
+	}), rec)
+	took := time.Since(<-canceledAt)
+	select {
+	case <-started:
+	default:
+		t.Fatalf("the sleep step never started: %v", err)
+	}
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	t.Logf("Run returned %s after cancel: %v", took.Round(time.Millisecond), err)
+	if took > 2*time.Second {
+		t.Errorf("Run took %s to return after cancel, want the VM gone within 2s", took)
+	}
+	assertReleased(t, r, vol)
+	checkVolumeRecovers(t, vol)
+}
+
+// TestKilledVMLeavesARecoverableVolume kills QEMU while a step writes to
+// the volume, as a host crash would: Run must report the dead VM with its
+// console, leave nothing behind, and the volume must come back clean once
+// its journal is replayed.
+func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	writing := rec.Await(progress.VertexStarted, "while true")
+	killed := make(chan int, 1)
+	go func() {
+		defer close(killed)
+		select {
+		case <-writing:
+		case <-time.After(2 * time.Minute):
+			return
+		}
+		// Let the step write for a while, then kill QEMU under it.
+		time.Sleep(2 * time.Second)
+		var st buildState
+		data, err := os.ReadFile(filepath.Join(r.cfg.StateDir, buildDirName("killed"), stateFileName))
+		if err == nil && json.Unmarshal(data, &st) == nil && st.PID > 0 {
+			syscall.Kill(st.PID, syscall.SIGKILL)
+			killed <- st.PID
+		}
+	}()
+	_, err := r.Run(ctx(t, 3*time.Minute), job("killed", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+			"RUN --mount=type=cache,target=/c i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/c/f$((i%50)) bs=64k count=16 2>/dev/null; echo $i > /n$((i%20)); done\n"}),
+		Push: []string{guestRegistry + "/app/killed:latest"},
+	}), rec)
+	pid, ok := <-killed
+	if !ok {
+		t.Fatalf("the writing step never started: %v", err)
+	}
+	if !errors.Is(err, guest.ErrAgentGone) || !strings.Contains(err.Error(), "console") {
+		t.Fatalf("err = %v, want the agent reported gone with the VM console", err)
+	}
+	t.Logf("killed QEMU %d mid-step; Run said: %.300s", pid, err)
+	assertReleased(t, r, vol)
+	if !volumeNeedsRecovery(t, vol) {
+		t.Fatalf("volume is marked clean although its VM was killed mid-write; the test did not kill it mid-write")
+	}
+	checkVolumeRecovers(t, vol)
+}
+
+// volumeNeedsRecovery reports whether the volume's ext4 journal has
+// transactions to replay, i.e. it was not cleanly unmounted.
+func volumeNeedsRecovery(t *testing.T, vol string) bool {
+	t.Helper()
+	out, err := exec.Command("dumpe2fs", "-h", vol).CombinedOutput()
+	if err != nil {
+		t.Fatalf("dumpe2fs %s: %v\n%s", vol, err, out)
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(line, "Filesystem features:") {
+			return strings.Contains(line, "needs_recovery")
+		}
+	}
+	t.Fatalf("dumpe2fs printed no features:\n%s", out)
+	return false
+}
+
+// checkVolumeRecovers is what "fsck-clean after a kill" honestly means
+// for a journaled filesystem: a VM killed mid-write leaves transactions
+// in the journal and orphan inodes, which e2fsck -n (it may not write)
+// reports as problems; the next mount replays the journal and cleans the
+// orphans first. So: on a copy (the original stays as the next build
+// finds it), mount once as the next VM would, unmount, and then a full
+// e2fsck -fn must find nothing at all.
+func checkVolumeRecovers(t *testing.T, vol string) {
+	t.Helper()
+	dir := t.TempDir()
+	cp := filepath.Join(dir, "copy.ext4")
+	if out, err := exec.Command("cp", "--sparse=always", vol, cp).CombinedOutput(); err != nil {
+		t.Fatalf("copy volume: %v\n%s", err, out)
+	}
+	raw, rawErr := exec.Command("e2fsck", "-fn", cp).CombinedOutput()
+	t.Logf("before journal replay, e2fsck -fn says (%v):\n%s", rawErr, lastLines(string(raw), 8))
+	mnt := filepath.Join(dir, "mnt")
+	os.Mkdir(mnt, 0o755)
+	if out, err := exec.Command("mount", "-o", "loop", "-t", "ext4", cp, mnt).CombinedOutput(); err != nil {
+		t.Fatalf("mount the killed volume (journal replay): %v\n%s", err, out)
+	}
+	if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("umount: %v\n%s", err, out)
+	}
+	out, err := exec.Command("e2fsck", "-fn", cp).CombinedOutput()
+	if err != nil {
+		t.Fatalf("after journal replay the volume is not clean: e2fsck -fn: %v\n%s", err, out)
+	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// TestBootTimeoutLeavesNothing: a VM whose agent does not say hello in
+// time fails the build with the VM's console, and is gone with nothing
+// left behind.
+func TestBootTimeoutLeavesNothing(t *testing.T) {
+	r := newRuntime(t)
+	r.cfg.HelloTimeout = 300 * time.Millisecond // far less than a boot takes
+	vol := testkit.Volume(t, 64<<20)
+	start := time.Now()
+	_, err := r.Run(ctx(t, time.Minute), job("slowboot", vol, 256, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
+		Push:       []string{guestRegistry + "/app/slowboot:latest"},
+	}), nil)
+	if err == nil || !strings.Contains(err.Error(), "did not say hello") || !strings.Contains(err.Error(), "console") {
+		t.Fatalf("err = %v, want a boot timeout with the VM console", err)
+	}
+	t.Logf("boot timeout reported after %s", time.Since(start).Round(time.Millisecond))
+	assertReleased(t, r, vol)
+}
+
+// TestNewReapsLeftoverVMs: a server that crashed mid-build leaves a QEMU
+// and its state dir; the next New kills the one and removes the other.
+func TestNewReapsLeftoverVMs(t *testing.T) {
+	m := builderImage(t)
+	stateDir, err := os.MkdirTemp("", "kvm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(stateDir)
+	dir := filepath.Join(stateDir, buildDirName("crashed"))
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	vol := testkit.Volume(t, 64<<20)
+	// Start the VM as Run does, but never serve it, as if the server died.
+	vm, err := microvm.Start(context.Background(), microvm.Config{
+		Kernel: m.KernelPath(), Initrd: m.InitramfsPath(), Cmdline: m.Cmdline, MemoryMiB: 256, CPUs: 1,
+		Disks: []microvm.Disk{{Path: m.RootfsPath(), Serial: builderimage.RootSerial, ReadOnly: true},
+			{Path: vol, Serial: builderimage.CacheSerial}},
+		Ports: []string{builderimage.AgentPort}, RunDir: dir,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Kill()
+	if err := writeState(dir, buildState{BuildID: "crashed", Volume: vol, PID: vm.PID()}); err != nil {
+		t.Fatal(err)
+	}
+	// A QEMU of another state dir whose path merely starts the same must
+	// survive: only this state dir's VMs are reaped.
+	bystander := &exec.Cmd{Path: "/bin/sh", Args: []string{"qemu-system-x86_64", "-c", "sleep 60; :", stateDir + "x/" + buildDirName("crashed") + "/s1.sock"}}
+	if err := bystander.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer bystander.Process.Kill()
+
+	if _, err := New(Config{Image: m, StateDir: stateDir, RegistryAddr: registry}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-vm.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the leftover QEMU is still running after New")
+	}
+	if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
+		t.Errorf("state dir still holds %v after New", entries)
+	}
+	if !alive(bystander.Process.Pid) {
+		t.Errorf("New killed the QEMU of another state dir")
+	}
+}
+
+// TestJobsTheGuestCannotServeAreRefusedBeforeBooting: the guest reaches
+// only kiln's registry, through a loopback tunnel; anything else fails
+// at once with a clear error instead of after a boot.
+func TestJobsTheGuestCannotServeAreRefusedBeforeBooting(t *testing.T) {
+	r := newRuntime(t)
+	vol := testkit.Volume(t, 64<<20)
+	dir := contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"})
+	for name, tc := range map[string]struct {
+		mutate func(*runtime.Job)
+		want   string
+	}{
+		"registry by name":    {func(j *runtime.Job) { j.Solve.Push = []string{"kiln.example.com/app:1"} }, "registry_host"},
+		"registry on the LAN": {func(j *runtime.Job) { j.InsecureRegistries = []string{"192.168.1.10:7070"} }, "loopback"},
+		"tiny VM":             {func(j *runtime.Job) { j.MemoryMB = 64 }, "at least 256 MiB"},
+		"bad network":         {func(j *runtime.Job) { j.Network = "bridge" }, "network"},
+		"missing volume":      {func(j *runtime.Job) { j.Volume = "/nonexistent.ext4" }, "not a regular file"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			j := job("refused", vol, 512, solve.Request{ContextDir: dir, Push: []string{guestRegistry + "/app/x:1"}})
+			tc.mutate(&j)
+			start := time.Now()
+			_, err := r.Run(context.Background(), j, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want it to mention %q", err, tc.want)
+			}
+			if took := time.Since(start); took > time.Second {
+				t.Errorf("refusal took %s: it booted a VM first", took)
+			}
+			assertReleased(t, r, vol)
+		})
+	}
+}
+
+// TestImageLargerThanVMMemory builds and pushes an image four times the
+// VM's memory: layers must stream through the volume and the tunnel, never
+// be held in guest RAM.
+func TestImageLargerThanVMMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and pushes 2.1 GiB of random layers under TCG; several minutes")
+	}
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, 8<<30)
+	const memMB, layers, layerMB = 512, 3, 700
+	var df strings.Builder
+	df.WriteString("FROM " + base + "\n")
+	for i := range layers {
+		fmt.Fprintf(&df, "RUN dd if=/dev/urandom of=/blob%d bs=1M count=%d 2>&1 | tail -1\n", i, layerMB)
+	}
+	ref := guestRegistry + "/app/large:latest"
+	rec := &testkit.Recorder{}
+	j := job("large", vol, memMB, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": df.String()}),
+		Push:       []string{ref},
+	})
+	// GC bounds as kiln sets them for this volume size (10% / 80%), so the
+	// build is not followed by BuildKit pruning it back to the small
+	// default test bounds.
+	j.GC = runtime.GCPolicy{ReservedSpace: "800MB", MaxUsedSpace: "6400MB"}
+	start := time.Now()
+	res, err := r.Run(ctx(t, 30*time.Minute), j, rec)
+	took := time.Since(start)
+	if err != nil {
+		t.Fatalf("build after %s: %v", took, err)
+	}
+	size := pushedLayerBytes(t, onHost(ref))
+	t.Logf("pushed %d MiB of layers from a %d MiB VM in %s (digest %s): %s", size>>20, memMB, took.Round(time.Second), res.Digest, breakdown(rec, took))
+	for _, e := range rec.Events() {
+		if e.Kind == progress.VertexCompleted && (strings.Contains(e.Name, "RUN") || strings.Contains(e.Name, "export")) {
+			t.Logf("  done %s at +%s", e.Name, e.Time.Sub(start).Round(time.Second))
+		}
+	}
+	if size < 4*memMB<<20 {
+		t.Errorf("pushed image is %d MiB, want at least 4x the VM's %d MiB", size>>20, memMB)
+	}
+	assertReleased(t, r, vol)
+}
+
+// pushedLayerBytes sums the layer sizes of a pushed image's manifest
+// without downloading the layers.
+func pushedLayerBytes(t *testing.T, ref string) int64 {
+	t.Helper()
+	host, rest, _ := strings.Cut(ref, "/")
+	repo, tag, _ := strings.Cut(rest, ":")
+	req, _ := http.NewRequest(http.MethodGet, "http://"+host+"/v2/"+repo+"/manifests/"+tag, nil)
+	req.Header.Set("Accept", "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	var m struct {
+		Layers []struct {
+			Size int64 `json:"size"`
+		} `json:"layers"`
+	}
+	if resp.StatusCode != http.StatusOK || json.Unmarshal(body, &m) != nil {
+		t.Fatalf("manifest of %s: %s %s", ref, resp.Status, bytes.TrimSpace(body))
+	}
+	var n int64
+	for _, l := range m.Layers {
+		n += l.Size
+	}
+	return n
+}
