@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 var (
@@ -37,7 +38,7 @@ func sharedImage(t *testing.T) builderimage.Manifest {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 		defer cancel()
 		sharedM, sharedErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
+			OutputDir:       testkit.BuilderImageDir(),
 			InstallPackages: true,
 			Logger:          slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		})

@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-build/kiln/internal/builderimage"
 	"github.com/kiln-build/kiln/internal/guest"
 	"github.com/kiln-build/kiln/internal/microvm"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 var (
@@ -37,7 +38,7 @@ func builderImage(t *testing.T) builderimage.Manifest {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 		defer cancel()
 		image, imageErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
+			OutputDir:       testkit.BuilderImageDir(),
 			InstallPackages: true,
 		})
 	})

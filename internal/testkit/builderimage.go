@@ -32,11 +32,10 @@ func BuilderImage(t testing.TB) builderimage.Manifest {
 			builderErr = err
 			return
 		}
-		sum := sha256.Sum256([]byte(root))
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 		defer cancel()
 		builder, builderErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage-"+hex.EncodeToString(sum[:6])),
+			OutputDir:       BuilderImageDir(),
 			SourceDir:       root,
 			InstallPackages: true,
 		})
@@ -45,4 +44,12 @@ func BuilderImage(t testing.TB) builderimage.Manifest {
 		t.Fatalf("build builder image: %v", builderErr)
 	}
 	return builder
+}
+
+// BuilderImageDir is the directory the tests of this source tree share
+// for the builder image, keyed by the tree's path.
+func BuilderImageDir() string {
+	root, _ := RepoRoot()
+	sum := sha256.Sum256([]byte(root))
+	return filepath.Join(os.TempDir(), "kiln-test-builderimage-"+hex.EncodeToString(sum[:6]))
 }

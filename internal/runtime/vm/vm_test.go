@@ -81,7 +81,7 @@ func builderImage(t *testing.T) builderimage.Manifest {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 		defer cancel()
 		image, imageErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       filepath.Join(os.TempDir(), "kiln-test-builderimage"),
+			OutputDir:       testkit.BuilderImageDir(),
 			InstallPackages: true,
 		})
 	})
@@ -669,8 +669,8 @@ func TestJobsTheGuestCannotServeAreRefusedBeforeBooting(t *testing.T) {
 // VM's memory: layers must stream through the volume and the tunnel, never
 // be held in guest RAM.
 func TestImageLargerThanVMMemory(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and pushes 2.1 GiB of random layers under TCG; several minutes")
+	if os.Getenv("KILN_SLOW_TESTS") == "" {
+		t.Skip("builds and pushes 2.1 GiB of random layers under TCG, several minutes: run with make test-slow (KILN_SLOW_TESTS=1)")
 	}
 	base := busyboxBase(t)
 	r := newRuntime(t)
