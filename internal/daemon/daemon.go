@@ -159,7 +159,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		TimeoutSec:        builds.Caps{Default: cfg.TimeoutSecDefault, Max: cfg.TimeoutSecMax},
 		GCReservedPercent: cfg.GCReservedPercent,
 		GCMaxUsedPercent:  cfg.GCMaxUsedPercent,
-		BuilderID:         rt.Name() + "/" + buildkitVersion(),
+		BuilderID:         builderID(rt),
 		DedupTTL:          cfg.DedupTTL,
 		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
 		NetworkDefault:    cfg.NetworkDefault,
@@ -295,4 +295,14 @@ func builderDir(cfg config.Config, data string) string {
 		return cfg.BuilderImage
 	}
 	return filepath.Join(data, "builder")
+}
+
+// builderID names what executes builds, for the dedup key: the runtime,
+// the BuildKit version and, for VM builders, the builder image digest.
+func builderID(rt runtime.Runtime) string {
+	id := rt.Name() + "/" + buildkitVersion()
+	if img, ok := rt.(interface{ ImageDigest() string }); ok {
+		id += "/" + img.ImageDigest()
+	}
+	return id
 }
