@@ -4,12 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 
 	"github.com/kiln-build/kiln/internal/buildkitd"
+	"github.com/kiln-build/kiln/internal/runtime"
 )
 
 // Reap undoes what builds of a crashed process left in stateDir: it kills
@@ -20,28 +20,10 @@ func Reap(ctx context.Context, stateDir string, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	entries, err := os.ReadDir(stateDir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return fmt.Errorf("reap %s: %w", stateDir, err)
-	}
-	var errs []error
-	for _, e := range entries {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if !e.IsDir() {
-			continue
-		}
-		dir := filepath.Join(stateDir, e.Name())
+	return runtime.ReapBuildDirs(ctx, stateDir, func(dir, name string) error {
 		log.Warn("process runtime: reaping leftovers of an interrupted build", "dir", dir)
-		if err := reapBuild(stateDir, dir, e.Name()); err != nil {
-			errs = append(errs, fmt.Errorf("reap %s: %w", dir, err))
-		}
-	}
-	return errors.Join(errs...)
+		return reapBuild(stateDir, dir, name)
+	})
 }
 
 func reapBuild(stateDir, dir, buildID string) error {

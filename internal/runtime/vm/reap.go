@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-build/kiln/internal/buildkitd"
+	"github.com/kiln-build/kiln/internal/runtime"
 )
 
 // Reap kills the QEMU processes that builds of a crashed server left in
@@ -24,33 +25,15 @@ func Reap(ctx context.Context, stateDir string, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	entries, err := os.ReadDir(stateDir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		return fmt.Errorf("reap %s: %w", stateDir, err)
-	}
-	var errs []error
-	for _, e := range entries {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if !e.IsDir() {
-			continue
-		}
-		dir := filepath.Join(stateDir, e.Name())
+	return runtime.ReapBuildDirs(ctx, stateDir, func(dir, _ string) error {
 		var st buildState
 		if data, err := os.ReadFile(filepath.Join(dir, stateFileName)); err == nil {
 			_ = json.Unmarshal(data, &st)
 		}
 		pids := leftoverQEMU(dir)
 		log.Warn("vm runtime: reaping leftovers of an interrupted build", "dir", dir, "build", st.BuildID, "recorded_pid", st.PID, "qemu_pids", pids)
-		if err := reapBuild(ctx, dir, pids); err != nil {
-			errs = append(errs, fmt.Errorf("reap %s: %w", dir, err))
-		}
-	}
-	return errors.Join(errs...)
+		return reapBuild(ctx, dir, pids)
+	})
 }
 
 func reapBuild(ctx context.Context, dir string, pids []int) error {
