@@ -3,16 +3,11 @@ package rootfs
 import (
 	"archive/tar"
 	"bytes"
-	"context"
 	"encoding/json"
+	"github.com/kiln-build/kiln/internal/testkit"
 	"io"
-	"log/slog"
-	"net/http"
-	"net/http/httptest"
-	"net/url"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -20,42 +15,16 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
-
-	"github.com/kiln-build/kiln/internal/auth"
-	"github.com/kiln-build/kiln/internal/registry"
 )
 
 // testRegistry is a real kiln registry served over HTTP; test images are
 // pushed through the distribution API like any client would.
-type testRegistry struct {
-	reg       *registry.Registry
-	root      string
-	url       string
-	authority *auth.Authority
-}
+type testRegistry struct{ *testkit.KilnRegistry }
 
 func startRegistry(t *testing.T) *testRegistry {
 	t.Helper()
 	requireRoot(t)
-	a, _, err := auth.LoadOrCreate(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	root := filepath.Join(t.TempDir(), "registry")
-	reg, err := registry.New(ctx, registry.Config{
-		RootDir:   root,
-		Authority: a,
-		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { reg.Close() })
-	srv := httptest.NewServer(reg)
-	t.Cleanup(srv.Close)
-	return &testRegistry{reg: reg, root: root, url: srv.URL, authority: a}
+	return &testRegistry{testkit.StartKilnRegistry(t)}
 }
 
 func requireRoot(t *testing.T) {
@@ -63,55 +32,6 @@ func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates device nodes, chowns files and loop-mounts images")
 	}
-}
-
-func (r *testRegistry) do(t *testing.T, repo, method, u, contentType string, body []byte, want int) *http.Response {
-	t.Helper()
-	tok, err := r.authority.IssueRegistryToken(auth.Principal{Subject: "rootfs-test", Scopes: []auth.Scope{auth.ScopeImageWrite}}, "kiln", []string{"repository:" + repo + ":pull,push"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	req, err := http.NewRequest(method, u, bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+tok.Token)
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != want {
-		t.Fatalf("%s %s: status %d, want %d: %s", method, u, resp.StatusCode, want, msg)
-	}
-	return resp
-}
-
-func (r *testRegistry) pushBlob(t *testing.T, repo, mediaType string, data []byte) v1.Descriptor {
-	t.Helper()
-	d := digest.FromBytes(data)
-	resp := r.do(t, repo, http.MethodPost, r.url+"/v2/"+repo+"/blobs/uploads/", "", nil, http.StatusAccepted)
-	loc, err := url.Parse(resp.Header.Get("Location"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, _ := url.Parse(r.url)
-	u := base.ResolveReference(loc)
-	q := u.Query()
-	q.Set("digest", d.String())
-	u.RawQuery = q.Encode()
-	r.do(t, repo, http.MethodPut, u.String(), "application/octet-stream", data, http.StatusCreated)
-	return v1.Descriptor{MediaType: mediaType, Digest: d, Size: int64(len(data))}
-}
-
-func (r *testRegistry) pushManifest(t *testing.T, repo, tag, mediaType string, body []byte) string {
-	t.Helper()
-	r.do(t, repo, http.MethodPut, r.url+"/v2/"+repo+"/manifests/"+tag, mediaType, body, http.StatusCreated)
-	return digest.FromBytes(body).String()
 }
 
 // entry is one tar entry of a test layer.
@@ -231,10 +151,10 @@ func (r *testRegistry) pushImage(t *testing.T, repo, tag, arch string, cfg v1.Im
 	m.SchemaVersion = 2
 	for _, l := range layers {
 		img.RootFS.DiffIDs = append(img.RootFS.DiffIDs, l.diffID)
-		m.Layers = append(m.Layers, r.pushBlob(t, repo, l.mediaType, l.blob))
+		m.Layers = append(m.Layers, r.PushBlob(t, repo, l.mediaType, l.blob))
 	}
-	m.Config = r.pushBlob(t, repo, v1.MediaTypeImageConfig, mustJSON(t, img))
-	return r.pushManifest(t, repo, tag, v1.MediaTypeImageManifest, mustJSON(t, m))
+	m.Config = r.PushBlob(t, repo, v1.MediaTypeImageConfig, mustJSON(t, img))
+	return r.PushManifest(t, repo, tag, v1.MediaTypeImageManifest, mustJSON(t, m))
 }
 
 // mount loop-mounts a filesystem image read-only until the test ends.

@@ -117,7 +117,7 @@ func TestConvertAppliesLayersAsTheOCISpecSays(t *testing.T) {
 			dgst := specImage(t, r, "spec/"+string(format), hostFile)
 
 			dst := filepath.Join(t.TempDir(), "out")
-			res, err := Convert(context.Background(), r.reg, dgst, dst, Options{Format: format})
+			res, err := Convert(context.Background(), r.Registry, dgst, dst, Options{Format: format})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -318,7 +318,7 @@ func TestSymlinkEscapeIsRefusedAndLeavesNothing(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dgst := r.pushImage(t, "escape/"+strings.ReplaceAll(name, " ", "-"), "v1", "amd64", v1.ImageConfig{}, layers...)
 			parent := t.TempDir()
-			_, err := Convert(context.Background(), r.reg, dgst, filepath.Join(parent, "out"), Options{})
+			_, err := Convert(context.Background(), r.Registry, dgst, filepath.Join(parent, "out"), Options{})
 			if err == nil {
 				t.Fatal("conversion succeeded; want it refused")
 			}
@@ -342,7 +342,7 @@ func TestConvertPicksPlatformFromIndex(t *testing.T) {
 	arm := r.pushImage(t, repo, "arm", "arm64", v1.ImageConfig{Cmd: []string{"arm64"}},
 		makeLayer(t, "gzip", tarOf(t, fileE("arch", "arm64", 0o644))))
 	desc := func(d, arch string) v1.Descriptor {
-		_, body, _, err := r.reg.Manifest(context.Background(), repo, d)
+		_, body, _, err := r.Registry.Manifest(context.Background(), repo, d)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -350,9 +350,9 @@ func TestConvertPicksPlatformFromIndex(t *testing.T) {
 	}
 	idx := v1.Index{MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc(arm, "arm64"), desc(amd, "amd64")}}
 	idx.SchemaVersion = 2
-	index := r.pushManifest(t, repo, "multi", v1.MediaTypeImageIndex, mustJSON(t, idx))
+	index := r.PushManifest(t, repo, "multi", v1.MediaTypeImageIndex, mustJSON(t, idx))
 
-	res, err := Convert(context.Background(), r.reg, index, filepath.Join(t.TempDir(), "out"), Options{})
+	res, err := Convert(context.Background(), r.Registry, index, filepath.Join(t.TempDir(), "out"), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -364,7 +364,7 @@ func TestConvertPicksPlatformFromIndex(t *testing.T) {
 	}
 
 	// An arm64-only image is refused with the platforms it has.
-	_, err = Convert(context.Background(), r.reg, arm, filepath.Join(t.TempDir(), "out"), Options{})
+	_, err = Convert(context.Background(), r.Registry, arm, filepath.Join(t.TempDir(), "out"), Options{})
 	if err == nil || !strings.Contains(err.Error(), "arm64") {
 		t.Errorf("converting an arm64 image: %v, want a platform error naming arm64", err)
 	}
@@ -377,7 +377,7 @@ func TestConvertIsReproducible(t *testing.T) {
 	dgst := specImage(t, r, "repro/app", hostFile)
 	var sums []string
 	for range 2 {
-		res, err := Convert(context.Background(), r.reg, dgst, filepath.Join(t.TempDir(), "out"), Options{})
+		res, err := Convert(context.Background(), r.Registry, dgst, filepath.Join(t.TempDir(), "out"), Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -399,20 +399,20 @@ func TestConvertDockerSchema2Images(t *testing.T) {
 	m := map[string]any{
 		"schemaVersion": 2,
 		"mediaType":     dockerManifest,
-		"config":        r.pushBlob(t, repo, dockerConfig, mustJSON(t, img)),
-		"layers":        []v1.Descriptor{r.pushBlob(t, repo, "application/vnd.docker.image.rootfs.diff.tar.gzip", layer.blob)},
+		"config":        r.PushBlob(t, repo, dockerConfig, mustJSON(t, img)),
+		"layers":        []v1.Descriptor{r.PushBlob(t, repo, "application/vnd.docker.image.rootfs.diff.tar.gzip", layer.blob)},
 	}
 	body := mustJSON(t, m)
-	man := r.pushManifest(t, repo, "single", dockerManifest, body)
+	man := r.PushManifest(t, repo, "single", dockerManifest, body)
 	list := map[string]any{
 		"schemaVersion": 2,
 		"mediaType":     dockerManifestList,
 		"manifests": []v1.Descriptor{{MediaType: dockerManifest, Digest: digestOf(man), Size: int64(len(body)),
 			Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
 	}
-	listDigest := r.pushManifest(t, repo, "list", dockerManifestList, mustJSON(t, list))
+	listDigest := r.PushManifest(t, repo, "list", dockerManifestList, mustJSON(t, list))
 
-	res, err := Convert(context.Background(), r.reg, listDigest, filepath.Join(t.TempDir(), "out"), Options{})
+	res, err := Convert(context.Background(), r.Registry, listDigest, filepath.Join(t.TempDir(), "out"), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,7 +431,7 @@ func TestConvertRejectsCorruptLayer(t *testing.T) {
 	dgst := r.pushImage(t, "corrupt/app", "v1", "amd64", v1.ImageConfig{}, layer)
 	// Flip one byte of the stored layer blob, in the registry's own storage.
 	sum := digest.FromBytes(layer.blob).Encoded()
-	blob := filepath.Join(r.root, "docker/registry/v2/blobs/sha256", sum[:2], sum, "data")
+	blob := filepath.Join(r.Root, "docker/registry/v2/blobs/sha256", sum[:2], sum, "data")
 	b, err := os.ReadFile(blob)
 	if err != nil {
 		t.Fatal(err)
@@ -441,7 +441,7 @@ func TestConvertRejectsCorruptLayer(t *testing.T) {
 		t.Fatal(err)
 	}
 	parent := t.TempDir()
-	_, err = Convert(context.Background(), r.reg, dgst, filepath.Join(parent, "out"), Options{})
+	_, err = Convert(context.Background(), r.Registry, dgst, filepath.Join(parent, "out"), Options{})
 	if err == nil || !strings.Contains(err.Error(), "does not match its digest") {
 		t.Fatalf("converting a corrupt layer: %v, want a digest mismatch", err)
 	}

@@ -94,7 +94,7 @@ func TestStoreConvertsEachDigestOnce(t *testing.T) {
 		once.Do(func() { close(started); <-gate })
 	}}
 	dir := t.TempDir()
-	s, err := Open(dir, r.reg, opt)
+	s, err := Open(dir, r.Registry, opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +156,7 @@ func TestStoreConvertsEachDigestOnce(t *testing.T) {
 	if err != nil || again.Size != a.art.Size || s.Conversions() != 1 {
 		t.Errorf("second Ensure: %v, %d conversions; want the ready artifact and still 1", err, s.Conversions())
 	}
-	s2, err := Open(dir, r.reg, Options{})
+	s2, err := Open(dir, r.Registry, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestStoreCancelLeavesNothingBehind(t *testing.T) {
 				}
 			}}
 			dir := t.TempDir()
-			s, err := Open(dir, r.reg, opt)
+			s, err := Open(dir, r.Registry, opt)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -228,7 +228,7 @@ func TestStoreRemoveStopsRunningConversion(t *testing.T) {
 	started, gate := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	dir := t.TempDir()
-	s, err := Open(dir, r.reg, Options{Progress: func(Progress) { once.Do(func() { close(started); <-gate }) }})
+	s, err := Open(dir, r.Registry, Options{Progress: func(Progress) { once.Do(func() { close(started); <-gate }) }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +261,7 @@ func TestStoreReportsFailure(t *testing.T) {
 	r := startRegistry(t)
 	dgst := r.pushImage(t, "fail/app", "v1", "arm64", v1.ImageConfig{}, makeLayer(t, "gzip", tarOf(t, fileE("x", "x", 0o644))))
 	dir := t.TempDir()
-	s, err := Open(dir, r.reg, Options{})
+	s, err := Open(dir, r.Registry, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestConvertTiming(t *testing.T) {
 	r := startRegistry(t)
 	dgst := bulkImage(t, r, "timing/app", 2, 25, "gzip")
 	for _, opt := range []Options{{}, {Compression: "lz4hc"}, {Format: FormatExt4}} {
-		res, err := Convert(context.Background(), r.reg, dgst, filepath.Join(t.TempDir(), "out"), opt)
+		res, err := Convert(context.Background(), r.Registry, dgst, filepath.Join(t.TempDir(), "out"), opt)
 		if err != nil {
 			t.Fatal(err)
 		}

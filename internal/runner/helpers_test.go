@@ -6,10 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,9 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builderimage"
-	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/testkit"
 )
@@ -54,75 +49,11 @@ func requireQEMU(t *testing.T) {
 
 // testRegistry is a real kiln registry served over HTTP; the test image is
 // pushed through the distribution API like any client would.
-type testRegistry struct {
-	reg       *registry.Registry
-	url       string
-	authority *auth.Authority
-}
+type testRegistry struct{ *testkit.KilnRegistry }
 
 func startRegistry(t *testing.T) *testRegistry {
 	t.Helper()
-	a, _, err := auth.LoadOrCreate(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	reg, err := registry.New(ctx, registry.Config{
-		RootDir:   filepath.Join(t.TempDir(), "registry"),
-		Authority: a,
-		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { reg.Close() })
-	srv := httptest.NewServer(reg)
-	t.Cleanup(srv.Close)
-	return &testRegistry{reg: reg, url: srv.URL, authority: a}
-}
-
-func (r *testRegistry) do(t *testing.T, repo, method, u, contentType string, body []byte, want int) *http.Response {
-	t.Helper()
-	tok, err := r.authority.IssueRegistryToken(auth.Principal{Subject: "runner-test", Scopes: []auth.Scope{auth.ScopeImageWrite}}, "kiln", []string{"repository:" + repo + ":pull,push"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	req, err := http.NewRequest(method, u, bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+tok.Token)
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != want {
-		t.Fatalf("%s %s: status %d, want %d: %s", method, u, resp.StatusCode, want, msg)
-	}
-	return resp
-}
-
-func (r *testRegistry) pushBlob(t *testing.T, repo, mediaType string, data []byte) v1.Descriptor {
-	t.Helper()
-	d := digest.FromBytes(data)
-	resp := r.do(t, repo, http.MethodPost, r.url+"/v2/"+repo+"/blobs/uploads/", "", nil, http.StatusAccepted)
-	loc, err := url.Parse(resp.Header.Get("Location"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	base, _ := url.Parse(r.url)
-	u := base.ResolveReference(loc)
-	q := u.Query()
-	q.Set("digest", d.String())
-	u.RawQuery = q.Encode()
-	r.do(t, repo, http.MethodPut, u.String(), "application/octet-stream", data, http.StatusCreated)
-	return v1.Descriptor{MediaType: mediaType, Digest: d, Size: int64(len(data))}
+	return &testRegistry{testkit.StartKilnRegistry(t)}
 }
 
 // pushImage pushes a one-layer linux/amd64 OCI image (the layer gzipped)
@@ -140,10 +71,10 @@ func (r *testRegistry) pushImage(t *testing.T, repo, tag string, cfg v1.ImageCon
 	}
 	m := v1.Manifest{MediaType: v1.MediaTypeImageManifest}
 	m.SchemaVersion = 2
-	m.Layers = []v1.Descriptor{r.pushBlob(t, repo, v1.MediaTypeImageLayerGzip, gz.Bytes())}
-	m.Config = r.pushBlob(t, repo, v1.MediaTypeImageConfig, mustJSON(t, img))
+	m.Layers = []v1.Descriptor{r.PushBlob(t, repo, v1.MediaTypeImageLayerGzip, gz.Bytes())}
+	m.Config = r.PushBlob(t, repo, v1.MediaTypeImageConfig, mustJSON(t, img))
 	body := mustJSON(t, m)
-	r.do(t, repo, http.MethodPut, r.url+"/v2/"+repo+"/manifests/"+tag, v1.MediaTypeImageManifest, body, http.StatusCreated)
+	r.Do(t, repo, http.MethodPut, r.URL+"/v2/"+repo+"/manifests/"+tag, v1.MediaTypeImageManifest, body, http.StatusCreated)
 	return digest.FromBytes(body).String()
 }
 
@@ -229,7 +160,7 @@ func testImage(t *testing.T, cfg v1.ImageConfig) rootfs.Artifact {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	res, err := rootfs.Convert(ctx, reg.reg, dgst, filepath.Join(t.TempDir(), "img"), rootfs.Options{})
+	res, err := rootfs.Convert(ctx, reg.Registry, dgst, filepath.Join(t.TempDir(), "img"), rootfs.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
