@@ -10,7 +10,7 @@ KILN_ADDR ?= 127.0.0.1:7070
 KILN_DATA ?= ./kiln-data
 APT_PACKAGES := runc skopeo e2fsprogs erofs-utils busybox-static ca-certificates util-linux qemu-system-x86 linux-image-amd64 curl
 
-.PHONY: run test test-slow build deps generate bench clean bin/kiln
+.PHONY: run test test-slow build deps generate bench clean bin/kiln builder-image
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -20,7 +20,14 @@ deps:
 	fi
 	@command -v go >/dev/null || { echo "Go is missing: install Go 1.26 at /usr/local/go"; exit 1; }
 
-build: deps bin/kiln bin/buildkitd
+build: deps bin/kiln bin/buildkitd builder-image
+
+# The builder VM image (kernel, initramfs, erofs root with kiln-agent,
+# buildkitd and runc) that kiln serve --runtime auto boots builds in and
+# kiln run boots images with. Identical inputs give identical bytes, so a
+# rebuild with nothing changed only checks and keeps it.
+builder-image: bin/kiln bin/buildkitd
+	bin/kiln builder-image build --data "$(KILN_DATA)"
 
 bin/kiln:
 	go build -o bin/kiln ./cmd/kiln
@@ -47,7 +54,7 @@ test-slow: build
 	KILN_SLOW_TESTS=1 go test -count=1 -timeout 60m -run 'TestImageLargerThanVMMemory' ./internal/runtime/vm/
 
 bench: build
-	go test -run '^$$' -bench . -benchtime 3x -timeout 20m ./test/
+	go test -run '^$$' -bench . -benchtime 3x -timeout 30m ./test/ ./internal/microvm/
 
 run: build
 	@scripts/run-example.sh "$(KILN_ADDR)" "$(KILN_DATA)"

@@ -42,6 +42,9 @@ type Env struct {
 	MountCgroup bool
 	// CgroupParent is the cgroup build steps run under (default "kiln").
 	CgroupParent string
+	// ResolvConf is the file the agent writes the resolver of a job's NIC
+	// to (the image's /etc/resolv.conf links to /run/resolv.conf).
+	ResolvConf string
 	// Agent names the agent and its version in the hello.
 	Agent string
 	// Logger is the local log (the VM console). Records also go to the host.
@@ -56,6 +59,7 @@ func VMEnv(agentVersion string) Env {
 		Mount:       "/var/lib/buildkit",
 		StateDir:    "/run/kiln",
 		MountCgroup: true,
+		ResolvConf:  "/run/resolv.conf",
 		Agent:       "kiln-agent " + agentVersion,
 	}
 }
@@ -204,6 +208,13 @@ func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) 
 	if stopTunnels, err = s.ListenTunnels(ctx); err != nil {
 		return res, err
 	}
+	if job.NIC != nil {
+		started = time.Now()
+		if err := configureNIC(ctx, *job.NIC, env.ResolvConf); err != nil {
+			return res, err
+		}
+		log.Info("network interface configured", "address", job.NIC.Address, "took", time.Since(started).Round(time.Millisecond))
+	}
 
 	s.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
 	if err := os.MkdirAll(env.StateDir, 0o700); err != nil {
@@ -221,6 +232,7 @@ func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) 
 		MaxParallelism:     job.MaxParallelism,
 		// The volume outlives the build; step output may hold secrets.
 		NoHistory: true,
+		Proxy:     job.Proxy,
 		Logger:    log,
 	})
 	if err != nil {

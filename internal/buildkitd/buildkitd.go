@@ -55,6 +55,9 @@ type Config struct {
 	// every step's output, unmasked, in the content store below Root, so a
 	// step that prints a secret would leave it on the cache volume.
 	NoHistory bool
+	// Proxy, when set, is the HTTP(S) proxy the daemon uses for what it
+	// fetches itself (ADD <url>, git sources); loopback stays direct.
+	Proxy string
 	// StartTimeout bounds the wait for the daemon to answer (default 60s).
 	StartTimeout time.Duration
 	Logger       *slog.Logger
@@ -128,6 +131,12 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 		// PATHs do not always carry.
 		"PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin",
 	)
+	if cfg.Proxy != "" {
+		for _, k := range []string{"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} {
+			cmd.Env = append(cmd.Env, k+"="+cfg.Proxy)
+		}
+		cmd.Env = append(cmd.Env, "NO_PROXY=localhost,127.0.0.1,::1", "no_proxy=localhost,127.0.0.1,::1")
+	}
 	// No private mount namespace: one would hold a private copy of every
 	// other build's volume mount for this daemon's whole life, keeping
 	// their loop devices busy after they finish. buildkitd's own mounts

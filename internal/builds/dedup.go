@@ -20,6 +20,7 @@ import (
 
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -238,14 +239,23 @@ func (s *Service) findDedup(ctx context.Context, h, scope string) (Build, bool, 
 	return b, true, nil
 }
 
+// errDedupGone: the original's image is no longer in the registry under
+// any name (its names were deleted and a registry GC ran), so the hit
+// cannot be answered and the build must run.
+var errDedupGone = errors.New("the deduplicated build's image is gone from the registry")
+
 // answerFromDedup records b as succeeded at once with orig's digest: its
 // names are linked to that digest in the registry; no runtime, BuildKit or
 // conversion runs.
 func (s *Service) answerFromDedup(ctx context.Context, b *Build, orig Build) error {
+	src, err := s.dedupSource(ctx, orig)
+	if err != nil {
+		return err
+	}
 	names := append([]string{canonicalName(b.ID)}, b.Tags...)
 	for _, name := range names {
 		i := strings.LastIndex(name, ":")
-		if err := s.reg.Tag(ctx, "builds/"+orig.ID, orig.ImageDigest, name[:i], name[i+1:]); err != nil {
+		if err := s.reg.Tag(ctx, src, orig.ImageDigest, name[:i], name[i+1:]); err != nil {
 			return fmt.Errorf("link %s to the deduplicated result: %w", name, err)
 		}
 	}
@@ -255,6 +265,31 @@ func (s *Service) answerFromDedup(ctx context.Context, b *Build, orig Build) err
 	b.StepsTotal, b.StepsCached = orig.StepsTotal, orig.StepsTotal
 	b.StartedAt, b.FinishedAt = now, now
 	return nil
+}
+
+// dedupSource finds a repository that still holds orig's image: its own
+// builds/<id>, else any other name of the digest.
+func (s *Service) dedupSource(ctx context.Context, orig Build) (string, error) {
+	repos := []string{"builds/" + orig.ID}
+	others, err := store.ListImages(ctx, s.db.SQL, orig.ImageDigest)
+	if err != nil {
+		return "", fmt.Errorf("look up names of %s: %w", orig.ImageDigest, err)
+	}
+	for _, im := range others {
+		if i := strings.LastIndex(im.Name, ":"); i > 0 {
+			repos = append(repos, im.Name[:i])
+		}
+	}
+	for _, repo := range repos {
+		_, _, _, err := s.reg.Manifest(ctx, repo, orig.ImageDigest)
+		if err == nil {
+			return repo, nil
+		}
+		if !errors.Is(err, registry.ErrNotFound) {
+			return "", fmt.Errorf("look up the deduplicated result in %s: %w", repo, err)
+		}
+	}
+	return "", errDedupGone
 }
 
 func (s *Service) dedupEvents(id string, orig Build, h string) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -147,7 +148,13 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 			return Build{}, err
 		}
 		if hit {
-			return s.submitDedup(ctx, u, b, orig)
+			done, err := s.submitDedup(ctx, u, b, orig)
+			if !errors.Is(err, errDedupGone) {
+				return done, err
+			}
+			// Built anew, and the next identical submission dedups
+			// against this build.
+			s.log.Info("dedup hit on a build whose image is gone from the registry; building", "original", orig.ID, "input_hash", b.InputHash)
 		}
 	}
 	if len(req.Secrets) > 0 {

@@ -100,7 +100,7 @@ func (c *Config) settings() []setting {
 	return []setting{
 		{"data", "./kiln-data", "data directory: database, registry storage, cache volumes, keys", kString, &c.DataDir},
 		{"listen", "127.0.0.1:7070", "address the API and registry listen on", kString, &c.Listen},
-		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (microVM), or auto", kString, &c.Runtime},
+		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (one microVM per build), or auto (vm when a builder image exists and QEMU runs, else process)", kString, &c.Runtime},
 		{"builder_image", "", "directory of the builder VM image the vm runtime boots (default: <data>/builder; make it with kiln builder-image build)", kString, &c.BuilderImage},
 		{"log_level", "info", "log level: debug, info, warn, error", kString, &c.LogLevel},
 		{"registry_host", "", "host:port builders use to reach kiln's registry (default: the listen address)", kString, &c.RegistryHost},

@@ -207,22 +207,22 @@ func loopbackAddr(a *net.TCPAddr) string {
 }
 
 // newRuntime picks the builder runtime. registryAddr is where the registry
-// really listens; VM guests reach it through their registry tunnel.
+// really listens; VM guests reach it through their registry tunnel. auto
+// means vm whenever a builder image exists and QEMU can run it, and says
+// why when it falls back to process.
 func newRuntime(cfg config.Config, data, registryAddr string, log *slog.Logger) (runtime.Runtime, error) {
 	rlog := log.With("part", "runtime")
-	if cfg.Runtime == "vm" {
-		dir := builderDir(cfg, data)
-		img, err := builderimage.Load(dir)
-		if err != nil {
-			return nil, fmt.Errorf("the vm runtime needs a builder image: %w", err)
-		}
-		// Its own state dir: the process runtime reaps everything in its one.
-		rt, err := vm.New(vm.Config{Image: img, StateDir: stateDir(data) + "-vm", RegistryAddr: registryAddr, Logger: rlog})
-		if err != nil {
+	if cfg.Runtime != "process" {
+		rt, err := newVMRuntime(cfg, data, registryAddr, rlog)
+		switch {
+		case err == nil:
+			log.Info("builder runtime: vm", "requested", cfg.Runtime, "accelerator", rt.Accel(), "builder_image", rt.ImageDigest(), "image_dir", builderDir(cfg, data))
+			return rt, nil
+		case cfg.Runtime == "vm":
 			return nil, err
+		default:
+			log.Warn("builder runtime: auto falls back to process", "reason", err)
 		}
-		log.Info("builder runtime: vm", "accelerator", rt.Accel(), "builder_image", img.Digest, "image_dir", img.Dir)
-		return rt, nil
 	}
 	bk, err := findBuildkitd()
 	if err != nil {
@@ -232,9 +232,17 @@ func newRuntime(cfg config.Config, data, registryAddr string, log *slog.Logger) 
 	if err != nil {
 		return nil, err
 	}
-	// auto stays on process until the vm runtime is the proven default.
 	log.Info("builder runtime: process (buildkitd on the host, no VM isolation)", "requested", cfg.Runtime, "accelerator", "none")
 	return rt, nil
+}
+
+func newVMRuntime(cfg config.Config, data, registryAddr string, log *slog.Logger) (*vm.Runtime, error) {
+	img, err := builderimage.Load(builderDir(cfg, data))
+	if err != nil {
+		return nil, fmt.Errorf("the vm runtime needs a builder image: %w", err)
+	}
+	// Its own state dir: the process runtime reaps everything in its one.
+	return vm.New(vm.Config{Image: img, StateDir: stateDir(data) + "-vm", RegistryAddr: registryAddr, Logger: log})
 }
 
 // findBuildkitd looks beside the kiln binary first (make build puts both

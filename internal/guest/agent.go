@@ -91,7 +91,7 @@ func accept(ctx context.Context, conn io.ReadWriteCloser, opt AgentOptions, vers
 		return nil, fmt.Errorf("%w: host answered with protocol version %d, agent speaks %d", ErrVersionMismatch, reply.Version, version)
 	}
 
-	mux, err := yamux.Client(conn, muxConfig(opt.Logger))
+	mux, err := yamux.Client(conn, muxConfig(&muxLogger{log: opt.Logger}))
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("start host multiplexer: %w", err)

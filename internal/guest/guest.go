@@ -39,6 +39,23 @@ type Job struct {
 	// accepted connection becomes one stream to the host, which connects
 	// it with Host.Tunnels[Name].
 	Tunnels []Tunnel `json:"tunnels,omitempty"`
+	// NIC, when set, is the guest's network interface (the VM's
+	// user-mode NIC); the agent configures it before buildkitd starts.
+	// Without it the guest has only its loopback and the tunnels.
+	NIC *NIC `json:"nic,omitempty"`
+	// Proxy is the HTTP(S) proxy URL buildkitd itself uses for what it
+	// fetches on its own (ADD <url>, git sources): the egress tunnel.
+	Proxy string `json:"proxy,omitempty"`
+}
+
+// NIC is a static configuration of the guest's one network interface.
+type NIC struct {
+	Address string   `json:"address"` // with prefix length, e.g. 10.0.2.15/24
+	Gateway string   `json:"gateway"`
+	DNS     []string `json:"dns"`
+	// Unreachable are prefixes the guest gets reject routes for, e.g. the
+	// user-mode network's alias for the host's loopback.
+	Unreachable []string `json:"unreachable,omitempty"`
 }
 
 // Tunnel is one TCP forward from the guest to the host.

@@ -66,7 +66,8 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 	}
 	log.Debug("guest agent connected", "agent", agent)
 
-	mux, err := yamux.Server(conn, muxConfig(log))
+	muxLog := &muxLogger{log: log}
+	mux, err := yamux.Server(conn, muxConfig(muxLog))
 	if err != nil {
 		return res, fmt.Errorf("start guest multiplexer: %w", err)
 	}
@@ -78,6 +79,7 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 		log:       log,
 		sink:      sink,
 		mux:       mux,
+		muxLog:    muxLog,
 		ctx:       serveCtx,
 		control:   make(chan net.Conn, 1),
 		tunnels:   make(chan struct{}, maxTunnels),
@@ -249,12 +251,13 @@ func (h *Host) handshake(ctx context.Context, conn io.ReadWriteCloser) (string, 
 
 // hostSession is the state of one Serve call.
 type hostSession struct {
-	h   *Host
-	job Job
-	log *slog.Logger
-	mux *yamux.Session
-	ctx context.Context
-	wg  sync.WaitGroup
+	h      *Host
+	job    Job
+	log    *slog.Logger
+	mux    *yamux.Session
+	muxLog *muxLogger
+	ctx    context.Context
+	wg     sync.WaitGroup
 
 	// The control and events streams are opened once each.
 	controlSeen, eventsSeen atomic.Bool
@@ -439,7 +442,11 @@ func (s *hostSession) guestLog(r *logRecord) {
 // goneErr explains a control stream that ended before the result.
 func (s *hostSession) goneErr(err error) error {
 	if errors.Is(err, io.EOF) || errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return fmt.Errorf("%w during the build: the connection closed without a result (did the VM crash? check its console output)", ErrAgentGone)
+		why := "did the VM crash? check its console output"
+		if l := s.muxLog.lastLine(); l != "" {
+			why = "multiplexer: " + l + "; " + why
+		}
+		return fmt.Errorf("%w during the build: the connection closed without a result (%s)", ErrAgentGone, why)
 	}
 	return fmt.Errorf("%w during the build: %v", ErrAgentGone, err)
 }

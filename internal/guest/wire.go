@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -127,29 +128,52 @@ func (f *frameReader) read(v any) error {
 	return nil
 }
 
-// muxConfig tunes yamux for a slow guest (TCG is 10-20x slower than the
-// host) while still noticing a frozen one: a keepalive ping that goes
-// unanswered for ConnectionWriteTimeout ends the session.
-func muxConfig(log *slog.Logger) *yamux.Config {
+// muxConfig tunes yamux for a slow guest. A TCG guest on an overloaded
+// host can stall for tens of seconds (the guest kernel then reports soft
+// lockups) and recover; ending the session then would fail a build that
+// was going to finish. A guest that is gone for good needs no keepalive
+// to be noticed: its QEMU exits and the socket closes, and one frozen
+// forever meets the build's timeout. So a ping may go unanswered for
+// minutes before the session ends.
+func muxConfig(log *muxLogger) *yamux.Config {
 	c := yamux.DefaultConfig()
-	c.KeepAliveInterval = 15 * time.Second
-	c.ConnectionWriteTimeout = 30 * time.Second
-	c.StreamOpenTimeout = 60 * time.Second
-	c.StreamCloseTimeout = time.Minute
+	c.KeepAliveInterval = 30 * time.Second
+	c.ConnectionWriteTimeout = 3 * time.Minute
+	c.StreamOpenTimeout = 3 * time.Minute
+	c.StreamCloseTimeout = 3 * time.Minute
 	c.LogOutput = nil
-	c.Logger = muxLogger{log}
+	c.Logger = log
 	return c
 }
 
 // muxLogger routes yamux's own log lines to slog at debug level: they are
-// about connection teardown, which Serve and Accept report as errors.
-type muxLogger struct{ log *slog.Logger }
-
-func (l muxLogger) Print(v ...any) { l.log.Debug(strings.TrimSpace(fmt.Sprint(v...))) }
-func (l muxLogger) Printf(format string, v ...any) {
-	l.log.Debug(strings.TrimSpace(fmt.Sprintf(format, v...)))
+// about connection teardown, which Serve and Accept report as errors. It
+// keeps the last one, which says why yamux ended a session.
+type muxLogger struct {
+	log  *slog.Logger
+	last atomic.Pointer[string]
 }
-func (l muxLogger) Println(v ...any) { l.log.Debug(strings.TrimSpace(fmt.Sprintln(v...))) }
+
+func (l *muxLogger) Print(v ...any) { l.record(fmt.Sprint(v...)) }
+func (l *muxLogger) Printf(format string, v ...any) {
+	l.record(fmt.Sprintf(format, v...))
+}
+
+func (l *muxLogger) record(msg string) {
+	msg = strings.TrimSpace(msg)
+	l.last.Store(&msg)
+	l.log.Debug(msg)
+}
+
+// lastLine is yamux's last complaint, "" if none.
+func (l *muxLogger) lastLine() string {
+	if p := l.last.Load(); p != nil {
+		return *p
+	}
+	return ""
+}
+
+func (l *muxLogger) Println(v ...any) { l.record(fmt.Sprintln(v...)) }
 
 // untilDone runs fn, closing c if ctx ends first so a blocked read or write
 // on c returns. It reports ctx's error in that case.

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +45,14 @@ type Config struct {
 	// Ports are virtio-serial port names (e.g. "kiln.0"). Each is wired to
 	// a host connection returned by VM.Port.
 	Ports []string
+	// UserNet adds one virtio-net NIC on QEMU's user-mode network (slirp):
+	// the guest is UserNetGuest on UserNetCIDR, its gateway UserNetGateway
+	// and its resolver UserNetDNS. QEMU opens the guest's connections as
+	// its own sockets, so the guest needs no privileges on the host and
+	// the host needs no bridge or tap. Note that slirp maps the gateway
+	// address to the host's loopback: the guest must not route to it if
+	// it is not meant to reach the host's local services.
+	UserNet bool
 
 	// Accel forces KVM or TCG; AccelAuto probes (see ProbeAccel).
 	Accel Accel
@@ -263,8 +272,23 @@ func Args(cfg Config, accel Accel, qmp string, portSockets []string) []string {
 				"-device", fmt.Sprintf("virtserialport,bus=vser0.0,nr=%d,chardev=%s,name=%s", i+1, id, name))
 		}
 	}
+	if cfg.UserNet {
+		args = append(args,
+			"-netdev", "user,id=net0,ipv6=off,net="+UserNetCIDR+",host="+UserNetGateway+",dns="+UserNetDNS,
+			"-device", "virtio-net-device,netdev=net0,mac="+UserNetMAC)
+	}
 	return args
 }
+
+// The user-mode network's fixed layout (QEMU's defaults, written down so
+// the guest side can configure itself without DHCP).
+const (
+	UserNetCIDR    = "10.0.2.0/24"
+	UserNetGuest   = "10.0.2.15/24"
+	UserNetGateway = "10.0.2.2"
+	UserNetDNS     = "10.0.2.3"
+	UserNetMAC     = "52:54:00:12:34:56"
+)
 
 // qemuEscape doubles commas, QEMU's option separator.
 func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
@@ -528,4 +552,31 @@ func logAccelOnce(log *slog.Logger, accel Accel, reason string) {
 		}
 		log.Info("microvm: using KVM", "reason", reason)
 	})
+}
+
+// kernelTrouble matches the first line of the kernel's own account of why
+// a guest went wrong; it usually scrolls out of a plain tail behind a call
+// trace, and it is the line that says what happened.
+var kernelTrouble = regexp.MustCompile(`Kernel panic|BUG:|Oops|WARNING:|watchdog:|rcu: .*stall|Out of memory|invoked oom-killer|hung_task|blocked for more than|segfault at|Attempted to kill init`)
+
+// ConsoleReport is the part of the console an error message should carry:
+// the first kernel complaint (with a few lines after it) when there is one
+// outside the last n lines, then the last n lines.
+func (v *VM) ConsoleReport(n int) string { return consoleReport(v.Console(), n) }
+
+func consoleReport(console string, n int) string {
+	lines := strings.Split(strings.TrimRight(console, "\n"), "\n")
+	start := max(len(lines)-n, 0)
+	var out []string
+	for i, l := range lines[:start] {
+		if kernelTrouble.MatchString(l) {
+			out = append(out, lines[i:min(i+8, start)]...)
+			if i+8 < start {
+				out = append(out, "[…]")
+			}
+			break
+		}
+	}
+	out = append(out, lines[start:]...)
+	return strings.TrimSpace(strings.Join(out, "\n"))
 }

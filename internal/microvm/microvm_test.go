@@ -23,32 +23,14 @@ import (
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
-var (
-	imageOnce sync.Once
-	image     builderimage.Manifest
-	imageErr  error
-)
-
-// builderImage builds (or reuses, when its inputs are unchanged) the
-// builder image in a directory shared by all test binaries.
-func builderImage(t *testing.T) builderimage.Manifest {
+// builderImage is the builder image the tests of this tree share.
+func builderImage(t testing.TB) builderimage.Manifest {
 	t.Helper()
 	requireQEMU(t)
-	imageOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-		defer cancel()
-		image, imageErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       testkit.BuilderImageDir(),
-			InstallPackages: true,
-		})
-	})
-	if imageErr != nil {
-		t.Fatalf("build builder image: %v", imageErr)
-	}
-	return image
+	return testkit.BuilderImage(t)
 }
 
-func requireQEMU(t *testing.T) {
+func requireQEMU(t testing.TB) {
 	t.Helper()
 	_, qerr := exec.LookPath("qemu-system-x86_64")
 	_, kerr := os.Stat("/dev/kvm")
@@ -60,7 +42,7 @@ func requireQEMU(t *testing.T) {
 	}
 }
 
-func builderConfig(t *testing.T, m builderimage.Manifest, memMiB int) microvm.Config {
+func builderConfig(t testing.TB, m builderimage.Manifest, memMiB int) microvm.Config {
 	return microvm.Config{
 		Kernel:    m.KernelPath(),
 		Initrd:    m.InitramfsPath(),
@@ -111,7 +93,7 @@ func (w *stampWriter) Write(p []byte) (int, error) {
 // bootToReady starts a VM and reads the agent's hello, the first line
 // kiln-agent writes on the virtio-serial port once the guest is up (see
 // internal/guest), from the host end of the port.
-func bootToReady(ctx context.Context, t *testing.T, cfg microvm.Config) (vm *microvm.VM, hi agentHello, took time.Duration) {
+func bootToReady(ctx context.Context, t testing.TB, cfg microvm.Config) (vm *microvm.VM, hi agentHello, took time.Duration) {
 	t.Helper()
 	start := time.Now()
 	vm, err := microvm.Start(ctx, cfg)
@@ -160,7 +142,7 @@ type agentHello struct {
 
 // refuse answers the agent's hello with a refusal, as a host does that
 // has no job for it; the agent then exits and the VM ends by itself.
-func refuse(t *testing.T, vm *microvm.VM) {
+func refuse(t testing.TB, vm *microvm.VM) {
 	t.Helper()
 	if _, err := fmt.Fprintf(vm.Port(builderimage.AgentPort), "{\"version\":%d,\"error\":\"boot test: no job\"}\n", guest.Version); err != nil {
 		t.Fatalf("answer the agent's hello: %v", err)
@@ -223,6 +205,25 @@ func TestBootMatrix(t *testing.T) {
 			t.Logf("%5d MiB: boot to agent hello %s (guest kernel manages %d MiB, %s)", mem, took.Round(time.Millisecond), seen, vm.Accel())
 		})
 	}
+}
+
+// BenchmarkBootToAgentReady measures what every VM build pays before its
+// agent can take the job: QEMU start, kernel boot, init, agent hello, for
+// a 1 GiB builder. Under TCG (this machine) expect seconds; under KVM
+// well under one.
+func BenchmarkBootToAgentReady(b *testing.B) {
+	m := builderImage(b)
+	var total time.Duration
+	for range b.N {
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		vm, _, took := bootToReady(ctx, b, builderConfig(b, m, 1024))
+		total += took
+		refuse(b, vm)
+		<-vm.Done()
+		cancel()
+	}
+	b.ReportMetric(total.Seconds()/float64(b.N), "boot-to-agent-s/op")
+	b.ReportMetric(0, "ns/op")
 }
 
 // TestKillLeavesNothing kills a booting VM and checks no QEMU process and

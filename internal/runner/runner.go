@@ -467,11 +467,7 @@ func (r *run) read(port io.Reader, events chan<- event, quit <-chan struct{}, do
 
 // consoleTail is the end of the VM's console for error messages.
 func (r *run) consoleTail() string {
-	lines := strings.Split(strings.TrimRight(r.vm.Console(), "\n"), "\n")
-	if len(lines) > 30 {
-		lines = lines[len(lines)-30:]
-	}
-	s := strings.TrimSpace(strings.Join(lines, "\n"))
+	s := r.vm.ConsoleReport(30)
 	if s == "" {
 		return ""
 	}

@@ -329,7 +329,10 @@ func TestFailingRunReportsVertexError(t *testing.T) {
 
 func TestCancelReturnsPromptly(t *testing.T) {
 	base := busyboxBase(t)
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 60\n"})
+	// The step's shell carries a nonce so no other process on the host
+	// (other packages' tests run alongside) is mistaken for it.
+	step := fmt.Sprintf("sleep 60 || echo cancel-nonce-%d", time.Now().UnixNano())
+	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN " + step + "\n"})
 	rec := &testkit.Recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -362,7 +365,7 @@ func TestCancelReturnsPromptly(t *testing.T) {
 	}
 	// Returning is not enough: the daemon must have stopped the step too.
 	deadline := time.Now().Add(10 * time.Second)
-	for running("sleep 60") {
+	for running(step) {
 		if time.Now().After(deadline) {
 			t.Fatal("the canceled RUN step is still running in buildkitd")
 		}

@@ -11,13 +11,13 @@ import (
 
 	"github.com/kiln-build/kiln/internal/egress"
 	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/microvm"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/solve"
 )
 
-// A builder VM has no network card. What its RUN steps reach is decided
-// here, per job:
+// What a builder VM's RUN steps reach is decided here, per job:
 //
 //   - isolated: nothing but kiln's registry tunnel.
 //   - egress with allowed domains: additionally an HTTP proxy inside the
@@ -27,10 +27,17 @@ import (
 //     args: BuildKit puts them in each RUN's environment but keeps them out
 //     of the image, its history and the cache key. Tools that ignore proxy
 //     variables reach nothing.
-//   - egress without allowed domains (unrestricted internet) is not
-//     available: the guest has no route out, and the egress proxy only
-//     lets listed domains through. The build runs as isolated, with a
-//     message saying so; it never gets more access than asked for.
+//     The daemon itself uses the same proxy for ADD <url> and git
+//     sources.
+//   - egress without allowed domains: a user-mode NIC (QEMU's slirp), the
+//     only case with a network card. QEMU opens the guest's connections
+//     as its own sockets, so steps reach what the kiln host reaches, like
+//     docker build's default bridge. Slirp maps its gateway address to the
+//     host's loopback; the agent routes that address nowhere, so kiln's
+//     API and registry and other services bound to the host's loopback
+//     stay out of reach (the registry only through its tunnel).
+//
+// isolated and allow-listed builds have no network card at all.
 
 // egressListen is the proxy address inside the guest; egressListenAlt is
 // used when a registry tunnel already listens there.
@@ -48,9 +55,9 @@ type network struct {
 	// tunnel and dialer are set when the build gets the egress proxy.
 	tunnel guest.Tunnel
 	dialer guest.Dialer
-	// notice explains a narrowed network to the user; empty if none.
-	notice string
-	stop   func()
+	// nic is set when the build gets the user-mode NIC.
+	nic  *guest.NIC
+	stop func()
 }
 
 // buildNetwork prepares job's network. sink receives proxy denials until
@@ -68,7 +75,12 @@ func (r *Runtime) buildNetwork(job runtime.Job, registry []guest.Tunnel, sink *g
 		return nil, fmt.Errorf("vm runtime: network %q is unknown; use egress or isolated", job.Network)
 	}
 	if len(job.AllowedDomains) == 0 {
-		n.notice = "this builder VM has no internet access: the vm runtime does not offer unrestricted egress yet, so RUN steps reach only kiln's registry; list the domains a build needs with --allow-domain"
+		n.nic = &guest.NIC{
+			Address:     microvm.UserNetGuest,
+			Gateway:     microvm.UserNetGateway,
+			DNS:         []string{microvm.UserNetDNS},
+			Unreachable: []string{microvm.UserNetGateway + "/32"},
+		}
 		return n, nil
 	}
 	cfg := egress.Config{

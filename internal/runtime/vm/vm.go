@@ -197,8 +197,10 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	if netw.dialer != nil {
 		gjob.Tunnels = append(gjob.Tunnels, netw.tunnel)
 		gjob.Solve = withProxy(gjob.Solve, netw.tunnel.Listen)
+		gjob.Proxy = "http://" + netw.tunnel.Listen
 		tunnels[netw.tunnel.Name] = netw.dialer
 	}
+	gjob.NIC = netw.nic
 
 	dir := filepath.Join(r.cfg.StateDir, buildDirName(job.BuildID))
 	if err := os.Mkdir(dir, 0o700); err != nil {
@@ -243,10 +245,6 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	}()
 
 	gs.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseBooting})
-	if netw.notice != "" {
-		log.Warn("vm runtime: " + netw.notice)
-		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: netw.notice})
-	}
 	started := time.Now()
 	vm, err = microvm.Start(vmCtx, microvm.Config{
 		QEMU:      r.cfg.QEMU,
@@ -260,6 +258,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 			{Path: job.Volume, Serial: builderimage.CacheSerial},
 		},
 		Ports:   []string{builderimage.AgentPort},
+		UserNet: netw.nic != nil,
 		Accel:   r.accel,
 		Console: r.cfg.Console,
 		// QEMU's command line names its sockets below dir, which is how
@@ -312,7 +311,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		case <-time.After(2 * time.Second):
 		}
 		vm.Kill()
-		err = fmt.Errorf("vm runtime: %w\nbuilder VM console (last lines):\n%s", err, consoleTail(vm.Console(), 30))
+		err = fmt.Errorf("vm runtime: %w\nbuilder VM console (last lines):\n%s", err, vm.ConsoleReport(30))
 	}
 	if qerr := vm.Wait(); qerr != nil && err == nil && ctx.Err() == nil {
 		log.Debug("vm runtime: QEMU exit", "err", qerr)
@@ -445,13 +444,4 @@ func accelName(a microvm.Accel) string {
 		return "TCG software emulation, no KVM"
 	}
 	return string(a)
-}
-
-// consoleTail returns the last n lines of a VM console.
-func consoleTail(console string, n int) string {
-	lines := strings.Split(strings.TrimRight(console, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -64,31 +65,13 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-var (
-	imageOnce sync.Once
-	image     builderimage.Manifest
-	imageErr  error
-)
-
-// builderImage builds (or reuses, when its inputs are unchanged) the
-// builder image in the directory the builderimage and microvm tests share.
+// builderImage is the builder image the tests of this tree share.
 func builderImage(t *testing.T) builderimage.Manifest {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Fatalf("qemu-system-x86_64 is missing: %v; install it with `apt-get install -y qemu-system-x86`", err)
 	}
-	imageOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-		defer cancel()
-		image, imageErr = builderimage.Build(ctx, builderimage.Options{
-			OutputDir:       testkit.BuilderImageDir(),
-			InstallPackages: true,
-		})
-	})
-	if imageErr != nil {
-		t.Fatalf("build builder image: %v", imageErr)
-	}
-	return image
+	return testkit.BuilderImage(t)
 }
 
 // newRuntime returns a Runtime whose state dir is checked for leftovers
@@ -415,6 +398,75 @@ func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
 		}
 	}
 	assertReleased(t, r, vol)
+}
+
+// TestEgressWithoutListGetsAUserModeNIC: egress with no allowed domains
+// gives the guest a user-mode NIC, so steps reach what the host reaches
+// (here a server on the host's own network address) without any proxy,
+// while the host's loopback, which slirp's gateway address stands for,
+// stays unreachable.
+func TestEgressWithoutListGetsAUserModeNIC(t *testing.T) {
+	hostIP := nonLoopbackIPv4(t)
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	ln, err := net.Listen("tcp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	site := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		fmt.Fprintf(w, "hello via %s", req.Host)
+	})}
+	go site.Serve(ln)
+	defer site.Close()
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+
+	// busybox-static's wget crashes in glibc's static resolver; nc does not.
+	get := func(ip, out string) string {
+		return `(printf 'GET / HTTP/1.0\r\nHost: ` + ip + `\r\n\r\n'; sleep 2) | nc -w 5 ` + ip + " " + port + " > " + out
+	}
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	j := job("nic", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+			"RUN echo \"nics=$(ls /sys/class/net | tr '\\n' ' ')proxy=${HTTP_PROXY:-none}\" > /net && cat /etc/resolv.conf > /resolv && " +
+			get(hostIP, "/public") + " && (" + get(microvm.UserNetGateway, "/loopback") + " || echo unreachable > /loopback)\n"}),
+		Push: []string{guestRegistry + "/app/nic:latest"},
+	})
+	j.Network = "egress"
+	if _, err := r.Run(ctx(t, 3*time.Minute), j, rec); err != nil {
+		t.Fatalf("%v\nlogs:\n%s", err, rec.Logs())
+	}
+	img := testkit.FetchImage(t, onHost(guestRegistry+"/app/nic:latest"))
+	if got := string(img.Files["/net"]); got != "nics=eth0 lo proxy=none\n" {
+		t.Errorf("step saw %q, want a NIC besides loopback and no proxy", got)
+	}
+	if got := string(img.Files["/resolv"]); got != "nameserver "+microvm.UserNetDNS+"\n" {
+		t.Errorf("step's resolv.conf = %q", got)
+	}
+	if got, want := string(img.Files["/public"]), "hello via "+hostIP; !strings.Contains(got, " 200 ") || !strings.HasSuffix(got, want) {
+		t.Errorf("server on the host's network address answered %q, want %q", got, want)
+	}
+	if got := string(img.Files["/loopback"]); got != "unreachable\n" {
+		t.Errorf("the host's loopback was reachable through slirp's gateway address: %q", got)
+	}
+	assertReleased(t, r, vol)
+}
+
+// nonLoopbackIPv4 is an address of this host that a user-mode NIC's
+// connections can reach.
+func nonLoopbackIPv4(t *testing.T) string {
+	t.Helper()
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && !n.IP.IsLoopback() && n.IP.To4() != nil {
+			return n.IP.String()
+		}
+	}
+	t.Skip("this host has no non-loopback IPv4 address for the guest to reach")
+	return ""
 }
 
 // TestCancelStopsTheVMWithinTwoSeconds cancels a running build: Run must
