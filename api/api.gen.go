@@ -274,6 +274,16 @@ type ImageList struct {
 	Images []Image `json:"images"`
 }
 
+// RegistryGC defines model for RegistryGC.
+type RegistryGC struct {
+	BlobsAfter  int   `json:"blobs_after"`
+	BlobsBefore int   `json:"blobs_before"`
+	BytesAfter  int64 `json:"bytes_after"`
+	BytesBefore int64 `json:"bytes_before"`
+	BytesFreed  int64 `json:"bytes_freed"`
+	TookMs      int64 `json:"took_ms"`
+}
+
 // RootFS A digest's bootable root filesystem, converted once per digest.
 type RootFS struct {
 	Error  *string      `json:"error,omitempty"`
@@ -560,6 +570,13 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/images/{name}/tags (the `TagImage` operationId).
 	TagImage(ctx context.Context, name ImageName, body TagImageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// CollectRegistryGarbage Delete registry blobs no image references any more (needs build:admin)
+	//
+	// Waits for running builds to finish and holds queued ones meanwhile; pushes to the registry API are answered 503 while it sweeps.
+	//
+	// Corresponds with POST /v1/registry/gc (the `CollectRegistryGarbage` operationId).
+	CollectRegistryGarbage(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// CreateTokenWithBody Mint a kiln token (needs build:admin)
 	//
@@ -868,6 +885,23 @@ func (c *Client) TagImageWithBody(ctx context.Context, name ImageName, contentTy
 // Corresponds with POST /v1/images/{name}/tags (the `TagImage` operationId).
 func (c *Client) TagImage(ctx context.Context, name ImageName, body TagImageJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewTagImageRequest(c.Server, name, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// CollectRegistryGarbage Delete registry blobs no image references any more (needs build:admin)
+//
+// Waits for running builds to finish and holds queued ones meanwhile; pushes to the registry API are answered 503 while it sweeps.
+//
+// Corresponds with POST /v1/registry/gc (the `CollectRegistryGarbage` operationId).
+func (c *Client) CollectRegistryGarbage(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewCollectRegistryGarbageRequest(c.Server)
 	if err != nil {
 		return nil, err
 	}
@@ -1547,6 +1581,33 @@ func NewTagImageRequestWithBody(server string, name ImageName, contentType strin
 	return req, nil
 }
 
+// NewCollectRegistryGarbageRequest constructs an http.Request for the CollectRegistryGarbage method
+func NewCollectRegistryGarbageRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/registry/gc")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewCreateTokenRequest calls the generic CreateToken builder with application/json body
 func NewCreateTokenRequest(server string, body CreateTokenJSONRequestBody) (*http.Request, error) {
 	var bodyReader io.Reader
@@ -1778,6 +1839,15 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/images/{name}/tags (the `TagImage` operationId).
 	TagImageWithResponse(ctx context.Context, name ImageName, body TagImageJSONRequestBody, reqEditors ...RequestEditorFn) (*TagImageResponse, error)
+
+	// CollectRegistryGarbageWithResponse Delete registry blobs no image references any more (needs build:admin)
+	//
+	// Waits for running builds to finish and holds queued ones meanwhile; pushes to the registry API are answered 503 while it sweeps.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/registry/gc (the `CollectRegistryGarbage` operationId).
+	CollectRegistryGarbageWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*CollectRegistryGarbageResponse, error)
 
 	// CreateTokenWithBodyWithResponse Mint a kiln token (needs build:admin)
 	//
@@ -2583,6 +2653,54 @@ func (r TagImageResponse) ContentType() string {
 	return ""
 }
 
+type CollectRegistryGarbageResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *RegistryGC
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r CollectRegistryGarbageResponse) GetJSON200() *RegistryGC {
+	return r.JSON200
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r CollectRegistryGarbageResponse) GetJSON409() *Error {
+	return r.JSON409
+}
+
+// GetBody returns the raw response body bytes
+func (r CollectRegistryGarbageResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r CollectRegistryGarbageResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r CollectRegistryGarbageResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r CollectRegistryGarbageResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type CreateTokenResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -2885,6 +3003,21 @@ func (c *ClientWithResponses) TagImageWithResponse(ctx context.Context, name Ima
 		return nil, err
 	}
 	return ParseTagImageResponse(rsp)
+}
+
+// CollectRegistryGarbageWithResponse Delete registry blobs no image references any more (needs build:admin)
+//
+// Waits for running builds to finish and holds queued ones meanwhile; pushes to the registry API are answered 503 while it sweeps.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/registry/gc (the `CollectRegistryGarbage` operationId).
+func (c *ClientWithResponses) CollectRegistryGarbageWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*CollectRegistryGarbageResponse, error) {
+	rsp, err := c.CollectRegistryGarbage(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseCollectRegistryGarbageResponse(rsp)
 }
 
 // CreateTokenWithBodyWithResponse Mint a kiln token (needs build:admin)
@@ -3456,6 +3589,39 @@ func ParseTagImageResponse(rsp *http.Response) (*TagImageResponse, error) {
 			return nil, err
 		}
 		response.JSON404 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseCollectRegistryGarbageResponse parses an HTTP response from a CollectRegistryGarbageWithResponse call
+func ParseCollectRegistryGarbageResponse(rsp *http.Response) (*CollectRegistryGarbageResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &CollectRegistryGarbageResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest RegistryGC
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
 
 	}
 

@@ -282,3 +282,26 @@ func (s *Service) cleanup(id string) {
 		s.log.Warn("remove inline Dockerfile", "build", id, "err", err)
 	}
 }
+
+// Pause takes every build slot, waiting for running builds to finish;
+// queued builds wait until resume is called. Registry garbage collection
+// runs paused: a running build may have pushed layers whose manifest is
+// not there yet, and a collection would take them.
+func (s *Service) Pause(ctx context.Context) (resume func(), err error) {
+	held := 0
+	release := func() {
+		for range held {
+			<-s.slots
+		}
+	}
+	for held < cap(s.slots) {
+		select {
+		case s.slots <- struct{}{}:
+			held++
+		case <-ctx.Done():
+			release()
+			return nil, fmt.Errorf("wait for running builds to finish: %w", context.Cause(ctx))
+		}
+	}
+	return release, nil
+}

@@ -133,6 +133,7 @@ func newCommands(s settings) []*cobra.Command {
 		cacheCommand(g),
 		tokenCommand(g),
 		runCommand(g),
+		registryCommand(g),
 	}
 	for _, c := range cmds {
 		g.addFlags(c)

@@ -330,3 +330,21 @@ func TestExitCode(t *testing.T) {
 		}
 	}
 }
+
+func TestRegistryGC(t *testing.T) {
+	s := newFakeServer(t)
+	s.handle("POST /v1/registry/gc", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, api.RegistryGC{BlobsBefore: 12, BlobsAfter: 9, BytesBefore: 5 << 20, BytesAfter: 2 << 20, BytesFreed: 3 << 20, TookMs: 1500})
+	})
+	res := s.kiln(context.Background(), "registry", "gc")
+	if res.code != 0 || res.stdout != "deleted 3 of 12 blobs, freed 3.0 MiB (2.0 MiB left) in 1.5s\n" {
+		t.Errorf("registry gc:\n%s", res)
+	}
+	s.handle("POST /v1/registry/gc", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusConflict, "a registry garbage collection is already running; wait for it to finish", "conflict")
+	})
+	res = s.kiln(context.Background(), "registry", "gc")
+	if res.code != 1 || !strings.Contains(res.stderr, "already running") {
+		t.Errorf("want the 409 message and exit 1:\n%s", res)
+	}
+}

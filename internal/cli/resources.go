@@ -218,3 +218,37 @@ func tokenCommand(g *globals) *cobra.Command {
 	})
 	return groupCommand("token", "Mint API tokens", create)
 }
+
+func registryCommand(g *globals) *cobra.Command {
+	gc := &cobra.Command{
+		Use:   "gc",
+		Short: "Delete registry blobs no image references any more (needs build:admin)",
+		Long: `Deleting an image name drops a reference; the layers only that image used
+stay on disk until a garbage collection. gc waits for running builds to
+finish, holds queued ones meanwhile, and answers pushes to the registry with
+503 (clients retry) while it sweeps.`,
+		Args: cobra.NoArgs,
+	}
+	gc.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.CollectRegistryGarbageWithResponse(ctx)
+		if err != nil {
+			return cl.transportError(ctx, "collect registry garbage", err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		st := r.JSON200
+		if st == nil {
+			return fmt.Errorf("collect registry garbage: server answered %d without a report", r.StatusCode())
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "deleted %d of %d blobs, freed %s (%s left) in %s\n",
+			st.BlobsBefore-st.BlobsAfter, st.BlobsBefore, humanSize(st.BytesFreed), humanSize(st.BytesAfter),
+			(time.Duration(st.TookMs) * time.Millisecond).String())
+		return nil
+	})
+	return groupCommand("registry", "Maintain kiln's registry", gc)
+}

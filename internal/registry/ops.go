@@ -95,19 +95,36 @@ func (r *Registry) Tag(ctx context.Context, srcRepo, ref, dstRepo, dstTag string
 	return nil
 }
 
-// DeleteTag removes repo:tag. The manifest and blobs stay until a garbage
-// collection; other names for the same digest keep working.
+// DeleteTag removes repo:tag. Other names for the same digest keep
+// working. When no other tag of repo points at the manifest, repo's link
+// to it goes too, so a GC can reclaim the blobs only it referenced.
 func (r *Registry) DeleteTag(ctx context.Context, repo, tag string) error {
+	fail := func(err error) error { return fmt.Errorf("delete tag %s:%s: %w", repo, tag, mapNotFound(err)) }
 	rp, err := r.repository(ctx, repo)
 	if err != nil {
-		return fmt.Errorf("delete tag %s:%s: %w", repo, tag, err)
+		return fail(err)
 	}
 	tags := rp.Tags(ctx)
-	if _, err := tags.Get(ctx, tag); err != nil {
-		return fmt.Errorf("delete tag %s:%s: %w", repo, tag, mapNotFound(err))
+	desc, err := tags.Get(ctx, tag)
+	if err != nil {
+		return fail(err)
 	}
 	if err := tags.Untag(ctx, tag); err != nil {
-		return fmt.Errorf("delete tag %s:%s: %w", repo, tag, mapNotFound(err))
+		return fail(err)
+	}
+	still, err := tags.Lookup(ctx, desc)
+	if err != nil && !errors.Is(mapNotFound(err), ErrNotFound) {
+		return fail(fmt.Errorf("look up other tags of %s: %w", desc.Digest, err))
+	}
+	if len(still) > 0 {
+		return nil
+	}
+	ms, err := rp.Manifests(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	if err := ms.Delete(ctx, desc.Digest); err != nil && !errors.Is(mapNotFound(err), ErrNotFound) {
+		return fail(fmt.Errorf("drop the untagged manifest %s: %w", desc.Digest, err))
 	}
 	return nil
 }

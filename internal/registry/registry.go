@@ -11,11 +11,13 @@ import (
 	"os"
 	"path"
 	"regexp"
+	"sync"
 
 	"github.com/distribution/distribution/v3"
 	"github.com/distribution/distribution/v3/configuration"
 	"github.com/distribution/distribution/v3/registry/handlers"
 	"github.com/distribution/distribution/v3/registry/storage"
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 
 	"github.com/kiln-build/kiln/internal/auth"
@@ -43,7 +45,12 @@ type Registry struct {
 	tokenPath string
 	// ns is a second view of the same storage for the helpers; it shares
 	// no cache with app, so both always see what is on disk.
-	ns distribution.Namespace
+	ns     distribution.Namespace
+	driver storagedriver.StorageDriver
+	root   string
+	// writes is held shared by every mutating API request and exclusively
+	// by GC.
+	writes sync.RWMutex
 }
 
 // uploadPurging removes upload sessions abandoned for a day; builds never
@@ -128,6 +135,8 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		tokens:    cfg.Authority.TokenHandler(cfg.Service),
 		tokenPath: cfg.TokenPath,
 		ns:        ns,
+		driver:    driver,
+		root:      cfg.RootDir,
 	}, nil
 }
 
@@ -147,6 +156,14 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	if req.URL.Path == r.tokenPath {
 		r.tokens.ServeHTTP(w, req)
 		return
+	}
+	if mutating(req) {
+		if !r.writes.TryRLock() {
+			w.Header().Set("Retry-After", "5")
+			http.Error(w, "kiln's registry is collecting garbage; retry the push in a few seconds", http.StatusServiceUnavailable)
+			return
+		}
+		defer r.writes.RUnlock()
 	}
 	r.app.ServeHTTP(w, req)
 }

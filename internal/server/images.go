@@ -143,6 +143,33 @@ func (s *Server) deleteCache(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
+// collectRegistryGarbage pauses builds (waiting for running ones) and
+// sweeps the registry's unreferenced blobs.
+func (s *Server) collectRegistryGarbage(w http.ResponseWriter, r *http.Request) {
+	if !s.gc.TryLock() {
+		writeError(w, http.StatusConflict, "conflict", "a registry garbage collection is already running; wait for it to finish")
+		return
+	}
+	defer s.gc.Unlock()
+	resume, err := s.builds.Pause(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	defer resume()
+	st, err := s.registry.GC(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.log.Info("registry garbage collected", "blobs_deleted", st.BlobsBefore-st.BlobsAfter, "bytes_freed", st.BytesBefore-st.BytesAfter, "took", st.Took.Round(time.Millisecond))
+	writeJSON(w, http.StatusOK, api.RegistryGC{
+		BlobsBefore: st.BlobsBefore, BlobsAfter: st.BlobsAfter,
+		BytesBefore: st.BytesBefore, BytesAfter: st.BytesAfter,
+		BytesFreed: st.BytesBefore - st.BytesAfter, TookMs: st.Took.Milliseconds(),
+	})
+}
+
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	var req api.TokenRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +36,9 @@ type Server struct {
 	registryHost string
 	heartbeat    time.Duration
 	mux          *http.ServeMux
+	// gc serializes registry collections: two would each hold part of
+	// the build slots and wait for the rest forever.
+	gc sync.Mutex
 }
 
 // Deps are what the server exposes.
@@ -86,6 +90,7 @@ func New(d Deps) *Server {
 	m.Handle("DELETE /v1/cache/{scope}", s.authed(s.deleteCache, auth.ScopeCacheAdmin))
 
 	m.Handle("POST /v1/tokens", s.authed(s.createToken, auth.ScopeBuildAdmin))
+	m.Handle("POST /v1/registry/gc", s.authed(s.collectRegistryGarbage, auth.ScopeBuildAdmin))
 	m.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", "no such endpoint "+r.Method+" "+r.URL.Path+"; see api/openapi.yaml")
 	})
