@@ -18,7 +18,7 @@ func TestRegistryGCFreesOnlyDeletedImages(t *testing.T) {
 	base := s.base()
 	submit := func(tag, name string) submission {
 		return submission{
-			files: map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN head -c 3000000 /dev/urandom > /%s\n", base, name)},
+			files:  map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN head -c 3000000 /dev/urandom > /%s\n", base, name)},
 			fields: [][2]string{{"tags", tag}},
 		}
 	}
