@@ -198,7 +198,19 @@ func switchRoot(dev string) error {
 			return fmt.Errorf("mount tmpfs on %s: %w (the root image lacks the mount point?)", m.dst, err)
 		}
 	}
+	return enterRoot(false)
+}
+
+// enterRoot moves /dev, /proc and /sys into the root mounted on newRoot
+// (creating their mount points first if mkdirs: an image may lack them),
+// frees the initramfs and makes newRoot the root.
+func enterRoot(mkdirs bool) error {
 	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		if mkdirs {
+			if err := os.MkdirAll(newRoot+d, 0o755); err != nil {
+				return fmt.Errorf("create mount point %s in the new root: %w", d, err)
+			}
+		}
 		if err := unix.Mount(d, newRoot+d, "", unix.MS_MOVE, ""); err != nil {
 			return fmt.Errorf("move %s into the new root: %w", d, err)
 		}

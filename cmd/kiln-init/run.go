@@ -274,25 +274,7 @@ func mountOverlayRoot(dev string) error {
 	if err := unix.Mount("overlay", newRoot, "overlay", 0, opts); err != nil {
 		return fmt.Errorf("mount overlay root (%s): %w", opts, err)
 	}
-	for _, d := range []string{"/dev", "/proc", "/sys"} {
-		if err := os.MkdirAll(newRoot+d, 0o755); err != nil {
-			return fmt.Errorf("create mount point %s in the image: %w", d, err)
-		}
-		if err := unix.Mount(d, newRoot+d, "", unix.MS_MOVE, ""); err != nil {
-			return fmt.Errorf("move %s into the image root: %w", d, err)
-		}
-	}
-	cleanInitramfs()
-	if err := unix.Chdir(newRoot); err != nil {
-		return fmt.Errorf("chdir %s: %w", newRoot, err)
-	}
-	if err := unix.Mount(".", "/", "", unix.MS_MOVE, ""); err != nil {
-		return fmt.Errorf("move the image root onto /: %w", err)
-	}
-	if err := unix.Chroot("."); err != nil {
-		return fmt.Errorf("chroot into the image root: %w", err)
-	}
-	if err := unix.Chdir("/"); err != nil {
+	if err := enterRoot(true); err != nil {
 		return err
 	}
 	for _, m := range []struct{ src, dst, fstype, data string }{

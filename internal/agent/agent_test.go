@@ -45,21 +45,6 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "agent tests mount volumes and run buildkitd; they need root")
-		os.Exit(1)
-	}
-	tmp, err := os.MkdirTemp("", "kiln-agent-registry-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	reg, stop, err := testkit.StartRegistry(tmp, testkit.RegistryOptions{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	registry = reg
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -67,10 +52,7 @@ func TestMain(m *testing.M) {
 	}
 	tunnelAddr = l.Addr().String()
 	l.Close()
-	code := m.Run()
-	stop()
-	os.RemoveAll(tmp)
-	os.Exit(code)
+	testkit.MainWithRegistry(m, "agent tests mount volumes and run buildkitd; they need root", &registry)
 }
 
 // fixture is one cache volume attached to a loop device, standing in for

@@ -1,8 +1,11 @@
 package testkit
 
 import (
+	"context"
 	"strings"
 	"sync"
+	"testing"
+	"time"
 
 	"github.com/kiln-build/kiln/internal/progress"
 )
@@ -95,4 +98,42 @@ func (r *Recorder) Contains(s string) bool {
 		}
 	}
 	return false
+}
+
+// Canceler cancels a build half a second after a step starts, as a user
+// hitting Ctrl-C mid-step would.
+type Canceler struct {
+	Ctx     context.Context
+	started <-chan struct{}
+	at      chan time.Time
+}
+
+// CancelWhenStarted returns a Canceler whose Ctx ends 500ms after rec sees
+// the vertex named by step start, or after limit if it never does.
+func CancelWhenStarted(rec *Recorder, step string, limit time.Duration) *Canceler {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Canceler{Ctx: ctx, started: rec.Await(progress.VertexStarted, step), at: make(chan time.Time, 1)}
+	go func() {
+		select {
+		case <-c.started:
+			time.Sleep(500 * time.Millisecond)
+		case <-time.After(limit):
+		}
+		c.at <- time.Now()
+		cancel()
+	}()
+	return c
+}
+
+// Since is how long ago the cancel happened; it waits for it. It fails
+// the test if the step never started.
+func (c *Canceler) Since(t testing.TB, runErr error) time.Duration {
+	t.Helper()
+	took := time.Since(<-c.at)
+	select {
+	case <-c.started:
+	default:
+		t.Fatalf("the step to cancel never started: %v", runErr)
+	}
+	return took
 }

@@ -101,3 +101,30 @@ func StartRegistry(dir string, opt RegistryOptions) (addr string, stop func(), e
 	}
 	return ln.Addr().String(), stop, nil
 }
+
+// MainWithRegistry is the TestMain of packages whose tests run as root
+// against one shared scratch registry: it refuses to run without root
+// (needsRoot says why root is needed), starts the registry, sets *addr to
+// its host:port, runs the tests and exits with their status.
+func MainWithRegistry(m *testing.M, needsRoot string, addr *string) {
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, needsRoot)
+		os.Exit(1)
+	}
+	tmp, err := os.MkdirTemp("", "kiln-test-registry-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	reg, stop, err := StartRegistry(tmp, RegistryOptions{})
+	if err != nil {
+		os.RemoveAll(tmp)
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	*addr = reg
+	code := m.Run()
+	stop()
+	os.RemoveAll(tmp)
+	os.Exit(code)
+}

@@ -23,25 +23,7 @@ const volumeSize = 2 << 30
 var registry string
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "process runtime tests need root (loop mounts, buildkitd)")
-		os.Exit(1)
-	}
-	tmp, err := os.MkdirTemp("", "kiln-process-registry-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	reg, stop, err := testkit.StartRegistry(tmp, testkit.RegistryOptions{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	registry = reg
-	code := m.Run()
-	stop()
-	os.RemoveAll(tmp)
-	os.Exit(code)
+	testkit.MainWithRegistry(m, "process runtime tests need root (loop mounts, buildkitd)", &registry)
 }
 
 // newRuntime returns a Runtime whose state dir is removed after the test
@@ -237,29 +219,12 @@ func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
-	c, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	started := rec.Await(progress.VertexStarted, "sleep 67")
-	canceledAt := make(chan time.Time, 1)
-	go func() {
-		select {
-		case <-started:
-			time.Sleep(500 * time.Millisecond)
-		case <-time.After(2 * time.Minute):
-		}
-		canceledAt <- time.Now()
-		cancel()
-	}()
-	_, err := r.Run(c, job("cancel", vol, solve.Request{
+	c := testkit.CancelWhenStarted(rec, "sleep 67", 2*time.Minute)
+	_, err := r.Run(c.Ctx, job("cancel", vol, solve.Request{
 		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
 		Push:       []string{registry + "/app/cancel:latest"},
 	}), rec)
-	took := time.Since(<-canceledAt)
-	select {
-	case <-started:
-	default:
-		t.Fatalf("sleep never started: %v", err)
-	}
+	took := c.Since(t, err)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want context.Canceled", err)
 	}

@@ -8,7 +8,9 @@
 // job's memory and CPUs, and the virtio-serial port kiln.0. Then serve the
 // job to kiln-agent over that port with internal/guest: the build context is
 // streamed over the channel, events come back over it, and kiln's registry
-// is reached through a "registry" tunnel. The guest has no other network.
+// is reached through a "registry" tunnel. Streaming the context (rather
+// than attaching a per-build context disk) lands it on the cache volume,
+// where BuildKit reads it, with no image to make and delete per build.
 // Inside, the agent mounts the volume at /var/lib/buildkit, runs buildkitd
 // and the solve, unmounts, reports the result and exits; the VM then ends
 // by itself.
@@ -21,13 +23,19 @@
 // 127.0.0.1:7070, which the guest can own on its lo; anything else is
 // refused before booting.
 //
-// Network: the VM has no network card. An isolated build reaches only
-// the registry tunnel. An egress build with allowed domains also gets an
-// HTTP proxy inside the guest (HTTP_PROXY/HTTPS_PROXY, set as BuildKit's
-// proxy build args, which stay out of the image and the cache key), served
-// on the host by internal/egress through an "egress" tunnel. Unrestricted
-// egress (no allowed domains) is not offered yet: such a build runs as
-// isolated, with a message saying so, never with more access than asked.
+// Network (see network.go): an isolated build has no network card and
+// reaches only the registry tunnel. An egress build with allowed domains
+// has no card either and gets an HTTP proxy inside the guest
+// (HTTP_PROXY/HTTPS_PROXY, set as BuildKit's proxy build args, which stay
+// out of the image and the cache key; buildkitd uses it too), served on the
+// host by internal/egress through an "egress" tunnel. An egress build
+// without a list gets QEMU's user-mode NIC, configured statically by the
+// agent, with the host-loopback alias routed nowhere.
+//
+// Hypervisor: Run needs only what the machine interface says, a VM with a
+// named byte-stream port, an exit signal, a kill and a console, so a Cloud
+// Hypervisor or Firecracker driver (same disks, vsock instead of
+// virtio-serial: each is a net.Conn) plugs in through Config.Start.
 //
 // Cancel: when ctx ends the agent is asked to stop and gets CancelGrace
 // (default 1s) to unmount the volume; then QEMU is killed whatever the

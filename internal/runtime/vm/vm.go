@@ -62,6 +62,42 @@ type Config struct {
 	// and agent log) as it arrives; for debugging.
 	Console io.Writer
 	Logger  *slog.Logger
+
+	// Start boots one builder VM; default StartQEMU. Another hypervisor's
+	// driver plugs in here.
+	Start func(context.Context, microvm.Config) (Machine, error)
+}
+
+// Machine is one running builder VM, as much of it as Run needs.
+type Machine interface {
+	// Port is the host end of a named guest channel (virtio-serial with
+	// QEMU; a vsock connection elsewhere), nil if there is none.
+	Port(name string) io.ReadWriteCloser
+	Done() <-chan struct{} // closed when the VM has ended
+	Kill() error           // ends the VM now and waits until it is gone
+	Wait() error           // the hypervisor's exit status
+	PID() int              // the hypervisor process, for reaping after a crash
+	Accel() microvm.Accel
+	// ConsoleReport is what an error message should quote of the console.
+	ConsoleReport(lines int) string
+}
+
+// StartQEMU boots a QEMU microvm (internal/microvm).
+func StartQEMU(ctx context.Context, cfg microvm.Config) (Machine, error) {
+	vm, err := microvm.Start(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return qemuMachine{vm}, nil
+}
+
+type qemuMachine struct{ *microvm.VM }
+
+func (m qemuMachine) Port(name string) io.ReadWriteCloser {
+	if c := m.VM.Port(name); c != nil {
+		return c
+	}
+	return nil
 }
 
 // Runtime boots one microVM per build.
@@ -126,6 +162,9 @@ func New(cfg Config) (*Runtime, error) {
 	cfg.StateDir = abs
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("vm runtime: create state dir: %w", err)
+	}
+	if cfg.Start == nil {
+		cfg.Start = StartQEMU
 	}
 	if cfg.HelloTimeout == 0 {
 		cfg.HelloTimeout = 60 * time.Second
@@ -210,7 +249,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		return res, fmt.Errorf("vm runtime: create build state dir: %w", err)
 	}
 	state := buildState{BuildID: job.BuildID, Volume: job.Volume}
-	var vm *microvm.VM
+	var vm Machine
 	defer func() {
 		if vm != nil {
 			vm.Kill() // no-op when it ended already; waits until reaped
@@ -246,7 +285,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 
 	gs.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseBooting})
 	started := time.Now()
-	vm, err = microvm.Start(vmCtx, microvm.Config{
+	vm, err = r.cfg.Start(vmCtx, microvm.Config{
 		QEMU:      r.cfg.QEMU,
 		Kernel:    r.cfg.Image.KernelPath(),
 		Initrd:    r.cfg.Image.InitramfsPath(),
@@ -277,7 +316,11 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		return res, err
 	}
 
-	port := &helloWatch{ReadWriteCloser: vm.Port(builderimage.AgentPort), onFirst: func() {
+	agentPort := vm.Port(builderimage.AgentPort)
+	if agentPort == nil {
+		return res, fmt.Errorf("vm runtime: the builder VM has no %s channel", builderimage.AgentPort)
+	}
+	port := &helloWatch{ReadWriteCloser: agentPort, onFirst: func() {
 		took := time.Since(started).Round(time.Millisecond)
 		log.Info("vm runtime: builder VM booted", "took", took, "accelerator", vm.Accel(), "memory_mib", mem, "cpus", gjob.MaxParallelism)
 		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),

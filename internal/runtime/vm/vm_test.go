@@ -44,25 +44,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "vm runtime tests need root (QEMU disk locks, loop mounts for the fsck checks)")
-		os.Exit(1)
-	}
-	tmp, err := os.MkdirTemp("", "kiln-vm-registry-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	reg, stop, err := testkit.StartRegistry(tmp, testkit.RegistryOptions{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	registry = reg
-	code := m.Run()
-	stop()
-	os.RemoveAll(tmp)
-	os.Exit(code)
+	testkit.MainWithRegistry(m, "vm runtime tests need root (QEMU disk locks, loop mounts for the fsck checks)", &registry)
 }
 
 // builderImage is the builder image the tests of this tree share.
@@ -477,29 +459,12 @@ func TestCancelStopsTheVMWithinTwoSeconds(t *testing.T) {
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
-	c, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	started := rec.Await(progress.VertexStarted, "sleep 67")
-	canceledAt := make(chan time.Time, 1)
-	go func() {
-		select {
-		case <-started:
-			time.Sleep(500 * time.Millisecond)
-		case <-time.After(2 * time.Minute):
-		}
-		canceledAt <- time.Now()
-		cancel()
-	}()
-	_, err := r.Run(c, job("cancel", vol, 512, solve.Request{
+	c := testkit.CancelWhenStarted(rec, "sleep 67", 2*time.Minute)
+	_, err := r.Run(c.Ctx, job("cancel", vol, 512, solve.Request{
 		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/big bs=1M count=64 && sleep 67\n"}),
 		Push:       []string{guestRegistry + "/app/cancel:latest"},
 	}), rec)
-	took := time.Since(<-canceledAt)
-	select {
-	case <-started:
-	default:
-		t.Fatalf("the sleep step never started: %v", err)
-	}
+	took := c.Since(t, err)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v, want context.Canceled", err)
 	}
