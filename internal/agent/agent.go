@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -45,6 +46,10 @@ type Env struct {
 	// ResolvConf is the file the agent writes the resolver of a job's NIC
 	// to (the image's /etc/resolv.conf links to /run/resolv.conf).
 	ResolvConf string
+	// Hosts is the file the agent writes the guest's host names to (the
+	// image's /etc/hosts links to /run/hosts); empty: leave /etc/hosts
+	// alone, and refuse jobs whose tunnels need names.
+	Hosts string
 	// Agent names the agent and its version in the hello.
 	Agent string
 	// Logger is the local log (the VM console). Records also go to the host.
@@ -60,6 +65,7 @@ func VMEnv(agentVersion string) Env {
 		StateDir:    "/run/kiln",
 		MountCgroup: true,
 		ResolvConf:  "/run/resolv.conf",
+		Hosts:       "/run/hosts",
 		Agent:       "kiln-agent " + agentVersion,
 	}
 }
@@ -205,6 +211,9 @@ func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) 
 		return res, err
 	}
 
+	if err := writeHosts(env.Hosts, job.Tunnels); err != nil {
+		return res, err
+	}
 	if stopTunnels, err = s.ListenTunnels(ctx); err != nil {
 		return res, err
 	}
@@ -355,6 +364,35 @@ func ensureCgroup2() error {
 	}
 	if err := unix.Mount("cgroup2", at, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("mount cgroup2 on %s: %w; runc needs it", at, err)
+	}
+	return nil
+}
+
+// writeHosts writes the guest's hosts file: localhost, and each tunnel's
+// host name at its listen IP.
+func writeHosts(path string, tunnels []guest.Tunnel) error {
+	var b strings.Builder
+	b.WriteString("127.0.0.1\tlocalhost kiln-builder\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+	named := false
+	for _, t := range tunnels {
+		if t.Host == "" {
+			continue
+		}
+		ip, _, err := net.SplitHostPort(t.Listen)
+		if err != nil {
+			return fmt.Errorf("tunnel %q for %s: listen address %q: %w", t.Name, t.Host, t.Listen, err)
+		}
+		fmt.Fprintf(&b, "%s\t%s\n", ip, t.Host)
+		named = true
+	}
+	if path == "" {
+		if named {
+			return errors.New("the job names a registry by host name, but this agent has no hosts file to write it to")
+		}
+		return nil
+	}
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("write the guest's hosts file: %w", err)
 	}
 	return nil
 }

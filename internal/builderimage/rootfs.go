@@ -52,7 +52,9 @@ func rootLayout(agent, buildkitd, runc string, caBundle string) ([]rootFile, err
 		{Path: "/usr/sbin/runc", Mode: 0o755, Source: runc},
 		{Path: "/etc/passwd", Mode: 0o644, Data: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n")},
 		{Path: "/etc/group", Mode: 0o644, Data: []byte("root:x:0:\nnogroup:x:65534:\n")},
-		{Path: "/etc/hosts", Mode: 0o644, Data: []byte("127.0.0.1\tlocalhost kiln-builder\n::1\tlocalhost ip6-localhost ip6-loopback\n")},
+		// The agent writes /run/hosts: the registry's host name, when
+		// builds name it by one, must resolve to its tunnel.
+		{Path: "/etc/hosts", Mode: fs.ModeSymlink, Link: "../run/hosts"},
 		{Path: "/etc/hostname", Mode: 0o644, Data: []byte("kiln-builder\n")},
 		{Path: "/etc/nsswitch.conf", Mode: 0o644, Data: []byte("passwd: files\ngroup: files\nhosts: files dns\n")},
 		{Path: "/etc/os-release", Mode: 0o644, Data: []byte("NAME=\"kiln builder\"\nID=kiln-builder\n")},

@@ -71,9 +71,10 @@
 //
 // Registry addressing: the guest reaches kiln's registry at the SAME
 // host:port string the push references use, because BuildKit takes the
-// registry host from the reference. The vm runtime therefore gives the push
-// references an IP literal the guest can bind (a loopback address such as
-// 127.0.0.1:PORT) and sets Tunnel.Listen to exactly that; the host side
+// registry host from the reference. The vm runtime therefore sets
+// Tunnel.Listen to exactly the referenced loopback IP:PORT or, for a host
+// name, to a loopback IP of the guest's that Tunnel.Host maps the name to
+// in the guest's /etc/hosts; the host side
 // dials wherever the registry really listens. Tests make the two differ to
 // prove the push goes through the tunnel. The registry's token realm must
 // be reachable from the guest as well: served on the same host:port, it

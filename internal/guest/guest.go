@@ -67,6 +67,10 @@ type Tunnel struct {
 	// registry it is the same host:port the push references name, so
 	// BuildKit in the guest pushes to the reference as given.
 	Listen string `json:"listen"`
+	// Host, when set, is a name the guest resolves to Listen's IP (the
+	// agent writes it into /etc/hosts), for references that name the
+	// registry by host name rather than by a loopback IP.
+	Host string `json:"host,omitempty"`
 }
 
 // Errors callers can test for with errors.Is.

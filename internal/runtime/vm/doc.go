@@ -19,9 +19,11 @@
 // reference, so the agent listens inside the guest on exactly the host:port
 // the push references (and InsecureRegistries, cache refs, named contexts)
 // name, and the host side dials Config.RegistryAddr, where the registry
-// really listens. Those hosts must therefore be loopback IP literals such as
-// 127.0.0.1:7070, which the guest can own on its lo; anything else is
-// refused before booting.
+// really listens. A loopback IP (127.0.0.1:7070) is listened on as is; a
+// host name (kiln.example.com:7070, an operator's registry_host) gets a
+// loopback IP of its own in 127.0.1.0/24 and a line in the guest's
+// /etc/hosts, so the same references work on the host and in the guest. A
+// non-loopback IP is refused before booting: the guest cannot own it.
 //
 // Network (see network.go): an isolated build has no network card and
 // reaches only the registry tunnel. An egress build with allowed domains

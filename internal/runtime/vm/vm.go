@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -433,16 +434,36 @@ func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
 		add(reference.Domain(named), "reference "+ref)
 	}
 	var out []guest.Tunnel
-	for host, from := range hosts {
-		ip, port, err := net.SplitHostPort(host)
-		addr, aerr := netip.ParseAddr(ip)
-		if err != nil || port == "" || aerr != nil || !addr.IsLoopback() {
-			return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), but a builder VM reaches only kiln's own registry, through a tunnel it listens on at a loopback IP:port; set registry_host to one such as 127.0.0.1:7070", host, from)
+	names := 0
+	for _, host := range slices.Sorted(maps.Keys(hosts)) {
+		from := hosts[host]
+		name, port, err := net.SplitHostPort(host)
+		if err != nil || port == "" || name == "" {
+			return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), which is not host:port; set registry_host to kiln's registry address, such as 127.0.0.1:7070 or kiln.example.com:7070", host, from)
 		}
-		out = append(out, guest.Tunnel{Name: "registry", Listen: host})
+		if name == "localhost" {
+			// Already in the guest's hosts file.
+			out = append(out, guest.Tunnel{Name: "registry", Listen: net.JoinHostPort("127.0.0.1", port)})
+			continue
+		}
+		if addr, err := netip.ParseAddr(name); err == nil {
+			if !addr.IsLoopback() {
+				return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), but a builder VM reaches only kiln's own registry, through a tunnel it listens on inside the guest, which cannot own the IP %s; set registry_host to a loopback IP:port (127.0.0.1:7070) or a host name (kiln.example.com:7070)", host, from, name)
+			}
+			out = append(out, guest.Tunnel{Name: "registry", Listen: host})
+			continue
+		}
+		// A host name: the guest resolves it to a loopback IP of its own
+		// (127.0.1.0/24, clear of the IPs above and the egress proxy's).
+		names++
+		if names > 250 {
+			return nil, fmt.Errorf("vm runtime: the build names more than 250 registry host names")
+		}
+		out = append(out, guest.Tunnel{Name: "registry", Listen: net.JoinHostPort(fmt.Sprintf("127.0.1.%d", names), port), Host: name})
 	}
 	slices.SortFunc(out, func(a, b guest.Tunnel) int { return strings.Compare(a.Listen, b.Listen) })
-	return out, nil
+	// localhost:P and 127.0.0.1:P are one listener.
+	return slices.CompactFunc(out, func(a, b guest.Tunnel) bool { return a.Listen == b.Listen }), nil
 }
 
 // buildDirName is short and fixed-length whatever the build ID, because

@@ -41,6 +41,9 @@ var (
 	// there on the host: a build can only reach it through the guest's
 	// registry tunnel, so a pushed image proves the tunnel works.
 	guestRegistry = "127.0.0.1:5999"
+	// namedRegistry is the same registry named by a host name, as an
+	// operator's registry_host may be; only the guest's hosts file knows it.
+	namedRegistry = "registry.kiln.test:5999"
 )
 
 func TestMain(m *testing.M) {
@@ -119,7 +122,14 @@ func busyboxBase(t *testing.T) string {
 }
 
 // onHost turns a reference the builds use into one the host can fetch.
-func onHost(ref string) string { return registry + strings.TrimPrefix(ref, guestRegistry) }
+func onHost(ref string) string {
+	for _, g := range []string{guestRegistry, namedRegistry} {
+		if rest, ok := strings.CutPrefix(ref, g); ok {
+			return registry + rest
+		}
+	}
+	return ref
+}
 
 func ctx(t *testing.T, d time.Duration) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), d)
@@ -386,7 +396,8 @@ func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
 // gives the guest a user-mode NIC, so steps reach what the host reaches
 // (here a server on the host's own network address) without any proxy,
 // while the host's loopback, which slirp's gateway address stands for,
-// stays unreachable.
+// stays unreachable. The build also pushes to kiln's registry by a host
+// name, which only the guest's hosts file resolves (to its tunnel).
 func TestEgressWithoutListGetsAUserModeNIC(t *testing.T) {
 	hostIP := nonLoopbackIPv4(t)
 	base := busyboxBase(t)
@@ -412,13 +423,14 @@ func TestEgressWithoutListGetsAUserModeNIC(t *testing.T) {
 		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN echo \"nics=$(ls /sys/class/net | tr '\\n' ' ')proxy=${HTTP_PROXY:-none}\" > /net && cat /etc/resolv.conf > /resolv && " +
 			get(hostIP, "/public") + " && (" + get(microvm.UserNetGateway, "/loopback") + " || echo unreachable > /loopback)\n"}),
-		Push: []string{guestRegistry + "/app/nic:latest"},
+		Push: []string{namedRegistry + "/app/nic:latest"},
 	})
 	j.Network = "egress"
+	j.InsecureRegistries = append(j.InsecureRegistries, namedRegistry)
 	if _, err := r.Run(ctx(t, 3*time.Minute), j, rec); err != nil {
 		t.Fatalf("%v\nlogs:\n%s", err, rec.Logs())
 	}
-	img := testkit.FetchImage(t, onHost(guestRegistry+"/app/nic:latest"))
+	img := testkit.FetchImage(t, onHost(namedRegistry+"/app/nic:latest"))
 	if got := string(img.Files["/net"]); got != "nics=eth0 lo proxy=none\n" {
 		t.Errorf("step saw %q, want a NIC besides loopback and no proxy", got)
 	}
