@@ -131,3 +131,33 @@ func TestDedupAcrossScopesCanBeTurnedOff(t *testing.T) {
 	}
 	mustSucceed(t, s, b, other)
 }
+
+// A Dockerfile's own "<Dockerfile>.dockerignore" decides what the build
+// sees, as in docker build: a file it lets in (though .dockerignore would
+// not) is part of the build's identity, so changing it never dedups to the
+// old result. The edit keeps the file's size and its (zero) archive mtime,
+// which BuildKit's incremental context transfer alone would miss.
+func TestDockerfileSpecificIgnoreFileDecidesWhatDedupCovers(t *testing.T) {
+	s := startServer(t)
+	files := func(notes string) map[string]string {
+		return map[string]string{
+			".dockerignore":                  "notes.txt\n",
+			"ci/app.Dockerfile":              "FROM scratch\nCOPY notes.txt /notes.txt\n",
+			"ci/app.Dockerfile.dockerignore": "*.log\n",
+			"notes.txt":                      notes,
+		}
+	}
+	fields := [][2]string{{"dockerfile_path", "ci/app.Dockerfile"}}
+	first := mustSucceed(t, s, s.admin, s.build(s.admin, submission{files: files("v1"), fields: fields}))
+	second := s.build(s.admin, submission{files: files("v2"), fields: fields})
+	if second.DedupOf != nil {
+		t.Fatalf("changing notes.txt, which the build copies, was answered from build %s", *second.DedupOf)
+	}
+	second = mustSucceed(t, s, s.admin, second)
+	if *second.ImageDigest == *first.ImageDigest {
+		t.Errorf("the build with new notes.txt produced the old image")
+	}
+	if again := s.build(s.admin, submission{files: files("v2"), fields: fields}); again.DedupOf == nil || *again.DedupOf != second.Id {
+		t.Errorf("an identical resubmission did not dedup to %s: %+v", second.Id, again.DedupOf)
+	}
+}

@@ -2,6 +2,7 @@ package buildcontext
 
 import (
 	"archive/tar"
+	"strings"
 	"testing"
 	"time"
 )
@@ -142,5 +143,59 @@ func TestHashOfPackedDirectoryIgnoresMtimes(t *testing.T) {
 	writeFiles(t, src, map[string]string{"x.tmp": "2"})
 	if got := hashOf(t, packBytes(t, src, PackOptions{Compression: Zstd})); got != first {
 		t.Error("re-packing after touching every file and editing an ignored one changed the hash")
+	}
+}
+
+// BuildKit honours "<Dockerfile>.dockerignore" over .dockerignore, so for
+// a build of that Dockerfile the hash must cover what that file leaves in:
+// here notes.txt, which .dockerignore alone would hide. Pack, given the
+// Dockerfile, sends by the same file.
+func TestHashForDockerfileHonoursItsOwnIgnoreFile(t *testing.T) {
+	tree := func(notes string) []byte {
+		return mkTar(t,
+			file(".dockerignore", "notes.txt\n"),
+			dir("ci/"),
+			file("ci/app.Dockerfile", "FROM scratch\n"),
+			file("ci/app.Dockerfile.dockerignore", "*.log\n"),
+			file("notes.txt", notes),
+			file("debug.log", "noise"),
+		)
+	}
+	_, one := mustReceive(t, tree("v1"))
+	_, two := mustReceive(t, tree("v2"))
+	if one.Hash != two.Hash {
+		t.Fatal("under .dockerignore alone, notes.txt must not count")
+	}
+	appOne, err := one.ForDockerfile("ci/app.Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appTwo, err := two.ForDockerfile("ci/app.Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if appOne.Hash == appTwo.Hash {
+		t.Error("a build of ci/app.Dockerfile sees notes.txt, but changing it did not change the hash")
+	}
+	if appOne.IgnoreFile != "ci/app.Dockerfile.dockerignore" || len(appOne.Excludes) != 1 || appOne.Excludes[0] != "*.log" {
+		t.Errorf("ForDockerfile honoured %q with %q", appOne.IgnoreFile, appOne.Excludes)
+	}
+	if same, err := one.ForDockerfile("Dockerfile"); err != nil || same.Hash != one.Hash || same.IgnoreFile != ".dockerignore" {
+		t.Errorf("without Dockerfile.dockerignore the hash must stay: %v %q", err, same.IgnoreFile)
+	}
+
+	src := t.TempDir()
+	writeFiles(t, src, map[string]string{
+		".dockerignore": "notes.txt\n", "ci/app.Dockerfile": "FROM scratch\n",
+		"ci/app.Dockerfile.dockerignore": "*.log\nci/\n", "notes.txt": "v1", "debug.log": "noise",
+	})
+	names := strings.Join(tarNames(t, packBytes(t, src, PackOptions{Dockerfile: "ci/app.Dockerfile", Compression: Uncompressed})), " ")
+	for _, want := range []string{"notes.txt", "ci/app.Dockerfile", "ci/app.Dockerfile.dockerignore"} {
+		if !strings.Contains(names, want) {
+			t.Errorf("pack with ci/app.Dockerfile left out %s: %s", want, names)
+		}
+	}
+	if strings.Contains(names, "debug.log") {
+		t.Errorf("pack with ci/app.Dockerfile sent debug.log, which its ignore file excludes: %s", names)
 	}
 }

@@ -10,11 +10,10 @@ import (
 	"github.com/moby/patternmatcher/ignorefile"
 )
 
-// ignoreFileName is the only ignore file Receive consults. BuildKit's
-// Dockerfile frontend prefers "<Dockerfile>.dockerignore" when it sits next
-// to the Dockerfile; kiln's server does not know the Dockerfile's path inside
-// the context, so it always uses this one (see the package's integration
-// notes in Info.Excludes).
+// ignoreFileName is the ignore file Receive consults. BuildKit's Dockerfile
+// frontend prefers "<Dockerfile>.dockerignore" when it sits next to the
+// Dockerfile; the server learns the Dockerfile's path only with the whole
+// request, so Info.ForDockerfile rehashes for it then.
 const ignoreFileName = ".dockerignore"
 
 // ignorer decides which paths a .dockerignore removes from a context. It is

@@ -354,28 +354,36 @@ func walkContext(ctx context.Context, dir, dockerfile string, fn func(walkItem) 
 	return visit(dir, "", patternmatcher.MatchInfo{}, false)
 }
 
-// packIgnorer reads dir/.dockerignore and adds docker build's exceptions
-// for the files the build itself needs (the CLI's
-// TrimBuildFilesFromExcludes): the Dockerfile and .dockerignore are sent
-// even if excluded. The server does not add these when it hashes, exactly
-// like BuildKit does not see them.
+// packIgnorer reads the ignore file BuildKit will honour, the Dockerfile's
+// own "<Dockerfile>.dockerignore" when it has one, else dir/.dockerignore,
+// and adds docker build's exceptions for the files the build itself needs
+// (the CLI's TrimBuildFilesFromExcludes): the Dockerfile and the ignore
+// file are sent even if excluded. The server does not add these when it
+// hashes, exactly like BuildKit does not see them.
 func packIgnorer(dir, dockerfile string) (*ignorer, error) {
-	data, err := os.ReadFile(filepath.Join(dir, ignoreFileName))
+	df := dockerfileInContext(dir, dockerfile)
+	name := ignoreFileName
+	if df != "" {
+		if st, err := os.Stat(filepath.Join(dir, filepath.FromSlash(df+".dockerignore"))); err == nil && st.Mode().IsRegular() {
+			name = df + ".dockerignore"
+		}
+	}
+	data, err := os.ReadFile(filepath.Join(dir, filepath.FromSlash(name)))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("read %s: %w", ignoreFileName, err)
+		return nil, fmt.Errorf("read %s: %w", name, err)
 	}
 	patterns, err := parseIgnore(data)
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", ignoreFileName, err)
+		return nil, fmt.Errorf("read %s: %w", name, err)
 	}
 	if len(patterns) > 0 {
-		for _, keep := range []string{ignoreFileName, dockerfileInContext(dir, dockerfile)} {
+		for _, keep := range []string{name, df} {
 			if keep == "" {
 				continue
 			}
 			excluded, err := patternmatcher.MatchesOrParentMatches(keep, patterns)
 			if err != nil {
-				return nil, fmt.Errorf("invalid pattern in %s: %w", ignoreFileName, err)
+				return nil, fmt.Errorf("invalid pattern in %s: %w", name, err)
 			}
 			if excluded {
 				patterns = append(patterns, "!"+keep)

@@ -61,8 +61,46 @@ type Info struct {
 	// applies them itself. If the Dockerfile is solved from inside the
 	// context directory and a "<Dockerfile>.dockerignore" sits next to it,
 	// BuildKit prefers that file and Hash no longer describes what the build
-	// sees; keep the Dockerfile in its own local (or refuse such contexts).
+	// sees; ForDockerfile then gives the Info that does.
 	Excludes []string
+	// IgnoreFile is the ignore file Hash and Excludes honour, "" if none.
+	IgnoreFile string
+
+	// The received tree, for ForDockerfile.
+	nodes map[string]*node
+	dir   string
+}
+
+// ForDockerfile is in for a build whose Dockerfile is dockerfile (a clean
+// path inside the context): BuildKit's Dockerfile frontend then prefers
+// "<dockerfile>.dockerignore" to the root .dockerignore, and so must the
+// hash, or two contexts differing only in files the build does see would
+// hash equal. Without such a file it returns in unchanged.
+func (in Info) ForDockerfile(dockerfile string) (Info, error) {
+	name := dockerfile + ".dockerignore"
+	if n := in.nodes[name]; n == nil || name == ignoreFileName {
+		return in, nil
+	}
+	root, err := os.OpenRoot(in.dir)
+	if err != nil {
+		return Info{}, serverFault(err, "opening the build context directory failed")
+	}
+	defer root.Close()
+	x := &extractor{root: root, nodes: in.nodes}
+	excludes, err := x.readIgnoreFile(name)
+	if err != nil {
+		return Info{}, err
+	}
+	ig, err := newIgnorer(excludes)
+	if err != nil {
+		return Info{}, badInput("%v; fix the context's %s", err, name)
+	}
+	hash, err := contextHash(in.nodes, ig)
+	if err != nil {
+		return Info{}, badInput("applying the context's %s failed: %v; fix the pattern", name, err)
+	}
+	in.Hash, in.Excludes, in.IgnoreFile = hash, excludes, name
+	return in, nil
 }
 
 const (
@@ -210,9 +248,13 @@ func (x *extractor) run() (Info, error) {
 	if err := x.checkSymlinkChains(); err != nil {
 		return Info{}, err
 	}
-	excludes, err := x.readIgnore()
+	excludes, err := x.readIgnoreFile(ignoreFileName)
 	if err != nil {
 		return Info{}, err
+	}
+	ignoreFile := ""
+	if excludes != nil {
+		ignoreFile = ignoreFileName
 	}
 	ig, err := newIgnorer(excludes)
 	if err != nil {
@@ -232,6 +274,9 @@ func (x *extractor) run() (Info, error) {
 		Format:            x.format,
 		Hash:              hash,
 		Excludes:          excludes,
+		IgnoreFile:        ignoreFile,
+		nodes:             x.nodes,
+		dir:               x.root.Name(),
 	}, nil
 }
 
@@ -737,24 +782,25 @@ func hasMore(comps []string) bool {
 	return false
 }
 
-// readIgnore reads .dockerignore the way BuildKit's frontend does: through
-// symlinks (the os.Root keeps that inside the context), missing means none.
-func (x *extractor) readIgnore() ([]string, error) {
-	if x.nodes[ignoreFileName] == nil {
+// readIgnoreFile reads an ignore file the way BuildKit's frontend does:
+// through symlinks (the os.Root keeps that inside the context), missing
+// means none.
+func (x *extractor) readIgnoreFile(name string) ([]string, error) {
+	if x.nodes[name] == nil {
 		return nil, nil
 	}
-	data, err := x.root.ReadFile(ignoreFileName)
+	data, err := x.root.ReadFile(name)
 	switch {
 	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ELOOP):
 		return nil, nil
-	case errors.Is(err, syscall.EISDIR) || (err == nil && x.nodes[ignoreFileName].typ == typeDir):
-		return nil, badInput("the context's %s is a directory; it must be a file of patterns", ignoreFileName)
+	case errors.Is(err, syscall.EISDIR) || (err == nil && x.nodes[name].typ == typeDir):
+		return nil, badInput("the context's %s is a directory; it must be a file of patterns", name)
 	case err != nil:
-		return nil, x.fsFault(err, ignoreFileName)
+		return nil, x.fsFault(err, name)
 	}
 	patterns, err := parseIgnore(data)
 	if err != nil {
-		return nil, badInput("the context's %s could not be read (%v); fix it", ignoreFileName, err)
+		return nil, badInput("the context's %s could not be read (%v); fix it", name, err)
 	}
 	return patterns, nil
 }

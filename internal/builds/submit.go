@@ -3,7 +3,9 @@ package builds
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -112,6 +114,15 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if err != nil {
 		return Build{}, err
 	}
+	if !opts.InlineDockerfile {
+		// BuildKit honours "<Dockerfile>.dockerignore" over .dockerignore.
+		info, err := u.context.ForDockerfile(opts.DockerfilePath)
+		if err != nil {
+			return Build{}, err
+		}
+		u.context = &info
+	}
+	opts.ContextKey = contextKey(*u.context, dockerfile)
 	tags, err := normalizeTags(req.Tags)
 	if err != nil {
 		return Build{}, err
@@ -409,4 +420,15 @@ func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
 	}
 	o.Network, o.AllowedDomains = mode, req.AllowedDomains
 	return nil
+}
+
+// contextKey is the build's solve.Request.ContextKey: equal only for
+// builds whose context, ignore patterns and Dockerfile are all equal.
+// BuildKit transfers the Dockerfile and the ignore file separately, and
+// neither need be among the files the context hash covers.
+func contextKey(info buildcontext.Info, dockerfile []byte) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\n%s\n%q\n", info.Hash, info.IgnoreFile, info.Excludes)
+	h.Write(dockerfile)
+	return "kiln-" + hex.EncodeToString(h.Sum(nil)[:16])
 }

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/kiln-build/kiln/api"
-	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/store"
 )
@@ -57,11 +56,6 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		switch name {
 		case "context":
 			if err := s.builds.ReceiveContext(r.Context(), up, part); err != nil {
-				var ce *buildcontext.Error
-				if errors.As(err, &ce) {
-					writeError(w, ce.Status, "bad_context", ce.Msg)
-					return
-				}
 				s.fail(w, r, err)
 				return
 			}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/images"
@@ -145,7 +146,10 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 	var in *builds.InputError
 	var name *images.NameError
+	var ce *buildcontext.Error
 	switch {
+	case errors.As(err, &ce):
+		writeError(w, ce.Status, "bad_context", ce.Msg)
 	case errors.As(err, &in):
 		code := "bad_request"
 		if in.Status == http.StatusForbidden {

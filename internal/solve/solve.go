@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/moby/buildkit/client"
+	"github.com/moby/buildkit/identity"
 	"github.com/moby/buildkit/session"
 	"github.com/moby/buildkit/session/secrets/secretsprovider"
 	"github.com/tonistiigi/fsutil"
@@ -143,7 +144,12 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		attrs["context:"+name] = src
 	}
 
+	key := req.ContextKey
+	if key == "" {
+		key = identity.NewID()
+	}
 	opt := client.SolveOpt{
+		SharedKey:     key,
 		Frontend:      "dockerfile.v0",
 		FrontendAttrs: attrs,
 		LocalMounts: map[string]fsutil.FS{

@@ -70,6 +70,9 @@ type BuildOptions struct {
 	// Bases are the build's base images from other registries, pinned
 	// at submission and served from kiln's mirror.
 	Bases []BasePin `json:"bases,omitempty"`
+	// ContextKey keys BuildKit's reuse of earlier context transfers; see
+	// solve.Request.ContextKey.
+	ContextKey string `json:"context_key,omitempty"`
 }
 
 // BasePin is a base image pinned to a digest in kiln's mirror.
