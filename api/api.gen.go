@@ -105,6 +105,24 @@ func (e RunOutputStream) Valid() bool {
 	}
 }
 
+// Defines values for BuildOutputParamsType.
+const (
+	Oci BuildOutputParamsType = "oci"
+	Tar BuildOutputParamsType = "tar"
+)
+
+// Valid indicates whether the value is a known member of the BuildOutputParamsType enum.
+func (e BuildOutputParamsType) Valid() bool {
+	switch e {
+	case Oci:
+		return true
+	case Tar:
+		return true
+	default:
+		return false
+	}
+}
+
 // Build defines model for Build.
 type Build struct {
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
@@ -363,6 +381,14 @@ type BuildEventsParams struct {
 	LastEventID *string `json:"Last-Event-ID,omitempty"`
 }
 
+// BuildOutputParams defines parameters for BuildOutput.
+type BuildOutputParams struct {
+	Type *BuildOutputParamsType `form:"type,omitempty" json:"type,omitempty"`
+}
+
+// BuildOutputParamsType defines parameters for BuildOutput.
+type BuildOutputParamsType string
+
 // CreateBuildMultipartRequestBody defines body for CreateBuild for multipart/form-data ContentType.
 type CreateBuildMultipartRequestBody = BuildRequest
 
@@ -505,6 +531,13 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /v1/builds/{id}/logs (the `BuildLogs` operationId).
 	BuildLogs(ctx context.Context, id BuildID, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
+	//
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+	//
+	// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
+	BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListCache Cache scope volumes (needs cache:admin, or build:read for your own scope)
 	//
@@ -730,6 +763,23 @@ func (c *Client) BuildEvents(ctx context.Context, id BuildID, params *BuildEvent
 // Corresponds with GET /v1/builds/{id}/logs (the `BuildLogs` operationId).
 func (c *Client) BuildLogs(ctx context.Context, id BuildID, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewBuildLogsRequest(c.Server, id)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
+//
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+//
+// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
+func (c *Client) BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewBuildOutputRequest(c.Server, id, params)
 	if err != nil {
 		return nil, err
 	}
@@ -1331,6 +1381,67 @@ func NewBuildLogsRequest(server string, id BuildID) (*http.Request, error) {
 	return req, nil
 }
 
+// NewBuildOutputRequest constructs an http.Request for the BuildOutput method
+func NewBuildOutputRequest(server string, id BuildID, params *BuildOutputParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "id", id, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/builds/%s/output", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.Type != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "type", *params.Type, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewListCacheRequest constructs an http.Request for the ListCache method
 func NewListCacheRequest(server string) (*http.Request, error) {
 	var err error
@@ -1764,6 +1875,15 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with GET /v1/builds/{id}/logs (the `BuildLogs` operationId).
 	BuildLogsWithResponse(ctx context.Context, id BuildID, reqEditors ...RequestEditorFn) (*BuildLogsResponse, error)
+
+	// BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
+	//
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
+	BuildOutputWithResponse(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*BuildOutputResponse, error)
 
 	// ListCacheWithResponse Cache scope volumes (needs cache:admin, or build:read for your own scope)
 	//
@@ -2331,6 +2451,61 @@ func (r BuildLogsResponse) ContentType() string {
 	return ""
 }
 
+type BuildOutputResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *Error
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *Error
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *Error
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r BuildOutputResponse) GetJSON400() *Error {
+	return r.JSON400
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r BuildOutputResponse) GetJSON404() *Error {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r BuildOutputResponse) GetJSON409() *Error {
+	return r.JSON409
+}
+
+// GetBody returns the raw response body bytes
+func (r BuildOutputResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r BuildOutputResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r BuildOutputResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r BuildOutputResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type ListCacheResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -2876,6 +3051,21 @@ func (c *ClientWithResponses) BuildLogsWithResponse(ctx context.Context, id Buil
 	return ParseBuildLogsResponse(rsp)
 }
 
+// BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
+//
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
+func (c *ClientWithResponses) BuildOutputWithResponse(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*BuildOutputResponse, error) {
+	rsp, err := c.BuildOutput(ctx, id, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseBuildOutputResponse(rsp)
+}
+
 // ListCacheWithResponse Cache scope volumes (needs cache:admin, or build:read for your own scope)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -3366,6 +3556,46 @@ func ParseBuildLogsResponse(rsp *http.Response) (*BuildLogsResponse, error) {
 			return nil, err
 		}
 		response.JSON404 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseBuildOutputResponse parses an HTTP response from a BuildOutputWithResponse call
+func ParseBuildOutputResponse(rsp *http.Response) (*BuildOutputResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &BuildOutputResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
 
 	}
 

@@ -38,6 +38,7 @@ type buildFlags struct {
 	timeout        string
 	network        string
 	allowDomains   []string
+	outputs        []string
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -49,6 +50,19 @@ type buildForm struct {
 	// Dockerfile's path so Pack always includes it, or an absolute path
 	// outside the context, which Pack ignores.
 	dockerfile string
+	// outputs are where the result goes besides kiln's registry.
+	outputs []*output
+}
+
+// toStdout reports whether an output writes to standard output, which
+// progress must then leave alone.
+func (f *buildForm) toStdout() bool {
+	for _, o := range f.outputs {
+		if o.dest == "-" {
+			return true
+		}
+	}
+	return false
 }
 
 type formField struct{ name, value string }
@@ -98,6 +112,7 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.timeout, "timeout", "", "build time limit in seconds, or a duration like 30m (default: the server's)")
 	fl.StringVar(&f.network, "network", "", "network for RUN steps: egress (internet, the default) or isolated (only kiln's registry); the server decides which are allowed")
 	fl.StringArrayVar(&f.allowDomains, "allow-domain", nil, "with egress: allow only these domains (example.com, *.example.com) through a filtering proxy; repeatable")
+	fl.StringArrayVarP(&f.outputs, "output", "o", nil, "also write the result: type=local,dest=DIR (its files; DIR alone means this), type=tar,dest=FILE|- (\"-\" alone means this), type=oci|docker,dest=FILE (an image tarball), type=image,name=NAME (another tag); repeatable")
 
 	c.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
 		form, err := f.form(cmd, args[0], cmd.InOrStdin(), os.LookupEnv)
@@ -109,8 +124,13 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 		if err != nil {
 			return err
 		}
-		mode := resolveProgress(f.progress, cmd.OutOrStdout())
-		return runBuild(ctx, g.settings, cl, form, mode, cmd.OutOrStdout(), cmd.ErrOrStderr())
+		stdout, progressOut := cmd.OutOrStdout(), cmd.OutOrStdout()
+		if form.toStdout() {
+			// The tar owns standard output.
+			progressOut = cmd.ErrOrStderr()
+		}
+		mode := resolveProgress(f.progress, progressOut)
+		return runBuild(ctx, g.settings, cl, form, mode, progressOut, cmd.ErrOrStderr(), stdout)
 	})
 	return c
 }
@@ -149,6 +169,25 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 			return nil, usageError(cmd, "empty -t/--tag: give an image name like myapp:1.0")
 		}
 		add("tags", t)
+	}
+	stdouts := 0
+	for _, v := range f.outputs {
+		o, names, err := parseOutput(v)
+		if err != nil {
+			return nil, usageError(cmd, "%v", err)
+		}
+		for _, n := range names {
+			add("tags", n)
+		}
+		if o != nil {
+			form.outputs = append(form.outputs, o)
+			if o.dest == "-" {
+				stdouts++
+			}
+		}
+	}
+	if stdouts > 1 {
+		return nil, usageError(cmd, "only one --output can write to standard output (dest=-)")
 	}
 
 	dfPath, inline, err := resolveDockerfile(dir, f.file, stdin)
@@ -432,7 +471,9 @@ func readSecrets(specs []string, lookupEnv func(string) (string, bool)) ([]secre
 }
 
 // runBuild uploads the build, follows it to the end and reports.
-func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode string, stdout, stderr io.Writer) error {
+// runBuild uploads, follows and reports a build. stdout and stderr carry
+// progress and notes; data is where a --output to "-" goes.
+func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode string, stdout, stderr, data io.Writer) error {
 	b, err := upload(ctx, c, form, mode, stdout, stderr)
 	if err != nil {
 		return err
@@ -460,7 +501,17 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 		}
 		return fmt.Errorf("following build %s: %w", b.Id, err)
 	}
-	return report(info, final)
+	if err := report(info, final); err != nil {
+		return err
+	}
+	for _, o := range form.outputs {
+		what, err := fetchOutput(ctx, c, final.Id, o, data)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(info, "output: %s\n", what)
+	}
+	return nil
 }
 
 // cancelAfterInterrupt cancels the build the user stopped waiting for.

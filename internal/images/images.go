@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -257,4 +258,17 @@ func manifestSize(body []byte) int64 {
 		n += l.Size
 	}
 	return n
+}
+
+// ExportFilesystem writes the flattened filesystem of digest as a tar
+// (`--output type=tar` / `type=local`).
+func (s *Service) ExportFilesystem(ctx context.Context, digest string, w io.Writer) error {
+	return s.conv.ExportTar(ctx, digest, w)
+}
+
+// ExportImage writes digest as an OCI layout tar that docker load, podman
+// and skopeo import (`--output type=oci` / `type=docker`); name becomes its
+// reference name.
+func (s *Service) ExportImage(ctx context.Context, digest, name string, w io.Writer) error {
+	return s.conv.ExportOCI(ctx, digest, name, w)
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kiln-build/kiln/api"
+	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/store"
 )
@@ -397,6 +398,49 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) {
 				io.WriteString(w, line)
 			}
 		}
+	}
+}
+
+// buildOutput streams a succeeded build's result as a tar: its flattened
+// filesystem (type=tar, what --output type=local|tar exports) or its image
+// as an OCI layout (type=oci, for --output type=oci|docker).
+func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	if !principal(r).Has(auth.ScopeBuildRead) {
+		writeError(w, http.StatusForbidden, "forbidden", "a build's output needs the build:read and image:read scopes; ask for a token that has both")
+		return
+	}
+	b, err := s.builds.Get(r.Context(), id)
+	if err != nil {
+		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+		return
+	}
+	if b.Status != store.StatusSucceeded || b.ImageDigest == "" {
+		writeError(w, http.StatusConflict, "not_succeeded", fmt.Sprintf("build %s is %s; its output exists once it has succeeded", id, b.Status))
+		return
+	}
+	var export func(io.Writer) error
+	switch typ := r.URL.Query().Get("type"); typ {
+	case "", "tar":
+		export = func(w io.Writer) error { return s.images.ExportFilesystem(r.Context(), b.ImageDigest, w) }
+	case "oci":
+		name := builds.CanonicalName(b.ID)
+		if len(b.Tags) > 0 {
+			name = b.Tags[0]
+		}
+		export = func(w io.Writer) error {
+			return s.images.ExportImage(r.Context(), b.ImageDigest, s.registryHost+"/"+name, w)
+		}
+	default:
+		writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("output type %q is unknown: use tar (the filesystem) or oci (the image)", typ))
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-tar")
+	if err := export(w); err != nil {
+		// The status is sent; abort so the client sees a broken stream,
+		// never a tar that looks complete.
+		s.log.Error("export build output", "build", id, "err", err)
+		panic(http.ErrAbortHandler)
 	}
 }
 

@@ -81,6 +81,7 @@ func New(d Deps) *Server {
 	m.Handle("POST /v1/builds/{id}/cancel", s.authed(s.cancelBuild, auth.ScopeBuildWrite))
 	m.Handle("GET /v1/builds/{id}/events", s.authed(s.buildEvents, auth.ScopeBuildRead))
 	m.Handle("GET /v1/builds/{id}/logs", s.authed(s.buildLogs, auth.ScopeBuildRead))
+	m.Handle("GET /v1/builds/{id}/output", s.authed(s.buildOutput, auth.ScopeImageRead))
 
 	m.Handle("GET /v1/images", s.authed(s.listImages, auth.ScopeImageRead))
 	m.Handle("GET /v1/images/{name...}", s.authed(s.getImage, auth.ScopeImageRead))

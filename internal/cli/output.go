@@ -1,0 +1,228 @@
+package cli
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"strings"
+
+	"github.com/kiln-build/kiln/api"
+)
+
+// output is one --output destination, as docker buildx spells them.
+type output struct {
+	typ  string // local, tar, oci (docker is oci: docker load reads both)
+	dest string // directory, file, or "-" for stdout
+}
+
+// parseOutput reads one --output value: "type=local,dest=DIR",
+// "type=tar,dest=FILE|-", "type=oci|docker,dest=FILE",
+// "type=image|registry[,name=NAME...]" (names become tags), or a bare DIR
+// (local) or "-" (a tar on stdout). It returns extra tags for image
+// outputs.
+func parseOutput(v string) (*output, []string, error) {
+	if v == "-" {
+		return &output{typ: "tar", dest: "-"}, nil, nil
+	}
+	if !strings.Contains(v, "=") {
+		return &output{typ: "local", dest: v}, nil, nil
+	}
+	o := &output{}
+	var names []string
+	for _, kv := range strings.Split(v, ",") {
+		k, val, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, nil, fmt.Errorf("--output %q: %q is not key=value", v, kv)
+		}
+		switch k {
+		case "type":
+			o.typ = val
+		case "dest":
+			o.dest = val
+		case "name":
+			names = append(names, val)
+		case "push":
+			// kiln always pushes into its own registry.
+		default:
+			return nil, nil, fmt.Errorf("--output %q: unknown key %q (kiln takes type, dest, name)", v, k)
+		}
+	}
+	switch o.typ {
+	case "image", "registry":
+		if o.dest != "" {
+			return nil, nil, fmt.Errorf("--output %q: an image output goes to kiln's registry and takes name=, not dest=", v)
+		}
+		return nil, names, nil
+	case "local", "tar", "oci", "docker":
+	case "":
+		return nil, nil, fmt.Errorf("--output %q: say which type= (local, tar, oci, docker, image)", v)
+	default:
+		return nil, nil, fmt.Errorf("--output %q: type %q is unknown: use local, tar, oci, docker or image", v, o.typ)
+	}
+	if len(names) > 0 {
+		return nil, nil, fmt.Errorf("--output %q: name= is for type=image", v)
+	}
+	if o.dest == "" {
+		return nil, nil, fmt.Errorf("--output %q: needs dest= (a directory for local, a file or - for the others)", v)
+	}
+	if o.typ == "local" && o.dest == "-" {
+		return nil, nil, fmt.Errorf("--output %q: a local output needs a directory; use type=tar,dest=- for stdout", v)
+	}
+	if o.typ == "docker" {
+		o.typ = "oci"
+	}
+	return o, names, nil
+}
+
+// fetchOutput downloads build id's output and writes it where o says.
+func fetchOutput(ctx context.Context, c *client, id string, o *output, stdout io.Writer) (string, error) {
+	typ := api.BuildOutputParamsType("tar")
+	if o.typ == "oci" {
+		typ = "oci"
+	}
+	resp, err := c.api.BuildOutput(ctx, id, &api.BuildOutputParams{Type: &typ})
+	if err != nil {
+		return "", c.transportError(ctx, "download the output of build "+id, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return "", c.readError(resp)
+	}
+	if o.typ == "local" {
+		n, err := extractTar(resp.Body, o.dest)
+		if err != nil {
+			return "", fmt.Errorf("write the output of build %s into %s: %w", id, o.dest, err)
+		}
+		return fmt.Sprintf("%d entries into %s", n, o.dest), nil
+	}
+	w := stdout
+	if o.dest != "-" {
+		f, err := os.Create(o.dest)
+		if err != nil {
+			return "", fmt.Errorf("write the output of build %s: %w", id, err)
+		}
+		defer f.Close()
+		w = f
+	}
+	// Copy through a tar reader, so a stream the server broke off midway
+	// (no end marker) is an error here, not a short file that looks fine.
+	n, err := copyTar(resp.Body, w)
+	if err != nil {
+		if o.dest != "-" {
+			os.Remove(o.dest)
+		}
+		return "", fmt.Errorf("download the output of build %s: %w", id, err)
+	}
+	if o.dest != "-" {
+		if err := w.(*os.File).Close(); err != nil {
+			return "", fmt.Errorf("write the output of build %s: %w", id, err)
+		}
+	}
+	return fmt.Sprintf("%s tar of %d entries to %s", o.typ, n, o.dest), nil
+}
+
+// copyTar re-writes a tar stream entry by entry and fails if it ends early.
+func copyTar(r io.Reader, w io.Writer) (int, error) {
+	tr, tw := tar.NewReader(r), tar.NewWriter(w)
+	n := 0
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return n, tw.Close()
+		}
+		if err != nil {
+			return n, err
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return n, err
+		}
+		if _, err := io.Copy(tw, tr); err != nil {
+			return n, err
+		}
+		n++
+	}
+}
+
+// extractTar unpacks a filesystem tar into dir, never outside it (every
+// path goes through an os.Root). Device nodes need root; without it they
+// are skipped, as docker buildx's local exporter does for a user.
+func extractTar(r io.Reader, dir string) (int, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return 0, err
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		return 0, err
+	}
+	defer root.Close()
+	tr := tar.NewReader(r)
+	n := 0
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+		name := path.Clean(strings.TrimPrefix(hdr.Name, "/"))
+		if name == "." {
+			continue
+		}
+		if !fs.ValidPath(name) {
+			return n, fmt.Errorf("entry %q leaves the output directory", hdr.Name)
+		}
+		if dirName := path.Dir(name); dirName != "." {
+			if err := root.MkdirAll(dirName, 0o755); err != nil {
+				return n, err
+			}
+		}
+		mode := fs.FileMode(hdr.Mode) & fs.ModePerm
+		switch hdr.Typeflag {
+		case tar.TypeDir:
+			if err := root.MkdirAll(name, 0o755); err != nil {
+				return n, err
+			}
+			if err := root.Chmod(name, mode|0o700); err != nil {
+				return n, err
+			}
+		case tar.TypeReg:
+			_ = root.Remove(name)
+			f, err := root.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_EXCL, mode|0o600)
+			if err != nil {
+				return n, err
+			}
+			_, err = io.Copy(f, tr)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return n, err
+			}
+			if err := root.Chmod(name, mode); err != nil {
+				return n, err
+			}
+		case tar.TypeSymlink:
+			_ = root.Remove(name)
+			if err := root.Symlink(hdr.Linkname, name); err != nil {
+				return n, err
+			}
+		case tar.TypeLink:
+			_ = root.Remove(name)
+			if err := root.Link(path.Clean(strings.TrimPrefix(hdr.Linkname, "/")), name); err != nil {
+				return n, err
+			}
+		default:
+			continue // devices and fifos
+		}
+		if os.Geteuid() == 0 {
+			_ = root.Lchown(name, hdr.Uid, hdr.Gid)
+		}
+		n++
+	}
+}
