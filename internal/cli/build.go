@@ -91,7 +91,9 @@ server. The exit status is 0 only if the build succeeded, 1 if it failed or
 was refused, 2 for a usage error and 130 if interrupted.`,
 		Example: `  kiln build -t myapp:1.0 .
   kiln build -f docker/Dockerfile --build-arg VERSION=1.2 --target prod .
-  kiln build --secret id=npm,src=$HOME/.npmrc --secret id=token,env=GH_TOKEN .`,
+  kiln build --secret id=npm,src=$HOME/.npmrc --secret id=token,env=GH_TOKEN .
+  kiln build --target artifacts -o dist .          # the result's files into ./dist
+  kiln build -o type=docker,dest=app.tar -t app:1 .  # an image tarball for docker load`,
 		Args: exactArgs("CONTEXT"),
 	}
 	fl := c.Flags()
