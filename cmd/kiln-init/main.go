@@ -93,11 +93,19 @@ func run() error {
 }
 
 func mountEarly() error {
-	for _, m := range []struct{ src, dst, fstype, data string }{
+	return mountAll([]mountSpec{
 		{"proc", "/proc", "proc", ""},
 		{"sysfs", "/sys", "sysfs", ""},
 		{"devtmpfs", "/dev", "devtmpfs", "mode=0755"},
-	} {
+	})
+}
+
+// mountSpec is one pseudo filesystem to mount.
+type mountSpec struct{ src, dst, fstype, data string }
+
+// mountAll mounts each of ms (nosuid, noexec), creating its mount point.
+func mountAll(ms []mountSpec) error {
+	for _, m := range ms {
 		if err := os.MkdirAll(m.dst, 0o755); err != nil {
 			return fmt.Errorf("create %s: %w", m.dst, err)
 		}

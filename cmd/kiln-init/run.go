@@ -277,18 +277,10 @@ func mountOverlayRoot(dev string) error {
 	if err := enterRoot(true); err != nil {
 		return err
 	}
-	for _, m := range []struct{ src, dst, fstype, data string }{
+	return mountAll([]mountSpec{
 		{"devpts", "/dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620"},
 		{"tmpfs", "/dev/shm", "tmpfs", "mode=1777"},
-	} {
-		if err := os.MkdirAll(m.dst, 0o755); err != nil {
-			return fmt.Errorf("create %s: %w", m.dst, err)
-		}
-		if err := unix.Mount(m.src, m.dst, m.fstype, unix.MS_NOSUID|unix.MS_NOEXEC, m.data); err != nil {
-			return fmt.Errorf("mount %s on %s: %w", m.fstype, m.dst, err)
-		}
-	}
-	return nil
+	})
 }
 
 // writeEtcFiles gives the image /etc/hostname and /etc/hosts for its

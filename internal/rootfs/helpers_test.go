@@ -192,18 +192,4 @@ func listDir(t *testing.T, dir string) []string {
 	return names
 }
 
-func sha256File(t *testing.T, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	d, err := digest.SHA256.FromReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d.String()
-}
-
 func digestOf(s string) digest.Digest { return digest.Digest(s) }

@@ -15,6 +15,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 // capNetRaw is a security.capability value (VFS_CAP_REVISION_2, effective)
@@ -381,7 +383,7 @@ func TestConvertIsReproducible(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sums = append(sums, sha256File(t, res.RootFS()))
+		sums = append(sums, testkit.FileDigest(t, res.RootFS()))
 		time.Sleep(1100 * time.Millisecond) // a clock-dependent build would differ now
 	}
 	if sums[0] != sums[1] {

@@ -182,20 +182,6 @@ func mountErofs(t *testing.T, image string) string {
 	return mnt
 }
 
-func sha256File(t *testing.T, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	d, err := digest.SHA256.FromReader(f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d.String()
-}
-
 // qemuFor lists the PIDs of QEMU processes whose command line mentions s.
 func qemuFor(s string) []string {
 	var pids []string

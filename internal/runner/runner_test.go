@@ -14,6 +14,7 @@ import (
 	"github.com/kiln-build/kiln/internal/builderimage"
 	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/runner"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 // TestRun boots a busybox image built in the test, pushed to a real
@@ -37,7 +38,7 @@ func TestRun(t *testing.T) {
 			Console:  consoleWriter(),
 		}
 	}
-	erofsSum := sha256File(t, art.RootFS())
+	erofsSum := testkit.FileDigest(t, art.RootFS())
 
 	t.Run("image config", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -102,7 +103,7 @@ func TestRun(t *testing.T) {
 			t.Errorf("stderr %q, want %q", stderr, "oops\n")
 		}
 		// The writes lived in the VM's overlay only.
-		if got := sha256File(t, art.RootFS()); got != erofsSum {
+		if got := testkit.FileDigest(t, art.RootFS()); got != erofsSum {
 			t.Errorf("the erofs image changed: %s, was %s", got, erofsSum)
 		}
 		mnt := mountErofs(t, art.RootFS())

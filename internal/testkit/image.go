@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path"
 	"runtime"
 	"strings"
@@ -252,4 +253,19 @@ func (img Image) ContainsBytes(needle []byte) bool {
 	}
 	cfg, _ := json.Marshal(img.Config)
 	return bytes.Contains(cfg, needle)
+}
+
+// FileDigest is the sha256 digest ("sha256:<hex>") of the file at p.
+func FileDigest(t testing.TB, p string) string {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	d, err := digest.SHA256.FromReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d.String()
 }
