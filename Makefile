@@ -44,11 +44,11 @@ generate:
 	go test ./internal/config -run TestConfigurationDocIsCurrent -update >/dev/null
 	cd api && go generate .
 
+# One package at a time: the VM tests boot TCG guests with two vCPUs
+# each, and several packages doing so at once on a 2-core machine starve
+# them (guest soft lockups, timeouts) for little wall time saved.
 test: build
 	go vet ./...
-	# One package at a time: the VM tests boot TCG guests with two vCPUs
-	# each, and several packages doing so at once on a 2-core machine
-	# starve them (guest soft lockups, timeouts) for little wall time saved.
 	go test -p 1 -count=1 -timeout 25m ./...
 
 # Tests too slow for every CI run (a 2+ GiB image built in a 512 MiB VM
