@@ -35,3 +35,19 @@ func ReapBuildDirs(ctx context.Context, stateDir string, reap func(dir, name str
 	}
 	return errors.Join(errs...)
 }
+
+// MakeStateDir makes dir, a runtime's state dir, absolute and creates it
+// (owner-only); who names the runtime in errors.
+func MakeStateDir(who, dir string) (string, error) {
+	if dir == "" {
+		return "", fmt.Errorf("%s: state dir is empty", who)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", fmt.Errorf("%s: state dir %s: %w", who, dir, err)
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		return "", fmt.Errorf("%s: create state dir: %w", who, err)
+	}
+	return abs, nil
+}

@@ -75,17 +75,11 @@ func New(cfg Config) (*Runtime, error) {
 			return nil, fmt.Errorf("process runtime: %s not found on PATH; install util-linux", tool)
 		}
 	}
-	if cfg.StateDir == "" {
-		return nil, errors.New("process runtime: state dir is empty")
-	}
-	abs, err := filepath.Abs(cfg.StateDir)
+	stateDir, err := runtime.MakeStateDir("process runtime", cfg.StateDir)
 	if err != nil {
-		return nil, fmt.Errorf("process runtime: state dir %s: %w", cfg.StateDir, err)
+		return nil, err
 	}
-	cfg.StateDir = abs
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("process runtime: create state dir: %w", err)
-	}
+	cfg.StateDir = stateDir
 	if err := Reap(context.Background(), cfg.StateDir, cfg.Logger); err != nil {
 		// Only the leftover builds' own dirs are affected; new builds get
 		// fresh ones, so keep serving and let the operator look.

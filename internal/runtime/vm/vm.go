@@ -153,17 +153,11 @@ func New(cfg Config) (*Runtime, error) {
 		}
 		cfg.QEMU = p
 	}
-	if cfg.StateDir == "" {
-		return nil, errors.New("vm runtime: state dir is empty")
-	}
-	abs, err := filepath.Abs(cfg.StateDir)
+	stateDir, err := runtime.MakeStateDir("vm runtime", cfg.StateDir)
 	if err != nil {
-		return nil, fmt.Errorf("vm runtime: state dir %s: %w", cfg.StateDir, err)
+		return nil, err
 	}
-	cfg.StateDir = abs
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("vm runtime: create state dir: %w", err)
-	}
+	cfg.StateDir = stateDir
 	if cfg.Start == nil {
 		cfg.Start = StartQEMU
 	}
