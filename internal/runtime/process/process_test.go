@@ -170,15 +170,7 @@ func TestWarmRebuildOnSameVolumeReusesLayersAndCacheMounts(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
-	dir := contextDir(t, map[string]string{
-		"Dockerfile": "FROM " + base + "\n" +
-			"RUN echo layer > /layer\n" +
-			// Written once, in the first build; the step is cached afterwards.
-			"RUN --mount=type=cache,target=/c test -f /c/stamp || (echo stamp-$RANDOM$RANDOM > /c/stamp)\n" +
-			"ARG BUST\n" +
-			// Re-runs whenever BUST changes and must see build 1's stamp.
-			"RUN --mount=type=cache,target=/c echo \"bust=$BUST\" && cp /c/stamp /out\n",
-	})
+	dir := contextDir(t, testkit.WarmContext(base))
 	build := func(id, bust string) (solve.Result, *testkit.Recorder, testkit.Image) {
 		rec := &testkit.Recorder{}
 		ref := registry + "/app/warm:" + id
@@ -201,16 +193,7 @@ func TestWarmRebuildOnSameVolumeReusesLayersAndCacheMounts(t *testing.T) {
 	if res2.StepsCached < 2 {
 		t.Errorf("warm build: StepsCached=%d of %d, want the layer and stamp steps cached", res2.StepsCached, res2.StepsTotal)
 	}
-	if len(rec2.Find(progress.VertexCached, "echo layer")) != 1 {
-		t.Errorf("warm build did not answer `RUN echo layer` from the volume's cache")
-	}
-	if len(rec2.Find(progress.VertexCompleted, "bust=")) != 1 {
-		t.Errorf("warm build did not re-run the busted step")
-	}
-	stamp1, stamp2 := string(img1.Files["/out"]), string(img2.Files["/out"])
-	if !strings.HasPrefix(stamp1, "stamp-") || stamp1 != stamp2 {
-		t.Errorf("cache mount did not survive between builds on the volume: build1 /out=%q build2 /out=%q", stamp1, stamp2)
-	}
+	testkit.CheckWarmRebuild(t, rec2, img1, img2)
 	assertReleased(t, r, vol)
 }
 
