@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -192,11 +191,15 @@ func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) 
 	}()
 
 	started := time.Now()
-	if err := mountVolume(dev, env.Mount); err != nil {
+	discarded, err := mountVolume(dev, env.Mount)
+	if err != nil {
 		return res, err
 	}
 	mounted = true
-	log.Info("cache volume mounted", "device", dev, "at", env.Mount, "took", time.Since(started).Round(time.Millisecond))
+	log.Info("cache volume mounted", "device", dev, "at", env.Mount, "took", time.Since(started).Round(time.Millisecond), "discarded", discarded)
+	if discarded {
+		s.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: buildkitd.DiscardedUnclean})
+	}
 
 	// A crashed earlier run may have left its context behind.
 	work = filepath.Join(env.Mount, workDirName)
@@ -315,20 +318,15 @@ func checkBlockDevice(dev string) error {
 }
 
 // mountVolume mounts the ext4 cache volume. Never anything else: a tmpfs
-// root would lose the cache with the VM.
-func mountVolume(dev, at string) error {
+// root would lose the cache with the VM. discarded: see
+// buildkitd.MountRoot.
+func mountVolume(dev, at string) (discarded bool, err error) {
 	if m, err := buildkitd.MountsUnder(at); err != nil {
-		return err
+		return false, err
 	} else if len(m) > 0 {
-		return fmt.Errorf("%s is already in use (%v mounted); refusing to mount the cache volume over it", at, m)
+		return false, fmt.Errorf("%s is already in use (%v mounted); refusing to mount the cache volume over it", at, m)
 	}
-	if err := os.MkdirAll(at, 0o700); err != nil {
-		return fmt.Errorf("create mount point %s: %w", at, err)
-	}
-	if err := syscall.Mount(dev, at, "ext4", syscall.MS_NOATIME, ""); err != nil {
-		return fmt.Errorf("mount cache volume %s at %s: %w; is it an ext4 filesystem (and is the ext4 module loaded)?", dev, at, err)
-	}
-	return nil
+	return buildkitd.MountRoot(dev, at)
 }
 
 // releaseVolume flushes the volume and unmounts it together with whatever

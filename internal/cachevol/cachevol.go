@@ -17,6 +17,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/kiln-build/kiln/internal/ext4"
 )
 
 var (
@@ -241,11 +243,11 @@ func (m *Manager) prepare(ctx context.Context, v *Volume) error {
 			v.created, v.wipeReason = true, "volume image was missing"
 			break
 		}
-		sb, err := readSuperblock(v.path)
+		sb, err := ext4.ReadSuperblock(v.path)
 		switch {
 		case err != nil:
 			v.created, v.wipeReason = true, "volume image was damaged: "+err.Error()
-		case sb.hasErrors:
+		case sb.HasErrors:
 			v.created, v.wipeReason = true, "filesystem had recorded errors"
 		default:
 			v.size = fi.Size()
@@ -285,8 +287,8 @@ func (m *Manager) create(ctx context.Context, v *Volume) error {
 	}
 	now := time.Now().UTC()
 	md := meta{Version: 1, Scope: v.scope, Stamp: m.cfg.Stamp, SizeBytes: size, Created: now, LastUsed: now}
-	if sb, err := readSuperblock(v.path); err == nil {
-		md.LastUsedBytes = sb.usedBytes()
+	if sb, err := ext4.ReadSuperblock(v.path); err == nil {
+		md.LastUsedBytes = sb.UsedBytes()
 	}
 	if err := writeMeta(v.dir, md); err != nil {
 		return fmt.Errorf("create volume: %w", err)
@@ -373,8 +375,8 @@ func (v *Volume) release() error {
 	md, err := readMeta(v.dir)
 	if err == nil {
 		md.LastUsed = time.Now().UTC()
-		if sb, err := readSuperblock(v.path); err == nil {
-			md.LastUsedBytes = sb.usedBytes()
+		if sb, err := ext4.ReadSuperblock(v.path); err == nil {
+			md.LastUsedBytes = sb.UsedBytes()
 		} else {
 			m.log.Warn("cannot read cache volume usage", "scope", v.scope, "err", err)
 		}

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"github.com/kiln-build/kiln/internal/ext4"
 )
 
 // scannedVolume is a committed scope volume as found on disk.
@@ -51,8 +53,8 @@ func (m *Manager) scan() ([]scannedVolume, error) {
 			info.SizeBytes = fi.Size()
 			info.AllocatedBytes = allocatedBytes(fi)
 		}
-		if sb, err := readSuperblock(img); err == nil {
-			info.UsedBytes = sb.usedBytes()
+		if sb, err := ext4.ReadSuperblock(img); err == nil {
+			info.UsedBytes = sb.UsedBytes()
 		}
 		out = append(out, scannedVolume{Info: info, id: id})
 	}

@@ -3,10 +3,8 @@ package cachevol
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,62 +61,6 @@ func makeImage(ctx context.Context, mkfs, path string, size int64) error {
 		return fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, strings.TrimSpace(out.String()))
 	}
 	return nil
-}
-
-// superblock holds the few ext4 superblock fields kiln reports. The kernel
-// writes the free counts back on unmount and sync, so for an idle volume
-// they are exact; for an attached one they are as of its last commit.
-type superblock struct {
-	blocks    uint64
-	free      uint64
-	blockSize int64
-	hasErrors bool
-}
-
-func (s superblock) usedBytes() int64 { return int64(s.blocks-s.free) * s.blockSize }
-
-const (
-	sbOffset      = 1024
-	ext4Magic     = 0xEF53
-	incompat64bit = 0x80
-	stateErrorFS  = 0x2
-)
-
-func readSuperblock(path string) (superblock, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return superblock{}, err
-	}
-	defer f.Close()
-	buf := make([]byte, 1024)
-	if _, err := f.ReadAt(buf, sbOffset); err != nil {
-		if errors.Is(err, io.EOF) {
-			return superblock{}, fmt.Errorf("read ext4 superblock of %s: file too short", path)
-		}
-		return superblock{}, fmt.Errorf("read ext4 superblock of %s: %w", path, err)
-	}
-	le := binary.LittleEndian
-	if m := le.Uint16(buf[0x38:]); m != ext4Magic {
-		return superblock{}, fmt.Errorf("%s is not an ext4 filesystem (superblock magic %#04x)", path, m)
-	}
-	logBS := le.Uint32(buf[0x18:])
-	if logBS > 6 {
-		return superblock{}, fmt.Errorf("ext4 superblock of %s: implausible block size 1024<<%d", path, logBS)
-	}
-	sb := superblock{
-		blocks:    uint64(le.Uint32(buf[0x04:])),
-		free:      uint64(le.Uint32(buf[0x0C:])),
-		blockSize: 1024 << logBS,
-		hasErrors: le.Uint16(buf[0x3A:])&stateErrorFS != 0,
-	}
-	if le.Uint32(buf[0x60:])&incompat64bit != 0 {
-		sb.blocks |= uint64(le.Uint32(buf[0x150:])) << 32
-		sb.free |= uint64(le.Uint32(buf[0x158:])) << 32
-	}
-	if sb.free > sb.blocks {
-		return superblock{}, fmt.Errorf("ext4 superblock of %s: free blocks %d exceed block count %d", path, sb.free, sb.blocks)
-	}
-	return sb, nil
 }
 
 // allocatedBytes is what the sparse image really costs on the host.

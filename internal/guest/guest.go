@@ -2,6 +2,7 @@ package guest
 
 import (
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/kiln-build/kiln/internal/buildkitd"
@@ -80,6 +81,10 @@ var (
 	// ErrAgentGone: the connection to the agent ended before it answered
 	// (the VM died, the agent crashed, the channel broke).
 	ErrAgentGone = errors.New("guest agent went away")
+	// ErrAgentUnresponsive: the agent stopped answering while its VM was
+	// still there (a frozen guest kernel, a stopped hypervisor). It wraps
+	// ErrAgentGone.
+	ErrAgentUnresponsive = fmt.Errorf("%w: it stopped responding", ErrAgentGone)
 	// ErrHostGone is the agent's view of ErrAgentGone; Session.Context's
 	// cause when the host disappears.
 	ErrHostGone = errors.New("connection to the host was lost")

@@ -271,6 +271,60 @@ func TestAgentDeathEndsServePromptly(t *testing.T) {
 	}
 }
 
+// freezable relays bytes between two connections until frozen, after
+// which it forwards nothing and closes nothing: a guest whose kernel hung.
+func freezable(t *testing.T, a, b net.Conn) (freeze func()) {
+	var frozen atomic.Bool
+	relay := func(dst, src net.Conn) {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				return
+			}
+			for frozen.Load() {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if _, err := dst.Write(buf[:n]); err != nil {
+				return
+			}
+		}
+	}
+	go relay(a, b)
+	go relay(b, a)
+	return func() { frozen.Store(true) }
+}
+
+func TestHostGivesUpOnAFrozenAgent(t *testing.T) {
+	hostEnd, relayHost := socketpair(t)
+	relayGuest, guestEnd := socketpair(t)
+	freeze := freezable(t, relayHost, relayGuest)
+	const limit = 400 * time.Millisecond
+	done := serve(context.Background(), &Host{Unresponsive: limit}, hostEnd, testJob(t), nil)
+	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	// An agent that is merely quiet answers the pings: no verdict.
+	select {
+	case r := <-done:
+		t.Fatalf("Serve gave up on a live agent: %v", r.err)
+	case <-time.After(4 * limit):
+	}
+	freeze()
+	frozeAt := time.Now()
+	r := wait(t, done, "Serve")
+	if !errors.Is(r.err, ErrAgentUnresponsive) || !errors.Is(r.err, ErrAgentGone) {
+		t.Fatalf("err = %v, want ErrAgentUnresponsive (an ErrAgentGone)", r.err)
+	}
+	// The last answer came up to a ping interval (limit/4) before the
+	// freeze.
+	if took := r.at.Sub(frozeAt); took < limit/2 || took > 3*limit {
+		t.Errorf("Serve gave up %s after the agent froze, want between %s and %s", took, limit/2, 3*limit)
+	}
+}
+
 func TestHostDeathEndsAgentContext(t *testing.T) {
 	hostEnd, guestEnd := socketpair(t)
 	serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)

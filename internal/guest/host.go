@@ -31,6 +31,11 @@ type Host struct {
 	// CancelGrace bounds the wait, after ctx ended, for the agent to
 	// confirm it stopped the build and released the volume (default 30s).
 	CancelGrace time.Duration
+	// Unresponsive is how long the agent may leave the host's pings
+	// unanswered before Serve gives up on it with ErrAgentUnresponsive
+	// (default 60s). A dead VM is noticed at once (its channel closes); a
+	// frozen one keeps the channel open and is only noticed this way.
+	Unresponsive time.Duration
 	// Logger receives the agent's log records and the host side's own.
 	Logger *slog.Logger
 }
@@ -91,13 +96,17 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 		s.wg.Wait()
 		s.stopSink()
 	}()
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.acceptLoop()
+	go s.watch(h.unresponsive())
 
 	var control net.Conn
 	select {
 	case control = <-s.control:
 	case <-mux.CloseChan():
+		if s.frozen.Load() {
+			return res, s.goneErr(yamux.ErrSessionShutdown)
+		}
 		return res, fmt.Errorf("%w: the connection closed before the agent opened its control stream", ErrAgentGone)
 	case <-ctx.Done():
 		return res, fmt.Errorf("build canceled: %w", ctx.Err())
@@ -170,6 +179,13 @@ func (h *Host) Serve(ctx context.Context, conn io.ReadWriteCloser, job Job, sink
 		return res, fmt.Errorf("build canceled by the agent: %s", m.Error)
 	}
 	return res, errors.New(m.Error)
+}
+
+func (h *Host) unresponsive() time.Duration {
+	if h.Unresponsive > 0 {
+		return h.Unresponsive
+	}
+	return time.Minute
 }
 
 func (h *Host) helloTimeout() time.Duration {
@@ -268,6 +284,48 @@ type hostSession struct {
 	sinkMu  sync.Mutex
 	sink    progress.Sink
 	stopped bool
+
+	// frozen is set when watch gave up on an agent that stopped answering.
+	frozen atomic.Bool
+}
+
+// watch pings the agent and ends the session once no ping was answered
+// for limit. yamux's own keepalive is far more patient (see muxConfig)
+// and has no way to say why it ended a session; this one does, through
+// frozen.
+func (s *hostSession) watch(limit time.Duration) {
+	defer s.wg.Done()
+	tick := time.NewTicker(limit / 4)
+	defer tick.Stop()
+	answered := make(chan struct{}, 1)
+	last, pending := time.Now(), false
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-s.mux.CloseChan():
+			return
+		case <-answered:
+			last, pending = time.Now(), false
+		case <-tick.C:
+			if time.Since(last) >= limit {
+				s.log.Warn("guest agent answered no ping; giving up on it", "for", time.Since(last).Round(time.Second))
+				s.frozen.Store(true)
+				s.mux.Close()
+				return
+			}
+			if !pending {
+				// One ping at a time: a late answer still counts, and
+				// answered (buffered) never blocks the pinger.
+				pending = true
+				go func() {
+					if _, err := s.mux.Ping(); err == nil {
+						answered <- struct{}{}
+					}
+				}()
+			}
+		}
+	}
 }
 
 func (s *hostSession) acceptLoop() {
@@ -441,6 +499,9 @@ func (s *hostSession) guestLog(r *logRecord) {
 
 // goneErr explains a control stream that ended before the result.
 func (s *hostSession) goneErr(err error) error {
+	if s.frozen.Load() {
+		return fmt.Errorf("%w: no answer for %s while its VM kept running (a frozen guest; check its console output)", ErrAgentUnresponsive, s.h.unresponsive())
+	}
 	if errors.Is(err, io.EOF) || errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, io.ErrUnexpectedEOF) {
 		why := "did the VM crash? check its console output"
 		if l := s.muxLog.lastLine(); l != "" {

@@ -128,13 +128,13 @@ func (f *frameReader) read(v any) error {
 	return nil
 }
 
-// muxConfig tunes yamux for a slow guest. A TCG guest on an overloaded
-// host can stall for tens of seconds (the guest kernel then reports soft
-// lockups) and recover; ending the session then would fail a build that
-// was going to finish. A guest that is gone for good needs no keepalive
-// to be noticed: its QEMU exits and the socket closes, and one frozen
-// forever meets the build's timeout. So a ping may go unanswered for
-// minutes before the session ends.
+// muxConfig tunes yamux for a slow guest: a TCG guest on an overloaded
+// host can stall for a while and recover, and writes or stream opens that
+// wait behind it must not fail the build. A guest that is gone for good
+// needs no keepalive to be noticed: its QEMU exits and the socket closes.
+// A frozen one is the host's watchdog's business (Host.Unresponsive),
+// which says so in its error; yamux's keepalive here is only the agent's
+// last resort against a host that froze.
 func muxConfig(log *muxLogger) *yamux.Config {
 	c := yamux.DefaultConfig()
 	c.KeepAliveInterval = 30 * time.Second

@@ -6,8 +6,8 @@
 //
 // Accelerator: ProbeAccel uses KVM only when /dev/kvm works and the
 // nested kvm_pvm hypervisor is not loaded (stock kernels hang under it);
-// otherwise TCG with -cpu max and multi-threaded TCG, logged once with the
-// reason. Under TCG the kernel is told the host's TSC frequency, measured
+// otherwise TCG with a named CPU model (TCGCPU) and multi-threaded TCG,
+// logged once with the reason. Under TCG the kernel is told the host's TSC frequency, measured
 // once per process: on a busy host the guest cannot calibrate its timers
 // and the boot hangs otherwise.
 //

@@ -208,6 +208,17 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	return vm, nil
 }
 
+// TCGCPU is the guest CPU under TCG: a named model, not "max". "max" is
+// every feature this QEMU's TCG emulates, including its newest (AVX/AVX2
+// arrived in 7.2), and 2-vCPU guests on it are publicly reported to hang
+// on some hosts while the same guest runs on others; kiln's CI saw a
+// builder VM freeze there and never here. Westmere is a fixed, fully
+// emulated x86-64-v2 set (SSE4.2, POPCNT, AES-NI, PCLMUL; QEMU warns about
+// none of it) that Debian's kernel, runc and Go binaries run on; RDRAND
+// seeds the guest's entropy at once. Builds took no longer on it than on
+// "max" here.
+const TCGCPU = "Westmere-v1,+rdrand"
+
 // Args is the QEMU command line for cfg: QMP on the unix socket qmp and
 // port i on portSockets[i]. QEMU connects to all of them as a client and
 // starts with the guest paused (-S) until QMP says "cont".
@@ -228,7 +239,7 @@ func Args(cfg Config, accel Accel, qmp string, portSockets []string) []string {
 	case AccelKVM:
 		args = append(args, "-accel", "kvm", "-cpu", "host")
 	default:
-		args = append(args, "-accel", "tcg,thread=multi", "-cpu", "max")
+		args = append(args, "-accel", "tcg,thread=multi", "-cpu", TCGCPU)
 		// See hostTSCKHz: without the frequency a busy host makes the
 		// guest's timer calibration fail and the boot hang. Under TCG
 		// all vCPUs read the host's TSC, so it is also a reliable

@@ -178,6 +178,9 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	if err := writeState(dir, buildState{Volume: vol.file, Loop: vol.device}); err != nil {
 		return res, err
 	}
+	if vol.discarded {
+		sink.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: buildkitd.DiscardedUnclean})
+	}
 
 	sink.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
 	daemon, err = buildkitd.Start(ctx, buildkitd.Config{

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -194,6 +195,41 @@ func TestWarmRebuildOnSameVolumeReusesLayersAndCacheMounts(t *testing.T) {
 		t.Errorf("warm build: StepsCached=%d of %d, want the layer and stamp steps cached", res2.StepsCached, res2.StepsTotal)
 	}
 	testkit.CheckWarmRebuild(t, rec2, img1, img2)
+	assertReleased(t, r, vol)
+}
+
+// TestUncleanlyReleasedVolumeStartsCold: a volume still mounted when its
+// machine died (as a crash leaves it: the journal's needs_recovery flag,
+// set here with debugfs) may record cache entries whose files never
+// reached the disk. The next build must discard that cache, say so, and
+// build cold; the one after it is warm again.
+func TestUncleanlyReleasedVolumeStartsCold(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo layer > /layer\n"})
+	build := func(id string) *testkit.Recorder {
+		rec := &testkit.Recorder{}
+		if _, err := r.Run(ctx(t), job(id, vol, solve.Request{ContextDir: dir, Push: []string{registry + "/app/unclean:" + id}}), rec); err != nil {
+			t.Fatalf("build %s: %v", id, err)
+		}
+		return rec
+	}
+	build("before")
+	if out, err := exec.Command("debugfs", "-w", "-R", "feature needs_recovery", vol).CombinedOutput(); err != nil {
+		t.Fatalf("mark the volume as a crash leaves it: debugfs: %v\n%s", err, out)
+	}
+	rec := build("after-crash")
+	if !rec.Contains("was not released cleanly") {
+		t.Errorf("the build on the uncleanly released volume did not say its cache was discarded")
+	}
+	if len(rec.Find(progress.VertexCached, "echo layer")) != 0 {
+		t.Errorf("the build on the uncleanly released volume answered a step from the cache it should have discarded")
+	}
+	rec = build("next")
+	if rec.Contains("was not released cleanly") || len(rec.Find(progress.VertexCached, "echo layer")) != 1 {
+		t.Errorf("the build after the discard should be warm again, without a discard")
+	}
 	assertReleased(t, r, vol)
 }
 

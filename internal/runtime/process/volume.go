@@ -21,6 +21,9 @@ type attachment struct {
 	file       string
 	device     string // /dev/loopN
 	mountPoint string
+	// discarded: the volume was not released cleanly and its cache was
+	// emptied (buildkitd.MountRoot).
+	discarded bool
 }
 
 // attachVolume attaches the ext4 image file to a free loop device and mounts
@@ -46,13 +49,8 @@ func attachVolume(ctx context.Context, file, mountPoint string) (*attachment, er
 		return nil, fmt.Errorf("attach volume %s to a loop device: %w: %s", file, err, strings.TrimSpace(string(out)))
 	}
 	a := &attachment{file: abs, device: strings.TrimSpace(string(out)), mountPoint: mountPoint}
-	if err := os.MkdirAll(mountPoint, 0o700); err != nil {
-		return nil, errors.Join(fmt.Errorf("create mount point: %w", err), detachLoop(a.device, abs))
-	}
-	if err := syscall.Mount(a.device, mountPoint, "ext4", syscall.MS_NOATIME, ""); err != nil {
-		return nil, errors.Join(
-			fmt.Errorf("mount volume %s (%s) at %s: %w; is it an ext4 image?", file, a.device, mountPoint, err),
-			detachLoop(a.device, abs))
+	if a.discarded, err = buildkitd.MountRoot(a.device, mountPoint); err != nil {
+		return nil, errors.Join(fmt.Errorf("volume %s: %w", file, err), detachLoop(a.device, abs))
 	}
 	return a, nil
 }

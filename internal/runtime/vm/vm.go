@@ -56,6 +56,10 @@ type Config struct {
 	// CancelGrace is how long after ctx ends the agent gets to stop the
 	// build and unmount the volume before the VM is killed (default 1s).
 	CancelGrace time.Duration
+	// Unresponsive is how long a running VM's agent may leave pings
+	// unanswered before the VM counts as frozen (default 60s): it is
+	// killed and the build runs again in a new VM, once.
+	Unresponsive time.Duration
 	// ExitWait bounds the wait for the VM to end by itself after the agent
 	// reported its result (default 10s); then it is killed.
 	ExitWait time.Duration
@@ -243,18 +247,54 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		}
 		return res, fmt.Errorf("vm runtime: create build state dir: %w", err)
 	}
-	state := buildState{BuildID: job.BuildID, Volume: job.Volume}
-	var vm Machine
 	defer func() {
-		if vm != nil {
-			vm.Kill() // no-op when it ended already; waits until reaped
-		}
 		if e := os.RemoveAll(dir); e != nil {
 			log.Error("vm runtime: cleanup failed", "err", e)
 			err = errors.Join(err, fmt.Errorf("vm runtime: remove build state dir: %w", e))
 		}
 	}()
-	if err := writeState(dir, state); err != nil {
+
+	b := boot{dir: dir, volume: job.Volume, job: gjob, memMiB: mem, tunnels: tunnels, userNet: netw.nic != nil, sink: gs, log: log}
+	for attempt := 1; ; attempt++ {
+		res, err = r.boot(ctx, b)
+		if !errors.Is(err, guest.ErrAgentUnresponsive) || ctx.Err() != nil || attempt == maxBoots {
+			return res, err
+		}
+		// A frozen guest says nothing about the build: the build is
+		// deterministic and its volume survives a killed VM (the next
+		// mount replays the journal). So it gets a fresh VM, once.
+		log.Warn("vm runtime: builder VM froze; retrying the build in a new VM", "attempt", attempt, "err", err)
+		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
+			Message: fmt.Sprintf("builder VM stopped responding; running the build again in a new VM (attempt %d of %d)", attempt+1, maxBoots)})
+	}
+}
+
+// maxBoots is how many VMs one build may get when they freeze under it.
+const maxBoots = 2
+
+// boot is one VM for one build.
+type boot struct {
+	dir     string // the build's state dir
+	volume  string
+	job     guest.Job
+	memMiB  int
+	tunnels map[string]guest.Dialer
+	userNet bool
+	sink    progress.Sink
+	log     *slog.Logger
+}
+
+// boot runs b.job in a new VM and returns when the VM is gone.
+func (r *Runtime) boot(ctx context.Context, b boot) (res solve.Result, err error) {
+	log, gs, gjob, mem := b.log, b.sink, b.job, b.memMiB
+	state := buildState{BuildID: gjob.BuildID, Volume: b.volume}
+	var vm Machine
+	defer func() {
+		if vm != nil {
+			vm.Kill() // no-op when it ended already; waits until reaped
+		}
+	}()
+	if err := writeState(b.dir, state); err != nil {
 		return res, err
 	}
 
@@ -289,15 +329,15 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		CPUs:      gjob.MaxParallelism,
 		Disks: []microvm.Disk{
 			{Path: r.cfg.Image.RootfsPath(), Serial: builderimage.RootSerial, ReadOnly: true},
-			{Path: job.Volume, Serial: builderimage.CacheSerial},
+			{Path: b.volume, Serial: builderimage.CacheSerial},
 		},
 		Ports:   []string{builderimage.AgentPort},
-		UserNet: netw.nic != nil,
+		UserNet: b.userNet,
 		Accel:   r.accel,
 		Console: r.cfg.Console,
 		// QEMU's command line names its sockets below dir, which is how
 		// Reap recognizes a leftover QEMU of this build.
-		RunDir: dir,
+		RunDir: b.dir,
 		Logger: log,
 	})
 	if err != nil {
@@ -307,7 +347,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		return res, fmt.Errorf("vm runtime: start builder VM: %w", err)
 	}
 	state.PID = vm.PID()
-	if err := writeState(dir, state); err != nil {
+	if err := writeState(b.dir, state); err != nil {
 		return res, err
 	}
 
@@ -322,7 +362,8 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 			Message: fmt.Sprintf("builder VM booted in %s (%s, %d MiB, %d CPUs)", took, accelName(vm.Accel()), mem, gjob.MaxParallelism)})
 	}}
 	host := guest.Host{
-		Tunnels:      tunnels,
+		Tunnels:      b.tunnels,
+		Unresponsive: r.cfg.Unresponsive,
 		HelloTimeout: r.cfg.HelloTimeout,
 		CancelGrace:  r.cfg.CancelGrace,
 		Logger:       log,
@@ -333,6 +374,11 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	case ctx.Err() != nil:
 		// The agent had its grace inside Serve.
 		vm.Kill()
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			// A build that runs out of time may have been stuck in the
+			// guest; what the VM last said is for the operator.
+			log.Warn("vm runtime: build timed out; the builder VM's console", "console", vm.ConsoleReport(20))
+		}
 	case err == nil || port.seen() && !errors.Is(err, guest.ErrAgentGone):
 		// The agent answered (success or a failed build): it has released
 		// the volume and is exiting, which ends the VM.
@@ -343,10 +389,13 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 			vm.Kill()
 		}
 	default:
-		// Boot failure or a dead agent: the console tells why.
-		select {
-		case <-vm.Done():
-		case <-time.After(2 * time.Second):
+		// Boot failure or a dead agent: the console tells why. A frozen
+		// VM will not end by itself.
+		if !errors.Is(err, guest.ErrAgentUnresponsive) {
+			select {
+			case <-vm.Done():
+			case <-time.After(2 * time.Second):
+			}
 		}
 		vm.Kill()
 		err = fmt.Errorf("vm runtime: %w\nbuilder VM console (last lines):\n%s", err, vm.ConsoleReport(30))

@@ -108,7 +108,7 @@ func busyboxBase(t *testing.T) string {
 	baseOnce.Do(func() {
 		r := newRuntime(t)
 		start := time.Now()
-		_, baseErr = r.Run(ctx(t, 3*time.Minute), job("base", testkit.Volume(t, volumeSize), 1024, solve.Request{
+		_, baseErr = r.Run(ctx(t, 5*time.Minute), job("base", testkit.Volume(t, volumeSize), 1024, solve.Request{
 			ContextDir: testkit.BusyboxDir(t),
 			Push:       []string{guestRegistry + "/base/busybox:latest"},
 		}), nil)
@@ -483,11 +483,9 @@ func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
 		}
 		// Let the step write for a while, then kill QEMU under it.
 		time.Sleep(2 * time.Second)
-		var st buildState
-		data, err := os.ReadFile(filepath.Join(r.cfg.StateDir, buildDirName("killed"), stateFileName))
-		if err == nil && json.Unmarshal(data, &st) == nil && st.PID > 0 {
-			syscall.Kill(st.PID, syscall.SIGKILL)
-			killed <- st.PID
+		if pid := qemuPID(r, "killed"); pid > 0 {
+			syscall.Kill(pid, syscall.SIGKILL)
+			killed <- pid
 		}
 	}()
 	_, err := r.Run(ctx(t, 3*time.Minute), job("killed", vol, 512, solve.Request{
@@ -508,6 +506,73 @@ func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
 		t.Fatalf("volume is marked clean although its VM was killed mid-write; the test did not kill it mid-write")
 	}
 	checkVolumeRecovers(t, vol)
+}
+
+// qemuPID is the QEMU process of a running build, from its state file; 0
+// if there is none.
+func qemuPID(r *Runtime, buildID string) int {
+	var st buildState
+	data, err := os.ReadFile(filepath.Join(r.cfg.StateDir, buildDirName(buildID), stateFileName))
+	if err != nil || json.Unmarshal(data, &st) != nil {
+		return 0
+	}
+	return st.PID
+}
+
+// TestFrozenVMIsReplacedByANewOne freezes QEMU mid-step (SIGSTOP keeps
+// its channel open, as a hung guest kernel does, so nothing closes): the
+// runtime must notice within Unresponsive, kill that VM, and run the
+// build again in a new one, which succeeds, and the build's progress says
+// what happened.
+func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	r.cfg.Unresponsive = 10 * time.Second
+	vol := testkit.Volume(t, volumeSize)
+	rec := &testkit.Recorder{}
+	stepStarted := rec.Await(progress.VertexStarted, "frozen-step")
+	frozen := make(chan int, 1)
+	go func() {
+		defer close(frozen)
+		select {
+		case <-stepStarted:
+		case <-time.After(2 * time.Minute):
+			return
+		}
+		if pid := qemuPID(r, "frozen"); pid > 0 {
+			syscall.Kill(pid, syscall.SIGSTOP)
+			frozen <- pid
+		}
+	}()
+	start := time.Now()
+	res, err := r.Run(ctx(t, 4*time.Minute), job("frozen", vol, 512, solve.Request{
+		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo frozen-step && sleep 2 && echo ran > /ran\n"}),
+		Push:       []string{guestRegistry + "/app/frozen:latest"},
+	}), rec)
+	pid, ok := <-frozen
+	if !ok {
+		t.Fatalf("the step never started in the first VM: %v", err)
+	}
+	if err != nil {
+		t.Fatalf("after QEMU %d froze, the build should have run again in a new VM and succeeded: %v\nlogs:\n%s", pid, err, rec.Logs())
+	}
+	t.Logf("QEMU %d frozen mid-step; Run succeeded in a second VM after %s", pid, time.Since(start).Round(time.Millisecond))
+	if !rec.Contains("stopped responding") || !rec.Contains("attempt 2 of 2") {
+		t.Errorf("the build's progress does not say its VM stopped responding and the build ran again")
+	}
+	// The frozen VM's page cache died with it; what BuildKit recorded on
+	// the volume is not trusted (its base image came back as
+	// "exec format error" before the cache was discarded).
+	if !rec.Contains("was not released cleanly") {
+		t.Errorf("the second VM did not discard the cache the frozen one left half-written")
+	}
+	if res.Digest == "" || !testkit.ManifestExists(t, onHost(guestRegistry+"/app/frozen@"+res.Digest)) {
+		t.Errorf("the registry does not hold the image %q the second VM reported", res.Digest)
+	}
+	if syscall.Kill(pid, 0) == nil {
+		t.Errorf("the frozen QEMU %d is still there", pid)
+	}
+	assertReleased(t, r, vol)
 }
 
 // volumeNeedsRecovery reports whether the volume's ext4 journal has
