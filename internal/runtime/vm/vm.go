@@ -262,10 +262,18 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		}
 		// A frozen guest says nothing about the build: the build is
 		// deterministic and its volume survives a killed VM (the next
-		// mount replays the journal). So it gets a fresh VM, once.
-		log.Warn("vm runtime: builder VM froze; retrying the build in a new VM", "attempt", attempt, "err", err)
+		// mount discards what it cannot trust). So it gets a fresh VM,
+		// once. Under TCG that VM has one vCPU: the TCG freezes on record
+		// are of multi-vCPU guests, and one vCPU avoids multi-threaded
+		// TCG altogether.
+		how := "a new VM"
+		if r.accel == microvm.AccelTCG && b.job.MaxParallelism > 1 {
+			b.job.MaxParallelism = 1
+			how = "a new VM with one vCPU"
+		}
+		log.Warn("vm runtime: builder VM froze; retrying the build in "+how, "attempt", attempt, "err", err)
 		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
-			Message: fmt.Sprintf("builder VM stopped responding; running the build again in a new VM (attempt %d of %d)", attempt+1, maxBoots)})
+			Message: fmt.Sprintf("builder VM stopped responding; running the build again in %s (attempt %d of %d)", how, attempt+1, maxBoots)})
 	}
 }
 

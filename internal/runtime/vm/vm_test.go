@@ -560,6 +560,15 @@ func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
 	if !rec.Contains("stopped responding") || !rec.Contains("attempt 2 of 2") {
 		t.Errorf("the build's progress does not say its VM stopped responding and the build ran again")
 	}
+	if r.accel == microvm.AccelTCG && !rec.Contains(", 1 CPUs)") {
+		var said []string
+		for _, e := range rec.Events() {
+			if e.Kind == progress.Message {
+				said = append(said, e.Message)
+			}
+		}
+		t.Errorf("under TCG the second VM should have one vCPU; the build's messages: %q", said)
+	}
 	// The frozen VM's page cache died with it; what BuildKit recorded on
 	// the volume is not trusted (its base image came back as
 	// "exec format error" before the cache was discarded).
