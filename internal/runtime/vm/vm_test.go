@@ -472,22 +472,8 @@ func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
-	writing := rec.Await(progress.VertexStarted, "while true")
-	killed := make(chan int, 1)
-	go func() {
-		defer close(killed)
-		select {
-		case <-writing:
-		case <-time.After(2 * time.Minute):
-			return
-		}
-		// Let the step write for a while, then kill QEMU under it.
-		time.Sleep(2 * time.Second)
-		if pid := qemuPID(r, "killed"); pid > 0 {
-			syscall.Kill(pid, syscall.SIGKILL)
-			killed <- pid
-		}
-	}()
+	// Let the step write for a while, then kill QEMU under it.
+	killed := signalQEMU(r, rec, "killed", "while true", 2*time.Second, syscall.SIGKILL)
 	_, err := r.Run(ctx(t, 3*time.Minute), job("killed", vol, 512, solve.Request{
 		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN --mount=type=cache,target=/c i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/c/f$((i%50)) bs=64k count=16 2>/dev/null; echo $i > /n$((i%20)); done\n"}),
@@ -506,6 +492,28 @@ func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
 		t.Fatalf("volume is marked clean although its VM was killed mid-write; the test did not kill it mid-write")
 	}
 	checkVolumeRecovers(t, vol)
+}
+
+// signalQEMU sends sig to build's QEMU after a step whose name contains
+// step has run for after, and then sends its PID. The channel closes
+// without one if the step does not start within 2 minutes.
+func signalQEMU(r *Runtime, rec *testkit.Recorder, build, step string, after time.Duration, sig syscall.Signal) <-chan int {
+	started := rec.Await(progress.VertexStarted, step)
+	out := make(chan int, 1)
+	go func() {
+		defer close(out)
+		select {
+		case <-started:
+		case <-time.After(2 * time.Minute):
+			return
+		}
+		time.Sleep(after)
+		if pid := qemuPID(r, build); pid > 0 {
+			syscall.Kill(pid, sig)
+			out <- pid
+		}
+	}()
+	return out
 }
 
 // qemuPID is the QEMU process of a running build, from its state file; 0
@@ -530,20 +538,7 @@ func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
 	r.cfg.Unresponsive = 10 * time.Second
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
-	stepStarted := rec.Await(progress.VertexStarted, "frozen-step")
-	frozen := make(chan int, 1)
-	go func() {
-		defer close(frozen)
-		select {
-		case <-stepStarted:
-		case <-time.After(2 * time.Minute):
-			return
-		}
-		if pid := qemuPID(r, "frozen"); pid > 0 {
-			syscall.Kill(pid, syscall.SIGSTOP)
-			frozen <- pid
-		}
-	}()
+	frozen := signalQEMU(r, rec, "frozen", "frozen-step", 0, syscall.SIGSTOP)
 	start := time.Now()
 	res, err := r.Run(ctx(t, 4*time.Minute), job("frozen", vol, 512, solve.Request{
 		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo frozen-step && sleep 2 && echo ran > /ran\n"}),
