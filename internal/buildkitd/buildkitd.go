@@ -49,6 +49,10 @@ type Config struct {
 	// CgroupParent is the cgroup every build step runs under, so leftover
 	// step processes can be found and killed after the daemon is gone.
 	CgroupParent string
+	// StepMemoryBytes caps the memory of all build steps together (they
+	// run under CgroupParent); 0 leaves them uncapped. Where the daemon
+	// runs in a VM sized for the build, the VM is the cap.
+	StepMemoryBytes int64
 	// MaxParallelism caps concurrently running steps (0: unlimited).
 	MaxParallelism int
 	// NoHistory turns BuildKit's build history off. The history keeps
@@ -142,8 +146,14 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 	// their loop devices busy after they finish. buildkitd's own mounts
 	// live below the build's mount point and are unmounted on release.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if cfg.StepMemoryBytes > 0 {
+		// From here on Stop removes the cgroup.
+		if err := limitMemory(cfg.CgroupParent, cfg.StepMemoryBytes); err != nil {
+			return nil, errors.Join(err, KillCgroup(cfg.CgroupParent))
+		}
+	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start buildkitd %s: %w", cfg.Binary, err)
+		return nil, errors.Join(fmt.Errorf("start buildkitd %s: %w", cfg.Binary, err), killCgroupIfSet(cfg.CgroupParent))
 	}
 	d.cmd = cmd
 	go func() {
@@ -276,6 +286,13 @@ func (d *Daemon) stop(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+func killCgroupIfSet(name string) error {
+	if name == "" {
+		return nil
+	}
+	return KillCgroup(name)
 }
 
 // Exited is closed once the daemon process is gone.

@@ -191,6 +191,7 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 		GC:                 buildkitd.GCPolicy(job.GC),
 		InsecureRegistries: job.InsecureRegistries,
 		CgroupParent:       cgroupName(r.cfg.StateDir, job.BuildID),
+		StepMemoryBytes:    int64(job.MemoryMB) << 20,
 		MaxParallelism:     job.CPUs,
 		// BuildKit's build history keeps every step's output unmasked on
 		// the volume; a step that prints a secret would leave it on disk.

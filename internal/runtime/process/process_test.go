@@ -233,6 +233,33 @@ func TestUncleanlyReleasedVolumeStartsCold(t *testing.T) {
 	assertReleased(t, r, vol)
 }
 
+// TestStepsGetOnlyTheMemoryTheBuildAskedFor: on the process runtime too,
+// a build's memory_mb caps its steps. A step that needs 200 MiB is killed
+// under 64 MiB and runs under 512.
+func TestStepsGetOnlyTheMemoryTheBuildAskedFor(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/dev/null bs=200M count=1\n"})
+	run := func(id string, memMB int) error {
+		j := job(id, vol, solve.Request{ContextDir: dir, NoCache: true})
+		j.MemoryMB = memMB
+		_, err := r.Run(ctx(t), j, nil)
+		return err
+	}
+	err := run("mem64", 64)
+	if err == nil {
+		t.Fatalf("a step allocating 200 MiB succeeded in a build limited to 64 MiB")
+	}
+	if !strings.Contains(err.Error(), "137") {
+		t.Errorf("err = %v, want the step killed (exit code 137)", err)
+	}
+	if err := run("mem512", 512); err != nil {
+		t.Errorf("the same step under 512 MiB: %v", err)
+	}
+	assertReleased(t, r, vol)
+}
+
 func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)

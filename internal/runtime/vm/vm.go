@@ -367,14 +367,15 @@ func (r *Runtime) boot(ctx context.Context, b boot) (res solve.Result, err error
 		took := time.Since(started).Round(time.Millisecond)
 		log.Info("vm runtime: builder VM booted", "took", took, "accelerator", vm.Accel(), "memory_mib", mem, "cpus", gjob.MaxParallelism)
 		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
-			Message: fmt.Sprintf("builder VM booted in %s (%s, %d MiB, %d CPUs)", took, accelName(vm.Accel()), mem, gjob.MaxParallelism)})
+			Message: fmt.Sprintf("builder VM booted in %s (%s, %d MiB, %s)", took, accelName(vm.Accel()), mem, cpuCount(gjob.MaxParallelism))})
 	}}
 	host := guest.Host{
 		Tunnels:      b.tunnels,
 		Unresponsive: r.cfg.Unresponsive,
 		HelloTimeout: r.cfg.HelloTimeout,
 		CancelGrace:  r.cfg.CancelGrace,
-		Logger:       log,
+		Logger:       r.log, // Serve adds the build
+
 	}
 	res, err = host.Serve(ctx, port, gjob, gs)
 
@@ -412,6 +413,13 @@ func (r *Runtime) boot(ctx context.Context, b boot) (res solve.Result, err error
 		log.Debug("vm runtime: QEMU exit", "err", qerr)
 	}
 	return res, err
+}
+
+func cpuCount(n int) string {
+	if n == 1 {
+		return "1 CPU"
+	}
+	return fmt.Sprintf("%d CPUs", n)
 }
 
 // guestJob validates job and translates it into the agent's job.

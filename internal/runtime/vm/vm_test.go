@@ -555,7 +555,7 @@ func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
 	if !rec.Contains("stopped responding") || !rec.Contains("attempt 2 of 2") {
 		t.Errorf("the build's progress does not say its VM stopped responding and the build ran again")
 	}
-	if r.accel == microvm.AccelTCG && !rec.Contains(", 1 CPUs)") {
+	if r.accel == microvm.AccelTCG && !rec.Contains(", 1 CPU)") {
 		var said []string
 		for _, e := range rec.Events() {
 			if e.Kind == progress.Message {
