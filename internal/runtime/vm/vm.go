@@ -213,8 +213,9 @@ type buildState struct {
 }
 
 // Run boots a builder VM with job.Volume attached, serves job to its agent
-// and returns the agent's result. The VM is gone and its state dir removed
-// when Run returns, also on failure and cancel.
+// and returns the agent's result. A VM that freezes is replaced once (see
+// Config.Unresponsive). The VM is gone and its state dir removed when Run
+// returns, also on failure and cancel.
 func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (res solve.Result, err error) {
 	if sink == nil {
 		sink = progress.Discard
@@ -375,7 +376,6 @@ func (r *Runtime) boot(ctx context.Context, b boot) (res solve.Result, err error
 		HelloTimeout: r.cfg.HelloTimeout,
 		CancelGrace:  r.cfg.CancelGrace,
 		Logger:       r.log, // Serve adds the build
-
 	}
 	res, err = host.Serve(ctx, port, gjob, gs)
 
