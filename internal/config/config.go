@@ -51,6 +51,9 @@ type Config struct {
 	GCMaxUsedPercent  int
 
 	ShutdownGrace time.Duration
+	// VMUnresponsive is how long a builder VM may leave pings unanswered
+	// before it counts as frozen and is replaced.
+	VMUnresponsive time.Duration
 
 	DedupTTL          time.Duration
 	DedupAcrossScopes string
@@ -102,6 +105,7 @@ func (c *Config) settings() []setting {
 		{"listen", "127.0.0.1:7070", "address the API and registry listen on", kString, &c.Listen},
 		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (one microVM per build), or auto (vm when a builder image exists and QEMU runs, else process)", kString, &c.Runtime},
 		{"builder_image", "", "directory of the builder VM image the vm runtime boots (default: <data>/builder; make it with kiln builder-image build)", kString, &c.BuilderImage},
+		{"vm.unresponsive", "60s", "how long a builder VM may leave the host's pings unanswered before it counts as frozen: it is killed and the build runs again in a new VM, once", kDuration, &c.VMUnresponsive},
 		{"log_level", "info", "log level: debug, info, warn, error", kString, &c.LogLevel},
 		{"registry_host", "", "host:port builders use to reach kiln's registry (default: the listen address)", kString, &c.RegistryHost},
 		{"max_concurrent_builds", "2", "builds running at once across all cache scopes", kInt, &c.MaxConcurrent},
@@ -330,6 +334,9 @@ func (c *Config) validate() error {
 	}
 	if c.DedupAcrossScopes != "true" && c.DedupAcrossScopes != "false" {
 		return fmt.Errorf("dedup.across_scopes must be true or false, not %q", c.DedupAcrossScopes)
+	}
+	if c.VMUnresponsive < 5*time.Second {
+		return fmt.Errorf("vm.unresponsive (%s) must be at least 5s: a busy guest needs a moment to answer", c.VMUnresponsive)
 	}
 	if c.DedupTTL < 0 {
 		return fmt.Errorf("dedup.ttl must not be negative")

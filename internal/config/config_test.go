@@ -74,6 +74,7 @@ func TestBadConfigSaysWhatAndWhere(t *testing.T) {
 		{"", map[string]string{"KILN_CACHE_VOLUME_SIZE": "lots"}, "KILN_CACHE_VOLUME_SIZE"},
 		{"max_concurrent_builds: many\n", nil, "config file"},
 		{"runtime: docker\n", nil, "runtime"},
+		{"", map[string]string{"KILN_VM_UNRESPONSIVE": "1s"}, "vm.unresponsive"},
 		{"limits:\n  cpus:\n    default: 8\n    max: 2\n", nil, "limits.cpus.default"},
 		{": : :\n", nil, "not valid YAML"},
 	} {

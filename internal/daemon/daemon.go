@@ -242,7 +242,8 @@ func newVMRuntime(cfg config.Config, data, registryAddr string, log *slog.Logger
 		return nil, fmt.Errorf("the vm runtime needs a builder image: %w", err)
 	}
 	// Its own state dir: the process runtime reaps everything in its one.
-	return vm.New(vm.Config{Image: img, StateDir: stateDir(data) + "-vm", RegistryAddr: registryAddr, Logger: log})
+	return vm.New(vm.Config{Image: img, StateDir: stateDir(data) + "-vm", RegistryAddr: registryAddr,
+		Unresponsive: cfg.VMUnresponsive, Logger: log})
 }
 
 // findBuildkitd looks beside the kiln binary first (make build puts both
