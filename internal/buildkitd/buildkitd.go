@@ -148,7 +148,12 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if cfg.StepMemoryBytes > 0 {
 		// From here on Stop removes the cgroup.
-		if err := limitMemory(cfg.CgroupParent, cfg.StepMemoryBytes); err != nil {
+		err := limitMemory(cfg.CgroupParent, cfg.StepMemoryBytes)
+		switch {
+		case errors.Is(err, errNoMemoryController):
+			// Failing every build on such a host helps no one; say it.
+			cfg.Logger.Warn("buildkitd: the build's memory limit is not enforced", "reason", err)
+		case err != nil:
 			return nil, errors.Join(err, KillCgroup(cfg.CgroupParent))
 		}
 	}

@@ -5,11 +5,18 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // cgroupRoot is where the cgroup filesystems are mounted.
 const cgroupRoot = "/sys/fs/cgroup"
+
+// errNoMemoryController: this host's cgroups cannot limit memory.
+var errNoMemoryController = errors.New("this host has no memory cgroup controller (cgroup v2 without it enabled at the root, or v1 without /sys/fs/cgroup/memory)")
 
 // limitMemory caps what every process below the cgroup parent may use
 // together (swap included where the kernel accounts it), before runc
@@ -22,11 +29,19 @@ func limitMemory(parent string, bytes int64) error {
 	limit := strconv.FormatInt(bytes, 10)
 	var dir string
 	var files []string // written in order; the first one must exist
-	if _, err := os.Stat(filepath.Join(cgroupRoot, "cgroup.controllers")); err == nil {
+	if controllers, err := os.ReadFile(filepath.Join(cgroupRoot, "cgroup.controllers")); err == nil {
+		if !slices.Contains(strings.Fields(string(controllers)), "memory") {
+			return errNoMemoryController
+		}
 		dir = filepath.Join(cgroupRoot, parent)
 		files = []string{"memory.max", "memory.swap.max"}
 	} else {
-		dir = filepath.Join(cgroupRoot, "memory", parent)
+		v1 := filepath.Join(cgroupRoot, "memory")
+		var fs unix.Statfs_t
+		if unix.Statfs(v1, &fs) != nil || fs.Type != unix.CGROUP_SUPER_MAGIC {
+			return errNoMemoryController
+		}
+		dir = filepath.Join(v1, parent)
 		// memsw (memory+swap) may only be set at or above the memory limit.
 		files = []string{"memory.limit_in_bytes", "memory.memsw.limit_in_bytes"}
 	}
