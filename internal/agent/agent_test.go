@@ -250,12 +250,6 @@ func busyboxBase(t *testing.T) string {
 	return baseRef
 }
 
-func contextDir(t *testing.T, files map[string]string) string {
-	dir := t.TempDir()
-	testkit.WriteFiles(t, dir, files)
-	return dir
-}
-
 // assertReleased fails unless the agent left nothing behind: no mount, no
 // buildkitd, no build step cgroup, and a volume fsck finds clean.
 func assertReleased(t *testing.T, f *fixture) {
@@ -303,7 +297,7 @@ func TestBuildPushesThroughTheTunnelAndStreamsEvents(t *testing.T) {
 	base := busyboxBase(t)
 	f := newFixture(t)
 	res, rec := runBuild(t, f, "cold", solve.Request{
-		ContextDir: contextDir(t, map[string]string{
+		ContextDir: testkit.ContextDir(t, map[string]string{
 			"Dockerfile": "FROM " + base + "\nCOPY hello.txt /hello.txt\nRUN echo one > /one && sleep 1\nRUN cat /one /hello.txt > /two && echo step-two-says-hi\n",
 			"hello.txt":  "hello from the host\n",
 		}),
@@ -368,7 +362,7 @@ func TestBuildPushesThroughTheTunnelAndStreamsEvents(t *testing.T) {
 func TestWarmRunOnTheSameVolumeUsesItsCache(t *testing.T) {
 	base := busyboxBase(t)
 	f := newFixture(t)
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": "FROM " + base + "\nRUN echo warm > /warm\nARG N\n" +
 			"RUN --mount=type=cache,id=agent-test,target=/c sh -c 'echo run-$N >> /c/log && cp /c/log /log'\n",
 	})
@@ -401,7 +395,7 @@ func TestSecretReachesTheStepButNotTheEvents(t *testing.T) {
 	secret := fmt.Sprintf("kiln-agent-secret-%d", time.Now().UnixNano())
 	sum := sha256.Sum256([]byte(secret))
 	res, rec := runBuild(t, f, "secret", solve.Request{
-		ContextDir: contextDir(t, map[string]string{
+		ContextDir: testkit.ContextDir(t, map[string]string{
 			"Dockerfile": "FROM " + base + "\n" +
 				`RUN --mount=type=secret,id=tok,required=true sh -c 'echo "token is $(cat /run/secrets/tok)"; sha256sum /run/secrets/tok | cut -d" " -f1 > /tok.sha'` + "\n",
 		}),
@@ -443,7 +437,7 @@ func TestHostCancelStopsTheSolveAndReleasesTheVolume(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	b := start(t, f, ctx, "cancel", solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
 		Push:       []string{tunnelAddr + "/app/cancel:latest"},
 	})
 	select {
@@ -482,7 +476,7 @@ func TestAgentDeathMidBuildEndsServePromptly(t *testing.T) {
 	base := busyboxBase(t)
 	f := newFixture(t)
 	b := start(t, f, context.Background(), "death", solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 68\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 68\n"}),
 	})
 	select {
 	case <-b.rec.Await(progress.VertexStarted, "sleep 68"):
@@ -527,7 +521,7 @@ func TestSetupFailuresReachTheHostAndReleaseTheVolume(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newFixture(t)
 			b := start(t, f, context.Background(), "setup", solve.Request{
-				ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
+				ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
 			}, tc.tweak)
 			h := waitFor(t, b.host, "Host.Serve", time.Minute)
 			a := waitFor(t, b.agent, "agent.Run", time.Minute)

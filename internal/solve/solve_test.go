@@ -113,14 +113,8 @@ func testCtx(t *testing.T) context.Context {
 }
 
 // contextDir writes files into a fresh build context.
-func contextDir(t *testing.T, files map[string]string) string {
-	dir := t.TempDir()
-	testkit.WriteFiles(t, dir, files)
-	return dir
-}
-
 func TestScratchBuildPushesToEveryNameAndReportsDigest(t *testing.T) {
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": "FROM scratch\nCOPY hello.txt /hello.txt\n",
 		"hello.txt":  "hello from kiln\n",
 	})
@@ -155,7 +149,7 @@ func TestScratchBuildPushesToEveryNameAndReportsDigest(t *testing.T) {
 
 func TestRebuildCountsCachedStepsAndEmitsEachOnce(t *testing.T) {
 	base := busyboxBase(t)
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": "FROM " + base + "\nRUN echo first-run > /a\nRUN echo second-run > /b\n",
 	})
 	req := solve.Request{ContextDir: dir, Push: []string{env.registry + "/test/rebuild:latest"}}
@@ -199,7 +193,7 @@ func TestSecretReachesRunButNotImageOrEvents(t *testing.T) {
 	base := busyboxBase(t)
 	secret := "kiln-s3cret-value-8f2a"
 	sum := sha256.Sum256([]byte(secret))
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		// The step prints the secret on purpose: it must be masked in events.
 		"Dockerfile": "FROM " + base + "\n" +
 			"RUN --mount=type=secret,id=s,required=true sha256sum /run/secrets/s | cut -d' ' -f1 > /sum && echo \"leak: $(cat /run/secrets/s)\"\n",
@@ -238,7 +232,7 @@ func TestSecretReachesRunButNotImageOrEvents(t *testing.T) {
 
 func TestBuildArgsAndTargetSelectStage(t *testing.T) {
 	base := busyboxBase(t)
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": "FROM " + base + " AS greet\nARG GREETING=default\nRUN echo \"$GREETING\" > /msg\n" +
 			"FROM " + base + " AS other\nRUN echo other-stage > /msg\n",
 	})
@@ -269,13 +263,13 @@ func TestBuildArgsAndTargetSelectStage(t *testing.T) {
 }
 
 func TestDockerignoreExcludesFilesAndSeparateDockerfileDir(t *testing.T) {
-	ctxDir := contextDir(t, map[string]string{
+	ctxDir := testkit.ContextDir(t, map[string]string{
 		"keep.txt":      "kept\n",
 		"private.env":   "TOKEN=should-not-ship\n",
 		"sub/also.txt":  "kept too\n",
 		".dockerignore": "private.env\n",
 	})
-	dfDir := contextDir(t, map[string]string{
+	dfDir := testkit.ContextDir(t, map[string]string{
 		"build/My.Dockerfile": "FROM scratch\nCOPY . /ctx/\n",
 	})
 	ref := env.registry + "/test/ignore:latest"
@@ -297,7 +291,7 @@ func TestDockerignoreExcludesFilesAndSeparateDockerfileDir(t *testing.T) {
 }
 
 func TestDockerfileSyntaxErrorReturnsBuildKitMessage(t *testing.T) {
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM scratch\nFORM scratch\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\nFORM scratch\n"})
 	rec := &testkit.Recorder{}
 	_, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Push: []string{env.registry + "/test/bad:latest"}}, rec)
 	if err == nil {
@@ -311,7 +305,7 @@ func TestDockerfileSyntaxErrorReturnsBuildKitMessage(t *testing.T) {
 
 func TestFailingRunReportsVertexError(t *testing.T) {
 	base := busyboxBase(t)
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo about-to-fail && exit 3\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo about-to-fail && exit 3\n"})
 	rec := &testkit.Recorder{}
 	_, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Push: []string{env.registry + "/test/fail:latest"}}, rec)
 	if err == nil || !strings.Contains(err.Error(), "exit code: 3") {
@@ -332,7 +326,7 @@ func TestCancelReturnsPromptly(t *testing.T) {
 	// The step's shell carries a nonce so no other process on the host
 	// (other packages' tests run alongside) is mistaken for it.
 	step := fmt.Sprintf("sleep 60 || echo cancel-nonce-%d", time.Now().UnixNano())
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN " + step + "\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN " + step + "\n"})
 	rec := &testkit.Recorder{}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -388,7 +382,7 @@ func running(s string) bool {
 
 func TestRegistryCacheExportThenImportAfterPrune(t *testing.T) {
 	base := busyboxBase(t)
-	dir := contextDir(t, map[string]string{
+	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": "FROM " + base + "\nRUN echo cache-me-" + t.Name() + " > /c\n",
 	})
 	cacheRef := env.registry + "/cache/test:latest"
@@ -415,7 +409,7 @@ func TestRegistryCacheExportThenImportAfterPrune(t *testing.T) {
 
 func TestRegistryAuthFromMemory(t *testing.T) {
 	reg := testkit.RegistryWithAuth(t, "kiln", "pa55word")
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"})
 	ref := reg + "/private/img:latest"
 
 	_, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Push: []string{ref}}, nil)

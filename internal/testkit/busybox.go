@@ -64,6 +64,14 @@ func WriteFiles(t testing.TB, dir string, files map[string]string) {
 	}
 }
 
+// ContextDir is a new temporary build context holding files.
+func ContextDir(t testing.TB, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	WriteFiles(t, dir, files)
+	return dir
+}
+
 // isStaticBusybox reports whether p is an ELF without a program interpreter,
 // i.e. one that runs inside a FROM scratch image.
 func isStaticBusybox(p string) bool {

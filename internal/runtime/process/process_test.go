@@ -92,12 +92,6 @@ func ctx(t *testing.T) context.Context {
 	return c
 }
 
-func contextDir(t *testing.T, files map[string]string) string {
-	dir := t.TempDir()
-	testkit.WriteFiles(t, dir, files)
-	return dir
-}
-
 // assertReleased fails unless the runtime left nothing behind: no state,
 // no mount, no loop device, no buildkitd, no cgroup.
 func assertReleased(t *testing.T, r *Runtime, volumes ...string) {
@@ -143,7 +137,7 @@ func TestRunPushesScratchImageAndReleasesEverything(t *testing.T) {
 	rec := &testkit.Recorder{}
 	ref := registry + "/builds/b1:latest"
 	res, err := r.Run(ctx(t), job("b1", vol, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\nCOPY a.txt /a.txt\n", "a.txt": "A\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\nCOPY a.txt /a.txt\n", "a.txt": "A\n"}),
 		Push:       []string{ref},
 	}), rec)
 	if err != nil {
@@ -171,7 +165,7 @@ func TestWarmRebuildOnSameVolumeReusesLayersAndCacheMounts(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
-	dir := contextDir(t, testkit.WarmContext(base))
+	dir := testkit.ContextDir(t, testkit.WarmContext(base))
 	build := func(id, bust string) (solve.Result, *testkit.Recorder, testkit.Image) {
 		rec := &testkit.Recorder{}
 		ref := registry + "/app/warm:" + id
@@ -207,7 +201,7 @@ func TestUncleanlyReleasedVolumeStartsCold(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo layer > /layer\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo layer > /layer\n"})
 	build := func(id string) *testkit.Recorder {
 		rec := &testkit.Recorder{}
 		if _, err := r.Run(ctx(t), job(id, vol, solve.Request{ContextDir: dir, Push: []string{registry + "/app/unclean:" + id}}), rec); err != nil {
@@ -240,7 +234,7 @@ func TestStepsGetOnlyTheMemoryTheBuildAskedFor(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/dev/null bs=200M count=1\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/dev/null bs=200M count=1\n"})
 	run := func(id string, memMB int) error {
 		j := job(id, vol, solve.Request{ContextDir: dir, NoCache: true})
 		j.MemoryMB = memMB
@@ -267,7 +261,7 @@ func TestCancelStopsBuildkitdAndReleasesVolumePromptly(t *testing.T) {
 	rec := &testkit.Recorder{}
 	c := testkit.CancelWhenStarted(rec, "sleep 67", 2*time.Minute)
 	_, err := r.Run(c.Ctx, job("cancel", vol, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 67\n"}),
 		Push:       []string{registry + "/app/cancel:latest"},
 	}), rec)
 	took := c.Since(t, err)
@@ -297,7 +291,7 @@ func TestConcurrentRunsOnDifferentVolumes(t *testing.T) {
 			defer wg.Done()
 			id := fmt.Sprintf("par%d", i)
 			results[i], errs[i] = r.Run(ctx(t), job(id, vols[i], solve.Request{
-				ContextDir: contextDir(t, map[string]string{
+				ContextDir: testkit.ContextDir(t, map[string]string{
 					"Dockerfile": "FROM " + base + "\nRUN sleep 1 && echo " + id + " > /id\n",
 				}),
 				Push: []string{registry + "/app/" + id + ":latest"},
@@ -327,7 +321,7 @@ func TestRunRefusesVolumeThatIsAlreadyAttached(t *testing.T) {
 	}
 	defer a.release()
 	_, err = r.Run(ctx(t), job("dup", vol, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
 	}), nil)
 	if err == nil || !strings.Contains(err.Error(), "already attached") {
 		t.Fatalf("err = %v, want a refusal to attach the volume twice", err)
@@ -372,7 +366,7 @@ func TestNewReapsLeftoversOfACrash(t *testing.T) {
 	solved := make(chan error, 1)
 	go func() {
 		_, err := solve.Run(ctx(t), d.Client(), solve.Request{
-			ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 62\n"}),
+			ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 62\n"}),
 		}, rec)
 		solved <- err
 	}()

@@ -137,12 +137,6 @@ func ctx(t *testing.T, d time.Duration) context.Context {
 	return c
 }
 
-func contextDir(t *testing.T, files map[string]string) string {
-	dir := t.TempDir()
-	testkit.WriteFiles(t, dir, files)
-	return dir
-}
-
 // consoleWriter streams VM consoles to stderr when KILN_TEST_CONSOLE=1.
 func consoleWriter() io.Writer {
 	if os.Getenv("KILN_TEST_CONSOLE") != "1" {
@@ -235,7 +229,7 @@ func TestColdThenWarmBuildAcrossVMs(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
 	vol := testkit.Volume(t, volumeSize)
-	dir := contextDir(t, testkit.WarmContext(base))
+	dir := testkit.ContextDir(t, testkit.WarmContext(base))
 	build := func(id, bust string) (solve.Result, *testkit.Recorder, testkit.Image, time.Duration) {
 		rec := &testkit.Recorder{}
 		ref := guestRegistry + "/app/warm:" + id
@@ -283,7 +277,7 @@ func TestIsolatedBuildReachesNothingAndFailsWithTheStepError(t *testing.T) {
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
 	_, err := r.Run(ctx(t, 3*time.Minute), job("fail", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN echo \"nics=$(ls /sys/class/net | tr '\\n' ' ')proxy=${HTTP_PROXY:-none}\"; " +
 			"if nc 127.0.0.1 3128 </dev/null; then echo egress-reachable; fi; echo about to fail && exit 3\n"}),
 		Push: []string{guestRegistry + "/app/fail:latest"},
@@ -338,7 +332,7 @@ func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
 		return `(printf 'GET http://` + host + `/x HTTP/1.0\r\nHost: ` + host + `\r\n\r\n'; sleep 3) | nc ${p%:*} ${p##*:} > ` + out
 	}
 	j := job("egress", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN echo \"$HTTP_PROXY\" > /proxy && p=${HTTP_PROXY#http://} && " + fetch("app.test", "/allowed") + " && " + fetch("evil.test", "/denied") + "\n"}),
 		Push: []string{guestRegistry + "/app/egress:latest"},
 	})
@@ -395,7 +389,7 @@ func TestEgressWithoutListGetsAUserModeNIC(t *testing.T) {
 	vol := testkit.Volume(t, volumeSize)
 	rec := &testkit.Recorder{}
 	j := job("nic", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN echo \"nics=$(ls /sys/class/net | tr '\\n' ' ')proxy=${HTTP_PROXY:-none}\" > /net && cat /etc/resolv.conf > /resolv && " +
 			get(hostIP, "/public") + " && (" + get(microvm.UserNetGateway, "/loopback") + " || echo unreachable > /loopback)\n"}),
 		Push: []string{namedRegistry + "/app/nic:latest"},
@@ -448,7 +442,7 @@ func TestCancelStopsTheVMWithinTwoSeconds(t *testing.T) {
 	rec := &testkit.Recorder{}
 	c := testkit.CancelWhenStarted(rec, "sleep 67", 2*time.Minute)
 	_, err := r.Run(c.Ctx, job("cancel", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/big bs=1M count=64 && sleep 67\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN dd if=/dev/zero of=/big bs=1M count=64 && sleep 67\n"}),
 		Push:       []string{guestRegistry + "/app/cancel:latest"},
 	}), rec)
 	took := c.Since(t, err)
@@ -475,7 +469,7 @@ func TestKilledVMLeavesARecoverableVolume(t *testing.T) {
 	// Let the step write for a while, then kill QEMU under it.
 	killed := signalQEMU(r, rec, "killed", "while true", 2*time.Second, syscall.SIGKILL)
 	_, err := r.Run(ctx(t, 3*time.Minute), job("killed", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN --mount=type=cache,target=/c i=0; while true; do i=$((i+1)); dd if=/dev/zero of=/c/f$((i%50)) bs=64k count=16 2>/dev/null; echo $i > /n$((i%20)); done\n"}),
 		Push: []string{guestRegistry + "/app/killed:latest"},
 	}), rec)
@@ -541,7 +535,7 @@ func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
 	frozen := signalQEMU(r, rec, "frozen", "frozen-step", 0, syscall.SIGSTOP)
 	start := time.Now()
 	res, err := r.Run(ctx(t, 4*time.Minute), job("frozen", vol, 512, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo frozen-step && sleep 2 && echo ran > /ran\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo frozen-step && sleep 2 && echo ran > /ran\n"}),
 		Push:       []string{guestRegistry + "/app/frozen:latest"},
 	}), rec)
 	pid, ok := <-frozen
@@ -643,7 +637,7 @@ func TestBootTimeoutLeavesNothing(t *testing.T) {
 	vol := testkit.Volume(t, 64<<20)
 	start := time.Now()
 	_, err := r.Run(ctx(t, time.Minute), job("slowboot", vol, 256, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"}),
 		Push:       []string{guestRegistry + "/app/slowboot:latest"},
 	}), nil)
 	if err == nil || !strings.Contains(err.Error(), "did not say hello") || !strings.Contains(err.Error(), "console") {
@@ -711,7 +705,7 @@ func TestNewReapsLeftoverVMs(t *testing.T) {
 func TestJobsTheGuestCannotServeAreRefusedBeforeBooting(t *testing.T) {
 	r := newRuntime(t)
 	vol := testkit.Volume(t, 64<<20)
-	dir := contextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"})
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"})
 	for name, tc := range map[string]struct {
 		mutate func(*runtime.Job)
 		want   string
@@ -757,7 +751,7 @@ func TestImageLargerThanVMMemory(t *testing.T) {
 	ref := guestRegistry + "/app/large:latest"
 	rec := &testkit.Recorder{}
 	j := job("large", vol, memMB, solve.Request{
-		ContextDir: contextDir(t, map[string]string{"Dockerfile": df.String()}),
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": df.String()}),
 		Push:       []string{ref},
 	})
 	// GC bounds as kiln sets them for this volume size (10% / 80%), so the
