@@ -28,11 +28,11 @@ func newTestAuthority(t *testing.T) *Authority {
 
 func mustIssue(t *testing.T, a *Authority, subject string, scopes []Scope, cacheScope string, ttl time.Duration, access []Access) string {
 	t.Helper()
-	tok, err := a.Issue(subject, scopes, cacheScope, ttl, access)
+	tok, err := a.Issue(TokenSpec{Subject: subject, Scopes: scopes, CacheScope: cacheScope, TTL: ttl, Access: access})
 	if err != nil {
 		t.Fatalf("Issue: %v", err)
 	}
-	return tok
+	return tok.Token
 }
 
 func TestParseScopes(t *testing.T) {
@@ -162,18 +162,18 @@ func TestIssueVerifyRoundTrip(t *testing.T) {
 func TestIssueRejectsBadInput(t *testing.T) {
 	a := newTestAuthority(t)
 	cases := map[string]func() error{
-		"zero ttl":        func() error { _, err := a.Issue("x", []Scope{ScopeBuildRead}, "", 0, nil); return err },
-		"no scopes":       func() error { _, err := a.Issue("x", nil, "", time.Hour, nil); return err },
-		"unknown scope":   func() error { _, err := a.Issue("x", []Scope{"build:everything"}, "", time.Hour, nil); return err },
-		"empty subject":   func() error { _, err := a.Issue(" ", []Scope{ScopeBuildRead}, "", time.Hour, nil); return err },
-		"bad cache scope": func() error { _, err := a.Issue("x", []Scope{ScopeBuildRead}, "../etc", time.Hour, nil); return err },
-		"empty access":    func() error { _, err := a.Issue("x", []Scope{ScopeBuildRead}, "", time.Hour, []Access{}); return err },
+		"zero ttl":        func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: 0, Access: nil}); return err },
+		"no scopes":       func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: nil, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
+		"unknown scope":   func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{"build:everything"}, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
+		"empty subject":   func() error { _, err := a.Issue(TokenSpec{Subject: " ", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
+		"bad cache scope": func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "../etc", TTL: time.Hour, Access: nil}); return err },
+		"empty access":    func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{}}); return err },
 		"bad access repo": func() error {
-			_, err := a.Issue("x", []Scope{ScopeBuildRead}, "", time.Hour, []Access{{Repository: "UP/*", Actions: []string{"pull"}}})
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{{Repository: "UP/*", Actions: []string{"pull"}}}})
 			return err
 		},
 		"bad access action": func() error {
-			_, err := a.Issue("x", []Scope{ScopeBuildRead}, "", time.Hour, []Access{{Repository: "a", Actions: []string{"write"}}})
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{{Repository: "a", Actions: []string{"write"}}}})
 			return err
 		},
 	}
@@ -273,5 +273,88 @@ func TestTokensAreEdDSASigned(t *testing.T) {
 	}
 	if parsed.Method.Alg() != "EdDSA" || parsed.Header["kid"] == "" {
 		t.Fatalf("header = %v", parsed.Header)
+	}
+}
+
+func TestTenantComesFromNamespaceOrCacheScope(t *testing.T) {
+	a := newTestAuthority(t)
+	verify := func(spec TokenSpec) (Principal, error) {
+		spec.Scopes, spec.TTL = []Scope{ScopeBuildRead}, time.Hour
+		if spec.Subject == "" {
+			spec.Subject = "alice"
+		}
+		iss, err := a.Issue(spec)
+		if err != nil {
+			return Principal{}, err
+		}
+		if iss.ID == "" || iss.Tenant == "" {
+			t.Errorf("issued %+v without id or tenant", iss)
+		}
+		p, err := a.Verify(iss.Token)
+		if err == nil && p.Tenant != iss.Tenant {
+			t.Errorf("Issue said tenant %q, Verify %q", iss.Tenant, p.Tenant)
+		}
+		return p, err
+	}
+	for _, c := range []struct {
+		spec          TokenSpec
+		tenant, scope string
+	}{
+		{TokenSpec{CacheScope: "team-a"}, "team-a", "team-a"},
+		{TokenSpec{CacheScope: "acme.web"}, "acme", "acme.web"},
+		{TokenSpec{Namespace: "acme"}, "acme", "acme"},
+		{TokenSpec{Namespace: "acme", CacheScope: "acme.api"}, "acme", "acme.api"},
+		{TokenSpec{}, DefaultCacheScope("alice"), DefaultCacheScope("alice")},
+	} {
+		p, err := verify(c.spec)
+		if err != nil {
+			t.Errorf("%+v: %v", c.spec, err)
+			continue
+		}
+		if p.Tenant != c.tenant || p.CacheScope != c.scope {
+			t.Errorf("%+v: tenant %q scope %q, want %q %q", c.spec, p.Tenant, p.CacheScope, c.tenant, c.scope)
+		}
+	}
+	// A cache scope outside the namespace would let two tenants share
+	// one cache volume.
+	for _, bad := range []TokenSpec{
+		{Namespace: "acme", CacheScope: "other"},
+		{Namespace: "acme", CacheScope: "acmex"},
+		{Namespace: "Acme"},
+		{Namespace: "a.b"},
+		{CacheScope: "team_"},
+	} {
+		if _, err := verify(bad); err == nil {
+			t.Errorf("%+v accepted", bad)
+		}
+	}
+}
+
+type revokedSet map[string]bool
+
+func (r revokedSet) Revoked(id string) bool { return r[id] }
+
+func TestRevokedTokensAndTheirRegistryTokensStopWorking(t *testing.T) {
+	a := newTestAuthority(t)
+	revoked := revokedSet{}
+	a.SetRevocations(revoked)
+	iss, err := a.Issue(TokenSpec{Subject: "alice", Scopes: []Scope{ScopeImageRead}, TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := a.Verify(iss.Token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, err := a.IssueRegistryToken(p, "kiln", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoked[iss.ID] = true
+	if _, err := a.Verify(iss.Token); !errors.Is(err, ErrRevoked) {
+		t.Errorf("revoked token verified: %v", err)
+	}
+	if _, err := a.VerifyRegistryToken(rt.Token, "kiln"); !errors.Is(err, ErrRevoked) {
+		t.Errorf("registry token of a revoked token verified: %v", err)
 	}
 }

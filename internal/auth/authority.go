@@ -30,13 +30,21 @@ const Issuer = "kiln"
 // LoadOrCreate.
 const KeyFile = "signing.key"
 
-// Errors callers map to HTTP statuses: ErrExpired and ErrInvalid to 401,
-// ErrForbidden to 403. Returned errors wrap them with the reason.
+// Errors callers map to HTTP statuses: ErrExpired, ErrRevoked and
+// ErrInvalid to 401, ErrForbidden to 403. Returned errors wrap them with
+// the reason.
 var (
 	ErrExpired   = errors.New("token expired")
+	ErrRevoked   = errors.New("token revoked")
 	ErrInvalid   = errors.New("invalid token")
 	ErrForbidden = errors.New("forbidden")
 )
+
+// Revocations tells whether a token id was revoked. The Authority asks it
+// on every verification, so it must answer from memory.
+type Revocations interface {
+	Revoked(id string) bool
+}
 
 // Access restricts a kiln token's registry access to the listed
 // repositories. Repository is an exact name ("builds/abc"), a prefix pattern
@@ -51,9 +59,16 @@ type Access struct {
 type Principal struct {
 	Subject string
 	Scopes  []Scope
+	// Tenant owns everything this principal builds and names: the
+	// token's namespace claim, or its cache scope up to the first '.'.
+	Tenant string
 	// CacheScope is the build cache scope this principal may use: the
-	// token's cache_scope claim, or a stable per-subject default.
+	// token's cache_scope claim, the namespace, or a stable per-subject
+	// default. It always lies within Tenant.
 	CacheScope string
+	// Build is set on the tokens kiln mints for one build's own pushes
+	// and pulls: that build's id.
+	Build string
 	// Access, when non-empty, narrows registry access to these entries;
 	// it never widens what Scopes allow.
 	Access    []Access
@@ -96,7 +111,15 @@ type Authority struct {
 	pub   ed25519.PublicKey
 	keyID string
 	// now is swappable so tests can check expiry without sleeping.
-	now func() time.Time
+	now     func() time.Time
+	revoked Revocations // nil: nothing is revoked
+}
+
+func (a *Authority) checkRevoked(id string) error {
+	if a.revoked != nil && id != "" && a.revoked.Revoked(id) {
+		return fmt.Errorf("%w: token %s was revoked; ask for a new one", ErrRevoked, id)
+	}
+	return nil
 }
 
 // LoadOrCreate loads the Ed25519 signing key from dir/signing.key, creating
@@ -206,35 +229,63 @@ func newAuthority(key ed25519.PrivateKey) *Authority {
 type kilnClaims struct {
 	jwt.RegisteredClaims
 	Scopes     []Scope   `json:"scopes"`
+	Namespace  string    `json:"namespace,omitempty"`
 	CacheScope string    `json:"cache_scope,omitempty"`
 	Access     *[]Access `json:"access,omitempty"`
+	Build      string    `json:"build,omitempty"`
 }
 
-// Issue signs a kiln bearer token valid for ttl (which must be positive:
-// tokens that never expire cannot be revoked without rotating the key).
-// cacheScope may be empty to use the subject's default scope. access, when
-// non-nil, must be non-empty and restricts registry access to its entries.
-func (a *Authority) Issue(subject string, scopes []Scope, cacheScope string, ttl time.Duration, access []Access) (string, error) {
+// TokenSpec is what a new kiln token says.
+type TokenSpec struct {
+	Subject string
+	Scopes  []Scope
+	// Namespace names the tenant; empty derives it from the cache scope.
+	Namespace string
+	// CacheScope may be empty: the namespace, else the subject's default.
+	// With a namespace it must be the namespace or "<namespace>.<name>".
+	CacheScope string
+	// TTL must be positive: a token that never expires could only be
+	// stopped by revoking it.
+	TTL time.Duration
+	// Access, when non-nil, must be non-empty and restricts registry
+	// access to its entries.
+	Access []Access
+	// Build marks a token kiln mints for one build's own registry access.
+	Build string
+}
+
+// Issued is a signed kiln token and what identifies it.
+type Issued struct {
+	Token      string
+	ID         string
+	Tenant     string
+	CacheScope string
+	IssuedAt  time.Time
+	ExpiresAt time.Time
+}
+
+// Issue signs a kiln bearer token.
+func (a *Authority) Issue(spec TokenSpec) (Issued, error) {
+	subject := spec.Subject
 	if err := validateSubject(subject); err != nil {
-		return "", fmt.Errorf("issue token: %w", err)
+		return Issued{}, fmt.Errorf("issue token: %w", err)
 	}
-	if err := validateScopes(scopes); err != nil {
-		return "", fmt.Errorf("issue token for %q: %w", subject, err)
+	if err := validateScopes(spec.Scopes); err != nil {
+		return Issued{}, fmt.Errorf("issue token for %q: %w", subject, err)
 	}
-	if cacheScope != "" {
-		if err := validateCacheScope(cacheScope); err != nil {
-			return "", fmt.Errorf("issue token for %q: %w", subject, err)
+	tenant, err := tenantOf(spec.Namespace, spec.CacheScope, subject)
+	if err != nil {
+		return Issued{}, fmt.Errorf("issue token for %q: %w", subject, err)
+	}
+	if spec.TTL <= 0 {
+		return Issued{}, fmt.Errorf("issue token for %q: lifetime must be positive, got %s", subject, spec.TTL)
+	}
+	if spec.Access != nil {
+		if len(spec.Access) == 0 {
+			return Issued{}, fmt.Errorf("issue token for %q: access list is empty; pass nil for registry access by scopes alone, or list the repositories", subject)
 		}
-	}
-	if ttl <= 0 {
-		return "", fmt.Errorf("issue token for %q: lifetime must be positive, got %s", subject, ttl)
-	}
-	if access != nil {
-		if len(access) == 0 {
-			return "", fmt.Errorf("issue token for %q: access list is empty; pass nil for registry access by scopes alone, or list the repositories", subject)
-		}
-		if err := validateAccess(access); err != nil {
-			return "", fmt.Errorf("issue token for %q: %w", subject, err)
+		if err := validateAccess(spec.Access); err != nil {
+			return Issued{}, fmt.Errorf("issue token for %q: %w", subject, err)
 		}
 	}
 	now := a.now()
@@ -244,18 +295,27 @@ func (a *Authority) Issue(subject string, scopes []Scope, cacheScope string, ttl
 			Subject:   subject,
 			IssuedAt:  jwt.NewNumericDate(now),
 			NotBefore: jwt.NewNumericDate(now),
-			ExpiresAt: jwt.NewNumericDate(now.Add(ttl)),
+			ExpiresAt: jwt.NewNumericDate(now.Add(spec.TTL)),
 			ID:        newJTI(),
 		},
-		Scopes:     slices.Clone(scopes),
-		CacheScope: cacheScope,
+		Scopes:     slices.Clone(spec.Scopes),
+		Namespace:  spec.Namespace,
+		CacheScope: spec.CacheScope,
+		Build:      spec.Build,
 	}
-	if access != nil {
-		acc := slices.Clone(access)
+	if spec.Access != nil {
+		acc := slices.Clone(spec.Access)
 		claims.Access = &acc
 	}
-	return a.sign(claims)
+	tok, err := a.sign(claims)
+	if err != nil {
+		return Issued{}, err
+	}
+	return Issued{Token: tok, ID: claims.ID, Tenant: tenant, CacheScope: cacheScopeOf(spec.Namespace, spec.CacheScope, subject), IssuedAt: claims.IssuedAt.Time, ExpiresAt: claims.ExpiresAt.Time}, nil
 }
+
+// SetRevocations makes every later verification refuse revoked token ids.
+func (a *Authority) SetRevocations(r Revocations) { a.revoked = r }
 
 // Verify checks a kiln token's signature, lifetime and claims. Errors wrap
 // ErrExpired (the user should create a new token) or ErrInvalid (anything
@@ -274,17 +334,21 @@ func (a *Authority) Verify(token string) (Principal, error) {
 	if err := validateScopes(c.Scopes); err != nil {
 		return Principal{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
+	if err := a.checkRevoked(c.ID); err != nil {
+		return Principal{}, err
+	}
+	tenant, err := tenantOf(c.Namespace, c.CacheScope, c.Subject)
+	if err != nil {
+		return Principal{}, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
 	p := Principal{
 		Subject:    c.Subject,
 		Scopes:     c.Scopes,
-		CacheScope: c.CacheScope,
+		Tenant:     tenant,
+		CacheScope: cacheScopeOf(c.Namespace, c.CacheScope, c.Subject),
+		Build:      c.Build,
 		TokenID:    c.ID,
 		ExpiresAt:  c.ExpiresAt.Time,
-	}
-	if p.CacheScope == "" {
-		p.CacheScope = DefaultCacheScope(c.Subject)
-	} else if err := validateCacheScope(p.CacheScope); err != nil {
-		return Principal{}, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	if c.Access != nil {
 		if len(*c.Access) == 0 {
@@ -360,6 +424,65 @@ func validateSubject(s string) error {
 
 // Cache scopes name on-disk volumes, so they are kept to a safe alphabet.
 var cacheScopeRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
+
+// Tenant names are the first component of image names (<tenant>/app),
+// so they follow the registry's path-component grammar, without dots:
+// a dot in a cache scope separates the tenant from the project.
+var tenantRE = regexp.MustCompile(`^[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*$`)
+
+// ValidTenant checks a tenant (namespace) name.
+func ValidTenant(s string) error {
+	if len(s) > 63 || !tenantRE.MatchString(s) {
+		return fmt.Errorf("namespace %q is invalid: use 1-63 characters from a-z, 0-9, '-' and '_', starting and ending with a letter or digit (no dots)", s)
+	}
+	return nil
+}
+
+// tenantOf derives and checks a token's tenant: the namespace, else the
+// cache scope (or the subject's default) up to its first '.'. A cache
+// scope given with a namespace must lie within it, so no two tenants can
+// ever share a cache volume.
+func tenantOf(namespace, cacheScope, subject string) (string, error) {
+	if cacheScope != "" {
+		if err := validateCacheScope(cacheScope); err != nil {
+			return "", err
+		}
+	}
+	if namespace != "" {
+		if err := ValidTenant(namespace); err != nil {
+			return "", err
+		}
+		if cacheScope != "" && cacheScope != namespace && !strings.HasPrefix(cacheScope, namespace+".") {
+			return "", fmt.Errorf("cache scope %q is outside namespace %q: use %q or %q", cacheScope, namespace, namespace, namespace+"."+cacheScope)
+		}
+		return namespace, nil
+	}
+	scope := cacheScopeOf("", cacheScope, subject)
+	tenant, _, _ := strings.Cut(scope, ".")
+	if err := ValidTenant(tenant); err != nil {
+		return "", fmt.Errorf("cache scope %q does not name a tenant (the part before its first '.'): %v; give the token a namespace", scope, err)
+	}
+	return tenant, nil
+}
+
+// ScopeTenant is the tenant a cache scope belongs to: the part before its
+// first '.'.
+func ScopeTenant(scope string) string {
+	t, _, _ := strings.Cut(scope, ".")
+	return t
+}
+
+// cacheScopeOf is the cache scope a token uses: its claim, else its
+// namespace, else the subject's default.
+func cacheScopeOf(namespace, cacheScope, subject string) string {
+	switch {
+	case cacheScope != "":
+		return cacheScope
+	case namespace != "":
+		return namespace
+	}
+	return DefaultCacheScope(subject)
+}
 
 func validateCacheScope(s string) error {
 	if !cacheScopeRE.MatchString(s) {

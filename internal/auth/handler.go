@@ -19,15 +19,15 @@ const maxTokenRequestBody = 64 << 10
 // access in repeated "scope" query parameters (GET). The OAuth2 form
 // (POST, grant_type=password, the kiln token as password) is accepted too,
 // because containerd and BuildKit try it first when they hold credentials.
-// The answer carries a registry token granting the allowed subset of the
+// The answer carries a registry token granting what grant allows of the
 // requested scopes; anything not allowed is silently left out.
-func (a *Authority) TokenHandler(service string) http.Handler {
+func (a *Authority) TokenHandler(service string, grant GrantFunc) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		a.serveToken(w, r, service)
+		a.serveToken(w, r, service, grant)
 	})
 }
 
-func (a *Authority) serveToken(w http.ResponseWriter, r *http.Request, service string) {
+func (a *Authority) serveToken(w http.ResponseWriter, r *http.Request, service string, grant GrantFunc) {
 	var (
 		kilnToken   string
 		reqService  string
@@ -83,7 +83,12 @@ func (a *Authority) serveToken(w http.ResponseWriter, r *http.Request, service s
 		writeTokenError(w, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
 		return
 	}
-	rt, err := a.IssueRegistryToken(p, service, scopeParams)
+	requested, err := ParseRegistryScopes(scopeParams)
+	if err != nil {
+		writeTokenError(w, http.StatusBadRequest, "DENIED", err.Error())
+		return
+	}
+	rt, err := a.IssueRegistryToken(p, service, grant(r.Context(), p, requested))
 	if err != nil {
 		status := http.StatusBadRequest
 		if errors.Is(err, ErrExpired) {

@@ -1,12 +1,12 @@
 package auth
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/distribution/reference"
 	"github.com/golang-jwt/jwt/v5"
 )
 
@@ -14,15 +14,6 @@ import (
 // token it was exchanged for). Clients fetch a new one on 401, so this only
 // needs to outlast a single request.
 const RegistryTokenTTL = 15 * time.Minute
-
-// GlobalCachePrefix is the repository namespace of the global cache tier;
-// pushing below it needs build:admin whatever else a token says.
-const GlobalCachePrefix = "cache/global"
-
-// MirrorPrefix is where kiln keeps base images mirrored from upstream
-// registries. Builds trust what is there, so like the global cache only
-// build:admin may push below it (kiln itself writes it through storage).
-const MirrorPrefix = "mirror"
 
 // RegistryAccess is one resource entry of a registry token's access claim,
 // as in the Docker registry token specification.
@@ -108,103 +99,55 @@ func mergeAccess(list []RegistryAccess, r RegistryAccess) []RegistryAccess {
 	return append(list, r)
 }
 
-// GrantRegistryAccess returns the part of requested that p may have; what is
-// not granted is omitted, as the token specification asks.
-//
-// By scopes: image:read or build:read may pull any repository; image:write
-// may also push, except below cache/global; build:admin may do everything,
-// including delete and listing the catalog. A principal with an Access list
-// gets the intersection of that list and its scopes, never more and never the
-// catalog. Pushing below cache/global always needs build:admin.
-func GrantRegistryAccess(p Principal, requested []RegistryAccess) []RegistryAccess {
-	var out []RegistryAccess
-	for _, r := range requested {
-		var actions []string
-		for _, a := range expandActions(r) {
-			if registryAllowed(p, r.Type, r.Name, a) && !slices.Contains(actions, a) {
-				actions = append(actions, a)
-			}
-		}
-		if len(actions) > 0 {
-			out = mergeAccess(out, RegistryAccess{Type: r.Type, Name: r.Name, Actions: actions})
+// GrantFunc decides what part of the requested registry access p may
+// have; what is not granted is left out, as the token specification asks.
+// kiln's rules live in internal/access.
+type GrantFunc func(ctx context.Context, p Principal, requested []RegistryAccess) []RegistryAccess
+
+// AccessAllows reports whether p's Access list, if it has one, covers
+// action on repo. A principal without a list is not narrowed.
+func (p Principal) AccessAllows(repo, action string) bool {
+	if len(p.Access) == 0 {
+		return true
+	}
+	for _, e := range p.Access {
+		if matchRepo(e.Repository, repo) && (slices.Contains(e.Actions, action) || slices.Contains(e.Actions, "*")) {
+			return true
 		}
 	}
-	return out
+	return false
 }
 
-// expandActions turns a repository "*" into its concrete actions, because
+// ExpandActions turns a repository "*" into its concrete actions, because
 // the registry checks pull, push and delete individually.
-func expandActions(r RegistryAccess) []string {
+func ExpandActions(r RegistryAccess) []string {
 	if r.Type != "repository" || !slices.Contains(r.Actions, "*") {
 		return r.Actions
 	}
 	return []string{"pull", "push", "delete"}
 }
 
-func registryAllowed(p Principal, typ, name, action string) bool {
-	switch typ {
-	case "registry":
-		// The catalog names every tenant's repositories.
-		return name == "catalog" && action == "*" && len(p.Access) == 0 && p.Has(ScopeBuildAdmin)
-	case "repository":
-	default:
-		return false
-	}
-	if _, err := reference.WithName(name); err != nil {
-		return false
-	}
-	var byScope bool
-	switch action {
-	case "pull":
-		byScope = p.Has(ScopeImageRead) || p.Has(ScopeBuildRead)
-	case "push":
-		byScope = p.Has(ScopeImageWrite) && (!isProtected(name) || p.Has(ScopeBuildAdmin))
-	case "delete":
-		byScope = p.Has(ScopeBuildAdmin)
-	}
-	if !byScope {
-		return false
-	}
-	if len(p.Access) == 0 {
-		return true
-	}
-	for _, e := range p.Access {
-		if matchRepo(e.Repository, name) && (slices.Contains(e.Actions, action) || slices.Contains(e.Actions, "*")) {
-			return true
-		}
-	}
-	return false
-}
+// MergeAccess adds r to list, merging the actions of a resource already
+// there.
+func MergeAccess(list []RegistryAccess, r RegistryAccess) []RegistryAccess { return mergeAccess(list, r) }
 
-// isProtected reports repositories whose contents other builds trust:
-// the global cache tier and the base-image mirror.
-func isProtected(repo string) bool {
-	for _, p := range []string{GlobalCachePrefix, MirrorPrefix} {
-		if repo == p || strings.HasPrefix(repo, p+"/") {
-			return true
-		}
-	}
-	return false
-}
-
+// registryClaims is a registry token's payload. Parent is the id of the
+// kiln token it was exchanged for, so revoking that token also stops the
+// registry tokens it begot, on their next request.
 type registryClaims struct {
 	jwt.RegisteredClaims
 	Access []RegistryAccess `json:"access"`
+	Parent string           `json:"kiln_token,omitempty"`
 }
 
-// IssueRegistryToken grants p what it may have of the requested scope
-// parameters (see GrantRegistryAccess) and signs a registry token for
-// service. A request for nothing, or for nothing grantable, still gets a
-// token, with an empty access list, as the specification does for /v2/ login.
-func (a *Authority) IssueRegistryToken(p Principal, service string, scopeParams []string) (RegistryToken, error) {
+// IssueRegistryToken signs a registry token for service granting p the
+// given access (decided by the caller, see GrantFunc). Granting nothing
+// still gets a token, with an empty access list, as the specification
+// does for /v2/ login.
+func (a *Authority) IssueRegistryToken(p Principal, service string, granted []RegistryAccess) (RegistryToken, error) {
 	if service == "" {
 		return RegistryToken{}, fmt.Errorf("issue registry token for %q: no service given", p.Subject)
 	}
-	requested, err := ParseRegistryScopes(scopeParams)
-	if err != nil {
-		return RegistryToken{}, fmt.Errorf("issue registry token for %q: %w", p.Subject, err)
-	}
-	granted := GrantRegistryAccess(p, requested)
 	if granted == nil {
 		granted = []RegistryAccess{}
 	}
@@ -227,6 +170,7 @@ func (a *Authority) IssueRegistryToken(p Principal, service string, scopeParams 
 			ID:        newJTI(),
 		},
 		Access: granted,
+		Parent: p.TokenID,
 	})
 	if err != nil {
 		return RegistryToken{}, fmt.Errorf("issue registry token for %q: %w", p.Subject, err)
@@ -243,6 +187,9 @@ func (a *Authority) VerifyRegistryToken(token, service string) (RegistryGrant, e
 	}
 	if c.Subject == "" {
 		return RegistryGrant{}, fmt.Errorf("%w: registry token has no subject", ErrInvalid)
+	}
+	if err := a.checkRevoked(c.Parent); err != nil {
+		return RegistryGrant{}, err
 	}
 	return RegistryGrant{Subject: c.Subject, Access: c.Access, ExpiresAt: c.ExpiresAt.Time}, nil
 }

@@ -474,7 +474,16 @@ func (x *extractor) writeFile(dirRoot *os.Root, base, name string, hdr *tar.Head
 		return x.fsFault(err, hdr.Name)
 	}
 	h := sha256.New()
-	_, copyErr := io.CopyBuffer(io.MultiWriter(f, h), body, x.buf)
+	var copyErr error
+	if isSparse(hdr) {
+		// Holes stay holes on disk; the hash still covers them as zeros.
+		sw := &sparseWriter{ctx: x.ctx, f: f, h: h}
+		if _, copyErr = io.CopyBuffer(sw, body, x.buf); copyErr == nil {
+			copyErr = sw.finish()
+		}
+	} else {
+		_, copyErr = io.CopyBuffer(io.MultiWriter(f, h), body, x.buf)
+	}
 	if copyErr == nil {
 		copyErr = f.Chmod(os.FileMode(mode))
 	}

@@ -18,6 +18,9 @@ import (
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
 	"github.com/moby/buildkit/frontend/dockerfile/shell"
 
+	"github.com/kiln-build/kiln/internal/access"
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/registry"
@@ -78,10 +81,13 @@ type pinnedBase struct {
 // pinBases resolves every image the Dockerfile uses to a digest: images in
 // kiln's registry there, all others through the mirror (the first time
 // from their upstream registry; a pull build always asks upstream).
-func (s *Service) pinBases(ctx context.Context, dockerfile []byte, o storeOptions) ([]pinnedBase, error) {
+func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []byte, o storeOptions) ([]pinnedBase, error) {
 	refs, err := baseImages(dockerfile, o.BuildArgs)
 	if err != nil {
 		return nil, badRequest("Dockerfile: %v", err)
+	}
+	if ref := syntaxImage(dockerfile, o.BuildArgs); ref != "" {
+		refs = append([]string{ref}, refs...)
 	}
 	var out []pinnedBase
 	for _, ref := range refs {
@@ -90,6 +96,11 @@ func (s *Service) pinBases(ctx context.Context, dockerfile []byte, o storeOption
 			return nil, badRequest("base image %q is not a valid image reference: %v", ref, err)
 		}
 		if reference.Domain(named) == s.cfg.RegistryHost {
+			// The build pulls it as its tenant; ask now, so another
+			// tenant's image is refused before anything is queued.
+			if err := s.policy.Repo(ctx, p, reference.Path(named), access.Pull); err != nil {
+				return nil, badRequest("base image %s: %v", errdefs.Quote(ref), err)
+			}
 			d, err := s.resolveLocal(ctx, named)
 			if err != nil {
 				return nil, badRequest("base image %q: %v; push it to kiln's registry first", ref, err)
@@ -115,9 +126,9 @@ func mirrorError(ref string, err error) error {
 	case errors.Is(err, mirror.ErrNotFound):
 		return badRequest("base image %q was not found in its registry: check the name and tag", ref)
 	case errors.Is(err, mirror.ErrUnauthorized):
-		return &InputError{Status: 400, Msg: fmt.Sprintf("base image %q: %v", ref, err)}
+		return badRequest("base image %q: %v", ref, err)
 	default:
-		return &InputError{Status: 502, Msg: fmt.Sprintf("base image %q could not be resolved in its registry: %v; retry, or check the server's mirror settings", ref, err)}
+		return errdefs.Upstream("base image %q could not be resolved in its registry: %v; retry, or check the server's mirror settings", ref, err)
 	}
 }
 
@@ -133,6 +144,22 @@ func (s *Service) resolveLocal(ctx context.Context, named reference.Named) (stri
 }
 
 type storeOptions = store.BuildOptions
+
+// syntaxImage is the frontend image a build runs instead of BuildKit's
+// built-in Dockerfile frontend: the BUILDKIT_SYNTAX build arg, else the
+// Dockerfile's "# syntax=" line. It is pinned like a base image, so it
+// comes through kiln's mirror, by digest, and is part of the input hash;
+// BuildKit finds the pin among the build's named contexts.
+func syntaxImage(dockerfile []byte, buildArgs map[string]string) string {
+	if v := strings.TrimSpace(buildArgs["BUILDKIT_SYNTAX"]); v != "" {
+		ref, _, _ := strings.Cut(v, " ")
+		return ref
+	}
+	if ref, _, _, ok := parser.DetectSyntax(dockerfile); ok {
+		return ref
+	}
+	return ""
+}
 
 // baseImages lists the images a Dockerfile uses — FROM, COPY --from and
 // RUN --mount from= — with ARGs expanded the way BuildKit expands them in
@@ -221,15 +248,19 @@ func dedupEligible(o store.BuildOptions) bool {
 }
 
 // findDedup returns the succeeded original build with input hash h that
-// finished within the TTL, if any.
-func (s *Service) findDedup(ctx context.Context, h, scope string) (Build, bool, error) {
+// finished within the TTL, if any. It looks among the tenant's own builds
+// and, unless the build may use cache mounts (whose contents the hash
+// cannot see, so another tenant's could have tainted the result), those
+// of the tenants its trust group names.
+func (s *Service) findDedup(ctx context.Context, h, tenant string, cacheMounts bool) (Build, bool, error) {
 	if s.cfg.DedupTTL <= 0 {
 		return Build{}, false, nil
 	}
-	if s.cfg.DedupAcrossScopes {
-		scope = "*"
+	peers := []string{tenant}
+	if !cacheMounts {
+		peers = s.policy.TrustedTenants(tenant)
 	}
-	b, err := store.FindOriginal(ctx, s.db.SQL, h, time.Now().Add(-s.cfg.DedupTTL), scope)
+	b, err := store.FindOriginal(ctx, s.db.SQL, h, time.Now().Add(-s.cfg.DedupTTL), peers)
 	if errors.Is(err, store.ErrNotFound) {
 		return Build{}, false, nil
 	}

@@ -14,9 +14,11 @@ import (
 
 	"github.com/riverqueue/river"
 
+	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/registry"
@@ -27,30 +29,17 @@ import (
 // Build is a build record; the store owns its shape.
 type Build = store.Build
 
-// Errors callers map to HTTP statuses.
+// Errors of the build service, in errdefs' classes.
 var (
-	ErrNotFound = errors.New("build not found")
+	ErrNotFound = fmt.Errorf("build %w", errdefs.ErrNotFound)
 	// ErrFinished: the build is already terminal; the returned build is
 	// its final state.
-	ErrFinished = errors.New("build already finished")
+	ErrFinished = fmt.Errorf("build already finished: %w", errdefs.ErrConflict)
 )
 
-// InputError is a bad submission: the message says what was wrong and
-// what to do; Status is the HTTP status to answer with.
-type InputError struct {
-	Status int
-	Msg    string
-}
+func badRequest(format string, args ...any) error { return errdefs.Invalid(format, args...) }
 
-func (e *InputError) Error() string { return e.Msg }
-
-func badRequest(format string, args ...any) error {
-	return &InputError{Status: 400, Msg: fmt.Sprintf(format, args...)}
-}
-
-func forbidden(format string, args ...any) error {
-	return &InputError{Status: 403, Msg: fmt.Sprintf(format, args...)}
-}
+func forbidden(format string, args ...any) error { return errdefs.Forbidden(format, args...) }
 
 // Caps bounds one resource: what a build gets when it asks for nothing,
 // and the most it may ask for.
@@ -82,9 +71,7 @@ type Config struct {
 	// DedupTTL is how long a succeeded build answers identical ones; 0
 	// turns dedup off.
 	DedupTTL time.Duration
-	// DedupAcrossScopes lets a build be answered by an identical build of
-	// another cache scope (identical inputs, same executor).
-	DedupAcrossScopes bool
+
 	// NetworkDefault is the mode of builds that ask for none;
 	// NetworkAllowed the modes builds may ask for.
 	NetworkDefault string
@@ -104,6 +91,7 @@ type Service struct {
 	volumes  *cachevol.Manager
 	runtime  runtime.Runtime
 	auth     *auth.Authority
+	policy   *access.Policy
 	log      *slog.Logger
 	hub      *hub
 	slots    chan struct{}
@@ -129,7 +117,9 @@ type Deps struct {
 	Volumes *cachevol.Manager
 	Runtime runtime.Runtime
 	Auth    *auth.Authority
-	Logger  *slog.Logger
+	// Policy decides what each tenant sees and may name.
+	Policy *access.Policy
+	Logger *slog.Logger
 }
 
 // New creates the service; Start begins running queued builds.
@@ -157,6 +147,7 @@ func New(cfg Config, d Deps) (*Service, error) {
 		volumes: d.Volumes,
 		runtime: d.Runtime,
 		auth:    d.Auth,
+		policy:  d.Policy,
 		log:     d.Logger,
 		hub:     newHub(),
 		slots:   make(chan struct{}, cfg.MaxConcurrent),
@@ -178,14 +169,26 @@ func (s *Service) contextDir(id string) string { return filepath.Join(contextsDi
 // RuntimeName says which runtime runs builds.
 func (s *Service) RuntimeName() string { return s.runtime.Name() }
 
-// Get loads a build.
-func (s *Service) Get(ctx context.Context, id string) (Build, error) {
+// Get loads a build pr may see; another tenant's build is not found.
+func (s *Service) Get(ctx context.Context, pr auth.Principal, id string) (Build, error) {
+	b, err := s.load(ctx, id)
+	if err != nil {
+		return Build{}, err
+	}
+	if !s.policy.SeeBuild(pr, b.Tenant) {
+		return Build{}, fmt.Errorf("%w: no build %s", ErrNotFound, id)
+	}
+	return b, nil
+}
+
+// load reads a build whoever owns it.
+func (s *Service) load(ctx context.Context, id string) (Build, error) {
 	if !validID(id) {
-		return Build{}, ErrNotFound
+		return Build{}, fmt.Errorf("%w: no build %s", ErrNotFound, errdefs.Quote(id))
 	}
 	b, err := store.GetBuild(ctx, s.db.SQL, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return Build{}, ErrNotFound
+		return Build{}, fmt.Errorf("%w: no build %s", ErrNotFound, id)
 	}
 	return b, err
 }
@@ -199,10 +202,15 @@ func (s *Service) QueuePosition(ctx context.Context, b Build) (int, error) {
 	return store.QueuePosition(ctx, s.db.SQL, b.Seq)
 }
 
-// List returns builds, newest first.
-func (s *Service) List(ctx context.Context, f store.ListFilter) ([]Build, error) {
+// List returns the builds pr may see, newest first: its tenant's, or
+// every tenant's for an admin.
+func (s *Service) List(ctx context.Context, pr auth.Principal, f store.ListFilter) ([]Build, error) {
 	if f.Status != "" && !validStatus(f.Status) {
-		return nil, badRequest("unknown status %q: use queued, running, succeeded, failed or canceled", f.Status)
+		return nil, badRequest("unknown status %s: use queued, running, succeeded, failed or canceled", errdefs.Quote(f.Status))
+	}
+	f.Tenant = ""
+	if !s.policy.SeeBuild(pr, "") {
+		f.Tenant = pr.Tenant
 	}
 	return store.ListBuilds(ctx, s.db.SQL, f)
 }
@@ -218,8 +226,8 @@ func validStatus(s string) bool {
 // Cancel stops a queued or running build and waits (bounded) until its
 // runtime has stopped. On a terminal build it returns ErrFinished with the
 // final state.
-func (s *Service) Cancel(ctx context.Context, id string) (Build, error) {
-	b, err := s.Get(ctx, id)
+func (s *Service) Cancel(ctx context.Context, pr auth.Principal, id string) (Build, error) {
+	b, err := s.Get(ctx, pr, id)
 	if err != nil {
 		return Build{}, err
 	}
@@ -231,7 +239,7 @@ func (s *Service) Cancel(ctx context.Context, id string) (Build, error) {
 		return Build{}, err
 	}
 	if !won {
-		b, err = s.Get(ctx, id)
+		b, err = s.load(ctx, id)
 		if err != nil {
 			return Build{}, err
 		}
@@ -251,7 +259,7 @@ func (s *Service) Cancel(ctx context.Context, id string) (Build, error) {
 	} else {
 		s.cleanup(id)
 	}
-	return s.Get(ctx, id)
+	return s.load(ctx, id)
 }
 
 var errCanceled = errors.New("canceled by request")

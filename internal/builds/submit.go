@@ -24,8 +24,9 @@ import (
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/egress"
-	"github.com/kiln-build/kiln/internal/images"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/progress"
+	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -84,11 +85,13 @@ type Request struct {
 	AllowedDomains []string
 }
 
+// MaxTags is how many names one build may give its result.
+const MaxTags = 32
+
 var (
 	argName     = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 	secretID    = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
 	globalKey   = regexp.MustCompile(`^[a-z0-9]+(?:[._-][a-z0-9]+)*$`)
-	maxTags     = 32
 	maxArgBytes = 64 << 10
 )
 
@@ -110,7 +113,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if u.context == nil {
 		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\"")
 	}
-	opts, dockerfile, err := s.validate(p, u, &req)
+	opts, dockerfile, err := s.validate(ctx, p, u, &req)
 	if err != nil {
 		return Build{}, err
 	}
@@ -123,7 +126,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		u.context = &info
 	}
 	opts.ContextKey = contextKey(*u.context, dockerfile)
-	tags, err := normalizeTags(req.Tags)
+	tags, err := s.nameTags(ctx, p, req.Tags)
 	if err != nil {
 		return Build{}, err
 	}
@@ -132,6 +135,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		Status:       store.StatusQueued,
 		Phase:        "queued",
 		Subject:      p.Subject,
+		Tenant:       p.Tenant,
 		CacheScope:   scope,
 		Tags:         tags,
 		Options:      opts,
@@ -140,7 +144,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		Runtime:      s.runtime.Name(),
 		CreatedAt:    time.Now().UTC(),
 	}
-	bases, err := s.pinBases(ctx, dockerfile, opts)
+	bases, err := s.pinBases(ctx, p, dockerfile, opts)
 	if err != nil {
 		return Build{}, err
 	}
@@ -154,7 +158,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	basesNote := strings.Join(notes, ", ")
 	if dedupEligible(opts) {
 		b.InputHash = s.inputHash(u.context.Hash, dockerfile, opts, bases)
-		orig, hit, err := s.findDedup(ctx, b.InputHash, scope)
+		orig, hit, err := s.findDedup(ctx, b.InputHash, b.Tenant, opts.CacheMounts)
 		if err != nil {
 			return Build{}, err
 		}
@@ -193,7 +197,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 // validate checks everything about a request that can be checked before
 // BuildKit runs, so a mistake answers 400 at once instead of a failed
 // build minutes later.
-func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.BuildOptions, []byte, error) {
+func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req *Request) (store.BuildOptions, []byte, error) {
 	o := store.BuildOptions{
 		Target:         req.Target,
 		NoCache:        req.NoCache,
@@ -283,7 +287,7 @@ func (s *Service) validate(p auth.Principal, u *Upload, req *Request) (store.Bui
 			return o, nil, fmt.Errorf("read Dockerfile: %w", err)
 		}
 	}
-	if err := checkDockerfile(dockerfile, req.Target); err != nil {
+	if o.CacheMounts, err = checkDockerfile(dockerfile, req.Target); err != nil {
 		return o, nil, err
 	}
 	return o, dockerfile, nil
@@ -303,72 +307,80 @@ func capped(name string, asked int, c Caps, key string) (int, error) {
 }
 
 // checkDockerfile parses the Dockerfile with BuildKit's own parser, so a
-// syntax error or an unknown target is a 400 with BuildKit's message.
-func checkDockerfile(dockerfile []byte, target string) error {
+// syntax error or an unknown target is a 400 with BuildKit's message. It
+// also says whether the Dockerfile may use cache mounts, whose contents
+// no input hash covers: true whenever it cannot tell (a # syntax=
+// frontend may understand more than the built-in parser).
+func checkDockerfile(dockerfile []byte, target string) (cacheMounts bool, err error) {
 	res, err := parser.Parse(bytes.NewReader(dockerfile))
 	if err != nil {
-		return badRequest("Dockerfile: %v", err)
+		return true, badRequest("Dockerfile: %v", err)
 	}
 	if _, _, _, usesSyntax := parser.DetectSyntax(dockerfile); usesSyntax {
-		// A # syntax= frontend may understand more than the built-in
-		// parser; let BuildKit judge it.
-		return nil
+		return true, nil // let BuildKit judge it
 	}
 	stages, _, err := instructions.Parse(res.AST, nil)
 	if err != nil {
-		return badRequest("Dockerfile: %v", err)
+		return true, badRequest("Dockerfile: %v", err)
 	}
 	if len(stages) == 0 {
-		return badRequest("Dockerfile has no FROM instruction")
+		return true, badRequest("Dockerfile has no FROM instruction")
 	}
+	cacheMounts = usesCacheMounts(stages)
 	if target == "" {
-		return nil
+		return cacheMounts, nil
 	}
 	var names []string
 	for _, st := range stages {
 		if strings.EqualFold(st.Name, target) {
-			return nil
+			return cacheMounts, nil
 		}
 		if st.Name != "" {
 			names = append(names, st.Name)
 		}
 	}
 	if len(names) == 0 {
-		return badRequest("target %q not found: the Dockerfile has no named stages (name one with FROM image AS name)", target)
+		return true, badRequest("target %s not found: the Dockerfile has no named stages (name one with FROM image AS name)", errdefs.Quote(target))
 	}
-	return badRequest("target %q not found: the Dockerfile's stages are %s", target, strings.Join(names, ", "))
+	return true, badRequest("target %s not found: the Dockerfile's stages are %s", errdefs.Quote(target), strings.Join(names, ", "))
 }
 
-// normalizeTags turns user image names into repository:tag names in
-// kiln's registry. Names live in kiln's registry, so a registry host is
-// refused, and builds/ and cache/ are kiln's own namespaces.
-func normalizeTags(tags []string) ([]string, error) {
-	if len(tags) > maxTags {
-		return nil, badRequest("%d tags given; at most %d are allowed", len(tags), maxTags)
+func usesCacheMounts(stages []instructions.Stage) bool {
+	for _, st := range stages {
+		for _, cmd := range st.Commands {
+			if run, ok := cmd.(*instructions.RunCommand); ok {
+				for _, m := range instructions.GetMounts(run) {
+					if m.Type == instructions.MountTypeCache {
+						return true
+					}
+				}
+			}
+		}
+	}
+	return false
+}
+
+// nameTags turns the names a build's result should get into
+// repository:tag names in kiln's registry, checking p may give each (see
+// access.Policy.Name): a tenant's one-component name lands in its
+// namespace, another tenant's or kiln's own namespaces are refused.
+func (s *Service) nameTags(ctx context.Context, p auth.Principal, tags []string) ([]string, error) {
+	if len(tags) > MaxTags {
+		return nil, badRequest("%d tags given; at most %d are allowed", len(tags), MaxTags)
 	}
 	var out []string
 	seen := map[string]bool{}
 	for _, t := range tags {
-		name, err := NormalizeName(t)
+		repo, tag, err := s.policy.Name(ctx, p, t)
 		if err != nil {
 			return nil, err
 		}
-		if !seen[name] {
+		if name := repo + ":" + tag; !seen[name] {
 			seen[name] = true
 			out = append(out, name)
 		}
 	}
 	return out, nil
-}
-
-// NormalizeName validates a user image name and returns it as
-// repository:tag.
-func NormalizeName(t string) (string, error) {
-	repo, tag, err := images.ParseName(t, false)
-	if err != nil {
-		return "", badRequest("%s", err.Error())
-	}
-	return repo + ":" + tag, nil
 }
 
 // submitDedup records a build answered by an earlier identical one.
@@ -405,7 +417,7 @@ func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
 		mode = "egress"
 	}
 	if mode != "egress" && mode != "isolated" {
-		return badRequest("network %q is unknown: use egress or isolated", req.Network)
+		return badRequest("network %s is unknown: use egress or isolated", errdefs.Quote(req.Network))
 	}
 	if len(s.cfg.NetworkAllowed) > 0 && !slices.Contains(s.cfg.NetworkAllowed, mode) {
 		return forbidden("network mode %q is not allowed on this server (network.allowed is %s)", mode, strings.Join(s.cfg.NetworkAllowed, ", "))
@@ -416,6 +428,11 @@ func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
 		}
 		if _, err := egress.New(egress.Config{Allowed: req.AllowedDomains}); err != nil {
 			return badRequest("allowed_domains: %v", err)
+		}
+	}
+	if nc, ok := s.runtime.(runtime.NetworkChecker); ok {
+		if err := nc.CheckNetwork(mode, req.AllowedDomains); err != nil {
+			return badRequest("%v", err)
 		}
 	}
 	o.Network, o.AllowedDomains = mode, req.AllowedDomains

@@ -152,7 +152,7 @@ var errTimeout = errors.New("build timed out")
 
 // run executes one build attempt from queue to terminal state.
 func (s *Service) run(ctx context.Context, id string, attempt int) {
-	b, err := s.Get(ctx, id)
+	b, err := s.load(ctx, id)
 	if err != nil || b.Status != store.StatusQueued || b.Attempt != attempt {
 		return
 	}
@@ -311,7 +311,13 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 		repo := t[:strings.LastIndex(t, ":")]
 		access = append(access, auth.Access{Repository: repo, Actions: []string{"pull", "push"}})
 	}
+	// The build acts for its tenant, pulling what the tenant may pull and
+	// pushing only its own names (authorized at submission); an admin's
+	// build keeps the admin's reach.
 	scopes := []auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite}
+	if b.Options.Admin {
+		scopes = append(scopes, auth.ScopeBuildAdmin)
+	}
 	req := solve.Request{
 		ContextDir:     s.contextDir(b.ID),
 		DockerfileDir:  s.contextDir(b.ID),
@@ -334,16 +340,16 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 		req.CacheImports = []string{ref}
 		if b.Options.GlobalCacheExport && b.Options.Admin {
 			req.CacheExport = ref
-			scopes = append(scopes, auth.ScopeBuildAdmin)
 			access = append(access, auth.Access{Repository: "cache/global/" + k, Actions: []string{"pull", "push"}})
 		}
 	}
 	ttl := time.Duration(b.Options.TimeoutSeconds)*time.Second + 10*time.Minute
-	token, err := s.auth.Issue("build:"+b.ID, scopes, b.CacheScope, ttl, access)
+	token, err := s.auth.Issue(auth.TokenSpec{Subject: "build:" + b.ID, Scopes: scopes, Namespace: b.Tenant,
+		CacheScope: b.CacheScope, TTL: ttl, Access: access, Build: b.ID})
 	if err != nil {
 		return runtime.Job{}, fmt.Errorf("mint the build's registry credentials: %w", err)
 	}
-	req.RegistryAuth = map[string]solve.Credentials{host: {Username: "kiln", Password: token}}
+	req.RegistryAuth = map[string]solve.Credentials{host: {Username: "kiln", Password: token.Token}}
 	size := vol.Size()
 	return runtime.Job{
 		BuildID: b.ID,

@@ -145,6 +145,7 @@ func printBuild(w io.Writer, b *api.Build) {
 	row("status", string(b.Status))
 	row("phase", b.Phase)
 	row("error", str(b.Error))
+	row("namespace", str(b.Tenant))
 	row("cache scope", b.CacheScope)
 	row("subject", str(b.Subject))
 	row("image", b.Image)

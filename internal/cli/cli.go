@@ -99,7 +99,7 @@ var defaultSettings = settings{
 }
 
 // Commands returns the client commands (build, builds, images, cache,
-// token) for the kiln root command. Each carries the global --addr and
+// token, whoami, run, registry) for the kiln root command. Each carries the global --addr and
 // --token flags, because the root command belongs to cmd/kiln.
 func Commands() []*cobra.Command { return newCommands(defaultSettings) }
 
@@ -132,6 +132,7 @@ func newCommands(s settings) []*cobra.Command {
 		imagesCommand(g),
 		cacheCommand(g),
 		tokenCommand(g),
+		whoamiCommand(g),
 		runCommand(g),
 		registryCommand(g),
 	}

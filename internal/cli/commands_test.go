@@ -73,6 +73,14 @@ func TestBuildsShow(t *testing.T) {
 			t.Errorf("show lacks %q:\n%s", w, res.stdout)
 		}
 	}
+	if strings.Contains(res.stdout, "namespace:") {
+		t.Errorf("a build without a tenant shows none:\n%s", res.stdout)
+	}
+	s.build.Tenant = p("team-a")
+	res = s.kiln(context.Background(), "builds", "show", "b1")
+	if f := fieldsOf(res.stdout, "namespace:"); !reflect.DeepEqual(f, []string{"namespace:", "team-a"}) {
+		t.Errorf("show should give the build's tenant, got %q:\n%s", f, res)
+	}
 	res = s.kiln(context.Background(), "builds", "show", "--json", "b1")
 	var b api.Build
 	if err := json.Unmarshal([]byte(res.stdout), &b); err != nil || b.Id != "b1" || b.Status != api.BuildStatusFailed {
@@ -226,7 +234,7 @@ func TestTokenCreate(t *testing.T) {
 	var got api.TokenRequest
 	s.handle("POST /v1/tokens", func(w http.ResponseWriter, r *http.Request) {
 		json.NewDecoder(r.Body).Decode(&got)
-		writeJSON(w, http.StatusCreated, api.Token{Token: "eyJ.new.token", ExpiresAt: time.Now().Add(24 * time.Hour)})
+		writeJSON(w, http.StatusCreated, api.Token{Token: "eyJ.new.token", Id: "tok1", Tenant: "team", ExpiresAt: time.Now().Add(24 * time.Hour)})
 	})
 	res := s.kiln(context.Background(), "token", "create", "--subject", "ci", "--scope", "build:write,build:read", "--scope", "image:read", "--cache-scope", "team", "--ttl", "48h")
 	if res.code != 0 {
@@ -238,6 +246,211 @@ func TestTokenCreate(t *testing.T) {
 	want := api.TokenRequest{Subject: "ci", Scopes: []string{"build:write", "build:read", "image:read"}, CacheScope: p("team"), Ttl: p("48h")}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("request %+v, want %+v", got, want)
+	}
+	if !strings.HasPrefix(res.stderr, "kiln: token tok1 for ci (namespace team) expires ") {
+		t.Errorf("stderr should name the token id and its namespace: %q", res.stderr)
+	}
+}
+
+func TestTokenCreateNamespace(t *testing.T) {
+	s := newFakeServer(t)
+	var raw map[string]any
+	s.handle("POST /v1/tokens", func(w http.ResponseWriter, r *http.Request) {
+		json.NewDecoder(r.Body).Decode(&raw)
+		writeJSON(w, http.StatusCreated, api.Token{Token: "eyJ.ns.token", Id: "tok7", Tenant: "team-a", ExpiresAt: time.Now().Add(time.Hour)})
+	})
+	res := s.kiln(context.Background(), "token", "create", "--subject", "alice", "--scope", "build:write", "--namespace", "team-a")
+	if res.code != 0 {
+		t.Fatalf("%s", res)
+	}
+	if res.stdout != "eyJ.ns.token\n" {
+		t.Errorf("stdout must be the token alone, got %q", res.stdout)
+	}
+	want := map[string]any{"subject": "alice", "scopes": []any{"build:write"}, "namespace": "team-a", "ttl": "24h"}
+	if !reflect.DeepEqual(raw, want) {
+		t.Errorf("request body %v, want %v", raw, want)
+	}
+	if !strings.HasPrefix(res.stderr, "kiln: token tok7 for alice (namespace team-a) expires ") || strings.Contains(res.stderr, "eyJ") {
+		t.Errorf("stderr: %q", res.stderr)
+	}
+
+	// Without --namespace the field is left out, for the server to derive.
+	raw = nil
+	res = s.kiln(context.Background(), "token", "create", "--subject", "bob", "--scope", "build:read", "--cache-scope", "team-b.ci")
+	if res.code != 0 {
+		t.Fatalf("%s", res)
+	}
+	if _, ok := raw["namespace"]; ok || raw["cache_scope"] != "team-b.ci" {
+		t.Errorf("request body %v: want cache_scope and no namespace", raw)
+	}
+
+	// An explicitly empty namespace is a usage error; nothing is sent.
+	before := len(s.seenRequests())
+	res = s.kiln(context.Background(), "token", "create", "--subject", "bob", "--scope", "build:read", "--namespace", "")
+	if sent := s.seenRequests()[before:]; res.code != 2 || !strings.Contains(res.stderr, "--namespace") || len(sent) != 0 {
+		t.Errorf("want a usage error and no request (sent %q):\n%s", sent, res)
+	}
+
+	// The server's refusal of a bad namespace reaches the user.
+	s.handle("POST /v1/tokens", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusBadRequest, `namespace "Team.A" is invalid`, "bad_request")
+	})
+	res = s.kiln(context.Background(), "token", "create", "--subject", "bob", "--scope", "build:read", "--namespace", "Team.A")
+	if res.code != 1 || res.stderr != "kiln: namespace \"Team.A\" is invalid\n" || res.stdout != "" {
+		t.Errorf("want the server's message, exit 1, nothing on stdout:\n%s", res)
+	}
+}
+
+func TestTokenList(t *testing.T) {
+	s := newFakeServer(t)
+	now := time.Now()
+	revoked := now.Add(-3 * time.Hour)
+	s.handle("GET /v1/tokens", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, api.TokenList{Tokens: []api.TokenInfo{
+			{Id: "tok3", Subject: "alice", Tenant: "team-a", CacheScope: "team-a", Scopes: []string{"build:write", "image:read"},
+				CreatedAt: now.Add(-time.Minute), ExpiresAt: now.Add(24 * time.Hour)},
+			{Id: "tok2", Subject: "ci", Tenant: "team-b", CacheScope: "team-b.ci", Scopes: []string{"build:read"},
+				CreatedAt: now.Add(-5 * 24 * time.Hour), ExpiresAt: now.Add(-2 * 24 * time.Hour)},
+			{Id: "tok1", Subject: "ops", Tenant: "", CacheScope: "ops", Scopes: []string{"build:admin"},
+				CreatedAt: now.Add(-4 * time.Hour), ExpiresAt: now.Add(20 * 24 * time.Hour), RevokedAt: &revoked},
+		}})
+	})
+	res := s.kiln(context.Background(), "token", "ls")
+	if res.code != 0 {
+		t.Fatalf("%s", res)
+	}
+	want := [][]string{
+		{"ID", "SUBJECT", "NAMESPACE", "SCOPES", "EXPIRES", "REVOKED"},
+		{"tok3", "alice", "team-a", "build:write,image:read", "in", "23h", "-"},
+		{"tok2", "ci", "team-b", "build:read", "expired", "2d", "ago", "-"},
+		{"tok1", "ops", "-", "build:admin", "in", "19d", "3h", "ago"},
+	}
+	lines := strings.Split(strings.TrimSpace(res.stdout), "\n")
+	if len(lines) != len(want) {
+		t.Fatalf("want a header and 3 rows:\n%s", res.stdout)
+	}
+	for i := range want {
+		if got := strings.Fields(lines[i]); !reflect.DeepEqual(got, want[i]) {
+			t.Errorf("line %d: %q, want %q", i, got, want[i])
+		}
+	}
+	if reqs := s.seenRequests(); !reflect.DeepEqual(reqs, []string{"GET /v1/tokens"}) {
+		t.Errorf("requests %q", reqs)
+	}
+
+	s.handle("GET /v1/tokens", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusForbidden, "this needs scope build:admin", "forbidden")
+	})
+	res = s.kiln(context.Background(), "token", "list")
+	if res.code != 1 || res.stderr != "kiln: this needs scope build:admin\n" {
+		t.Errorf("want the 403 message and exit 1:\n%s", res)
+	}
+}
+
+func TestTokenRevoke(t *testing.T) {
+	s := newFakeServer(t)
+	now := time.Now()
+	var method, path string
+	s.handle("POST /v1/tokens/tok3/revoke", func(w http.ResponseWriter, r *http.Request) {
+		method, path = r.Method, r.URL.Path
+		writeJSON(w, http.StatusOK, api.TokenInfo{Id: "tok3", Subject: "alice", Tenant: "team-a", CacheScope: "team-a",
+			Scopes: []string{"build:write"}, CreatedAt: now.Add(-time.Hour), ExpiresAt: now.Add(time.Hour), RevokedAt: &now})
+	})
+	s.handle("POST /v1/tokens/nope/revoke", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "no token nope", "not_found")
+	})
+	res := s.kiln(context.Background(), "token", "revoke", "tok3")
+	if res.code != 0 || res.stdout != "revoked token tok3 (subject alice)\n" {
+		t.Errorf("token revoke:\n%s", res)
+	}
+	if method != http.MethodPost || path != "/v1/tokens/tok3/revoke" {
+		t.Errorf("request %s %s", method, path)
+	}
+	res = s.kiln(context.Background(), "token", "revoke", "nope")
+	if res.code != 1 || res.stderr != "kiln: no token nope\n" {
+		t.Errorf("want the 404 message and exit 1:\n%s", res)
+	}
+	res = s.kiln(context.Background(), "token", "revoke")
+	if res.code != 2 {
+		t.Errorf("revoke without an ID: want exit 2:\n%s", res)
+	}
+}
+
+func TestWhoami(t *testing.T) {
+	s := newFakeServer(t)
+	who := api.Whoami{Subject: "alice", Tenant: "team-a", CacheScope: "team-a.ci", Scopes: []string{"build:write", "image:read"},
+		TokenId: "tok3", ExpiresAt: time.Now().Add(24 * time.Hour), ImagePrefix: "team-a/"}
+	s.handle("GET /v1/whoami", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, who) })
+
+	res := s.kiln(context.Background(), "whoami")
+	if res.code != 0 {
+		t.Fatalf("%s", res)
+	}
+	want := [][]string{
+		{"subject:", "alice"},
+		{"namespace:", "team-a"},
+		{"cache", "scope:", "team-a.ci"},
+		{"scopes:", "build:write,", "image:read"},
+		{"token", "id:", "tok3"},
+	}
+	lines := strings.Split(strings.TrimSpace(res.stdout), "\n")
+	if len(lines) != 7 {
+		t.Fatalf("want 6 fields and the naming line:\n%s", res.stdout)
+	}
+	for i := range want {
+		if got := strings.Fields(lines[i]); !reflect.DeepEqual(got, want[i]) {
+			t.Errorf("line %d: %q, want %q", i, got, want[i])
+		}
+	}
+	if f := strings.Fields(lines[5]); len(f) != 4 || f[0] != "expires:" || f[2] != "(in" || f[3] != "23h)" {
+		t.Errorf("expiry line %q", lines[5])
+	}
+	if lines[6] != "images you name app:1 are stored as team-a/app:1" {
+		t.Errorf("naming line %q", lines[6])
+	}
+
+	who = api.Whoami{Subject: "admin", Tenant: "", CacheScope: "admin", Scopes: []string{"build:admin"},
+		TokenId: "", ExpiresAt: time.Now().Add(-time.Hour), Admin: true}
+	res = s.kiln(context.Background(), "whoami")
+	if res.code != 0 {
+		t.Fatalf("%s", res)
+	}
+	if f := fieldsOf(res.stdout, "namespace:"); !reflect.DeepEqual(f, []string{"namespace:", "-"}) {
+		t.Errorf("admin without a tenant: namespace line %q", f)
+	}
+	if f := fieldsOf(res.stdout, "token id:"); !reflect.DeepEqual(f, []string{"token", "id:", "-"}) {
+		t.Errorf("token without an id: token id line %q", f)
+	}
+	for _, w := range []string{"(expired 1h ago)", "\nyou are an admin: images are named as you give them, in every namespace\n"} {
+		if !strings.Contains(res.stdout, w) {
+			t.Errorf("admin whoami lacks %q:\n%s", w, res.stdout)
+		}
+	}
+	if strings.Contains(res.stdout, "stored as") {
+		t.Errorf("an admin's names are not rewritten:\n%s", res.stdout)
+	}
+
+	res = s.kiln(context.Background(), "whoami", "extra")
+	if res.code != 2 {
+		t.Errorf("whoami takes no arguments: want exit 2:\n%s", res)
+	}
+}
+
+func TestHumanUntil(t *testing.T) {
+	now := time.Date(2025, 1, 2, 12, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{24*time.Hour - time.Second, "in 23h"},
+		{90 * time.Second, "in 1m"},
+		{72 * time.Hour, "in 3d"},
+		{0, "expired 0s ago"},
+		{-2 * 24 * time.Hour, "expired 2d ago"},
+	} {
+		if got := humanUntil(now, now.Add(c.d)); got != c.want {
+			t.Errorf("humanUntil(%v) = %q, want %q", c.d, got, c.want)
+		}
 	}
 }
 
@@ -347,4 +560,15 @@ func TestRegistryGC(t *testing.T) {
 	if res.code != 1 || !strings.Contains(res.stderr, "already running") {
 		t.Errorf("want the 409 message and exit 1:\n%s", res)
 	}
+}
+
+// fieldsOf returns the fields of the first line of out that starts with
+// prefix, or nil.
+func fieldsOf(out, prefix string) []string {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, prefix) {
+			return strings.Fields(l)
+		}
+	}
+	return nil
 }

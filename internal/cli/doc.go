@@ -1,6 +1,7 @@
 // Package cli is the client half of the kiln binary: `kiln build`,
-// `kiln builds …`, `kiln images …`, `kiln cache …` and `kiln token …`, all
-// talking to a kiln server over the REST API in api/openapi.yaml.
+// `kiln builds …`, `kiln images …`, `kiln cache …`, `kiln token …`,
+// `kiln whoami` and the rest, all talking to a kiln server over the REST
+// API in api/openapi.yaml.
 //
 // Plain JSON calls go through the generated client in package api. The two
 // calls that are not plain JSON are done by hand with net/http: the build

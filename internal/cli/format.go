@@ -45,6 +45,15 @@ func humanAge(now, t time.Time) string {
 	return fmt.Sprintf("%dd", int(d.Hours()/24))
 }
 
+// humanUntil renders when a deadline such as an expiry falls, relative to
+// now: "in 23h", "expired 2d ago".
+func humanUntil(now, t time.Time) string {
+	if t.After(now) {
+		return "in " + humanAge(t, now)
+	}
+	return "expired " + humanAge(now, t) + " ago"
+}
+
 // shortDigest keeps the algorithm and 12 hex digits, like docker's IMAGE ID.
 func shortDigest(d string) string {
 	algo, hex, ok := strings.Cut(d, ":")

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -162,12 +163,27 @@ func cacheCommand(g *globals) *cobra.Command {
 }
 
 func tokenCommand(g *globals) *cobra.Command {
-	var subject, cacheScope, ttl string
+	return groupCommand("token", "Mint, list and revoke API tokens",
+		tokenCreateCommand(g),
+		tokenListCommand(g),
+		tokenRevokeCommand(g),
+	)
+}
+
+func tokenCreateCommand(g *globals) *cobra.Command {
+	var subject, namespace, cacheScope, ttl string
 	var scopes []string
 	create := &cobra.Command{
 		Use:   "create --subject S --scope SCOPES",
 		Short: "Mint an API token (needs build:admin); prints the token alone on stdout",
-		Example: `  kiln token create --subject ci --scope build:write,image:read --cache-scope team-a --ttl 720h
+		Long: `Mint an API token (needs build:admin); prints the token alone on stdout.
+
+A token acts for one tenant, its namespace: an image it names without a
+namespace (app:1) is stored as <namespace>/app:1, and it cannot touch other
+tenants' images or builds. Tokens holding build:admin act across all
+namespaces and name images exactly as given.`,
+		Example: `  kiln token create --subject ci --scope build:write,image:read --namespace team-a --ttl 720h
+  kiln token create --subject ci --scope build:write --cache-scope team-a.ci
   export KILN_TOKEN=$(kiln token create --subject me --scope build:write)`,
 		Args: exactArgs(),
 	}
@@ -178,6 +194,7 @@ func tokenCommand(g *globals) *cobra.Command {
 	fl := create.Flags()
 	fl.StringVar(&subject, "subject", "", "who the token is for (required)")
 	fl.StringSliceVar(&scopes, "scope", nil, "comma-separated scopes (required): "+strings.Join(names, ", "))
+	fl.StringVar(&namespace, "namespace", "", "the tenant the token acts for; its images are named NS/… (default: the cache scope up to its first '.')")
 	fl.StringVar(&cacheScope, "cache-scope", "", "cache scope the token's builds use")
 	fl.StringVar(&ttl, "ttl", "24h", "lifetime, as a Go duration (24h, 720h)")
 	create.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
@@ -195,6 +212,12 @@ func tokenCommand(g *globals) *cobra.Command {
 		for _, s := range parsed {
 			req.Scopes = append(req.Scopes, string(s))
 		}
+		if cmd.Flags().Changed("namespace") {
+			if namespace == "" {
+				return usageError(cmd, "--namespace is empty: name the tenant the token acts for, or leave the flag out")
+			}
+			req.Namespace = &namespace
+		}
 		if cacheScope != "" {
 			req.CacheScope = &cacheScope
 		}
@@ -209,14 +232,147 @@ func tokenCommand(g *globals) *cobra.Command {
 		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
 			return err
 		}
-		if r.JSON201 == nil {
+		tok := r.JSON201
+		if tok == nil {
 			return fmt.Errorf("create token: server answered %d without a token", r.StatusCode())
 		}
-		fmt.Fprintln(cmd.OutOrStdout(), r.JSON201.Token)
-		fmt.Fprintf(cmd.ErrOrStderr(), "kiln: token for %s expires %s\n", subject, r.JSON201.ExpiresAt.Local().Format(time.RFC3339))
+		fmt.Fprintln(cmd.OutOrStdout(), tok.Token)
+		note := "kiln: token"
+		if tok.Id != "" {
+			note += " " + tok.Id
+		}
+		note += " for " + subject
+		if tok.Tenant != "" {
+			note += " (namespace " + tok.Tenant + ")"
+		}
+		fmt.Fprintf(cmd.ErrOrStderr(), "%s expires %s\n", note, tok.ExpiresAt.Local().Format(time.RFC3339))
 		return nil
 	})
-	return groupCommand("token", "Mint API tokens", create)
+	return create
+}
+
+func tokenListCommand(g *globals) *cobra.Command {
+	ls := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List tokens, revoked and expired ones included (needs build:admin)",
+		Long: `List the tokens minted through the API, newest first, revoked and expired
+ones included (needs build:admin). The tokens themselves are never shown:
+the server does not keep them.`,
+		Args: exactArgs(),
+	}
+	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.ListTokensWithResponse(ctx)
+		if err != nil {
+			return cl.transportError(ctx, "list tokens", err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		if r.JSON200 == nil {
+			return fmt.Errorf("list tokens: server answered %d without a token list", r.StatusCode())
+		}
+		now := time.Now()
+		tw := newTable(cmd.OutOrStdout())
+		fmt.Fprintln(tw, "ID\tSUBJECT\tNAMESPACE\tSCOPES\tEXPIRES\tREVOKED")
+		for _, t := range r.JSON200.Tokens {
+			revoked := "-"
+			if t.RevokedAt != nil {
+				revoked = humanAge(now, *t.RevokedAt) + " ago"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", t.Id, t.Subject, orDash(t.Tenant),
+				orDash(strings.Join(t.Scopes, ",")), humanUntil(now, t.ExpiresAt), revoked)
+		}
+		return tw.Flush()
+	})
+	return ls
+}
+
+func tokenRevokeCommand(g *globals) *cobra.Command {
+	revoke := &cobra.Command{
+		Use:   "revoke ID",
+		Short: "Revoke a token by its id (needs build:admin)",
+		Long: `Revoke a token (needs build:admin). It stops working at once, and so do
+the registry tokens it was exchanged for. ID is the token's id, as
+'kiln token ls' and 'kiln token create' show it, not the token itself.`,
+		Args: exactArgs("ID"),
+	}
+	revoke.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.RevokeTokenWithResponse(ctx, args[0])
+		if err != nil {
+			return cl.transportError(ctx, "revoke token "+args[0], err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		if r.JSON200 == nil {
+			return fmt.Errorf("revoke token %s: server answered %d without the token", args[0], r.StatusCode())
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "revoked token %s (subject %s)\n", r.JSON200.Id, r.JSON200.Subject)
+		return nil
+	})
+	return revoke
+}
+
+func whoamiCommand(g *globals) *cobra.Command {
+	c := &cobra.Command{
+		Use:   "whoami",
+		Short: "Show your token's subject, namespace and scopes, and where your images are named",
+		Args:  exactArgs(),
+	}
+	c.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.WhoamiWithResponse(ctx)
+		if err != nil {
+			return cl.transportError(ctx, "whoami", err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		if r.JSON200 == nil {
+			return fmt.Errorf("whoami: server answered %d without an identity", r.StatusCode())
+		}
+		printWhoami(cmd.OutOrStdout(), r.JSON200, time.Now())
+		return nil
+	})
+	return c
+}
+
+// printWhoami prints the token's identity as aligned "key: value" lines,
+// then a sentence spelling out how the server names the caller's images.
+func printWhoami(w io.Writer, who *api.Whoami, now time.Time) {
+	tw := newTable(w)
+	row := func(k, v string) { fmt.Fprintf(tw, "%s:\t%s\n", k, v) }
+	row("subject", orDash(who.Subject))
+	row("namespace", orDash(who.Tenant))
+	row("cache scope", orDash(who.CacheScope))
+	row("scopes", orDash(strings.Join(who.Scopes, ", ")))
+	row("token id", orDash(who.TokenId))
+	expires := "never"
+	if !who.ExpiresAt.IsZero() {
+		expires = who.ExpiresAt.Local().Format(time.RFC3339) + " (" + humanUntil(now, who.ExpiresAt) + ")"
+	}
+	row("expires", expires)
+	tw.Flush()
+	switch {
+	case who.Admin:
+		fmt.Fprintln(w, "you are an admin: images are named as you give them, in every namespace")
+	case who.ImagePrefix != "":
+		fmt.Fprintf(w, "images you name app:1 are stored as %sapp:1\n", who.ImagePrefix)
+	default:
+		fmt.Fprintln(w, "images are named as you give them")
+	}
 }
 
 func registryCommand(g *globals) *cobra.Command {

@@ -55,8 +55,24 @@ type Config struct {
 	// before it counts as frozen and is replaced.
 	VMUnresponsive time.Duration
 
-	DedupTTL          time.Duration
-	DedupAcrossScopes string
+	DedupTTL time.Duration
+	// DedupTrustGroups names groups of tenants whose identical builds
+	// may answer each other's.
+	DedupTrustGroups map[string][]string
+
+	// TenancyShared are the namespaces every tenant pulls and only
+	// admins write.
+	TenancyShared []string
+	// TokensMaxTTL bounds the lifetime of tokens issued through the API.
+	TokensMaxTTL time.Duration
+
+	// UploadsMax and UploadsPerTenant bound concurrent build submissions.
+	UploadsMax, UploadsPerTenant int
+	// HTTPIdleTimeout closes idle keep-alive connections;
+	// HTTPMinUploadRate fails request bodies slower than this many bytes
+	// per second over 30 s.
+	HTTPIdleTimeout   time.Duration
+	HTTPMinUploadRate int64
 
 	// MirrorCredentials maps an upstream registry host to credentials
 	// ({"ghcr.io": {"username": "u", "password": "token"}}); memory only.
@@ -127,7 +143,13 @@ func (c *Config) settings() []setting {
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
-		{"dedup.across_scopes", "true", "whether a build may be answered by an identical build of another cache scope", kString, &c.DedupAcrossScopes},
+		{"dedup.trust_groups", "{}", "groups of tenants whose identical builds may answer each other's, e.g. {\"web\":[\"team-a\",\"team-b\"]}; otherwise dedup stays within a tenant, and builds using cache mounts always do", kObject, &c.DedupTrustGroups},
+		{"tenancy.shared", "base", "namespaces every tenant may pull from and only build:admin tokens write (e.g. base for base/busybox), comma-separated", kList, &c.TenancyShared},
+		{"tokens.max_ttl", "2160h", "longest lifetime of a token created through the API (the admin token written at first start is exempt; revoke it with kiln token revoke)", kDuration, &c.TokensMaxTTL},
+		{"uploads.max_concurrent", "16", "build submissions (context uploads) in flight at once; more are answered 429 with Retry-After (0: no limit)", kInt, &c.UploadsMax},
+		{"uploads.max_per_tenant", "4", "build submissions in flight at once per tenant (0: no limit)", kInt, &c.UploadsPerTenant},
+		{"http.idle_timeout", "2m", "how long an idle keep-alive connection stays open", kDuration, &c.HTTPIdleTimeout},
+		{"http.min_upload_rate", "1KiB", "slowest a request body may arrive, per second averaged over 30 s windows; slower uploads are cut off (0: any speed)", kBytes, &c.HTTPMinUploadRate},
 		{"mirror.credentials", "{}", "credentials per upstream registry host for base images, e.g. {\"ghcr.io\":{\"username\":\"u\",\"password\":\"token\"}} (prefer the config file or env over the flag: flags show in ps)", kObject, &c.MirrorCredentials},
 		{"mirror.insecure", "", "upstream registry hosts reached over plain HTTP (loopback always is), comma-separated", kList, &c.MirrorInsecure},
 		{"mirror.endpoints", "{}", "upstream host → URL contacted instead, e.g. {\"docker.io\":\"https://dockerhub-cache.internal\"}", kObject, &c.MirrorEndpoints},
@@ -135,6 +157,11 @@ func (c *Config) settings() []setting {
 		{"network.allowed", "egress,isolated", "network modes builds may ask for (others get 403), comma-separated", kList, &c.NetworkAllowed},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
+}
+
+// removed names settings kiln used to have, and what replaced them.
+var removed = map[string]string{
+	"dedup.across_scopes": "dedup now stays within a tenant (all its cache scopes); to let tenants that trust each other share results, list them in dedup.trust_groups",
 }
 
 // Bind registers a flag for every setting on fs.
@@ -176,6 +203,9 @@ func (c *Config) Load(fs *pflag.FlagSet) error {
 	}
 	var unknown []string
 	for k := range file {
+		if why, ok := removed[k]; ok {
+			return fmt.Errorf("config file %s sets %s, which kiln no longer has: %s", c.ConfigFile, k, why)
+		}
 		if !known[k] {
 			unknown = append(unknown, k)
 		}
@@ -230,6 +260,8 @@ func jsonShape(ptr any) string {
 	switch ptr.(type) {
 	case *map[string]map[string]string:
 		return `{"host": {"username": "...", "password": "..."}}`
+	case *map[string][]string:
+		return `{"group": ["tenant-a", "tenant-b"]}`
 	default:
 		return `{"key": "value"}`
 	}
@@ -332,8 +364,14 @@ func (c *Config) validate() error {
 	if c.GCReservedPercent < 0 || c.GCMaxUsedPercent < 1 || c.GCMaxUsedPercent > 100 || c.GCReservedPercent > c.GCMaxUsedPercent {
 		return fmt.Errorf("cache.gc_reserved_percent (%d) and cache.gc_max_used_percent (%d) must satisfy 0 <= reserved <= max_used <= 100", c.GCReservedPercent, c.GCMaxUsedPercent)
 	}
-	if c.DedupAcrossScopes != "true" && c.DedupAcrossScopes != "false" {
-		return fmt.Errorf("dedup.across_scopes must be true or false, not %q", c.DedupAcrossScopes)
+	if c.TokensMaxTTL <= 0 {
+		return fmt.Errorf("tokens.max_ttl must be positive")
+	}
+	if c.UploadsMax < 0 || c.UploadsPerTenant < 0 {
+		return fmt.Errorf("uploads.max_concurrent and uploads.max_per_tenant must not be negative")
+	}
+	if c.HTTPIdleTimeout <= 0 {
+		return fmt.Errorf("http.idle_timeout must be positive")
 	}
 	if c.VMUnresponsive < 5*time.Second {
 		return fmt.Errorf("vm.unresponsive (%s) must be at least 5s: a busy guest needs a moment to answer", c.VMUnresponsive)

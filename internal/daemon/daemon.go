@@ -17,8 +17,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/debug"
+	"strings"
 	"time"
 
+	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builderimage"
@@ -34,6 +36,7 @@ import (
 	"github.com/kiln-build/kiln/internal/runtime/vm"
 	"github.com/kiln-build/kiln/internal/server"
 	"github.com/kiln-build/kiln/internal/store"
+	"github.com/kiln-build/kiln/internal/tokens"
 )
 
 // buildkitVersion is the BuildKit module this binary was built with; a
@@ -58,9 +61,25 @@ func Serve(ctx context.Context, cfg config.Config) error {
 	return Run(ctx, cfg, ln)
 }
 
+// Option changes how Run assembles the server.
+type Option func(*options)
+
+type options struct {
+	runtime runtime.Runtime
+}
+
+// WithRuntime runs builds on rt instead of the runtime cfg names: the
+// seam fast tests use to drive the whole server without BuildKit (the
+// real runtimes are tested in internal/runtime/...).
+func WithRuntime(rt runtime.Runtime) Option { return func(o *options) { o.runtime = rt } }
+
 // Run serves kiln on ln until ctx is done, then shuts down: running
 // builds are stopped and rerun on the next start.
-func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
+func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option) error {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 	defer ln.Close()
 	level := slog.LevelInfo
 	level.UnmarshalText([]byte(cfg.LogLevel))
@@ -91,17 +110,27 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 	if created {
 		log.Info("created the server signing key", "path", filepath.Join(data, "keys"))
 	}
-	if err := ensureAdminToken(authority, filepath.Join(data, "admin.token"), log); err != nil {
-		return err
-	}
-
 	db, err := store.Open(ctx, filepath.Join(data, "kiln.db"))
 	if err != nil {
 		return err
 	}
 	defer db.Close()
 
-	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority, Logger: log.With("part", "registry")})
+	policy, err := access.New(access.Config{Shared: cfg.TenancyShared, TrustGroups: cfg.DedupTrustGroups},
+		access.OwnersFunc(func(ctx context.Context, id string) (string, error) { return store.BuildTenant(ctx, db.SQL, id) }))
+	if err != nil {
+		return fmt.Errorf("tenancy settings: %w", err)
+	}
+	toks, err := tokens.Open(ctx, db, authority, policy, cfg.TokensMaxTTL)
+	if err != nil {
+		return err
+	}
+	if err := ensureAdminToken(ctx, authority, toks, filepath.Join(data, "admin.token"), log); err != nil {
+		return err
+	}
+
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority,
+		Grant: policy.GrantRegistry, Logger: log.With("part", "registry")})
 	if err != nil {
 		return err
 	}
@@ -120,9 +149,14 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return err
 	}
 	defer conv.Close()
-	imgs := images.New(db, reg, conv, log.With("part", "images"))
+	imgs := images.New(db, reg, conv, policy, log.With("part", "images"))
 	defer imgs.Close()
 	imgs.SetBuilderDir(builderDir(cfg, data))
+	// Pushes that landed in the registry while their records did not
+	// (a crash between the two) are reflected before anything is served.
+	if err := imgs.Reconcile(ctx); err != nil {
+		return err
+	}
 	if err := imgs.Resume(ctx); err != nil {
 		return err
 	}
@@ -137,9 +171,19 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return fmt.Errorf("mirror settings: %w", err)
 	}
 
-	rt, err := newRuntime(cfg, data, loopbackAddr(ln.Addr().(*net.TCPAddr)), log)
+	// Builder VMs reach the registry through a listener of its own that
+	// serves /v2/ and nothing else: a build step must not reach kiln's
+	// API, metrics or health endpoints through its registry tunnel.
+	regLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return err
+		return fmt.Errorf("listen for builder registry traffic: %w", err)
+	}
+	defer regLn.Close()
+	rt := o.runtime
+	if rt == nil {
+		if rt, err = newRuntime(cfg, data, regLn.Addr().String(), log); err != nil {
+			return err
+		}
 	}
 
 	registryHost := cfg.RegistryHost
@@ -161,10 +205,9 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		GCMaxUsedPercent:  cfg.GCMaxUsedPercent,
 		BuilderID:         builderID(rt),
 		DedupTTL:          cfg.DedupTTL,
-		DedupAcrossScopes: cfg.DedupAcrossScopes == "true",
 		NetworkDefault:    cfg.NetworkDefault,
 		NetworkAllowed:    cfg.NetworkAllowed,
-	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Auth: authority, Logger: log.With("part", "builds")})
+	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err
 	}
@@ -172,13 +215,17 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		return err
 	}
 
-	srv := &http.Server{
-		Handler: server.New(server.Deps{Auth: authority, Builds: svc, Images: imgs, Volumes: vols,
-			Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat, Logger: log.With("part", "http")}),
-		ReadHeaderTimeout: 30 * time.Second,
-	}
-	errc := make(chan error, 1)
+	api := server.New(server.Deps{Auth: authority, Policy: policy, Tokens: toks, Builds: svc, Images: imgs, Volumes: vols,
+		Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat,
+		UploadsGlobal: cfg.UploadsMax, UploadsPerTenant: cfg.UploadsPerTenant,
+		MinUploadRate: cfg.HTTPMinUploadRate, UploadWindow: uploadWindow, Logger: log.With("part", "http")})
+	// No ReadTimeout or WriteTimeout: build contexts and event streams
+	// are long. Slow request bodies are cut off by the upload rate check.
+	srv := &http.Server{Handler: api, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: cfg.HTTPIdleTimeout}
+	regSrv := &http.Server{Handler: api.RegistryOnly(), ReadHeaderTimeout: 30 * time.Second, IdleTimeout: cfg.HTTPIdleTimeout}
+	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- regSrv.Serve(regLn) }()
 	log.Info("kiln is serving", "api", "http://"+ln.Addr().String(), "registry", registryHost,
 		"runtime", rt.Name(), "data", data, "buildkit", buildkitVersion())
 
@@ -194,8 +241,13 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener) error {
 		log.Warn("stop builds", "err", err)
 	}
 	srv.Shutdown(sctx)
+	regSrv.Shutdown(sctx)
 	return nil
 }
+
+// uploadWindow is the span over which a request body must average
+// http.min_upload_rate.
+const uploadWindow = 30 * time.Second
 
 // loopbackAddr turns a wildcard listen address into one a local builder
 // can dial.
@@ -266,20 +318,30 @@ func findBuildkitd() (string, error) {
 
 // ensureAdminToken writes an all-scopes token on first start so the
 // operator can mint narrower tokens; it is the one secret kiln keeps on
-// disk besides its signing key, readable by its owner only.
-func ensureAdminToken(a *auth.Authority, path string, log *slog.Logger) error {
-	if _, err := os.Stat(path); err == nil {
+// disk besides its signing key, readable by its owner only. It is
+// recorded like any other token, so kiln token ls shows it and kiln token
+// revoke stops it (delete the file and restart for a new one).
+func ensureAdminToken(ctx context.Context, a *auth.Authority, toks *tokens.Service, path string, log *slog.Logger) error {
+	if data, err := os.ReadFile(path); err == nil {
+		// Written by an older kiln, or recorded already: make sure it is
+		// listed. A revoked or expired one is the operator's to replace.
+		if p, err := a.Verify(strings.TrimSpace(string(data))); err == nil {
+			return toks.RecordPrincipal(ctx, p, time.Now().UTC())
+		}
 		return nil
 	}
-	all := []auth.Scope{auth.ScopeBuildRead, auth.ScopeBuildWrite, auth.ScopeBuildAdmin, auth.ScopeImageRead, auth.ScopeImageWrite, auth.ScopeCacheAdmin}
-	tok, err := a.Issue("admin", all, "admin", 10*365*24*time.Hour, nil)
+	spec := auth.TokenSpec{Subject: "admin", Scopes: auth.AllScopes, CacheScope: "admin", TTL: 10 * 365 * 24 * time.Hour}
+	iss, err := a.Issue(spec)
 	if err != nil {
 		return fmt.Errorf("create admin token: %w", err)
 	}
-	if err := os.WriteFile(path, []byte(tok+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(iss.Token+"\n"), 0o600); err != nil {
 		return fmt.Errorf("write admin token: %w", err)
 	}
-	log.Info("created an admin token; use it to mint narrower ones with kiln token create", "path", path)
+	if err := toks.Record(ctx, spec, iss); err != nil {
+		return err
+	}
+	log.Info("created an admin token; use it to mint narrower ones with kiln token create", "path", path, "token_id", iss.ID)
 	return nil
 }
 

@@ -11,12 +11,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"strings"
 	"sync"
 	"time"
 
-	"github.com/distribution/reference"
-
+	"github.com/kiln-build/kiln/internal/access"
+	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/rootfs"
 	"github.com/kiln-build/kiln/internal/store"
@@ -41,22 +41,16 @@ type RootFS struct {
 	Format string
 }
 
-// Errors callers map to HTTP statuses.
-var (
-	ErrNotFound = errors.New("image not found")
-)
-
-// NameError is an invalid image name; the message says how to fix it.
-type NameError struct{ Msg string }
-
-func (e *NameError) Error() string { return e.Msg }
+// ErrNotFound: no such image name, or none the caller may see.
+var ErrNotFound = fmt.Errorf("image %w", errdefs.ErrNotFound)
 
 // Service manages names and the digests' converted root filesystems.
 type Service struct {
-	db   *store.DB
-	reg  *registry.Registry
-	conv *rootfs.Store
-	log  *slog.Logger
+	db     *store.DB
+	reg    *registry.Registry
+	conv   *rootfs.Store
+	policy *access.Policy
+	log    *slog.Logger
 	// convSlot serializes background conversions: each is disk- and
 	// CPU-heavy, and builds matter more.
 	convSlot chan struct{}
@@ -67,10 +61,17 @@ type Service struct {
 	builderDir string
 }
 
-// New returns a Service converting digests into conv.
-func New(db *store.DB, reg *registry.Registry, conv *rootfs.Store, log *slog.Logger) *Service {
+// New returns a Service converting digests into conv. It keeps the
+// image records in step with manifests pushed straight to the registry.
+func New(db *store.DB, reg *registry.Registry, conv *rootfs.Store, policy *access.Policy, log *slog.Logger) *Service {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Service{db: db, reg: reg, conv: conv, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
+	s := &Service{db: db, reg: reg, conv: conv, policy: policy, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
+	reg.OnManifestChange(func(ctx context.Context, repo string) {
+		if err := s.SyncRepository(ctx, repo); err != nil {
+			s.log.Error("record a manifest pushed to the registry", "repository", repo, "err", err)
+		}
+	})
+	return s
 }
 
 // Close stops background conversions (a stopped one is redone on the
@@ -127,62 +128,68 @@ func (s *Service) Resume(ctx context.Context) error {
 // Conversions counts conversions started since the server started.
 func (s *Service) Conversions() int64 { return s.conv.Conversions() }
 
-// ParseName validates an image name and returns its repository and tag
-// (default "latest"). Names live in kiln's registry, so a registry host is
-// refused; unless reserved is true, kiln's own builds/ and cache/
-// namespaces are refused too.
-func ParseName(name string, reserved bool) (repo, tag string, err error) {
-	ref, err := reference.Parse(name)
+// List returns every name pr may pull.
+func (s *Service) List(ctx context.Context, pr auth.Principal) ([]store.Image, error) {
+	all, err := store.ListImages(ctx, s.db.SQL, "")
 	if err != nil {
-		return "", "", &NameError{fmt.Sprintf("image name %q is invalid (%v): use lower-case repository[:tag], e.g. myapp:1.0 or team/app", name, err)}
+		return nil, err
 	}
-	named, ok := ref.(reference.Named)
-	if !ok {
-		return "", "", &NameError{fmt.Sprintf("image name %q has no repository", name)}
-	}
-	if _, ok := ref.(reference.Digested); ok {
-		return "", "", &NameError{fmt.Sprintf("image name %q has a digest; names are repository[:tag]", name)}
-	}
-	// reference.Parse splits off any first component as a "domain"; like
-	// Docker, only one with a dot or port, or localhost, names a registry.
-	repo = named.Name()
-	if first, _, ok := strings.Cut(repo, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
-		return "", "", &NameError{fmt.Sprintf("image name %q names registry %q: kiln stores images in its own registry, so give just repository[:tag]", name, first)}
-	}
-	if !reserved && (repo == "builds" || repo == "cache" || strings.HasPrefix(repo, "builds/") || strings.HasPrefix(repo, "cache/")) {
-		return "", "", &NameError{fmt.Sprintf("image name %q is in kiln's reserved builds/ or cache/ namespace; pick another repository", name)}
-	}
-	tag = "latest"
-	if t, ok := ref.(reference.Tagged); ok {
-		tag = t.Tag()
-	}
-	return repo, tag, nil
+	return s.visible(ctx, pr, all)
 }
 
-// List returns every name.
-func (s *Service) List(ctx context.Context) ([]store.Image, error) {
-	return store.ListImages(ctx, s.db.SQL, "")
+// visible keeps the names pr may pull.
+func (s *Service) visible(ctx context.Context, pr auth.Principal, list []store.Image) ([]store.Image, error) {
+	var out []store.Image
+	seen := map[string]error{}
+	for _, im := range list {
+		err, ok := seen[im.Repository]
+		if !ok {
+			err = s.policy.Repo(ctx, pr, im.Repository, access.Pull)
+			seen[im.Repository] = err
+		}
+		switch {
+		case err == nil:
+			out = append(out, im)
+		case !errors.Is(err, errdefs.ErrNotFound) && !errors.Is(err, errdefs.ErrForbidden):
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
-// Get returns one name and the names sharing its digest.
-func (s *Service) Get(ctx context.Context, name string) (Image, error) {
-	repo, tag, err := ParseName(name, true)
+// Get returns the image a name means to pr (a tenant's app:1 is
+// <tenant>/app:1) and the names sharing its digest that pr may see. A name
+// pr may not pull is not found.
+func (s *Service) Get(ctx context.Context, pr auth.Principal, name string) (Image, error) {
+	repo, tag, err := s.policy.Resolve(pr, name)
 	if err != nil {
+		return Image{}, err
+	}
+	notFound := fmt.Errorf("%w: no image named %s:%s (kiln images ls lists them)", ErrNotFound, repo, tag)
+	if err := s.policy.Repo(ctx, pr, repo, access.Pull); err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return Image{}, notFound
+		}
 		return Image{}, err
 	}
 	im, err := store.GetImage(ctx, s.db.SQL, repo+":"+tag)
 	if errors.Is(err, store.ErrNotFound) {
-		return Image{}, fmt.Errorf("%w: no image named %s:%s (kiln images ls lists them)", ErrNotFound, repo, tag)
+		return Image{}, notFound
 	}
 	if err != nil {
 		return Image{}, err
 	}
-	return s.withNames(ctx, im)
+	return s.withNames(ctx, pr, im)
 }
 
-func (s *Service) withNames(ctx context.Context, im store.Image) (Image, error) {
+func (s *Service) withNames(ctx context.Context, pr auth.Principal, im store.Image) (Image, error) {
 	same, err := store.ListImages(ctx, s.db.SQL, im.Digest)
 	if err != nil {
+		return Image{}, err
+	}
+	// Another tenant's name for the same digest would tell that it
+	// built the same thing.
+	if same, err = s.visible(ctx, pr, same); err != nil {
 		return Image{}, err
 	}
 	out := Image{Image: im}
@@ -201,13 +208,14 @@ func (s *Service) withNames(ctx context.Context, im store.Image) (Image, error) 
 }
 
 // Tag adds name newName for the digest src points at. The registry links
-// the existing manifest and blobs; nothing is rebuilt or copied.
-func (s *Service) Tag(ctx context.Context, src, newName string) (Image, error) {
-	from, err := s.Get(ctx, src)
+// the existing manifest and blobs; nothing is rebuilt or copied. pr must
+// be able to pull src and to give the new name (access.Policy.Name).
+func (s *Service) Tag(ctx context.Context, pr auth.Principal, src, newName string) (Image, error) {
+	from, err := s.Get(ctx, pr, src)
 	if err != nil {
 		return Image{}, err
 	}
-	repo, tag, err := ParseName(newName, false)
+	repo, tag, err := s.policy.Name(ctx, pr, newName)
 	if err != nil {
 		return Image{}, err
 	}
@@ -219,13 +227,17 @@ func (s *Service) Tag(ctx context.Context, src, newName string) (Image, error) {
 		return Image{}, err
 	}
 	s.Convert(im.Digest) // a no-op for a converted digest
-	return s.withNames(ctx, im)
+	return s.withNames(ctx, pr, im)
 }
 
-// Delete removes one name; other names of the same digest keep working.
-func (s *Service) Delete(ctx context.Context, name string) error {
-	im, err := s.Get(ctx, name)
+// Delete removes one name pr may delete; other names of the same digest
+// keep working.
+func (s *Service) Delete(ctx context.Context, pr auth.Principal, name string) error {
+	im, err := s.Get(ctx, pr, name)
 	if err != nil {
+		return err
+	}
+	if err := s.policy.Repo(ctx, pr, im.Repository, access.Delete); err != nil {
 		return err
 	}
 	if err := s.reg.DeleteTag(ctx, im.Repository, im.Tag); err != nil && !errors.Is(err, registry.ErrNotFound) {
@@ -234,13 +246,18 @@ func (s *Service) Delete(ctx context.Context, name string) error {
 	if err := store.DeleteImage(ctx, s.db.SQL, im.Name); err != nil {
 		return err
 	}
-	// The converted filesystem goes with the digest's last name.
-	if rest, err := store.ListImages(ctx, s.db.SQL, im.Digest); err == nil && len(rest) == 0 {
-		if err := s.conv.Remove(im.Digest); err != nil {
-			s.log.Warn("remove converted root filesystem", "digest", im.Digest, "err", err)
+	s.dropUnnamed(ctx, im.Digest)
+	return nil
+}
+
+// dropUnnamed removes a digest's converted filesystem once no name
+// refers to it.
+func (s *Service) dropUnnamed(ctx context.Context, digest string) {
+	if rest, err := store.ListImages(ctx, s.db.SQL, digest); err == nil && len(rest) == 0 {
+		if err := s.conv.Remove(digest); err != nil {
+			s.log.Warn("remove converted root filesystem", "digest", digest, "err", err)
 		}
 	}
-	return nil
 }
 
 // manifestSize sums the config and layer sizes of an image manifest

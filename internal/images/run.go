@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builderimage"
 	"github.com/kiln-build/kiln/internal/runner"
 )
@@ -28,8 +29,8 @@ func (s *Service) SetBuilderDir(dir string) { s.builderDir = dir }
 // Run boots name's converted root filesystem in a microVM (converting the
 // digest first if that has not happened yet), runs the image's entrypoint
 // and cmd, streams its output and returns its exit code.
-func (s *Service) Run(ctx context.Context, name string, spec RunSpec, stdout, stderr io.Writer) (int, error) {
-	im, err := s.Get(ctx, name)
+func (s *Service) Run(ctx context.Context, pr auth.Principal, name string, spec RunSpec, stdout, stderr io.Writer) (int, error) {
+	im, err := s.Get(ctx, pr, name)
 	if err != nil {
 		return -1, err
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -57,7 +58,7 @@ func startKilnRegistry(t *testing.T) *kilnRegistry {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	root := filepath.Join(t.TempDir(), "registry")
-	reg, err := registry.New(ctx, registry.Config{RootDir: root, Authority: a, Logger: quietLogger()})
+	reg, err := registry.New(ctx, registry.Config{RootDir: root, Authority: a, Grant: testkit.Policy(t).GrantRegistry, Logger: quietLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,11 +70,14 @@ func startKilnRegistry(t *testing.T) *kilnRegistry {
 // password.
 func (k *kilnRegistry) kilnToken(t *testing.T, scopes ...auth.Scope) string {
 	t.Helper()
-	tok, err := k.authority.Issue("mirror-test", scopes, "", time.Hour, nil)
+	// An admin token reads every namespace, as an upstream account's
+	// credentials read what they are meant for; the scopes given narrow
+	// nothing then, which these tests do not need.
+	tok, err := k.authority.Issue(auth.TokenSpec{Subject: "mirror-test", Scopes: append(scopes, auth.ScopeBuildAdmin), TTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return tok
+	return tok.Token
 }
 
 // leftoverUploads lists upload sessions still on disk for repo.

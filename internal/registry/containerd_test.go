@@ -65,7 +65,7 @@ func TestContainerdResolver(t *testing.T) {
 	manifestDesc := v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: img.manifest, Size: int64(len(img.manifestBody))}
 
 	writer := e.token([]auth.Scope{auth.ScopeImageWrite}, time.Hour, nil)
-	ref := host + "/bk/out:latest"
+	ref := host + "/app/out:latest"
 	pusher, err := docker.NewResolver(*resolverFor(writer)).Pusher(ctx, ref)
 	if err != nil {
 		t.Fatal(err)
@@ -86,7 +86,7 @@ func TestContainerdResolver(t *testing.T) {
 		}
 		w.Close()
 	}
-	if d, err := e.reg.Resolve(ctx, "bk/out", "latest"); err != nil || d != img.manifest.String() {
+	if d, err := e.reg.Resolve(ctx, "app/out", "latest"); err != nil || d != img.manifest.String() {
 		t.Fatalf("after containerd push, Resolve = %q, %v", d, err)
 	}
 	if tokenPosts.Load() == 0 || tokenGets.Load() != 0 {

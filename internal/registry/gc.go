@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -16,15 +17,24 @@ import (
 type GCStats struct {
 	BlobsBefore, BlobsAfter int
 	BytesBefore, BytesAfter int64
-	Took                    time.Duration
+	// UploadsRemoved counts the abandoned upload sessions deleted.
+	UploadsRemoved int
+	Took           time.Duration
 }
 
+// uploadMaxAge is how long an upload session of this process may stay
+// unfinished before GC deletes it, as the background purger does.
+const uploadMaxAge = 24 * time.Hour
+
 // GC deletes every blob no manifest of any repository references (layers
-// of deleted images, leftovers of failed pushes). Distribution's mark and
-// sweep is only safe while nothing is pushed: while it runs, pushes to the
-// HTTP API are answered 503 (clients retry), and the caller must make sure
-// no build is between uploading its blobs and its manifest, which this
-// process's own pushes are (see builds.Service.Pause).
+// of deleted images, leftovers of failed pushes), and every upload session
+// no client will finish: those begun before this Registry was created
+// (upload state is signed with a per-process secret, so a crash or restart
+// strands them) or more than a day ago. Distribution's mark and sweep is
+// only safe while nothing is pushed: while it runs, pushes to the HTTP API
+// are answered 503 (clients retry), and the caller must make sure no build
+// is between uploading its blobs and its manifest, which this process's
+// own pushes are (see builds.Service.Pause).
 func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 	r.writes.Lock()
 	defer r.writes.Unlock()
@@ -34,19 +44,56 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 	if st.BlobsBefore, st.BytesBefore, err = r.blobUsage(); err != nil {
 		return st, err
 	}
-	if err := storage.MarkAndSweep(ctx, r.driver, r.ns, storage.GCOpts{Quiet: true}); err != nil {
+	// An upload that cannot be purged does not hold up collecting blobs;
+	// it is reported once the rest is done.
+	removed, purgeErr := r.purgeUploads(ctx, start)
+	st.UploadsRemoved = removed
+	// Mark and sweep fails on a registry that never stored a blob; such a
+	// registry has nothing to sweep.
+	if _, err := os.Stat(r.blobsRoot()); err == nil {
+		if err := storage.MarkAndSweep(ctx, r.driver, r.ns, storage.GCOpts{Quiet: true}); err != nil {
+			return st, fmt.Errorf("registry garbage collection: %w", err)
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
 		return st, fmt.Errorf("registry garbage collection: %w", err)
 	}
 	if st.BlobsAfter, st.BytesAfter, err = r.blobUsage(); err != nil {
 		return st, err
 	}
 	st.Took = time.Since(start)
-	return st, nil
+	return st, purgeErr
+}
+
+// purgeUploads deletes the upload sessions begun before
+// max(r.started, now-uploadMaxAge) and returns how many it deleted. The
+// caller holds r.writes exclusively.
+func (r *Registry) purgeUploads(ctx context.Context, now time.Time) (int, error) {
+	// PurgeUploads walks the repositories, and fails on a registry that
+	// has none yet.
+	if _, err := os.Stat(filepath.Join(r.root, "docker", "registry", "v2", "repositories")); errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	cutoff := now.Add(-uploadMaxAge)
+	if r.started.After(cutoff) {
+		cutoff = r.started
+	}
+	// An upload's start is stored with whole seconds (RFC 3339), so one
+	// begun in the same second as cutoff may be this process's own: keep it.
+	cutoff = cutoff.Truncate(time.Second)
+	removed, errs := storage.PurgeUploads(ctx, r.driver, cutoff, true)
+	if len(errs) > 0 {
+		return len(removed), fmt.Errorf("registry garbage collection: removed %d abandoned uploads, but could not inspect or remove others: %w", len(removed), errors.Join(errs...))
+	}
+	return len(removed), nil
+}
+
+func (r *Registry) blobsRoot() string {
+	return filepath.Join(r.root, "docker", "registry", "v2", "blobs")
 }
 
 // blobUsage counts the blobs on disk and their bytes.
 func (r *Registry) blobUsage() (n int, bytes int64, err error) {
-	root := filepath.Join(r.root, "docker", "registry", "v2", "blobs")
+	root := r.blobsRoot()
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if p == root && errors.Is(err, fs.ErrNotExist) {

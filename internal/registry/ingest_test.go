@@ -25,7 +25,7 @@ func TestIngestBlobsAndManifests(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	root := t.TempDir()
-	reg, err := New(ctx, Config{RootDir: root, Authority: a, Logger: slog.New(slog.DiscardHandler)})
+	reg, err := New(ctx, Config{RootDir: root, Authority: a, Grant: testPolicy(t).GrantRegistry, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"path"
 	"regexp"
 	"sync"
+	"time"
 
 	"github.com/distribution/distribution/v3"
 	"github.com/distribution/distribution/v3/configuration"
@@ -29,6 +30,9 @@ type Config struct {
 	RootDir string
 	// Authority verifies registry tokens and backs the token endpoint.
 	Authority *auth.Authority
+	// Grant decides what a token may have of the access it asks for
+	// (internal/access holds kiln's rules).
+	Grant auth.GrantFunc
 	// Service is the token audience and the challenge's service; default "kiln".
 	Service string
 	// TokenPath is where the token endpoint is served; default "/v2/token".
@@ -48,10 +52,21 @@ type Registry struct {
 	ns     distribution.Namespace
 	driver storagedriver.StorageDriver
 	root   string
+	// started is when New made this Registry; GC purges uploads begun
+	// before it, which no client can resume (see the upload secret).
+	started time.Time
 	// writes is held shared by every mutating API request and exclusively
 	// by GC.
 	writes sync.RWMutex
+	// onChange hears of every manifest pushed or deleted over HTTP.
+	onChange func(ctx context.Context, repo string)
 }
+
+// OnManifestChange makes fn hear, after the fact and before the client's
+// request is answered, of every manifest a client pushed or deleted over
+// the HTTP API, so kiln's image records follow direct pushes. Set it
+// before serving.
+func (r *Registry) OnManifestChange(fn func(ctx context.Context, repo string)) { r.onChange = fn }
 
 // uploadPurging removes upload sessions abandoned for a day; builds never
 // resume an upload that old.
@@ -67,8 +82,8 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	if cfg.RootDir == "" {
 		return nil, errors.New("create registry: no root directory configured")
 	}
-	if cfg.Authority == nil {
-		return nil, errors.New("create registry: no token authority configured")
+	if cfg.Authority == nil || cfg.Grant == nil {
+		return nil, errors.New("create registry: no token authority or access rules configured")
 	}
 	if cfg.Service == "" {
 		cfg.Service = "kiln"
@@ -132,11 +147,12 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 
 	return &Registry{
 		app:       app,
-		tokens:    cfg.Authority.TokenHandler(cfg.Service),
+		tokens:    cfg.Authority.TokenHandler(cfg.Service, cfg.Grant),
 		tokenPath: cfg.TokenPath,
 		ns:        ns,
 		driver:    driver,
 		root:      cfg.RootDir,
+		started:   time.Now(),
 	}, nil
 }
 
@@ -165,7 +181,52 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		defer r.writes.RUnlock()
 	}
-	r.app.ServeHTTP(w, req)
+	repo, ok := manifestWrite(req)
+	if !ok || r.onChange == nil {
+		r.app.ServeHTTP(w, req)
+		return
+	}
+	rec := &statusRecorder{ResponseWriter: w}
+	r.app.ServeHTTP(rec, req)
+	if rec.status >= 200 && rec.status < 300 {
+		r.onChange(req.Context(), repo)
+	}
+}
+
+var manifestPath = regexp.MustCompile(`^/v2/(.+)/manifests/[^/]+$`)
+
+// manifestWrite reports whether req pushes or deletes a manifest, and in
+// which repository.
+func manifestWrite(req *http.Request) (string, bool) {
+	if req.Method != http.MethodPut && req.Method != http.MethodDelete {
+		return "", false
+	}
+	m := manifestPath.FindStringSubmatch(req.URL.Path)
+	if m == nil {
+		return "", false
+	}
+	return m[1], true
+}
+
+// statusRecorder remembers the status an answer carried. Manifest
+// answers are small and never streamed.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	if s.status == 0 {
+		s.status = code
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *statusRecorder) Write(b []byte) (int, error) {
+	if s.status == 0 {
+		s.status = http.StatusOK
+	}
+	return s.ResponseWriter.Write(b)
 }
 
 // Close stops the registry's background work. In-flight requests are the

@@ -20,10 +20,27 @@ import (
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 const skopeoPath = "/usr/bin/skopeo"
+
+// testPolicy is kiln's access policy with base/ shared and one build,
+// b1, of tenant app, the tenant of every token e.token mints.
+func testPolicy(t testing.TB) *access.Policy {
+	p, err := access.New(access.Config{Shared: []string{"base"}}, access.OwnersFunc(func(_ context.Context, id string) (string, error) {
+		if id == "b1" {
+			return "app", nil
+		}
+		return "", errdefs.ErrNotFound
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
 
 type testEnv struct {
 	t         *testing.T
@@ -45,6 +62,7 @@ func startRegistry(t *testing.T) *testEnv {
 	reg, err := New(ctx, Config{
 		RootDir:   filepath.Join(t.TempDir(), "registry"),
 		Authority: a,
+		Grant:     testPolicy(t).GrantRegistry,
 		Service:   "kiln",
 		TokenPath: "/v2/token",
 		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -66,11 +84,16 @@ func startRegistry(t *testing.T) *testEnv {
 
 func (e *testEnv) token(scopes []auth.Scope, ttl time.Duration, access []auth.Access) string {
 	e.t.Helper()
-	tok, err := e.authority.Issue("test-"+string(scopes[0]), scopes, "", ttl, access)
+	return e.issue(auth.TokenSpec{Subject: "test-" + string(scopes[0]), Scopes: scopes, Namespace: "app", TTL: ttl, Access: access})
+}
+
+func (e *testEnv) issue(spec auth.TokenSpec) string {
+	e.t.Helper()
+	tok, err := e.authority.Issue(spec)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return tok
+	return tok.Token
 }
 
 // skopeo runs skopeo with a clean HOME so no stored credentials leak in.
@@ -196,10 +219,13 @@ func TestSkopeoPushPullAndPolicy(t *testing.T) {
 	writer := e.token([]auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite}, time.Hour, nil)
 	reader := e.token([]auth.Scope{auth.ScopeImageRead}, time.Hour, nil)
 	admin := e.token([]auth.Scope{auth.ScopeBuildAdmin}, time.Hour, nil)
-	perBuild := e.token([]auth.Scope{auth.ScopeImageWrite}, time.Hour, []auth.Access{
-		{Repository: "builds/b1", Actions: []string{"pull", "push"}},
-		{Repository: "app/*", Actions: []string{"pull"}},
-	})
+	perBuild := e.issue(auth.TokenSpec{Subject: "build:b1", Scopes: []auth.Scope{auth.ScopeImageWrite}, Namespace: "app", TTL: time.Hour, Build: "b1",
+		Access: []auth.Access{
+			{Repository: "builds/b1", Actions: []string{"pull", "push"}},
+			{Repository: "app/*", Actions: []string{"pull"}},
+		}})
+	adminBuild := e.issue(auth.TokenSpec{Subject: "build:b3", Scopes: []auth.Scope{auth.ScopeBuildAdmin}, Namespace: "admin", TTL: time.Hour, Build: "b3",
+		Access: []auth.Access{{Repository: "cache/global/*", Actions: []string{"pull", "push"}}}})
 
 	e.mustPush(img, "v1", "app/hello:v1", writer)
 
@@ -255,11 +281,14 @@ func TestSkopeoPushPullAndPolicy(t *testing.T) {
 			t.Fatalf("tag appeared after refused push: %v", err)
 		}
 	})
-	t.Run("global cache needs build:admin", func(t *testing.T) {
+	t.Run("global cache is written only by builds of build:admin", func(t *testing.T) {
 		if out, err := e.push(img, "v1", "cache/global/base:1", writer); err == nil {
 			t.Fatalf("image:write pushed to cache/global:\n%s", out)
 		}
-		e.mustPush(img, "v1", "cache/global/base:1", admin)
+		if out, err := e.push(img, "v1", "cache/global/base:1", admin); err == nil {
+			t.Fatalf("build:admin pushed to cache/global outside a build:\n%s", out)
+		}
+		e.mustPush(img, "v1", "cache/global/base:1", adminBuild)
 		if d, _ := e.reg.Resolve(context.Background(), "cache/global/base", "1"); d != img.manifest.String() {
 			t.Fatalf("admin push to cache/global: resolved %q", d)
 		}
@@ -324,21 +353,21 @@ func TestHelpers(t *testing.T) {
 	}
 
 	// A new repository gets the image under a second name and pulls in full.
-	if err := e.reg.Tag(ctx, "app/hello", "v1", "promoted/new", "stable"); err != nil {
+	if err := e.reg.Tag(ctx, "app/hello", "v1", "app/promoted", "stable"); err != nil {
 		t.Fatal(err)
 	}
-	if d, _ = e.reg.Resolve(ctx, "promoted/new", "stable"); d != img.manifest.String() {
-		t.Fatalf("promoted/new:stable resolves to %q", d)
+	if d, _ = e.reg.Resolve(ctx, "app/promoted", "stable"); d != img.manifest.String() {
+		t.Fatalf("app/promoted:stable resolves to %q", d)
 	}
-	if out, err := e.pullAll("promoted/new:stable", reader); err != nil {
+	if out, err := e.pullAll("app/promoted:stable", reader); err != nil {
 		t.Fatalf("pull of cross-repo tag: %v\n%s", err, out)
 	}
 
 	// An index carries its child manifests along.
-	if err := e.reg.Tag(ctx, "app/hello", "multi", "promoted/multi", "all"); err != nil {
+	if err := e.reg.Tag(ctx, "app/hello", "multi", "app/multi", "all"); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := e.pullAll("promoted/multi:all", reader, "--all"); err != nil {
+	if out, err := e.pullAll("app/multi:all", reader, "--all"); err != nil {
 		t.Fatalf("pull of cross-repo index: %v\n%s", err, out)
 	}
 
@@ -349,10 +378,10 @@ func TestHelpers(t *testing.T) {
 	if d, _ = e.reg.Resolve(ctx, "app/hello", "alias"); d != img.manifest.String() {
 		t.Fatalf("alias resolves to %q", d)
 	}
-	if err := e.reg.Tag(ctx, "app/hello", "nope", "promoted/new", "x"); !errors.Is(err, ErrNotFound) {
+	if err := e.reg.Tag(ctx, "app/hello", "nope", "app/promoted", "x"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Tag of missing source: %v, want ErrNotFound", err)
 	}
-	if err := e.reg.Tag(ctx, "app/hello", "v1", "promoted/new", "-bad tag"); err == nil {
+	if err := e.reg.Tag(ctx, "app/hello", "v1", "app/promoted", "-bad tag"); err == nil {
 		t.Fatal("Tag accepted an invalid tag")
 	}
 
@@ -364,24 +393,24 @@ func TestHelpers(t *testing.T) {
 		t.Fatalf("Tags of missing repo: %v", err)
 	}
 	repos, err = e.reg.Catalog(ctx)
-	if want := []string{"app/hello", "promoted/multi", "promoted/new"}; err != nil || !reflect.DeepEqual(repos, want) {
+	if want := []string{"app/hello", "app/multi", "app/promoted"}; err != nil || !reflect.DeepEqual(repos, want) {
 		t.Fatalf("Catalog = %v, %v; want %v", repos, err, want)
 	}
 
 	// Deleting one name leaves the others working.
-	if err := e.reg.DeleteTag(ctx, "promoted/new", "stable"); err != nil {
+	if err := e.reg.DeleteTag(ctx, "app/promoted", "stable"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.reg.Resolve(ctx, "promoted/new", "stable"); !errors.Is(err, ErrNotFound) {
+	if _, err := e.reg.Resolve(ctx, "app/promoted", "stable"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("deleted tag still resolves: %v", err)
 	}
-	if _, out, err := e.inspect("promoted/new:stable", reader); err == nil {
+	if _, out, err := e.inspect("app/promoted:stable", reader); err == nil {
 		t.Fatalf("deleted tag still served over HTTP:\n%s", out)
 	}
 	if d, out, err := e.inspect("app/hello:v1", reader); err != nil || d != img.manifest {
 		t.Fatalf("original name broke after deleting another: %v\n%s", err, out)
 	}
-	if err := e.reg.DeleteTag(ctx, "promoted/new", "stable"); !errors.Is(err, ErrNotFound) {
+	if err := e.reg.DeleteTag(ctx, "app/promoted", "stable"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second DeleteTag: %v, want ErrNotFound", err)
 	}
 }

@@ -105,11 +105,37 @@ func (a *applier) applyLayer(ctx context.Context, src Source, desc v1.Descriptor
 	blobCheck := desc.Digest.Verifier()
 	counted := &countingReader{ctx: ctx, r: rc, onRead: onRead}
 	raw := bufio.NewReaderSize(io.TeeReader(counted, blobCheck), 1<<20)
-	dec, closeDec, err := decompress(raw)
-	if err != nil {
-		return err
+	closeDec := func() {}
+	defer func() { closeDec() }()
+	// imageFault vouches for err, which the layer's content caused, as
+	// ErrUnconvertible once the whole blob proves to be the image's own;
+	// otherwise the stored copy is damaged or could not be read, which a
+	// later conversion may not meet.
+	imageFault := func(err error) error {
+		closeDec() // a zstd decoder may still be reading raw
+		closeDec = func() {}
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return ctxErr
+		}
+		if counted.err == nil {
+			_, _ = io.Copy(io.Discard, raw)
+		}
+		if counted.err != nil {
+			if ctxErr := ctx.Err(); ctxErr != nil {
+				return ctxErr
+			}
+			return fmt.Errorf("read layer: %w", counted.err)
+		}
+		if !blobCheck.Verified() {
+			return errCorruptLayer
+		}
+		return unconvertible(err)
 	}
-	defer closeDec()
+	dec, closeD, err := decompress(raw)
+	if err != nil {
+		return imageFault(err)
+	}
+	closeDec = closeD
 	diffCheck := diffID.Verifier()
 	tarStream := io.TeeReader(dec, diffCheck)
 
@@ -125,13 +151,17 @@ func (a *applier) applyLayer(ctx context.Context, src Source, desc v1.Descriptor
 			if ctxErr := ctx.Err(); ctxErr != nil {
 				return ctxErr
 			}
-			return fmt.Errorf("read layer tar: %w", err)
+			return imageFault(fmt.Errorf("read layer tar: %w", err))
 		}
 		if err := a.entry(tr, hdr); err != nil {
 			if ctxErr := ctx.Err(); ctxErr != nil {
 				return ctxErr
 			}
-			return fmt.Errorf("entry %q: %w", hdr.Name, err)
+			err = fmt.Errorf("entry %q: %w", hdr.Name, err)
+			if errors.Is(err, ErrUnconvertible) {
+				return imageFault(err)
+			}
+			return err
 		}
 	}
 	if err := a.finishDirs(); err != nil {
@@ -140,22 +170,28 @@ func (a *applier) applyLayer(ctx context.Context, src Source, desc v1.Descriptor
 
 	// The tar end marker may leave padding unread; hash all of it.
 	if _, err := io.Copy(io.Discard, tarStream); err != nil {
-		return fmt.Errorf("read layer: %w", err)
+		return imageFault(fmt.Errorf("read layer: %w", err))
 	}
 	if _, err := io.Copy(io.Discard, raw); err != nil {
 		return fmt.Errorf("read layer: %w", err)
 	}
-	if counted.n != desc.Size {
-		return fmt.Errorf("layer is %d bytes but its manifest says %d: the image is malformed or the stored copy corrupt", counted.n, desc.Size)
-	}
+	// A blob that matches its digest is the image's own: what is wrong
+	// with it then is the image's fault.
 	if !blobCheck.Verified() {
-		return errors.New("layer content does not match its digest: the stored copy is corrupt; push the image again")
+		return errCorruptLayer
+	}
+	if counted.n != desc.Size {
+		return unconvertiblef("layer is %d bytes but its manifest says %d: the image is malformed", counted.n, desc.Size)
 	}
 	if !diffCheck.Verified() {
-		return fmt.Errorf("uncompressed layer does not match diff_id %s from the image config: the image is malformed", diffID)
+		return unconvertiblef("uncompressed layer does not match diff_id %s from the image config: the image is malformed", diffID)
 	}
 	return nil
 }
+
+// errCorruptLayer is a layer blob whose stored copy does not match its
+// digest.
+var errCorruptLayer = errors.New("layer content does not match its digest: the stored copy is corrupt; push the image again")
 
 // decompress picks the decompressor by the stream's magic bytes, as
 // containerd does: media types are not always honest about compression.
@@ -178,21 +214,29 @@ func decompress(br *bufio.Reader) (io.Reader, func(), error) {
 	return br, func() {}, nil
 }
 
+// countingReader counts what it reads from the source and keeps the
+// first error reading it (cancellation included), to tell a failed read
+// from bad content.
 type countingReader struct {
 	ctx    context.Context
 	r      io.Reader
 	n      int64
 	onRead func(int64)
+	err    error
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
 	if err := c.ctx.Err(); err != nil {
+		c.err = err
 		return 0, err
 	}
 	n, err := c.r.Read(p)
 	if n > 0 {
 		c.n += int64(n)
 		c.onRead(c.n)
+	}
+	if err != nil && err != io.EOF && c.err == nil {
+		c.err = err
 	}
 	return n, err
 }
@@ -210,7 +254,7 @@ func (a *applier) entry(tr *tar.Reader, hdr *tar.Header) error {
 	rel := cleanRel(hdr.Name)
 	if rel == "" {
 		if hdr.Typeflag != tar.TypeDir {
-			return errors.New("replaces the root directory with a non-directory")
+			return unconvertiblef("replaces the root directory with a non-directory")
 		}
 		a.written[""] = true
 		return a.setMeta(a.rootFD, ".", "", hdr)
@@ -270,7 +314,7 @@ func (a *applier) entry(tr *tar.Reader, hdr *tar.Header) error {
 			return fmt.Errorf("create device node or fifo: %w", err)
 		}
 	default:
-		return fmt.Errorf("unsupported tar entry type %q", hdr.Typeflag)
+		return unconvertiblef("unsupported tar entry type %q", hdr.Typeflag)
 	}
 	a.written[rel] = true
 	return a.setMeta(parent, base, rel, hdr)
@@ -282,8 +326,14 @@ func (a *applier) writeFile(parent int, base string, r io.Reader) error {
 		return fmt.Errorf("create file: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), base)
-	if _, err := io.CopyBuffer(f, r, a.buf); err != nil {
+	lr := &readErrReader{r: r}
+	if _, err := io.CopyBuffer(f, lr, a.buf); err != nil {
 		f.Close()
+		if lr.err != nil {
+			// Truncated or undecodable content; applyLayer tells that
+			// from a failed read of the blob.
+			return unconvertiblef("read file content: %w", lr.err)
+		}
 		return fmt.Errorf("write file: %w", err)
 	}
 	if err := f.Close(); err != nil {
@@ -292,26 +342,51 @@ func (a *applier) writeFile(parent int, base string, r io.Reader) error {
 	return nil
 }
 
+// readErrReader keeps the error its reader returned, to tell reading a
+// layer entry from writing it out.
+type readErrReader struct {
+	r   io.Reader
+	err error
+}
+
+func (l *readErrReader) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	if err != nil && err != io.EOF {
+		l.err = err
+	}
+	return n, err
+}
+
+// missingLinkTarget is the error of a hard link whose target could not be
+// found; a target missing from the tree is the layer's fault.
+func missingLinkTarget(name string, err error) error {
+	err = fmt.Errorf("hard link target %q: %w (the target must come earlier in this or a lower layer)", name, err)
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR) {
+		return unconvertible(err)
+	}
+	return err
+}
+
 // hardlink links base to an entry already in the tree (from this or a
 // lower layer). The target's own last component is not followed, so a link
 // to a symlink links the symlink, as tar does.
 func (a *applier) hardlink(parent int, base, rel string, hdr *tar.Header, exists bool, existing *unix.Stat_t) error {
 	target := cleanRel(hdr.Linkname)
 	if target == "" {
-		return errors.New("hard link to the root directory")
+		return unconvertiblef("hard link to the root directory")
 	}
 	tdir, tbase := path.Split(target)
 	tparent, err := a.resolveDir(tdir)
 	if err != nil {
-		return fmt.Errorf("hard link target %q: %w (the target must come earlier in this or a lower layer)", hdr.Linkname, err)
+		return missingLinkTarget(hdr.Linkname, err)
 	}
 	defer unix.Close(tparent)
 	var tst unix.Stat_t
 	if err := unix.Fstatat(tparent, tbase, &tst, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return fmt.Errorf("hard link target %q: %w (the target must come earlier in this or a lower layer)", hdr.Linkname, err)
+		return missingLinkTarget(hdr.Linkname, err)
 	}
 	if tst.Mode&unix.S_IFMT == unix.S_IFDIR {
-		return fmt.Errorf("hard link target %q is a directory", hdr.Linkname)
+		return unconvertiblef("hard link target %q is a directory", hdr.Linkname)
 	}
 	if exists && existing.Dev == tst.Dev && existing.Ino == tst.Ino {
 		a.written[rel] = true
@@ -397,7 +472,7 @@ func (a *applier) whiteout(dir, base string) error {
 	}
 	name := strings.TrimPrefix(base, whiteoutPrefix)
 	if name == "" || name == "." || name == ".." {
-		return fmt.Errorf("whiteout %q names no file", base)
+		return unconvertiblef("whiteout %q names no file", base)
 	}
 	// A whiteout hides lower layers only, never what its own layer added.
 	if a.written[dir+name] {
@@ -488,7 +563,7 @@ func (a *applier) resolveDir(rel string) (int, error) {
 		case errors.Is(err, unix.EAGAIN), errors.Is(err, unix.EINTR):
 			continue
 		case errors.Is(err, unix.ENOTDIR):
-			return -1, fmt.Errorf("parent %q: a path component is not a directory: %w", rel, err)
+			return -1, unconvertiblef("parent %q: a path component is not a directory: %w", rel, err)
 		default:
 			return -1, fmt.Errorf("parent %q: %w", rel, err)
 		}
@@ -516,7 +591,7 @@ func (a *applier) mkdirAll(dir string, mtime time.Time) (int, error) {
 			if err == nil {
 				err = unix.Mkdirat(parent, c, 0o755)
 				if errors.Is(err, unix.EEXIST) {
-					err = fmt.Errorf("parent %q is a symlink to a directory that does not exist", prefix)
+					err = unconvertiblef("parent %q is a symlink to a directory that does not exist", prefix)
 				}
 			}
 			if err == nil {

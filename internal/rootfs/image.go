@@ -53,7 +53,7 @@ func resolveImage(ctx context.Context, src Source, dgst, platform string) (*imag
 	d := digest.Digest(dgst)
 	for depth := 0; ; depth++ {
 		if depth > maxIndexDepth {
-			return nil, fmt.Errorf("image indexes nested deeper than %d levels", maxIndexDepth)
+			return nil, unconvertiblef("image indexes nested deeper than %d levels", maxIndexDepth)
 		}
 		body, err := readBlob(ctx, src, d, maxManifestBytes)
 		if err != nil {
@@ -61,24 +61,24 @@ func resolveImage(ctx context.Context, src Source, dgst, platform string) (*imag
 		}
 		var doc manifestDoc
 		if err := json.Unmarshal(body, &doc); err != nil {
-			return nil, fmt.Errorf("manifest %s is not valid JSON: %w", d, err)
+			return nil, unconvertiblef("manifest %s is not valid JSON: %w", d, err)
 		}
 		if doc.SchemaVersion == 1 || strings.HasPrefix(doc.MediaType, "application/vnd.docker.distribution.manifest.v1") {
-			return nil, fmt.Errorf("manifest %s is Docker schema 1, which kiln cannot convert; push the image again with a current client", d)
+			return nil, unconvertiblef("manifest %s is Docker schema 1, which kiln cannot convert; push the image again with a current client", d)
 		}
 		switch {
 		case doc.MediaType == v1.MediaTypeImageIndex || doc.MediaType == dockerManifestList ||
 			(doc.MediaType == "" && doc.Manifests != nil && doc.Config == nil):
 			child, err := pickPlatform(doc.Manifests, want)
 			if err != nil {
-				return nil, fmt.Errorf("index %s: %w", d, err)
+				return nil, unconvertiblef("index %s: %w", d, err)
 			}
 			d = child
 		case doc.MediaType == v1.MediaTypeImageManifest || doc.MediaType == dockerManifest ||
 			(doc.MediaType == "" && doc.Config != nil):
 			return loadManifest(ctx, src, d, doc, want)
 		default:
-			return nil, fmt.Errorf("manifest %s has media type %q, which is not a container image manifest or index", d, doc.MediaType)
+			return nil, unconvertiblef("manifest %s has media type %q, which is not a container image manifest or index", d, doc.MediaType)
 		}
 	}
 }
@@ -132,7 +132,7 @@ func isLayerType(mt string) bool {
 
 func loadManifest(ctx context.Context, src Source, d digest.Digest, doc manifestDoc, want []string) (*image, error) {
 	if doc.Config.MediaType != v1.MediaTypeImageConfig && doc.Config.MediaType != dockerConfig {
-		return nil, fmt.Errorf("manifest %s is not a container image: its config has media type %q (an artifact, not something that boots)", d, doc.Config.MediaType)
+		return nil, unconvertiblef("manifest %s is not a container image: its config has media type %q (an artifact, not something that boots)", d, doc.Config.MediaType)
 	}
 	body, err := readBlob(ctx, src, doc.Config.Digest, maxConfigBytes)
 	if err != nil {
@@ -140,13 +140,13 @@ func loadManifest(ctx context.Context, src Source, d digest.Digest, doc manifest
 	}
 	var cfg v1.Image
 	if err := json.Unmarshal(body, &cfg); err != nil {
-		return nil, fmt.Errorf("image config %s is not valid JSON: %w", doc.Config.Digest, err)
+		return nil, unconvertiblef("image config %s is not valid JSON: %w", doc.Config.Digest, err)
 	}
 	if (cfg.OS != "" && cfg.OS != want[0]) || (cfg.Architecture != "" && cfg.Architecture != want[1]) {
-		return nil, fmt.Errorf("image %s is for %s/%s, not %s", d, cfg.OS, cfg.Architecture, strings.Join(want, "/"))
+		return nil, unconvertiblef("image %s is for %s/%s, not %s", d, cfg.OS, cfg.Architecture, strings.Join(want, "/"))
 	}
 	if len(cfg.RootFS.DiffIDs) != len(doc.Layers) {
-		return nil, fmt.Errorf("image %s lists %d layers but its config has %d diff_ids; the image is malformed", d, len(doc.Layers), len(cfg.RootFS.DiffIDs))
+		return nil, unconvertiblef("image %s lists %d layers but its config has %d diff_ids; the image is malformed", d, len(doc.Layers), len(cfg.RootFS.DiffIDs))
 	}
 	img := &image{
 		manifestDigest: d.String(),
@@ -165,16 +165,16 @@ func loadManifest(ctx context.Context, src Source, d digest.Digest, doc manifest
 	}
 	for i, l := range doc.Layers {
 		if !isLayerType(l.MediaType) {
-			return nil, fmt.Errorf("layer %d (%s) has media type %q, which is not a filesystem layer", i+1, l.Digest, l.MediaType)
+			return nil, unconvertiblef("layer %d (%s) has media type %q, which is not a filesystem layer", i+1, l.Digest, l.MediaType)
 		}
 		if err := l.Digest.Validate(); err != nil {
-			return nil, fmt.Errorf("layer %d has an invalid digest %q: %w", i+1, l.Digest, err)
+			return nil, unconvertiblef("layer %d has an invalid digest %q: %w", i+1, l.Digest, err)
 		}
 		if err := cfg.RootFS.DiffIDs[i].Validate(); err != nil {
-			return nil, fmt.Errorf("layer %d has an invalid diff_id %q: %w", i+1, cfg.RootFS.DiffIDs[i], err)
+			return nil, unconvertiblef("layer %d has an invalid diff_id %q: %w", i+1, cfg.RootFS.DiffIDs[i], err)
 		}
 		if l.Size < 0 {
-			return nil, fmt.Errorf("layer %d (%s) has a negative size", i+1, l.Digest)
+			return nil, unconvertiblef("layer %d (%s) has a negative size", i+1, l.Digest)
 		}
 		img.layerBytes += l.Size
 	}
@@ -182,9 +182,12 @@ func loadManifest(ctx context.Context, src Source, d digest.Digest, doc manifest
 }
 
 // readBlob reads a small blob whole and checks it against its digest.
+// Content that passed the check is the image's own, so what callers find
+// wrong with it is ErrUnconvertible; a damaged stored copy is not, as the
+// registry's copy may be repaired.
 func readBlob(ctx context.Context, src Source, d digest.Digest, limit int64) ([]byte, error) {
 	if err := d.Validate(); err != nil {
-		return nil, fmt.Errorf("invalid digest %q: %w", d, err)
+		return nil, unconvertiblef("invalid digest %q: %w", d, err)
 	}
 	rc, err := src.Blob(ctx, d.String())
 	if err != nil {
@@ -197,7 +200,7 @@ func readBlob(ctx context.Context, src Source, d digest.Digest, limit int64) ([]
 		return nil, fmt.Errorf("read blob %s: %w", d, err)
 	}
 	if n > limit {
-		return nil, fmt.Errorf("blob %s is larger than %d bytes, too large for a manifest or config", d, limit)
+		return nil, unconvertiblef("blob %s is larger than %d bytes, too large for a manifest or config", d, limit)
 	}
 	if got := d.Algorithm().FromBytes(buf.Bytes()); got != d {
 		return nil, fmt.Errorf("blob %s has digest %s: the stored copy is corrupt; push the image again", d, got)

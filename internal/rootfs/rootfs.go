@@ -138,12 +138,42 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
+// ErrUnconvertible marks a conversion failure the image itself causes: a
+// manifest, config or layer that is malformed, unsupported, for another
+// platform or over a size limit. Converting the same digest again fails the
+// same way, so Store remembers such failures across restarts. Other
+// failures (cancellation, missing tools, I/O errors, a blob the registry
+// cannot serve or a damaged stored copy) may pass and are retried. Test
+// with errors.Is.
+var ErrUnconvertible = errors.New("the image cannot be converted")
+
+// unconvertibleError tags an error as ErrUnconvertible without changing
+// its message.
+type unconvertibleError struct{ err error }
+
+func (e *unconvertibleError) Error() string        { return e.err.Error() }
+func (e *unconvertibleError) Unwrap() error        { return e.err }
+func (e *unconvertibleError) Is(target error) bool { return target == ErrUnconvertible }
+
+// unconvertible tags err as caused by the image itself.
+func unconvertible(err error) error {
+	if err == nil || errors.Is(err, ErrUnconvertible) {
+		return err
+	}
+	return &unconvertibleError{err}
+}
+
+// unconvertiblef is fmt.Errorf for failures the image itself causes.
+func unconvertiblef(format string, args ...any) error {
+	return unconvertible(fmt.Errorf(format, args...))
+}
+
 // Convert builds the root filesystem of image dgst (an image manifest, or an
 // index from which opt.Platform is picked) and publishes it as the new
 // directory dst holding rootfs.<format> and config.json. dst must not exist;
 // its parent must. Work happens in a temporary sibling of dst, which is
 // removed on any failure or cancellation, so dst either appears complete
-// or not at all.
+// or not at all. A failure the image itself causes is ErrUnconvertible.
 func Convert(ctx context.Context, src Source, dgst string, dst string, opt Options) (Result, error) {
 	start := time.Now()
 	opt, err := opt.withDefaults()
@@ -151,7 +181,7 @@ func Convert(ctx context.Context, src Source, dgst string, dst string, opt Optio
 		return Result{}, err
 	}
 	if _, err := digest.Parse(dgst); err != nil {
-		return Result{}, fmt.Errorf("convert image %q: not a valid digest (want sha256:<64 hex>): %w", dgst, err)
+		return Result{}, unconvertiblef("convert image %q: not a valid digest (want sha256:<64 hex>): %w", dgst, err)
 	}
 	fail := func(err error) (Result, error) {
 		return Result{}, fmt.Errorf("convert image %s to %s: %w", dgst, opt.Format, err)

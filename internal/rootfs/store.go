@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -21,7 +22,11 @@ const (
 	StatePending    State = "pending"    // not converted, nothing running
 	StateConverting State = "converting" // a conversion is running
 	StateReady      State = "ready"      // converted; Ensure returns at once
-	StateFailed     State = "failed"     // the last conversion failed; Ensure retries
+	// StateFailed: the last conversion failed. Ensure converts again,
+	// unless the failure was ErrUnconvertible: that one is kept on disk,
+	// Ensure returns it until Retry or Remove, and it lasts across
+	// restarts.
+	StateFailed State = "failed"
 )
 
 // ErrRemoved is returned to Ensure callers whose conversion Remove stopped.
@@ -30,6 +35,10 @@ var ErrRemoved = errors.New("image removed while it was being converted")
 // Store holds converted root filesystems below <dir>/by-digest/<digest>/
 // and converts each digest at most once at a time. One Store must own a
 // directory; two processes sharing one would each sweep the other's work.
+//
+// A digest whose conversion failed with ErrUnconvertible gets, instead of
+// an artifact, a directory holding only the file "failed", so restarts do
+// not convert it again and again.
 type Store struct {
 	dir string
 	src Source
@@ -39,8 +48,30 @@ type Store struct {
 
 	mu       sync.Mutex
 	inflight map[string]*conversion
-	failed   map[string]string
+	failed   map[string]failure
 	closed   bool
+}
+
+// failure is the last failed conversion of a digest.
+type failure struct {
+	err error
+	// permanent failures are ErrUnconvertible: Ensure returns them
+	// rather than converting again.
+	permanent bool
+}
+
+// failedName is the file recording an ErrUnconvertible failure, in the
+// digest's directory where the artifact would be.
+const failedName = "failed"
+
+// failedVersion is the format of failedName. A record in another format,
+// or for another platform, is ignored: the digest converts again.
+const failedVersion = 1
+
+type failedRecord struct {
+	Version  int    `json:"version"`
+	Platform string `json:"platform"`
+	Error    string `json:"error"`
 }
 
 // conversion is one running Convert that any number of Ensure calls wait on.
@@ -79,13 +110,15 @@ func Open(dir string, src Source, opt Options) (*Store, error) {
 			}
 		}
 	}
-	return &Store{dir: dir, src: src, opt: opt, inflight: map[string]*conversion{}, failed: map[string]string{}}, nil
+	return &Store{dir: dir, src: src, opt: opt, inflight: map[string]*conversion{}, failed: map[string]failure{}}, nil
 }
 
 // Ensure returns the converted root filesystem of dgst, converting it first
 // if needed. Concurrent calls for one digest share a single conversion.
 // Canceling ctx abandons the wait; the conversion itself stops (and cleans
-// up) once no caller waits for it any more.
+// up) once no caller waits for it any more. A digest whose conversion
+// failed with ErrUnconvertible, in this process or an earlier one, is not
+// converted again: Ensure returns that failure until Retry or Remove.
 func (s *Store) Ensure(ctx context.Context, dgst string) (Artifact, error) {
 	if err := validDigest(dgst); err != nil {
 		return Artifact{}, err
@@ -113,6 +146,17 @@ func (s *Store) Ensure(ctx context.Context, dgst string) (Artifact, error) {
 			} else if !errors.Is(err, os.ErrNotExist) {
 				s.mu.Unlock()
 				return Artifact{}, fmt.Errorf("rootfs of %s: %w; remove the image's rootfs to convert it again", dgst, err)
+			}
+			if f, ok := s.permanentFailure(dgst); ok {
+				s.mu.Unlock()
+				return Artifact{}, f
+			}
+			// No artifact and no failure that holds: whatever is left
+			// in the digest's directory (a record for another platform
+			// or format) goes, as Convert needs the path free.
+			if err := os.RemoveAll(s.path(dgst)); err != nil {
+				s.mu.Unlock()
+				return Artifact{}, fmt.Errorf("convert %s: clear its directory: %w", dgst, err)
 			}
 			c = s.start(ctx, dgst)
 		}
@@ -162,13 +206,71 @@ func (s *Store) start(ctx context.Context, dgst string) *conversion {
 		case cctx.Err() != nil:
 			// Canceled, not broken: the digest is simply pending again.
 			c.err = err
+		case errors.Is(err, ErrUnconvertible):
+			c.err = err
+			s.failed[dgst] = failure{err: err, permanent: true}
+			// Should recording it fail, the failure still holds in this
+			// process, and the next one tries the digest once more.
+			_ = s.recordFailure(dgst, err)
 		default:
 			c.err = err
-			s.failed[dgst] = err.Error()
+			s.failed[dgst] = failure{err: err}
 		}
 		close(c.done)
 	}()
 	return c
+}
+
+// permanentFailure returns the ErrUnconvertible failure of dgst, from
+// memory or from its record on disk; s.mu must be held.
+func (s *Store) permanentFailure(dgst string) (error, bool) {
+	if f, ok := s.failed[dgst]; ok {
+		return f.err, f.permanent
+	}
+	b, err := os.ReadFile(filepath.Join(s.path(dgst), failedName))
+	if err != nil {
+		return nil, false
+	}
+	var rec failedRecord
+	if json.Unmarshal(b, &rec) != nil || rec.Version != failedVersion || rec.Platform != s.opt.Platform || rec.Error == "" {
+		return nil, false
+	}
+	f := unconvertible(errors.New(rec.Error))
+	s.failed[dgst] = failure{err: f, permanent: true}
+	return f, true
+}
+
+// recordFailure publishes the directory of dgst holding only the record of
+// its ErrUnconvertible failure; s.mu must be held. Like an artifact, it
+// is built aside and renamed into place, so it appears whole or not at
+// all.
+func (s *Store) recordFailure(dgst string, ferr error) error {
+	b, err := json.Marshal(failedRecord{Version: failedVersion, Platform: s.opt.Platform, Error: ferr.Error()})
+	if err != nil {
+		return err
+	}
+	byDigest := filepath.Join(s.dir, "by-digest")
+	tmp, err := os.MkdirTemp(byDigest, "."+dgst+".failed-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, failedName), append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	if err := syncPath(filepath.Join(tmp, failedName)); err != nil {
+		return err
+	}
+	if err := syncPath(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, s.path(dgst)); err != nil {
+		return err
+	}
+	return syncPath(byDigest)
 }
 
 // Status reports the state of dgst and, when it failed, why.
@@ -181,11 +283,14 @@ func (s *Store) Status(dgst string) (State, string) {
 	if _, ok := s.inflight[dgst]; ok {
 		return StateConverting, ""
 	}
-	if msg, ok := s.failed[dgst]; ok {
-		return StateFailed, msg
+	if f, ok := s.failed[dgst]; ok {
+		return StateFailed, f.err.Error()
 	}
 	if _, err := os.Stat(filepath.Join(s.path(dgst), configName)); err == nil {
 		return StateReady, ""
+	}
+	if f, ok := s.permanentFailure(dgst); ok {
+		return StateFailed, f.Error()
 	}
 	return StatePending, ""
 }
@@ -202,8 +307,9 @@ func (s *Store) Get(dgst string) (Artifact, bool) {
 }
 
 // Remove deletes the root filesystem of dgst, stopping a running
-// conversion first. Call it once no image name refers to the digest. A VM
-// that already opened the image keeps its open file.
+// conversion first, and forgets a failed conversion of it. Call it once no
+// image name refers to the digest. A VM that already opened the image
+// keeps its open file.
 func (s *Store) Remove(dgst string) error {
 	if err := validDigest(dgst); err != nil {
 		return err
@@ -232,6 +338,31 @@ func (s *Store) Remove(dgst string) error {
 	}
 	if rmErr != nil {
 		return fmt.Errorf("remove rootfs of %s: %w", dgst, rmErr)
+	}
+	return nil
+}
+
+// Retry forgets a failed conversion of dgst, the ErrUnconvertible kind
+// included, so that the next Ensure converts it again. A ready or
+// converting digest is left as it is.
+func (s *Store) Retry(dgst string) error {
+	if err := validDigest(dgst); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.inflight[dgst]; ok {
+		return nil
+	}
+	delete(s.failed, dgst)
+	if _, err := os.Stat(filepath.Join(s.path(dgst), configName)); err == nil {
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("retry the conversion of %s: %w", dgst, err)
+	}
+	// No artifact: the directory, if any, holds only the failure record.
+	if err := os.RemoveAll(s.path(dgst)); err != nil {
+		return fmt.Errorf("retry the conversion of %s: %w", dgst, err)
 	}
 	return nil
 }

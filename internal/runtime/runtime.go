@@ -1,6 +1,6 @@
 // Package runtime runs one build's BuildKit solve somewhere isolated. The
-// process runtime starts buildkitd on the host; the vm runtime (next) boots
-// a microVM. Everything above this package sees only Runtime.
+// process runtime starts buildkitd on the host; the vm runtime boots a
+// microVM per build. Everything above this package sees only Runtime.
 package runtime
 
 import (
@@ -50,4 +50,11 @@ type GCPolicy struct {
 type Runtime interface {
 	Name() string
 	Run(ctx context.Context, job Job, sink progress.Sink) (solve.Result, error)
+}
+
+// NetworkChecker is implemented by runtimes that cannot enforce every
+// network mode. Builds are checked against it at submission, so a build
+// the runtime would refuse is refused before it is queued.
+type NetworkChecker interface {
+	CheckNetwork(mode string, allowedDomains []string) error
 }

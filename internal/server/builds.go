@@ -14,14 +14,43 @@ import (
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builds"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
 const (
-	maxFieldBytes  = 1 << 20  // a Dockerfile or build args
 	maxSecretBytes = 64 << 10 // one secret
 	maxSecrets     = 100
+	// maxFieldsBytes bounds all plain fields of one submission together,
+	// counted as they stream, so no combination of fields can make the
+	// server hold more.
+	maxFieldsBytes = 2 << 20
 )
+
+// fieldLimits bounds each plain field: how large one value may be and
+// how many times it may be sent. Both are checked before a value is read
+// into memory.
+var fieldLimits = map[string]struct {
+	max   int64
+	count int
+}{
+	"dockerfile":       {1 << 20, 1},
+	"dockerfile_path":  {4096, 1},
+	"build_args":       {128 << 10, 1},
+	"target":           {256, 1},
+	"tags":             {512, builds.MaxTags},
+	"no_cache":         {16, 1},
+	"pull":             {16, 1},
+	"cpus":             {32, 1},
+	"memory_mb":        {32, 1},
+	"disk_gb":          {32, 1},
+	"timeout_seconds":  {32, 1},
+	"cache_scope":      {128, 1},
+	"global_cache_key": {256, 1},
+	"global_cache":     {16, 1},
+	"network":          {32, 1},
+	"allowed_domains":  {512, 256},
+}
 
 // createBuild reads the multipart submission part by part; the context
 // part streams straight to disk.
@@ -36,6 +65,17 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "bad_request", "malformed multipart body: "+err.Error())
 		return
 	}
+	release, err := s.uploads.acquire(principal(r).Tenant)
+	if err != nil {
+		var tm *tooManyUploadsError
+		if errors.As(err, &tm) {
+			writeTooMany(w, tm)
+			return
+		}
+		s.fail(w, r, err)
+		return
+	}
+	defer release()
 	up := s.builds.NewUpload()
 	submitted := false
 	defer func() {
@@ -44,6 +84,8 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	req := builds.Request{Secrets: map[string][]byte{}}
+	counts := map[string]int{}
+	budget := int64(maxFieldsBytes)
 	for {
 		part, err := mr.NextPart()
 		if err == io.EOF {
@@ -76,16 +118,26 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 			}
 			v, err := readLimited(part, maxSecretBytes)
 			if err != nil {
-				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("secret %q: %v", id, err))
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("secret %s: %v", errdefs.Quote(id), err))
 				return
 			}
 			req.Secrets[id] = v
 		default:
-			v, err := readLimited(part, maxFieldBytes)
-			if err != nil {
-				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("field %s: %v", name, err))
+			lim, ok := fieldLimits[name]
+			if !ok {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("unknown field %s; the fields are listed in api/openapi.yaml (BuildRequest)", errdefs.Quote(name)))
 				return
 			}
+			if counts[name]++; counts[name] > lim.count {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("field %s is sent more than %d times", name, lim.count))
+				return
+			}
+			v, err := readLimited(part, min(lim.max, budget))
+			if err != nil {
+				writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("field %s: %v (each value may have %d bytes, all fields together %d)", name, err, lim.max, maxFieldsBytes))
+				return
+			}
+			budget -= int64(len(v))
 			if err := setField(&req, name, string(v)); err != nil {
 				writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 				return
@@ -117,14 +169,14 @@ func setField(req *builds.Request, name, v string) error {
 	atoi := func(field string) int {
 		n, e := strconv.Atoi(strings.TrimSpace(v))
 		if e != nil {
-			err = fmt.Errorf("field %s: %q is not a whole number", field, v)
+			err = fmt.Errorf("field %s: %s is not a whole number", field, errdefs.Quote(v))
 		}
 		return n
 	}
 	boolean := func(field string) bool {
 		b, e := strconv.ParseBool(strings.TrimSpace(v))
 		if e != nil {
-			err = fmt.Errorf("field %s: %q is not true or false", field, v)
+			err = fmt.Errorf("field %s: %s is not true or false", field, errdefs.Quote(v))
 		}
 		return b
 	}
@@ -163,8 +215,6 @@ func setField(req *builds.Request, name, v string) error {
 		req.Network = v
 	case "allowed_domains":
 		req.AllowedDomains = append(req.AllowedDomains, v)
-	default:
-		return fmt.Errorf("unknown field %q; the fields are listed in api/openapi.yaml (BuildRequest)", name)
 	}
 	return err
 }
@@ -174,6 +224,7 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 		Id:             b.ID,
 		Status:         api.BuildStatus(b.Status),
 		Phase:          b.Phase,
+		Tenant:         &b.Tenant,
 		CacheScope:     b.CacheScope,
 		Tags:           b.Tags,
 		Image:          builds.CanonicalName(b.ID),
@@ -243,7 +294,7 @@ func (s *Server) listBuilds(w http.ResponseWriter, r *http.Request) {
 		}
 		f.BeforeSeq = n
 	}
-	list, err := s.builds.List(r.Context(), f)
+	list, err := s.builds.List(r.Context(), principal(r), f)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -260,21 +311,21 @@ func (s *Server) listBuilds(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getBuild(w http.ResponseWriter, r *http.Request) {
-	b, err := s.builds.Get(r.Context(), r.PathValue("id"))
+	b, err := s.builds.Get(r.Context(), principal(r), r.PathValue("id"))
 	if err != nil {
-		s.fail(w, r, fmt.Errorf("%w: no build %q", err, r.PathValue("id")))
+		s.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, s.apiBuild(r, b))
 }
 
 func (s *Server) cancelBuild(w http.ResponseWriter, r *http.Request) {
-	b, err := s.builds.Cancel(r.Context(), r.PathValue("id"))
+	b, err := s.builds.Cancel(r.Context(), principal(r), r.PathValue("id"))
 	switch {
 	case errors.Is(err, builds.ErrFinished):
 		writeJSON(w, http.StatusConflict, s.apiBuild(r, b))
 	case err != nil:
-		s.fail(w, r, fmt.Errorf("%w: no build %q", err, r.PathValue("id")))
+		s.fail(w, r, err)
 	default:
 		writeJSON(w, http.StatusOK, s.apiBuild(r, b))
 	}
@@ -289,8 +340,8 @@ var heartbeat = 15 * time.Second
 // build gets a new event, so resuming is exact: no loss, no duplicate.
 func (s *Server) buildEvents(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if _, err := s.builds.Get(r.Context(), id); err != nil {
-		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+	if _, err := s.builds.Get(r.Context(), principal(r), id); err != nil {
+		s.fail(w, r, err)
 		return
 	}
 	var after int64
@@ -330,7 +381,7 @@ func (s *Server) buildEvents(w http.ResponseWriter, r *http.Request) {
 		for _, e := range evs {
 			out := apiEvent(e)
 			if e.Event.Kind == builds.KindEnd {
-				if b, err := s.builds.Get(r.Context(), id); err == nil {
+				if b, err := s.builds.Get(r.Context(), principal(r), id); err == nil {
 					ab := s.apiBuild(r, b)
 					out.Build = &ab
 				}
@@ -380,8 +431,8 @@ func apiEvent(e builds.StoredEvent) api.Event {
 // buildLogs renders the build's events as a plain-text log.
 func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	if _, err := s.builds.Get(r.Context(), id); err != nil {
-		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+	if _, err := s.builds.Get(r.Context(), principal(r), id); err != nil {
+		s.fail(w, r, err)
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -410,9 +461,9 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "forbidden", "a build's output needs the build:read and image:read scopes; ask for a token that has both")
 		return
 	}
-	b, err := s.builds.Get(r.Context(), id)
+	b, err := s.builds.Get(r.Context(), principal(r), id)
 	if err != nil {
-		s.fail(w, r, fmt.Errorf("%w: no build %q", err, id))
+		s.fail(w, r, err)
 		return
 	}
 	if b.Status != store.StatusSucceeded || b.ImageDigest == "" {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/store"
 )
@@ -44,7 +45,7 @@ func (s *Server) apiImage(im store.Image, names []string) api.Image {
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
-	list, err := s.images.List(r.Context())
+	list, err := s.images.List(r.Context(), principal(r))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -57,7 +58,7 @@ func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getImage(w http.ResponseWriter, r *http.Request) {
-	im, err := s.images.Get(r.Context(), r.PathValue("name"))
+	im, err := s.images.Get(r.Context(), principal(r), r.PathValue("name"))
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -66,7 +67,7 @@ func (s *Server) getImage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) deleteImage(w http.ResponseWriter, r *http.Request) {
-	if err := s.images.Delete(r.Context(), r.PathValue("name")); err != nil {
+	if err := s.images.Delete(r.Context(), principal(r), r.PathValue("name")); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -103,7 +104,7 @@ func (s *Server) tagImage(w http.ResponseWriter, r *http.Request, name string) {
 		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"name": "repository:tag"}`)
 		return
 	}
-	im, err := s.images.Tag(r.Context(), name, req.Name)
+	im, err := s.images.Tag(r.Context(), principal(r), name, req.Name)
 	if err != nil {
 		s.fail(w, r, err)
 		return
@@ -120,8 +121,8 @@ func (s *Server) listCache(w http.ResponseWriter, r *http.Request) {
 	}
 	out := api.CacheVolumeList{Volumes: []api.CacheVolume{}}
 	for _, v := range vols {
-		// Without cache:admin a caller sees only its own scope.
-		if !p.Has(auth.ScopeCacheAdmin) && v.Scope != p.CacheScope {
+		// A tenant sees its own scopes; an admin every tenant's.
+		if !s.policy.SeeCacheScope(p, v.Scope) {
 			continue
 		}
 		cv := api.CacheVolume{Scope: v.Scope, SizeBytes: v.SizeBytes, UsedBytes: v.UsedBytes,
@@ -136,7 +137,12 @@ func (s *Server) listCache(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) deleteCache(w http.ResponseWriter, r *http.Request) {
-	if err := s.volumes.Delete(r.Context(), r.PathValue("scope")); err != nil {
+	scope := r.PathValue("scope")
+	if !s.policy.SeeCacheScope(principal(r), scope) {
+		s.fail(w, r, errdefs.NotFound("no cache volume for scope %s (kiln cache ls lists yours)", errdefs.Quote(scope)))
+		return
+	}
+	if err := s.volumes.Delete(r.Context(), scope); err != nil {
 		s.fail(w, r, err)
 		return
 	}
@@ -167,13 +173,14 @@ func (s *Server) collectRegistryGarbage(w http.ResponseWriter, r *http.Request) 
 		BlobsBefore: st.BlobsBefore, BlobsAfter: st.BlobsAfter,
 		BytesBefore: st.BytesBefore, BytesAfter: st.BytesAfter,
 		BytesFreed: st.BytesBefore - st.BytesAfter, TookMs: st.Took.Milliseconds(),
+		UploadsRemoved: &st.UploadsRemoved,
 	})
 }
 
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 	var req api.TokenRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10)).Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"subject": "...", "scopes": ["build:write"], "cache_scope": "...", "ttl": "24h"}`)
+		writeError(w, http.StatusBadRequest, "bad_request", `body must be JSON {"subject": "...", "scopes": ["build:write"], "namespace": "...", "cache_scope": "...", "ttl": "24h"}`)
 		return
 	}
 	scopes, err := auth.ParseScopes(strings.Join(req.Scopes, ","))
@@ -181,23 +188,75 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
-	ttl := 24 * time.Hour
+	spec := auth.TokenSpec{Subject: req.Subject, Scopes: scopes, TTL: 24 * time.Hour}
 	if req.Ttl != nil && *req.Ttl != "" {
-		if ttl, err = time.ParseDuration(*req.Ttl); err != nil || ttl <= 0 {
+		if spec.TTL, err = time.ParseDuration(*req.Ttl); err != nil || spec.TTL <= 0 {
 			writeError(w, http.StatusBadRequest, "bad_request", "ttl must be a positive duration like 24h or 30m")
 			return
 		}
 	}
-	cacheScope := ""
 	if req.CacheScope != nil {
-		cacheScope = *req.CacheScope
+		spec.CacheScope = *req.CacheScope
 	}
-	tok, err := s.auth.Issue(req.Subject, scopes, cacheScope, ttl, nil)
+	if req.Namespace != nil {
+		spec.Namespace = *req.Namespace
+	}
+	iss, err := s.tokens.Create(r.Context(), spec)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "bad_request", err.Error())
+		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, api.Token{Token: tok, ExpiresAt: time.Now().Add(ttl).UTC()})
+	writeJSON(w, http.StatusCreated, api.Token{Token: iss.Token, Id: iss.ID, Tenant: iss.Tenant, ExpiresAt: iss.ExpiresAt.UTC()})
+}
+
+func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
+	list, err := s.tokens.List(r.Context())
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	out := api.TokenList{Tokens: []api.TokenInfo{}}
+	for _, t := range list {
+		out.Tokens = append(out.Tokens, apiToken(t))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) {
+	t, err := s.tokens.Revoke(r.Context(), r.PathValue("id"))
+	if err != nil {
+		s.fail(w, r, err)
+		return
+	}
+	s.log.Info("token revoked", "id", t.ID, "subject", t.Subject, "by", principal(r).Subject)
+	writeJSON(w, http.StatusOK, apiToken(t))
+}
+
+func apiToken(t store.Token) api.TokenInfo {
+	out := api.TokenInfo{Id: t.ID, Subject: t.Subject, Tenant: t.Tenant, CacheScope: t.CacheScope, Scopes: t.Scopes,
+		CreatedAt: t.CreatedAt, ExpiresAt: t.ExpiresAt}
+	if !t.RevokedAt.IsZero() {
+		out.RevokedAt = &t.RevokedAt
+	}
+	return out
+}
+
+// whoami tells a caller which tenant its token acts for and where its
+// images are named, so the mapping of app:1 to <tenant>/app:1 is never a
+// surprise.
+func (s *Server) whoami(w http.ResponseWriter, r *http.Request) {
+	p := principal(r)
+	scopes := make([]string, len(p.Scopes))
+	for i, sc := range p.Scopes {
+		scopes[i] = string(sc)
+	}
+	admin := p.Has(auth.ScopeBuildAdmin)
+	prefix := p.Tenant + "/"
+	if admin {
+		prefix = ""
+	}
+	writeJSON(w, http.StatusOK, api.Whoami{Subject: p.Subject, Tenant: p.Tenant, CacheScope: p.CacheScope, Scopes: scopes,
+		TokenId: p.TokenID, ExpiresAt: p.ExpiresAt.UTC(), Admin: admin, ImagePrefix: prefix})
 }
 
 // runImage boots an image and streams its output as NDJSON RunOutput
@@ -223,14 +282,14 @@ func (s *Server) runImage(w http.ResponseWriter, r *http.Request, name string) {
 	if req.Cpus != nil {
 		spec.CPUs = *req.Cpus
 	}
-	if _, err := s.images.Get(r.Context(), name); err != nil {
+	if _, err := s.images.Get(r.Context(), principal(r), name); err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	out := &ndjsonWriter{w: w, flusher: w.(http.Flusher)}
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("X-Accel-Buffering", "no")
-	code, err := s.images.Run(r.Context(), name, spec, out.stream("stdout"), out.stream("stderr"))
+	code, err := s.images.Run(r.Context(), principal(r), name, spec, out.stream("stdout"), out.stream("stderr"))
 	if err != nil && errors.Is(err, images.ErrNoBuilderImage) && !out.started {
 		writeError(w, http.StatusServiceUnavailable, "no_builder_image", err.Error())
 		return

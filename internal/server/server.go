@@ -8,6 +8,8 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -17,17 +19,22 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/kiln-build/kiln/api"
+	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/registry"
+	"github.com/kiln-build/kiln/internal/tokens"
 )
 
 // Server routes HTTP to kiln's parts.
 type Server struct {
 	auth     *auth.Authority
+	policy   *access.Policy
+	tokens   *tokens.Service
 	builds   *builds.Service
 	images   *images.Service
 	volumes  *cachevol.Manager
@@ -36,7 +43,10 @@ type Server struct {
 	// RegistryHost is shown in pullable references.
 	registryHost string
 	heartbeat    time.Duration
+	uploads      *uploadSlots
 	mux          *http.ServeMux
+	handler      http.Handler
+	routes       []string
 	// gc serializes registry collections: two would each hold part of
 	// the build slots and wait for the rest forever.
 	gc sync.Mutex
@@ -45,6 +55,8 @@ type Server struct {
 // Deps are what the server exposes.
 type Deps struct {
 	Auth         *auth.Authority
+	Policy       *access.Policy
+	Tokens       *tokens.Service
 	Builds       *builds.Service
 	Images       *images.Service
 	Volumes      *cachevol.Manager
@@ -53,13 +65,21 @@ type Deps struct {
 	// Heartbeat is how often an idle event stream sends a comment, so
 	// proxies keep it open and clients notice a dead connection.
 	Heartbeat time.Duration
-	Logger    *slog.Logger
+	// Uploads bounds concurrent build submissions, globally and per
+	// tenant (0: unbounded).
+	UploadsGlobal, UploadsPerTenant int
+	// MinUploadRate is the slowest a request body may arrive, in bytes
+	// per second over each UploadWindow (0: any speed).
+	MinUploadRate int64
+	UploadWindow  time.Duration
+	Logger        *slog.Logger
 }
 
 // New builds the router.
 func New(d Deps) *Server {
-	s := &Server{auth: d.Auth, builds: d.Builds, images: d.Images, volumes: d.Volumes,
-		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, heartbeat: d.Heartbeat, mux: http.NewServeMux()}
+	s := &Server{auth: d.Auth, policy: d.Policy, tokens: d.Tokens, builds: d.Builds, images: d.Images, volumes: d.Volumes,
+		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, heartbeat: d.Heartbeat, mux: http.NewServeMux(),
+		uploads: newUploadSlots(d.UploadsGlobal, d.UploadsPerTenant)}
 	if s.heartbeat <= 0 {
 		s.heartbeat = 15 * time.Second
 	}
@@ -69,37 +89,73 @@ func New(d Deps) *Server {
 			Name: "kiln_rootfs_conversions_total", Help: "Image digests converted to a bootable root filesystem since the server started.",
 		}, func() float64 { return float64(d.Images.Conversions()) }))
 
-	m := s.mux
-	m.Handle("/v2/", d.Registry)
-	m.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })
-	m.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// Every route says the scope it needs here, once; the handlers then
+	// ask access.Policy about the resources they touch. The authorization
+	// matrix test walks Routes, so a route without a rule cannot ship.
+	for _, r := range []struct {
+		pattern string
+		need    auth.Scope // "" answers without a token
+		h       http.Handler
+	}{
+		{"/v2/", "", d.Registry},
+		{"GET /healthz", "", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })},
+		{"GET /metrics", "", promhttp.HandlerFor(reg, promhttp.HandlerOpts{})},
 
-	m.Handle("POST /v1/builds", s.authed(s.createBuild, auth.ScopeBuildWrite))
-	m.Handle("GET /v1/builds", s.authed(s.listBuilds, auth.ScopeBuildRead))
-	m.Handle("GET /v1/builds/{id}", s.authed(s.getBuild, auth.ScopeBuildRead))
-	m.Handle("DELETE /v1/builds/{id}", s.authed(s.cancelBuild, auth.ScopeBuildWrite))
-	m.Handle("POST /v1/builds/{id}/cancel", s.authed(s.cancelBuild, auth.ScopeBuildWrite))
-	m.Handle("GET /v1/builds/{id}/events", s.authed(s.buildEvents, auth.ScopeBuildRead))
-	m.Handle("GET /v1/builds/{id}/logs", s.authed(s.buildLogs, auth.ScopeBuildRead))
-	m.Handle("GET /v1/builds/{id}/output", s.authed(s.buildOutput, auth.ScopeImageRead))
+		{"POST /v1/builds", auth.ScopeBuildWrite, http.HandlerFunc(s.createBuild)},
+		{"GET /v1/builds", auth.ScopeBuildRead, http.HandlerFunc(s.listBuilds)},
+		{"GET /v1/builds/{id}", auth.ScopeBuildRead, http.HandlerFunc(s.getBuild)},
+		{"DELETE /v1/builds/{id}", auth.ScopeBuildWrite, http.HandlerFunc(s.cancelBuild)},
+		{"POST /v1/builds/{id}/cancel", auth.ScopeBuildWrite, http.HandlerFunc(s.cancelBuild)},
+		{"GET /v1/builds/{id}/events", auth.ScopeBuildRead, http.HandlerFunc(s.buildEvents)},
+		{"GET /v1/builds/{id}/logs", auth.ScopeBuildRead, http.HandlerFunc(s.buildLogs)},
+		{"GET /v1/builds/{id}/output", auth.ScopeImageRead, http.HandlerFunc(s.buildOutput)},
 
-	m.Handle("GET /v1/images", s.authed(s.listImages, auth.ScopeImageRead))
-	m.Handle("GET /v1/images/{name...}", s.authed(s.getImage, auth.ScopeImageRead))
-	m.Handle("DELETE /v1/images/{name...}", s.authed(s.deleteImage, auth.ScopeImageWrite))
-	m.Handle("POST /v1/images/{name...}", s.authed(s.imageAction, auth.ScopeImageRead))
+		{"GET /v1/images", auth.ScopeImageRead, http.HandlerFunc(s.listImages)},
+		{"GET /v1/images/{name...}", auth.ScopeImageRead, http.HandlerFunc(s.getImage)},
+		{"DELETE /v1/images/{name...}", auth.ScopeImageWrite, http.HandlerFunc(s.deleteImage)},
+		{"POST /v1/images/{name...}", auth.ScopeImageRead, http.HandlerFunc(s.imageAction)},
 
-	m.Handle("GET /v1/cache", s.authed(s.listCache, auth.ScopeBuildRead))
-	m.Handle("DELETE /v1/cache/{scope}", s.authed(s.deleteCache, auth.ScopeCacheAdmin))
+		{"GET /v1/cache", auth.ScopeBuildRead, http.HandlerFunc(s.listCache)},
+		{"DELETE /v1/cache/{scope}", auth.ScopeCacheAdmin, http.HandlerFunc(s.deleteCache)},
 
-	m.Handle("POST /v1/tokens", s.authed(s.createToken, auth.ScopeBuildAdmin))
-	m.Handle("POST /v1/registry/gc", s.authed(s.collectRegistryGarbage, auth.ScopeBuildAdmin))
-	m.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		{"GET /v1/whoami", auth.ScopeBuildRead, http.HandlerFunc(s.whoami)},
+		{"POST /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.createToken)},
+		{"GET /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.listTokens)},
+		{"POST /v1/tokens/{id}/revoke", auth.ScopeBuildAdmin, http.HandlerFunc(s.revokeToken)},
+		{"POST /v1/registry/gc", auth.ScopeBuildAdmin, http.HandlerFunc(s.collectRegistryGarbage)},
+	} {
+		h := r.h
+		if r.need != "" {
+			h = s.authed(h, r.need)
+		}
+		s.mux.Handle(r.pattern, h)
+		s.routes = append(s.routes, r.pattern)
+	}
+	s.mux.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not_found", "no such endpoint "+r.Method+" "+r.URL.Path+"; see api/openapi.yaml")
 	})
+	s.handler = minUploadRate(s.mux, d.MinUploadRate, d.UploadWindow)
 	return s
 }
 
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// Routes lists every route pattern the server answers, for the tests
+// that must cover each.
+func (s *Server) Routes() []string { return slices.Clone(s.routes) }
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
+
+// RegistryOnly serves the registry API and its token endpoint and
+// nothing else: what a builder VM's registry tunnel reaches, so a build
+// step cannot talk to kiln's API, metrics or health endpoints.
+func (s *Server) RegistryOnly() http.Handler {
+	return minUploadRate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
+			http.Error(w, "only kiln's registry (/v2/) is reachable from a build", http.StatusNotFound)
+			return
+		}
+		s.registry.ServeHTTP(w, r)
+	}), 0, 0)
+}
 
 type principalKey struct{}
 
@@ -108,26 +164,38 @@ func principal(r *http.Request) auth.Principal {
 	return p
 }
 
+// bearer returns the token of an Authorization header; the scheme is
+// case-insensitive (RFC 6750 section 2.1 and RFC 9110 section 11.1).
+func bearer(r *http.Request) (string, bool) {
+	scheme, tok, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	tok = strings.TrimSpace(tok)
+	return tok, ok && strings.EqualFold(scheme, "bearer") && tok != ""
+}
+
 // authed checks the bearer token and the scope the route needs.
-func (s *Server) authed(h http.HandlerFunc, need auth.Scope) http.Handler {
+func (s *Server) authed(h http.Handler, need auth.Scope) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		raw, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || strings.TrimSpace(raw) == "" {
+		raw, ok := bearer(r)
+		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln"`)
 			writeError(w, http.StatusUnauthorized, "unauthenticated", "missing bearer token: send Authorization: Bearer <kiln token> (create one with kiln token create)")
 			return
 		}
-		p, err := s.auth.Verify(strings.TrimSpace(raw))
+		p, err := s.auth.Verify(raw)
 		if err != nil {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="kiln", error="invalid_token"`)
 			writeError(w, http.StatusUnauthorized, "invalid_token", err.Error())
+			return
+		}
+		if p.Build != "" {
+			writeError(w, http.StatusForbidden, "forbidden", "a build's own registry token cannot use the API")
 			return
 		}
 		if !p.Has(need) {
 			writeError(w, http.StatusForbidden, "forbidden", "this needs the "+string(need)+" scope, which your token does not have; ask for a token that has it")
 			return
 		}
-		h(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, p)))
 	})
 }
 
@@ -143,26 +211,40 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 	writeJSON(w, status, api.Error{Error: msg, Code: &code})
 }
 
-// fail maps a part's error to an HTTP answer.
+// fail maps a part's error to an HTTP answer: errdefs' classes to
+// statuses, here and nowhere else.
 func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	var in *builds.InputError
-	var name *images.NameError
 	var ce *buildcontext.Error
+	var de *errdefs.Error
+	var slow *slowUploadError
+	msg := err.Error()
+	if errors.As(err, &de) && de.Class != nil && errors.Is(err, de.Class) {
+		msg = de.Msg
+	}
 	switch {
 	case errors.As(err, &ce):
 		writeError(w, ce.Status, "bad_context", ce.Msg)
-	case errors.As(err, &in):
-		code := "bad_request"
-		if in.Status == http.StatusForbidden {
-			code = "forbidden"
-		}
-		writeError(w, in.Status, code, in.Msg)
-	case errors.As(err, &name):
-		writeError(w, http.StatusBadRequest, "bad_request", name.Msg)
-	case errors.Is(err, builds.ErrNotFound), errors.Is(err, images.ErrNotFound), errors.Is(err, cachevol.ErrNotFound):
-		writeError(w, http.StatusNotFound, "not_found", err.Error())
+	case errors.As(err, &slow):
+		writeError(w, http.StatusRequestTimeout, "too_slow", slow.Error())
+	case errors.Is(err, errdefs.ErrInvalid):
+		writeError(w, http.StatusBadRequest, "bad_request", msg)
+	case errors.Is(err, errdefs.ErrForbidden), errors.Is(err, auth.ErrForbidden):
+		writeError(w, http.StatusForbidden, "forbidden", msg)
+	case errors.Is(err, errdefs.ErrNotFound), errors.Is(err, cachevol.ErrNotFound):
+		writeError(w, http.StatusNotFound, "not_found", msg)
 	case errors.Is(err, cachevol.ErrInUse):
-		writeError(w, http.StatusConflict, "in_use", err.Error())
+		writeError(w, http.StatusConflict, "in_use", msg)
+	case errors.Is(err, errdefs.ErrConflict):
+		writeError(w, http.StatusConflict, "conflict", msg)
+	case errors.Is(err, errdefs.ErrLimit):
+		if de != nil && de.RetryAfter > 0 {
+			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(de.RetryAfter)))
+		}
+		writeError(w, http.StatusTooManyRequests, "too_many", msg)
+	case errors.Is(err, errdefs.ErrUpstream):
+		writeError(w, http.StatusBadGateway, "upstream", msg)
+	case errors.Is(err, errdefs.ErrUnavailable):
+		writeError(w, http.StatusServiceUnavailable, "unavailable", msg)
 	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
 		// The client went away; nobody reads the answer.
 	default:

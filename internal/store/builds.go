@@ -31,6 +31,7 @@ type Build struct {
 	Status       string
 	Phase        string
 	Subject      string
+	Tenant       string
 	CacheScope   string
 	Tags         []string
 	Options      BuildOptions
@@ -73,6 +74,9 @@ type BuildOptions struct {
 	// ContextKey keys BuildKit's reuse of earlier context transfers; see
 	// solve.Request.ContextKey.
 	ContextKey string `json:"context_key,omitempty"`
+	// CacheMounts: the Dockerfile may use RUN --mount=type=cache, whose
+	// contents the input hash cannot cover.
+	CacheMounts bool `json:"cache_mounts,omitempty"`
 }
 
 // BasePin is a base image pinned to a digest in kiln's mirror.
@@ -83,7 +87,7 @@ type BasePin struct {
 	FromUpstream bool   `json:"from_upstream,omitempty"`
 }
 
-const buildColumns = `id, seq, status, phase, subject, cache_scope, tags, options, image_digest,
+const buildColumns = `id, seq, status, phase, subject, tenant, cache_scope, tags, options, image_digest,
 	steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
 	created_at, started_at, finished_at`
 
@@ -92,7 +96,7 @@ func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
 	var tags, opts string
 	var created int64
 	var started, finished sql.NullInt64
-	err := row.Scan(&b.ID, &b.Seq, &b.Status, &b.Phase, &b.Subject, &b.CacheScope, &tags, &opts,
+	err := row.Scan(&b.ID, &b.Seq, &b.Status, &b.Phase, &b.Subject, &b.Tenant, &b.CacheScope, &tags, &opts,
 		&b.ImageDigest, &b.StepsTotal, &b.StepsCached, &b.DedupOf, &b.InputHash, &b.Error, &b.Runtime,
 		&b.ContextBytes, &b.Attempt, &created, &started, &finished)
 	if err != nil {
@@ -125,12 +129,12 @@ func micros(t time.Time) any {
 func CreateBuild(ctx context.Context, q Querier, b *Build) error {
 	tags, _ := json.Marshal(nonNil(b.Tags))
 	opts, _ := json.Marshal(b.Options)
-	err := q.QueryRowContext(ctx, `INSERT INTO builds (id, seq, status, phase, subject, cache_scope, tags, options,
+	err := q.QueryRowContext(ctx, `INSERT INTO builds (id, seq, status, phase, subject, tenant, cache_scope, tags, options,
 		image_digest, steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
 		created_at, started_at, finished_at)
-		VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM builds), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM builds), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		RETURNING seq`,
-		b.ID, b.Status, b.Phase, b.Subject, b.CacheScope, string(tags), string(opts), b.ImageDigest,
+		b.ID, b.Status, b.Phase, b.Subject, b.Tenant, b.CacheScope, string(tags), string(opts), b.ImageDigest,
 		b.StepsTotal, b.StepsCached, b.DedupOf, b.InputHash, b.Error, b.Runtime, b.ContextBytes, b.Attempt,
 		b.CreatedAt.UnixMicro(), micros(b.StartedAt), micros(b.FinishedAt)).Scan(&b.Seq)
 	if err != nil {
@@ -160,6 +164,8 @@ func GetBuild(ctx context.Context, q Querier, id string) (Build, error) {
 
 // ListFilter selects builds; results are newest first.
 type ListFilter struct {
+	// Tenant, when set, limits the list to that tenant's builds.
+	Tenant    string
 	Status    string
 	InputHash string
 	BeforeSeq int64 // paging cursor: only builds with seq < BeforeSeq
@@ -170,6 +176,10 @@ type ListFilter struct {
 func ListBuilds(ctx context.Context, q Querier, f ListFilter) ([]Build, error) {
 	var where []string
 	var args []any
+	if f.Tenant != "" {
+		where = append(where, "tenant = ?")
+		args = append(args, f.Tenant)
+	}
 	if f.Status != "" {
 		where = append(where, "status = ?")
 		args = append(args, f.Status)
@@ -317,16 +327,18 @@ func SetSteps(ctx context.Context, q Querier, id string, total, cached int) erro
 	return nil
 }
 
-// FindOriginal returns the newest succeeded, non-deduplicated build with
-// input hash h that finished at or after since. scope "*" matches any
-// cache scope; otherwise only that scope.
-func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, scope string) (Build, error) {
+// FindOriginal returns the newest succeeded, non-deduplicated build of
+// one of tenants with input hash h that finished at or after since.
+func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, tenants []string) (Build, error) {
+	if len(tenants) == 0 {
+		return Build{}, ErrNotFound
+	}
 	query := `SELECT ` + buildColumns + ` FROM builds WHERE input_hash = ? AND status = 'succeeded'
-		AND dedup_of = '' AND image_digest != '' AND finished_at >= ?`
+		AND dedup_of = '' AND image_digest != '' AND finished_at >= ?
+		AND tenant IN (?` + strings.Repeat(", ?", len(tenants)-1) + `)`
 	args := []any{h, since.UnixMicro()}
-	if scope != "*" {
-		query += ` AND cache_scope = ?`
-		args = append(args, scope)
+	for _, t := range tenants {
+		args = append(args, t)
 	}
 	list, err := queryBuilds(ctx, q, query+` ORDER BY seq DESC LIMIT 1`, args...)
 	if err != nil {
@@ -336,4 +348,17 @@ func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, sco
 		return Build{}, ErrNotFound
 	}
 	return list[0], nil
+}
+
+// BuildTenant returns the tenant build id belongs to.
+func BuildTenant(ctx context.Context, q Querier, id string) (string, error) {
+	var t string
+	err := q.QueryRowContext(ctx, `SELECT tenant FROM builds WHERE id = ?`, id).Scan(&t)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", ErrNotFound
+	}
+	if err != nil {
+		return "", fmt.Errorf("look up the tenant of build %s: %w", id, err)
+	}
+	return t, nil
 }

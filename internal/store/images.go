@@ -89,3 +89,21 @@ func DeleteImage(ctx context.Context, q Querier, name string) error {
 	}
 	return nil
 }
+
+// ListImagesInRepo returns the names of one repository.
+func ListImagesInRepo(ctx context.Context, q Querier, repo string) ([]Image, error) {
+	rows, err := q.QueryContext(ctx, `SELECT `+imageColumns+` FROM images WHERE repository = ? ORDER BY name`, repo)
+	if err != nil {
+		return nil, fmt.Errorf("list images of %s: %w", repo, err)
+	}
+	defer rows.Close()
+	var out []Image
+	for rows.Next() {
+		im, err := scanImage(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, im)
+	}
+	return out, rows.Err()
+}

@@ -7,18 +7,19 @@ import (
 	"context"
 	"database/sql"
 	"embed"
-	"errors"
-	"fmt"
+		"fmt"
 	"io/fs"
 	"sort"
 	"strconv"
 	"strings"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // ErrNotFound is returned when a record does not exist.
-var ErrNotFound = errors.New("not found")
+var ErrNotFound = fmt.Errorf("record %w", errdefs.ErrNotFound)
 
 // Querier is what both *sql.DB and *sql.Tx offer, so every method can run
 // inside a caller's transaction.

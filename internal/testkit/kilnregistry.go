@@ -41,6 +41,7 @@ func StartKilnRegistry(t testing.TB) *KilnRegistry {
 	reg, err := kilnregistry.New(ctx, kilnregistry.Config{
 		RootDir:   root,
 		Authority: a,
+		Grant:     Policy(t).GrantRegistry,
 		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
@@ -56,7 +57,7 @@ func StartKilnRegistry(t testing.TB) *KilnRegistry {
 // the test unless the answer has status want.
 func (r *KilnRegistry) Do(t testing.TB, repo, method, u, contentType string, body []byte, want int) *http.Response {
 	t.Helper()
-	tok, err := r.Authority.IssueRegistryToken(auth.Principal{Subject: "testkit", Scopes: []auth.Scope{auth.ScopeImageWrite}}, "kiln", []string{"repository:" + repo + ":pull,push"})
+	tok, err := r.Authority.IssueRegistryToken(auth.Principal{Subject: "testkit", Scopes: []auth.Scope{auth.ScopeImageWrite}}, "kiln", []auth.RegistryAccess{{Type: "repository", Name: repo, Actions: []string{"pull", "push"}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -128,10 +128,8 @@ func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	if job.Volume == "" {
 		return res, fmt.Errorf("process runtime: build %s has no volume", job.BuildID)
 	}
-	// Steps share the host's network here, so only unrestricted egress
-	// can be honoured; anything narrower would silently be wider.
-	if (job.Network != "" && job.Network != "egress") || len(job.AllowedDomains) > 0 {
-		return res, fmt.Errorf("process runtime: RUN steps use the host network, so it cannot enforce network %q with allowed domains %v; run kiln with --runtime vm, or build with --network egress and no --allow-domain", job.Network, job.AllowedDomains)
+	if err := r.CheckNetwork(job.Network, job.AllowedDomains); err != nil {
+		return res, err
 	}
 	log := r.log.With("build", job.BuildID)
 
@@ -242,6 +240,16 @@ func removeStateDir(dir string) error {
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove build state dir: %w", err)
+	}
+	return nil
+}
+
+// CheckNetwork refuses every network mode but unrestricted egress: steps
+// share the host's network here, so anything narrower would silently be
+// wider. kiln asks at submission, so such a build is refused at once.
+func (r *Runtime) CheckNetwork(mode string, allowedDomains []string) error {
+	if (mode != "" && mode != "egress") || len(allowedDomains) > 0 {
+		return fmt.Errorf("the process runtime cannot confine RUN steps: they use the host network, so network %q with %d allowed domains cannot be enforced; build with --network egress and no --allow-domain, or ask the operator for the vm runtime", mode, len(allowedDomains))
 	}
 	return nil
 }
