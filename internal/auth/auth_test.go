@@ -162,12 +162,30 @@ func TestIssueVerifyRoundTrip(t *testing.T) {
 func TestIssueRejectsBadInput(t *testing.T) {
 	a := newTestAuthority(t)
 	cases := map[string]func() error{
-		"zero ttl":        func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: 0, Access: nil}); return err },
-		"no scopes":       func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: nil, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
-		"unknown scope":   func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{"build:everything"}, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
-		"empty subject":   func() error { _, err := a.Issue(TokenSpec{Subject: " ", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: nil}); return err },
-		"bad cache scope": func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "../etc", TTL: time.Hour, Access: nil}); return err },
-		"empty access":    func() error { _, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{}}); return err },
+		"zero ttl": func() error {
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: 0, Access: nil})
+			return err
+		},
+		"no scopes": func() error {
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: nil, CacheScope: "", TTL: time.Hour, Access: nil})
+			return err
+		},
+		"unknown scope": func() error {
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{"build:everything"}, CacheScope: "", TTL: time.Hour, Access: nil})
+			return err
+		},
+		"empty subject": func() error {
+			_, err := a.Issue(TokenSpec{Subject: " ", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: nil})
+			return err
+		},
+		"bad cache scope": func() error {
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "../etc", TTL: time.Hour, Access: nil})
+			return err
+		},
+		"empty access": func() error {
+			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{}})
+			return err
+		},
 		"bad access repo": func() error {
 			_, err := a.Issue(TokenSpec{Subject: "x", Scopes: []Scope{ScopeBuildRead}, CacheScope: "", TTL: time.Hour, Access: []Access{{Repository: "UP/*", Actions: []string{"pull"}}}})
 			return err

@@ -260,8 +260,8 @@ type Issued struct {
 	ID         string
 	Tenant     string
 	CacheScope string
-	IssuedAt  time.Time
-	ExpiresAt time.Time
+	IssuedAt   time.Time
+	ExpiresAt  time.Time
 }
 
 // Issue signs a kiln bearer token.

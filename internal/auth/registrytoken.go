@@ -129,7 +129,9 @@ func ExpandActions(r RegistryAccess) []string {
 
 // MergeAccess adds r to list, merging the actions of a resource already
 // there.
-func MergeAccess(list []RegistryAccess, r RegistryAccess) []RegistryAccess { return mergeAccess(list, r) }
+func MergeAccess(list []RegistryAccess, r RegistryAccess) []RegistryAccess {
+	return mergeAccess(list, r)
+}
 
 // registryClaims is a registry token's payload. Parent is the id of the
 // kiln token it was exchanged for, so revoking that token also stops the

@@ -7,7 +7,7 @@ import (
 	"context"
 	"database/sql"
 	"embed"
-		"fmt"
+	"fmt"
 	"io/fs"
 	"sort"
 	"strconv"

@@ -94,4 +94,3 @@ func RevokedTokenIDs(ctx context.Context, q Querier, now time.Time) ([]string, e
 	}
 	return out, rows.Err()
 }
-
