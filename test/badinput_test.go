@@ -73,6 +73,23 @@ func TestBadInputIsRejectedAndLeavesNothing(t *testing.T) {
 			}
 		})
 	}
+	t.Run("field limits", func(t *testing.T) {
+		var tags [][2]string
+		for i := 0; i <= 32; i++ {
+			tags = append(tags, [2]string{"tags", fmt.Sprintf("app:%d", i)})
+		}
+		if code, body := s.submit(s.admin, submission{files: ok, fields: tags}); code != 400 || !strings.Contains(string(body), "tags") {
+			t.Errorf("33 tags: status %d: %s", code, body)
+		}
+		long := "app:" + strings.Repeat("x", 600)
+		code, body := s.submit(s.admin, submission{files: ok, fields: [][2]string{{"tags", long}}})
+		if code != 400 || !strings.Contains(string(body), "tags") {
+			t.Errorf("600-byte tag: status %d: %s", code, body)
+		}
+		if strings.Contains(string(body), strings.Repeat("x", 100)) {
+			t.Errorf("the error echoes the oversized value: %s", body)
+		}
+	})
 	t.Run("malformed multipart", func(t *testing.T) {
 		resp := s.do(s.admin, "POST", "/v1/builds", strings.NewReader("--x\r\nbroken"), "multipart/form-data; boundary=x")
 		resp.Body.Close()

@@ -45,7 +45,12 @@ func TestCLIBuildsThroughTheServer(t *testing.T) {
 	secretFile := filepath.Join(t.TempDir(), "tok")
 	os.WriteFile(secretFile, []byte("cli-secret"), 0o600)
 
-	out, code := s.kiln(tok, "build", "--progress", "plain", "-t", "cli/app:1", "--build-arg", "NAME=kiln",
+	// A tenant's one-component name lands in its namespace (dev/app:1);
+	// a name in another namespace is refused.
+	if out, code := s.kiln(tok, "build", "-t", "cli/app:1", dir); code == 0 || !strings.Contains(out, "dev/") {
+		t.Errorf("kiln build -t cli/app:1 by tenant dev: exit %d, want a refusal naming its namespace dev/\n%s", code, out)
+	}
+	out, code := s.kiln(tok, "build", "--progress", "plain", "-t", "app:1", "--build-arg", "NAME=kiln",
 		"--secret", "id=tok,src="+secretFile, dir)
 	if code != 0 {
 		t.Fatalf("kiln build exit %d:\n%s", code, out)
@@ -86,7 +91,7 @@ func TestCLIBuildsThroughTheServer(t *testing.T) {
 		t.Errorf("builds ls: exit %d\n%s", code, out)
 	}
 	out, code = s.kiln(tok, "images", "ls")
-	if code != 0 || !strings.Contains(out, "cli/app:1") || !strings.Contains(out, digest[:19]) {
+	if code != 0 || !strings.Contains(out, "dev/app:1") || !strings.Contains(out, digest[:19]) {
 		t.Errorf("images ls: exit %d\n%s", code, out)
 	}
 

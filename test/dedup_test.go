@@ -4,8 +4,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -37,7 +41,6 @@ func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 	s := startServer(t, withArgs("--dedup-ttl", "6s"))
 	base := s.base()
 	tenantA := s.token("alice", "tenant-a", "build:read", "build:write")
-	tenantB := s.token("bob", "tenant-b", "build:read", "build:write")
 	files := map[string]string{
 		"Dockerfile": "ARG BASE\nFROM ${BASE}\nARG N=1\nCOPY app.txt /app.txt\nRUN sleep 2 && echo $N > /n\n",
 		"app.txt":    "v1",
@@ -52,10 +55,13 @@ func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 
 	runs := s.runtimeRuns()
 	start := time.Now()
-	second := s.build(tenantA, submission{files: files, fields: append(args, [2]string{"tags", "dedup/app:1"})})
+	second := s.build(tenantA, submission{files: files, fields: append(args, [2]string{"tags", "app:1"})})
 	took := time.Since(start)
 	if second.Status != api.BuildStatusSucceeded || second.DedupOf == nil || *second.DedupOf != first.Id {
 		t.Fatalf("identical resubmission: status %s dedup_of %v, want succeeded from %s", second.Status, second.DedupOf, first.Id)
+	}
+	if len(second.Tags) != 1 || second.Tags[0] != "tenant-a/app:1" {
+		t.Errorf("tags = %v, want [tenant-a/app:1]", second.Tags)
 	}
 	if *second.ImageDigest != *first.ImageDigest || *second.InputHash != *first.InputHash {
 		t.Errorf("dedup answer differs: digest %s vs %s", *second.ImageDigest, *first.ImageDigest)
@@ -67,17 +73,19 @@ func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 		t.Errorf("dedup answer took %s, the build it copied %s", took, firstTook)
 	}
 	t.Logf("first build %s, deduplicated resubmission %s (%.1f%%)", firstTook, took, 100*took.Seconds()/firstTook.Seconds())
-	if !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/dedup/app:1") || !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/builds/"+second.Id+":latest") {
+	if !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/tenant-a/app:1") || !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/builds/"+second.Id+":latest") {
 		t.Errorf("the deduplicated build's names are not pullable")
 	}
 	if log := s.logText(tenantA, second.Id); !regexp.MustCompile(`deduplicated: identical inputs`).MatchString(log) {
 		t.Errorf("dedup build's events do not say so:\n%s", log)
 	}
 
-	// Another scope hits too (identical inputs, same executor).
-	cross := s.build(tenantB, submission{files: files, fields: args})
+	// Another cache scope of the same tenant hits too (identical inputs,
+	// same executor); other tenants are TestDedupStaysWithinATenantOrItsTrustGroup's.
+	otherScope := s.token("alice", "tenant-a.ci", "build:read", "build:write")
+	cross := s.build(otherScope, submission{files: files, fields: args})
 	if cross.DedupOf == nil {
-		t.Errorf("cross-scope identical build was not deduplicated")
+		t.Errorf("identical build of another cache scope of the same tenant was not deduplicated")
 	}
 
 	// GET /v1/builds?input_hash= shows how popular it is.
@@ -116,20 +124,65 @@ func TestIdenticalBuildIsDeduplicated(t *testing.T) {
 	miss("expired", submission{files: changed, fields: args}, tenantA)
 }
 
-func TestDedupAcrossScopesCanBeTurnedOff(t *testing.T) {
-	s := startServer(t, withArgs("--dedup-across-scopes", "false"))
-	a := s.token("alice", "tenant-a", "build:read", "build:write")
-	b := s.token("bob", "tenant-b", "build:read", "build:write")
+// Dedup answers a build only with a result of its own tenant (any of its
+// cache scopes), or of a tenant in its dedup.trust_groups group; never
+// across tenants for a Dockerfile using cache mounts, whose contents the
+// input hash cannot see. The removed dedup.across_scopes is an error.
+func TestDedupStaysWithinATenantOrItsTrustGroup(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "kiln.yaml")
+	os.WriteFile(cfg, []byte("dedup:\n  across_scopes: true\n"), 0o600)
+	out, err := exec.CommandContext(ctxTimeout(t, time.Minute), kilnBinary(t), "serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0", "--config", cfg).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "dedup.trust_groups") {
+		t.Errorf("kiln serve with dedup.across_scopes: err %v, want a startup error naming dedup.trust_groups\n%s", err, out)
+	}
+
+	s := startServer(t, withArgs("--dedup-trust-groups", `{"partners":["tenant-b","tenant-c"]}`))
+	tok := func(subject, scope string) string { return s.token(subject, scope, "build:read", "build:write") }
+	a, a2 := tok("alice", "tenant-a"), tok("alice", "tenant-a.other")
+	b, c, d := tok("bob", "tenant-b"), tok("carl", "tenant-c"), tok("dora", "tenant-d")
 	files := map[string]string{"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"}
-	mustSucceed(t, s, a, s.build(a, submission{files: files}))
-	if again := s.build(a, submission{files: files}); again.DedupOf == nil {
-		t.Errorf("same scope did not dedup")
+
+	orig := mustSucceed(t, s, a, s.build(a, submission{files: files}))
+	if again := s.build(a, submission{files: files}); again.DedupOf == nil || *again.DedupOf != orig.Id {
+		t.Errorf("same scope did not dedup to %s: %v", orig.Id, again.DedupOf)
 	}
-	other := s.build(b, submission{files: files})
-	if other.DedupOf != nil {
-		t.Errorf("other scope deduplicated although dedup.across_scopes=false")
+	sibling := s.build(a2, submission{files: files})
+	if sibling.DedupOf == nil || *sibling.DedupOf != orig.Id {
+		t.Errorf("cache scope tenant-a.other did not dedup to tenant-a's build %s: %v", orig.Id, sibling.DedupOf)
 	}
-	mustSucceed(t, s, b, other)
+	if sibling.CacheScope != "tenant-a.other" || sibling.Tenant == nil || *sibling.Tenant != "tenant-a" {
+		t.Errorf("sibling build: cache scope %q tenant %v, want tenant-a.other of tenant-a", sibling.CacheScope, sibling.Tenant)
+	}
+
+	// tenant-b is in a trust group, but not with tenant-a.
+	bBuild := s.build(b, submission{files: files})
+	if bBuild.DedupOf != nil {
+		t.Errorf("tenant-b's build was answered with build %s of untrusted tenant-a", *bBuild.DedupOf)
+	}
+	bBuild = mustSucceed(t, s, b, bBuild)
+	// tenant-c trusts tenant-b: answered with tenant-b's own build.
+	if cBuild := s.build(c, submission{files: files}); cBuild.DedupOf == nil || *cBuild.DedupOf != bBuild.Id {
+		t.Errorf("tenant-c's build was not answered with trusted tenant-b's build %s: %v", bBuild.Id, cBuild.DedupOf)
+	}
+	// tenant-d is in no group.
+	if dBuild := s.build(d, submission{files: files}); dBuild.DedupOf != nil {
+		t.Errorf("tenant-d's build was answered with build %s of another tenant", *dBuild.DedupOf)
+	} else {
+		mustSucceed(t, s, d, dBuild)
+	}
+
+	// A cache mount's contents are not in the input hash: even a trusted
+	// tenant builds its own, while the tenant itself still dedups.
+	mounts := map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN --mount=type=cache,target=/c echo mounted > /m\n", s.base())}
+	mb := mustSucceed(t, s, b, s.build(b, submission{files: mounts}))
+	mc := s.build(c, submission{files: mounts})
+	if mc.DedupOf != nil {
+		t.Errorf("tenant-c's cache-mount build was answered with build %s of tenant-b", *mc.DedupOf)
+	}
+	mustSucceed(t, s, c, mc)
+	if again := s.build(b, submission{files: mounts}); again.DedupOf == nil || *again.DedupOf != mb.Id {
+		t.Errorf("tenant-b's identical cache-mount build did not dedup to its own %s: %v", mb.Id, again.DedupOf)
+	}
 }
 
 // A Dockerfile's own "<Dockerfile>.dockerignore" decides what the build

@@ -82,10 +82,24 @@ func TestNetworkModePolicy(t *testing.T) {
 		t.Errorf("default network: %v", b.Network)
 	}
 	// The process runtime cannot enforce an allowlist: it refuses the
-	// build rather than run it with more access than asked for.
-	f := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY f /g\n", "f": "y"},
-		fields: [][2]string{{"allowed_domains", "example.com"}}}).Id, 5*time.Minute)
-	if f.Status != api.BuildStatusFailed || f.Error == nil || !strings.Contains(*f.Error, "--runtime vm") {
-		t.Errorf("allowlisted build on the process runtime: %s %v", f.Status, f.Error)
+	// submission rather than run the build with more access than asked
+	// for, and records nothing.
+	var before api.BuildList
+	s.doJSON(s.admin, "GET", "/v1/builds", nil, http.StatusOK, &before)
+	code, body = s.submit(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY f /g\n", "f": "y"},
+		fields: [][2]string{{"allowed_domains", "example.com"}}})
+	if code != http.StatusBadRequest || !strings.Contains(string(body), "process runtime") || !strings.Contains(string(body), "vm runtime") {
+		t.Errorf("allowlisted build on the process runtime: %d %s, want 400 pointing to the vm runtime", code, body)
+	}
+	// So does isolated, where network.allowed permits it.
+	permissive := startServer(t)
+	code, body = permissive.submit(permissive.admin, submission{files: files, fields: [][2]string{{"network", "isolated"}}})
+	if code != http.StatusBadRequest || !strings.Contains(string(body), "process runtime") {
+		t.Errorf("isolated build on the process runtime: %d %s, want 400", code, body)
+	}
+	var after api.BuildList
+	s.doJSON(s.admin, "GET", "/v1/builds", nil, http.StatusOK, &after)
+	if len(after.Builds) != len(before.Builds) {
+		t.Errorf("refused submissions left build records: %d before, %d after", len(before.Builds), len(after.Builds))
 	}
 }

@@ -33,8 +33,8 @@ COPY --from=build /out /
 `, base)})
 
 	local, tarFile, ociFile := filepath.Join(t.TempDir(), "dist"), filepath.Join(t.TempDir(), "fs.tar"), filepath.Join(t.TempDir(), "img.tar")
-	out, code := s.kiln(tok, "build", "--progress", "plain", "-t", "out/app:1",
-		"-o", "type=local,dest="+local, "-o", "type=tar,dest="+tarFile, "-o", "type=docker,dest="+ociFile, "-o", "type=image,name=out/app:also", dir)
+	out, code := s.kiln(tok, "build", "--progress", "plain", "-t", "app:1",
+		"-o", "type=local,dest="+local, "-o", "type=tar,dest="+tarFile, "-o", "type=docker,dest="+ociFile, "-o", "type=image,name=app:also", dir)
 	if code != 0 {
 		t.Fatalf("kiln build with outputs: exit %d\n%s", code, out)
 	}
@@ -64,8 +64,9 @@ COPY --from=build /out /
 	if out, err := exec.Command("skopeo", "inspect", "oci-archive:"+ociFile).CombinedOutput(); err != nil || !strings.Contains(string(out), "sha256:") {
 		t.Errorf("skopeo cannot read the oci output: %v\n%s", err, out)
 	}
-	if !skopeoOK("kiln:"+s.admin, "docker://"+s.addr+"/out/app:also") {
-		t.Errorf("type=image,name= did not add the name in kiln's registry")
+	// Names of tenant dev's build land in its namespace.
+	if !skopeoOK("kiln:"+tok, "docker://"+s.addr+"/dev/app:also") || !skopeoOK("kiln:"+tok, "docker://"+s.addr+"/dev/app:1") {
+		t.Errorf("type=image,name= did not add the name dev/app:also in kiln's registry")
 	}
 
 	// "-o -": the tar owns standard output, progress goes to stderr.
@@ -89,8 +90,8 @@ COPY --from=build /out /
 			t.Errorf("--output %s: exit %d, want a usage error naming --output\n%s", bad, code, out)
 		}
 	}
-	// The API refuses unknown types, unfinished builds, and tokens
-	// without image:read.
+	// The API refuses unknown types, unfinished builds, tokens without
+	// image:read, and other tenants' builds (as if they did not exist).
 	b2 := s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY f /f\n", "f": "x"}})
 	mustSucceed(t, s, s.admin, b2)
 	failed := s.wait(s.admin, s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nCOPY missing /m\n"}}).Id, time.Minute)
@@ -100,6 +101,7 @@ COPY --from=build /out /
 	}{
 		{s.admin, b2.Id, "?type=zip", http.StatusBadRequest},
 		{s.token("nob", "nob", "build:read"), b2.Id, "", http.StatusForbidden},
+		{s.token("nob", "nob", "build:read", "image:read"), b2.Id, "", http.StatusNotFound},
 		{s.admin, failed.Id, "", http.StatusConflict},
 		{s.admin, "no-such-build", "", http.StatusNotFound},
 	} {

@@ -345,10 +345,16 @@ func checkDockerfile(dockerfile []byte, target string) (cacheMounts bool, err er
 	return true, badRequest("target %s not found: the Dockerfile's stages are %s", errdefs.Quote(target), strings.Join(names, ", "))
 }
 
+// usesCacheMounts reports RUN --mount=type=cache. BuildKit parses a
+// mount's type only when its words are expanded, so expand them as they
+// are; a mount that needs ARGs to be read counts as a cache mount.
 func usesCacheMounts(stages []instructions.Stage) bool {
 	for _, st := range stages {
 		for _, cmd := range st.Commands {
 			if run, ok := cmd.(*instructions.RunCommand); ok {
+				if err := run.Expand(func(w string) (string, error) { return w, nil }); err != nil {
+					return true
+				}
 				for _, m := range instructions.GetMounts(run) {
 					if m.Type == instructions.MountTypeCache {
 						return true

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,7 +45,6 @@ type Server struct {
 	uploads      *uploadSlots
 	mux          *http.ServeMux
 	handler      http.Handler
-	routes       []string
 	// gc serializes registry collections: two would each hold part of
 	// the build slots and wait for the rest forever.
 	gc sync.Mutex
@@ -89,17 +87,39 @@ func New(d Deps) *Server {
 			Name: "kiln_rootfs_conversions_total", Help: "Image digests converted to a bootable root filesystem since the server started.",
 		}, func() float64 { return float64(d.Images.Conversions()) }))
 
-	// Every route says the scope it needs here, once; the handlers then
-	// ask access.Policy about the resources they touch. The authorization
-	// matrix test walks Routes, so a route without a rule cannot ship.
-	for _, r := range []struct {
-		pattern string
-		need    auth.Scope // "" answers without a token
-		h       http.Handler
-	}{
-		{"/v2/", "", d.Registry},
+	for _, r := range s.table(promhttp.HandlerFor(reg, promhttp.HandlerOpts{})) {
+		h := r.h
+		if r.need != "" {
+			h = s.authed(h, r.need)
+		}
+		s.mux.Handle(r.pattern, h)
+	}
+	s.mux.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "not_found", "no such endpoint "+r.Method+" "+r.URL.Path+"; see api/openapi.yaml")
+	})
+	s.handler = minUploadRate(s.mux, d.MinUploadRate, d.UploadWindow)
+	return s
+}
+
+// route is one endpoint and the scope it needs.
+type route struct {
+	pattern string
+	need    auth.Scope // "" answers without a token
+	h       http.Handler
+}
+
+// anyScope: any valid token will do.
+const anyScope auth.Scope = "*"
+
+// table lists every endpoint. Every route says the scope it needs here,
+// once; the handlers then ask access.Policy about the resources they
+// touch. The authorization matrix test walks Routes, so a route without a
+// rule cannot ship.
+func (s *Server) table(metrics http.Handler) []route {
+	return []route{
+		{"/v2/", "", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { s.registry.ServeHTTP(w, r) })},
 		{"GET /healthz", "", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok\n")) })},
-		{"GET /metrics", "", promhttp.HandlerFor(reg, promhttp.HandlerOpts{})},
+		{"GET /metrics", "", metrics},
 
 		{"POST /v1/builds", auth.ScopeBuildWrite, http.HandlerFunc(s.createBuild)},
 		{"GET /v1/builds", auth.ScopeBuildRead, http.HandlerFunc(s.listBuilds)},
@@ -118,29 +138,23 @@ func New(d Deps) *Server {
 		{"GET /v1/cache", auth.ScopeBuildRead, http.HandlerFunc(s.listCache)},
 		{"DELETE /v1/cache/{scope}", auth.ScopeCacheAdmin, http.HandlerFunc(s.deleteCache)},
 
-		{"GET /v1/whoami", auth.ScopeBuildRead, http.HandlerFunc(s.whoami)},
+		{"GET /v1/whoami", anyScope, http.HandlerFunc(s.whoami)},
 		{"POST /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.createToken)},
 		{"GET /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.listTokens)},
 		{"POST /v1/tokens/{id}/revoke", auth.ScopeBuildAdmin, http.HandlerFunc(s.revokeToken)},
 		{"POST /v1/registry/gc", auth.ScopeBuildAdmin, http.HandlerFunc(s.collectRegistryGarbage)},
-	} {
-		h := r.h
-		if r.need != "" {
-			h = s.authed(h, r.need)
-		}
-		s.mux.Handle(r.pattern, h)
-		s.routes = append(s.routes, r.pattern)
 	}
-	s.mux.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "not_found", "no such endpoint "+r.Method+" "+r.URL.Path+"; see api/openapi.yaml")
-	})
-	s.handler = minUploadRate(s.mux, d.MinUploadRate, d.UploadWindow)
-	return s
 }
 
-// Routes lists every route pattern the server answers, for the tests
-// that must cover each.
-func (s *Server) Routes() []string { return slices.Clone(s.routes) }
+// Routes lists every route pattern a server answers, for the tests that
+// must cover each.
+func Routes() []string {
+	var out []string
+	for _, r := range (&Server{}).table(nil) {
+		out = append(out, r.pattern)
+	}
+	return out
+}
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }
 
@@ -191,7 +205,7 @@ func (s *Server) authed(h http.Handler, need auth.Scope) http.Handler {
 			writeError(w, http.StatusForbidden, "forbidden", "a build's own registry token cannot use the API")
 			return
 		}
-		if !p.Has(need) {
+		if need != anyScope && !p.Has(need) {
 			writeError(w, http.StatusForbidden, "forbidden", "this needs the "+string(need)+" scope, which your token does not have; ask for a token that has it")
 			return
 		}
