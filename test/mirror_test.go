@@ -77,3 +77,36 @@ func TestBaseImagesFromAnotherRegistry(t *testing.T) {
 		t.Errorf("image:write token pushed into the mirror: %s", out)
 	}
 }
+
+// A "# syntax=" frontend is a base image like any other: pinned at
+// submission through kiln's mirror, part of the input hash, and run from
+// kiln's registry by digest (BuildKit never reaches the upstream itself,
+// here a second registry standing in for docker.io).
+func TestSyntaxFrontendComesThroughTheMirror(t *testing.T) {
+	upstream := testkit.Registry(t)
+	fe := testkit.FrontendImage(t)
+	fe.Push(t, testkit.PlainRegistry{Host: upstream}, "docker/dockerfile", "1")
+	s := startServer(t, withArgs("--mirror-endpoints", fmt.Sprintf(`{"docker.io":"http://%s"}`, upstream)))
+	base := s.base()
+	tok := s.token("alice", "tenant-a", "build:read", "build:write")
+	df := map[string]string{"Dockerfile": "# syntax=docker/dockerfile:1\nFROM " + base + "\nRUN echo via-frontend > /f\n"}
+	first := mustSucceed(t, s, tok, s.build(tok, submission{files: df}))
+	log := s.logText(tok, first.Id)
+	if !strings.Contains(log, "docker/dockerfile:1@"+fe.Digest) {
+		t.Errorf("the build log does not show the pinned frontend %s:\n%s", fe.Digest, log)
+	}
+	if !strings.Contains(log, "mirror/docker.io/docker/dockerfile@"+fe.Digest) {
+		t.Errorf("the frontend was not run from kiln's mirror:\n%s", log)
+	}
+	// The pin holds while the upstream tag moves: an identical build is
+	// answered from the first; a pull build runs the new frontend.
+	v2 := fe.Variant(t, "v2")
+	v2.Push(t, testkit.PlainRegistry{Host: upstream}, "docker/dockerfile", "1")
+	if again := s.build(tok, submission{files: df}); again.DedupOf == nil || *again.DedupOf != first.Id {
+		t.Errorf("an identical build after the upstream tag moved was not answered by the first (dedup_of %v)", again.DedupOf)
+	}
+	pulled := mustSucceed(t, s, tok, s.build(tok, submission{files: df, fields: [][2]string{{"pull", "true"}}}))
+	if log := s.logText(tok, pulled.Id); !strings.Contains(log, "docker/dockerfile:1@"+v2.Digest) {
+		t.Errorf("the pull build did not pin the new frontend %s:\n%s", v2.Digest, log)
+	}
+}

@@ -199,7 +199,7 @@ func (s *Service) QueuePosition(ctx context.Context, b Build) (int, error) {
 	if b.Status != store.StatusQueued {
 		return 0, nil
 	}
-	return store.QueuePosition(ctx, s.db.SQL, b.Seq)
+	return store.QueuePosition(ctx, s.db.SQL, b.ID)
 }
 
 // List returns the builds pr may see, newest first: its tenant's, or

@@ -209,6 +209,9 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 		}
 	}()
 
+	if err := store.EnterSlotLine(ctx, s.db.SQL, id, b.Attempt); err != nil {
+		s.log.Warn("record the build's place in line", "build", id, "err", err)
+	}
 	select {
 	case s.slots <- struct{}{}:
 	default:

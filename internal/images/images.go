@@ -117,10 +117,16 @@ func (s *Service) Resume(ctx context.Context) error {
 	}
 	seen := map[string]bool{}
 	for _, im := range list {
-		if !seen[im.Digest] {
-			seen[im.Digest] = true
-			s.Convert(im.Digest)
+		if seen[im.Digest] {
+			continue
 		}
+		seen[im.Digest] = true
+		// At start only a failure recorded on disk is known: the image
+		// itself cannot convert, and trying again changes nothing.
+		if st, _ := s.conv.Status(im.Digest); st == rootfs.StateFailed {
+			continue
+		}
+		s.Convert(im.Digest)
 	}
 	return nil
 }

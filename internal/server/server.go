@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -163,7 +164,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.S
 // step cannot talk to kiln's API, metrics or health endpoints.
 func (s *Server) RegistryOnly() http.Handler {
 	return minUploadRate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v2" && !strings.HasPrefix(r.URL.Path, "/v2/") {
+		if p := path.Clean(r.URL.Path); p != "/v2" && !strings.HasPrefix(p, "/v2/") {
 			http.Error(w, "only kiln's registry (/v2/) is reachable from a build", http.StatusNotFound)
 			return
 		}

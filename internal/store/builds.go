@@ -226,14 +226,33 @@ func queryBuilds(ctx context.Context, q Querier, query string, args ...any) ([]B
 	return out, rows.Err()
 }
 
-// QueuePosition is 1 + the number of queued builds submitted before seq.
-func QueuePosition(ctx context.Context, q Querier, seq int64) (int, error) {
-	var n int
-	err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM builds WHERE status = 'queued' AND seq < ?`, seq).Scan(&n)
-	if err != nil {
-		return 0, fmt.Errorf("queue position: %w", err)
+// QueuePosition is the build's place in line now, or 0 when it is not
+// queued (any more): builds waiting for a slot come first, in the order
+// they got in line, then builds still waiting for their cache scope, in
+// submission order. One statement reads the status and ranks every
+// queued build, so no two builds ever get the same place.
+func QueuePosition(ctx context.Context, q Querier, id string) (int, error) {
+	var pos int
+	err := q.QueryRowContext(ctx, `SELECT pos FROM (SELECT id, ROW_NUMBER() OVER
+		(ORDER BY line_seq IS NULL, line_seq, seq) AS pos FROM builds WHERE status = 'queued') WHERE id = ?`, id).Scan(&pos)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
 	}
-	return n + 1, nil
+	if err != nil {
+		return 0, fmt.Errorf("queue position of build %s: %w", id, err)
+	}
+	return pos, nil
+}
+
+// EnterSlotLine records that a queued build holds its cache volume and
+// now waits for a build slot.
+func EnterSlotLine(ctx context.Context, q Querier, id string, attempt int) error {
+	_, err := q.ExecContext(ctx, `UPDATE builds SET line_seq = (SELECT COALESCE(MAX(line_seq), 0) + 1 FROM builds)
+		WHERE id = ? AND status = 'queued' AND attempt = ? AND line_seq IS NULL`, id, attempt)
+	if err != nil {
+		return fmt.Errorf("put build %s in line for a slot: %w", id, err)
+	}
+	return nil
 }
 
 // CountByStatus returns the number of builds in each status.
@@ -298,7 +317,7 @@ func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.T
 func Requeue(ctx context.Context, q Querier, id string) (int, error) {
 	var attempt int
 	err := q.QueryRowContext(ctx, `UPDATE builds SET status = 'queued', phase = 'queued', started_at = NULL,
-		attempt = attempt + 1, steps_total = 0, steps_cached = 0
+		attempt = attempt + 1, steps_total = 0, steps_cached = 0, line_seq = NULL
 		WHERE id = ? AND status IN ('queued', 'running') RETURNING attempt`, id).Scan(&attempt)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, ErrNotFound
