@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
@@ -63,6 +65,15 @@ func TestAutoRuntimeBuildsInAVMWhenABuilderImageExists(t *testing.T) {
 	fmt.Sscanf(logs[i+len(printed):], "%d", &mem)
 	if mem < 300 || mem > 512 {
 		t.Errorf("the step saw %d MiB of memory; the build asked for a 512 MiB VM", mem)
+	}
+
+	// The builder reaches kiln only as a registry: its tunnel to kiln's
+	// address serves /v2/ alone, so BuildKit fetching kiln's health (or
+	// API, or metrics) endpoint through it gets 404.
+	probe := s.build(s.admin, submission{files: map[string]string{"Dockerfile": "FROM scratch\nADD http://" + s.addr + "/healthz /h\n"}})
+	probe = s.wait(s.admin, probe.Id, 5*time.Minute)
+	if probe.Status != api.BuildStatusFailed || probe.Error == nil || !strings.Contains(*probe.Error+s.logText(s.admin, probe.Id), "404") {
+		t.Errorf("a VM build fetched kiln's /healthz through its registry tunnel: %s %v\n%s", probe.Status, probe.Error, s.logText(s.admin, probe.Id))
 	}
 }
 
