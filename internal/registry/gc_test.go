@@ -2,9 +2,7 @@ package registry_test
 
 import (
 	"context"
-	"log/slog"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -13,7 +11,6 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
-	"github.com/kiln-build/kiln/internal/registry"
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
@@ -90,21 +87,7 @@ func location(t *testing.T, r *testkit.KilnRegistry, resp *http.Response) *url.U
 // secret, as kiln does after a crash or restart.
 func restart(t *testing.T, r *testkit.KilnRegistry) *testkit.KilnRegistry {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	reg, err := registry.New(ctx, registry.Config{
-		RootDir:   r.Root,
-		Authority: r.Authority,
-		Grant:     testkit.Policy(t).GrantRegistry,
-		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { reg.Close() })
-	srv := httptest.NewServer(reg)
-	t.Cleanup(srv.Close)
-	return &testkit.KilnRegistry{Registry: reg, Root: r.Root, URL: srv.URL, Authority: r.Authority}
+	return testkit.ServeKilnRegistry(t, r.Root, r.Authority)
 }
 
 func dirNames(t *testing.T, dir string) []string {

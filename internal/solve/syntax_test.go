@@ -39,29 +39,6 @@ func pinnedFrontend(t *testing.T) string {
 	return frontendPinned
 }
 
-func TestSyntaxFrontendPinnedByBuildkitSyntaxArg(t *testing.T) {
-	pinned := pinnedFrontend(t)
-	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": syntaxDockerfile, "hello.txt": "hello via the syntax frontend\n"})
-	rec := &testkit.Recorder{}
-	ref := env.registry + "/test/syntax:latest"
-	res, err := solve.Run(testCtx(t), env.client, solve.Request{
-		ContextDir: dir,
-		Push:       []string{ref},
-		BuildArgs:  map[string]string{"BUILDKIT_SYNTAX": pinned},
-	}, rec)
-	logVertices(t, rec)
-	if err != nil {
-		t.Fatalf("solve with BUILDKIT_SYNTAX=%s: %v", pinned, err)
-	}
-	if got := string(testkit.FetchImage(t, ref).Files["/hello.txt"]); got != "hello via the syntax frontend\n" {
-		t.Errorf("/hello.txt = %q", got)
-	}
-	if res.Digest == "" {
-		t.Error("no digest")
-	}
-	checkFrontendUsed(t, rec, pinned)
-}
-
 // BuildKit's gateway also looks the frontend reference up among the named
 // contexts, so the pin kiln already passes for FROM images works for the
 // syntax image too.

@@ -62,7 +62,11 @@ func ListImages(ctx context.Context, q Querier, digest string) ([]Image, error) 
 		query += ` WHERE digest = ?`
 		args = append(args, digest)
 	}
-	rows, err := q.QueryContext(ctx, query+` ORDER BY name`, args...)
+	return queryImages(ctx, q, query+` ORDER BY name`, args...)
+}
+
+func queryImages(ctx context.Context, q Querier, query string, args ...any) ([]Image, error) {
+	rows, err := q.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("list images: %w", err)
 	}
@@ -92,18 +96,5 @@ func DeleteImage(ctx context.Context, q Querier, name string) error {
 
 // ListImagesInRepo returns the names of one repository.
 func ListImagesInRepo(ctx context.Context, q Querier, repo string) ([]Image, error) {
-	rows, err := q.QueryContext(ctx, `SELECT `+imageColumns+` FROM images WHERE repository = ? ORDER BY name`, repo)
-	if err != nil {
-		return nil, fmt.Errorf("list images of %s: %w", repo, err)
-	}
-	defer rows.Close()
-	var out []Image
-	for rows.Next() {
-		im, err := scanImage(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, im)
-	}
-	return out, rows.Err()
+	return queryImages(ctx, q, `SELECT `+imageColumns+` FROM images WHERE repository = ? ORDER BY name`, repo)
 }

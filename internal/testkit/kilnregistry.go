@@ -35,9 +35,15 @@ func StartKilnRegistry(t testing.TB) *KilnRegistry {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ServeKilnRegistry(t, filepath.Join(t.TempDir(), "registry"), a)
+}
+
+// ServeKilnRegistry serves a new kiln registry over the storage at root
+// (an earlier one's, to play a restart) until the test ends.
+func ServeKilnRegistry(t testing.TB, root string, a *auth.Authority) *KilnRegistry {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	root := filepath.Join(t.TempDir(), "registry")
 	reg, err := kilnregistry.New(ctx, kilnregistry.Config{
 		RootDir:   root,
 		Authority: a,
