@@ -62,6 +62,9 @@ func TestCLIBuildsThroughTheServer(t *testing.T) {
 	if !strings.Contains(out, "hello-kiln") || !strings.Contains(out, "keep.txt") {
 		t.Errorf("build output lacks the RUN output:\n%s", out)
 	}
+	if !strings.Contains(out, "image app:1 is named dev/app:1") {
+		t.Errorf("kiln build does not say where app:1 went:\n%s", out)
+	}
 	if strings.Contains(out, "ignored.log") {
 		t.Errorf(".dockerignore'd file reached the build:\n%s", out)
 	}

@@ -54,6 +54,17 @@ type buildForm struct {
 	outputs []*output
 }
 
+// hasTag reports whether the user gave name as a tag, with or without
+// the :latest a name without a tag means.
+func (f *buildForm) hasTag(name string) bool {
+	for _, fl := range f.fields {
+		if fl.name == "tags" && (fl.value == name || fl.value+":latest" == name) {
+			return true
+		}
+	}
+	return false
+}
+
 // toStdout reports whether an output writes to standard output, which
 // progress must then leave alone.
 func (f *buildForm) toStdout() bool {
@@ -492,6 +503,15 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 		fmt.Fprintf(info, " (queue position %d)", *b.QueuePosition)
 	}
 	fmt.Fprintln(info)
+	// A tenant's app:1 is stored as <namespace>/app:1: say so once, where
+	// the name was given, rather than leave it to be found in images ls.
+	if b.Tenant != nil && *b.Tenant != "" {
+		for _, t := range b.Tags {
+			if short, ok := strings.CutPrefix(t, *b.Tenant+"/"); ok && form.hasTag(short) {
+				fmt.Fprintf(info, "image %s is named %s (your namespace is %s/; see kiln whoami)\n", short, t, *b.Tenant)
+			}
+		}
+	}
 
 	d := newDisplay(mode, stdout, stderr, s)
 	f := &follower{c: c, s: s, id: b.Id, onEvent: d.event, onNote: d.note, onPoll: d.polled}
