@@ -73,9 +73,9 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 // pinnedBase is one image a build starts from or copies from, with the
 // digest it will use.
 type pinnedBase struct {
-	ref    string         // as the Dockerfile names it, ARGs expanded
-	digest string         //
-	mirror *store.BasePin // nil for images already in kiln's registry
+	ref    string        // as the Dockerfile names it, ARGs expanded
+	digest string        //
+	pin    store.BasePin // where the build finds it, by digest
 }
 
 // pinBases resolves every image the Dockerfile uses to a digest: images in
@@ -105,7 +105,8 @@ func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []b
 			if err != nil {
 				return nil, badRequest("base image %q: %v; push it to kiln's registry first", ref, err)
 			}
-			out = append(out, pinnedBase{ref: ref, digest: d})
+			out = append(out, pinnedBase{ref: ref, digest: d, pin: store.BasePin{
+				Upstream: ref, LocalRepo: reference.Path(named), Digest: d, Local: true}})
 			continue
 		}
 		if s.mirror == nil {
@@ -115,7 +116,7 @@ func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []b
 		if err != nil {
 			return nil, mirrorError(ref, err)
 		}
-		out = append(out, pinnedBase{ref: ref, digest: p.Digest, mirror: &store.BasePin{
+		out = append(out, pinnedBase{ref: ref, digest: p.Digest, pin: store.BasePin{
 			Upstream: p.Upstream, LocalRepo: p.LocalRepo, Digest: p.Digest, FromUpstream: p.FromUpstream}})
 	}
 	return out, nil

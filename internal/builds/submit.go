@@ -151,9 +151,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	var notes []string
 	for _, pb := range bases {
 		notes = append(notes, pb.ref+"@"+pb.digest)
-		if pb.mirror != nil {
-			b.Options.Bases = append(b.Options.Bases, *pb.mirror)
-		}
+		b.Options.Bases = append(b.Options.Bases, pb.pin)
 	}
 	basesNote := strings.Join(notes, ", ")
 	if dedupEligible(opts) {

@@ -446,16 +446,22 @@ func (k *buildSink) total() int  { return int(k.nDone.Load()) }
 func (k *buildSink) cached() int { return int(k.nCached.Load()) }
 
 // fetchBases makes sure the build's pinned base images from other
-// registries are in kiln's mirror, and points BuildKit at them there: a
-// named-context override per image, pinned by digest.
+// registries are in kiln's mirror, and points BuildKit at every base in
+// kiln's registry by the digest pinned at submission: a named-context
+// override per image, so a tag moved while the build was queued cannot
+// change what it builds on (and what its input hash claims).
 func (s *Service) fetchBases(ctx context.Context, b Build, job *runtime.Job) error {
 	if len(b.Options.Bases) == 0 {
 		return nil
 	}
-	s.phase(b.ID, "fetching base images")
 	job.Solve.NamedContexts = map[string]string{}
 	for _, bp := range b.Options.Bases {
 		p := mirror.Pinned{Upstream: bp.Upstream, LocalRepo: bp.LocalRepo, Digest: bp.Digest, FromUpstream: bp.FromUpstream}
+		if bp.Local {
+			job.Solve.NamedContexts[p.ContextName()] = "docker-image://" + p.LocalRef(s.cfg.RegistryHost)
+			continue
+		}
+		s.phase(b.ID, "fetching base images")
 		var last time.Time
 		err := s.mirror.Ensure(ctx, p, func(done, total int64) {
 			if time.Since(last) > 2*time.Second || done == total {

@@ -41,9 +41,13 @@ import (
 // build. A build whose build args hold HOLD=1 runs until canceled.
 type fakeRuntime struct{}
 
+// jobs holds every job the fake runtime was given, by build id.
+var jobs sync.Map
+
 func (fakeRuntime) Name() string { return "fake" }
 
 func (fakeRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (solve.Result, error) {
+	jobs.Store(job.BuildID, job)
 	if job.Solve.BuildArgs["HOLD"] == "1" {
 		<-ctx.Done()
 		return solve.Result{}, ctx.Err()

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/config"
+	"github.com/kiln-build/kiln/internal/runtime"
 )
 
 func names(list []api.Image) []string {
@@ -483,5 +484,31 @@ func TestTokensAreCappedListedAndRevocable(t *testing.T) {
 	k = startKilnAt(t, k.data, nil)
 	if code, _ := k.call(tok.Token, "GET", "/v1/builds", nil, ""); code != http.StatusUnauthorized {
 		t.Errorf("revoked token works again after a restart: %d", code)
+	}
+}
+
+// A base image in kiln's registry is pinned at submission like a mirrored
+// one: BuildKit gets it by the digest the input hash names, so moving the
+// tag while the build waits changes nothing; and a tenant cannot build
+// on another tenant's image.
+func TestLocalBasesArePinnedAndChecked(t *testing.T) {
+	m := newMatrix(t)
+	a := m.tok[tenantA]
+	pinned := manifestDigest(m, "base/img", "1")
+	df := "FROM " + m.host + "/base/img:1\n"
+	b := m.build(a, [2]string{"dockerfile", df})
+	v, ok := jobs.Load(b.Id)
+	if !ok {
+		t.Fatal("the runtime never got the build")
+	}
+	ctxs := v.(runtime.Job).Solve.NamedContexts
+	if got, want := ctxs[m.host+"/base/img:1"], "docker-image://"+m.host+"/base/img@"+pinned; got != want {
+		t.Errorf("named contexts %v: want %s", ctxs, want)
+	}
+	for _, ref := range []string{"tenant-b/app:1", "rootapp:1", "builds/" + m.buildB.Id + ":latest"} {
+		body, ct := submission([2]string{"dockerfile", "FROM " + m.host + "/" + ref + "\n"})
+		if code, resp := m.call(a, "POST", "/v1/builds", body, ct); code != http.StatusBadRequest {
+			t.Errorf("tenant-a building on %s: %d %s", ref, code, resp)
+		}
 	}
 }

@@ -79,12 +79,14 @@ type BuildOptions struct {
 	CacheMounts bool `json:"cache_mounts,omitempty"`
 }
 
-// BasePin is a base image pinned to a digest in kiln's mirror.
+// BasePin is a base image pinned to a digest in kiln's registry: in its
+// mirror, or (Local) where a client pushed it.
 type BasePin struct {
-	Upstream     string `json:"upstream"`   // normalized, e.g. docker.io/library/node:22
+	Upstream     string `json:"upstream"`   // normalized, e.g. docker.io/library/node:22; for Local the reference as written
 	LocalRepo    string `json:"local_repo"` // e.g. mirror/docker.io/library/node
 	Digest       string `json:"digest"`
 	FromUpstream bool   `json:"from_upstream,omitempty"`
+	Local        bool   `json:"local,omitempty"`
 }
 
 const buildColumns = `id, seq, status, phase, subject, tenant, cache_scope, tags, options, image_digest,
