@@ -220,23 +220,7 @@ func (p *Policy) namespace(ctx context.Context, pr auth.Principal, repo string, 
 		}
 		return errdefs.Forbidden("%s is in kiln's reserved builds/ and cache/ namespaces; pick another repository", repo)
 	case ClassBuild:
-		visible := admin(pr) || pr.Build == ns.Owner
-		if !visible {
-			owner, err := p.owners.BuildTenant(ctx, ns.Owner)
-			if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
-				return fmt.Errorf("look up the owner of build %s: %w", ns.Owner, err)
-			}
-			visible = err == nil && owner == pr.Tenant
-		}
-		switch {
-		case !visible:
-			return hidden
-		case act == Pull, act == Delete && pr.Build == "":
-			return nil
-		case act == Push && pr.Build == ns.Owner:
-			return nil
-		}
-		return errdefs.Forbidden("%s holds build %s's result and is written only by that build", repo, ns.Owner)
+		return p.buildRepo(ctx, pr, repo, ns.Owner, act, hidden)
 	case ClassShared:
 		if act == Pull || admin(pr) {
 			return nil
@@ -259,6 +243,28 @@ func (p *Policy) namespace(ctx context.Context, pr auth.Principal, repo string, 
 		return hidden
 	}
 	return errdefs.Forbidden("%s is in namespace %s/, which is not yours: your images are named %s/… (a name without a namespace, like app:1, goes there)", repo, ns.Owner, pr.Tenant)
+}
+
+// buildRepo is the rule of builds/<id>: its tenant and admins read and
+// delete it, only the build itself writes it.
+func (p *Policy) buildRepo(ctx context.Context, pr auth.Principal, repo, id string, act Action, hidden error) error {
+	visible := admin(pr) || pr.Build == id
+	if !visible {
+		owner, err := p.owners.BuildTenant(ctx, id)
+		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("look up the owner of build %s: %w", id, err)
+		}
+		visible = err == nil && owner == pr.Tenant
+	}
+	switch {
+	case !visible:
+		return hidden
+	case act == Pull, act == Delete && pr.Build == "":
+		return nil
+	case act == Push && pr.Build == id:
+		return nil
+	}
+	return errdefs.Forbidden("%s holds build %s's result and is written only by that build", repo, id)
 }
 
 // GrantRegistry is the registry token endpoint's rule (an auth.GrantFunc):
