@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/opencontainers/go-digest"
+
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
@@ -76,6 +78,39 @@ func TestBaseImagesFromAnotherRegistry(t *testing.T) {
 	if err == nil {
 		t.Errorf("image:write token pushed into the mirror: %s", out)
 	}
+	// Not even the admin token writes it over HTTP: only kiln's mirror does.
+	if out, err := exec.Command("skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+		"--src-creds", "kiln:"+s.admin, "--dest-creds", "kiln:"+s.admin,
+		"docker://"+base, "docker://"+s.addr+"/mirror/docker.io/library/busybox:1").CombinedOutput(); err == nil {
+		t.Errorf("the admin token pushed into the mirror: %s", out)
+	}
+
+	// B1: a tenant builds a poisoned image, then resubmits the identical
+	// build (answered by dedup) naming the mirror's busybox:1. That used
+	// to link the poison under mirror/, where every tenant's FROM
+	// busybox:1 would pin it.
+	mirrored := inspectDigest(t, s, "mirror/docker.io/library/busybox:1")
+	evil := s.token("eve", "tenant-e", "build:read", "build:write")
+	poison := submission{files: map[string]string{"Dockerfile": "FROM " + base + "\nRUN echo POISONED > /etc/motd\n"}}
+	mustSucceed(t, s, evil, s.build(evil, poison))
+	poison.fields = [][2]string{{"tags", "mirror/docker.io/library/busybox:1"}}
+	if code, body := s.submit(evil, poison); code != http.StatusBadRequest {
+		t.Errorf("tagging into the mirror: %d %s", code, body)
+	}
+	if now := inspectDigest(t, s, "mirror/docker.io/library/busybox:1"); now != mirrored {
+		t.Errorf("mirror/docker.io/library/busybox:1 moved from %s to %s", mirrored, now)
+	}
+}
+
+// inspectDigest is the digest name points at in kiln's registry.
+func inspectDigest(t *testing.T, s *server, name string) string {
+	t.Helper()
+	out, err := exec.Command("skopeo", "inspect", "--raw", "--tls-verify=false", "--creds", "kiln:"+s.admin,
+		"docker://"+s.addr+"/"+name).Output()
+	if err != nil {
+		t.Fatalf("skopeo inspect %s: %v", name, err)
+	}
+	return digest.FromBytes(out).String()
 }
 
 // A "# syntax=" frontend is a base image like any other: pinned at
