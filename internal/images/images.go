@@ -66,8 +66,8 @@ type Service struct {
 func New(db *store.DB, reg *registry.Registry, conv *rootfs.Store, policy *access.Policy, log *slog.Logger) *Service {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Service{db: db, reg: reg, conv: conv, policy: policy, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
-	reg.OnManifestChange(func(ctx context.Context, repo string) {
-		if err := s.SyncRepository(ctx, repo); err != nil {
+	reg.OnManifestChange(func(ctx context.Context, repo, tag string) {
+		if err := s.syncTags(ctx, repo, tag); err != nil {
 			s.log.Error("record a manifest pushed to the registry", "repository", repo, "err", err)
 		}
 	})

@@ -23,13 +23,22 @@ import (
 // build, unless the repository is a build's own), a vanished tag loses
 // its row. kiln's mirror and cache repositories hold no names.
 func (s *Service) SyncRepository(ctx context.Context, repo string) error {
+	return s.syncTags(ctx, repo, "")
+}
+
+// syncTags syncs one tag of repo, or all of them when tag is empty: a
+// push sets one tag, and a repository may have thousands.
+func (s *Service) syncTags(ctx context.Context, repo, tag string) error {
 	switch s.policy.Classify(repo).Class {
 	case access.ClassMirror, access.ClassGlobalCache, access.ClassReserved:
 		return nil
 	}
-	tags, err := s.reg.Tags(ctx, repo)
-	if err != nil && !errors.Is(err, registry.ErrNotFound) {
-		return fmt.Errorf("sync image names of %s: %w", repo, err)
+	tags := []string{tag}
+	if tag == "" {
+		var err error
+		if tags, err = s.reg.Tags(ctx, repo); err != nil && !errors.Is(err, registry.ErrNotFound) {
+			return fmt.Errorf("sync image names of %s: %w", repo, err)
+		}
 	}
 	rows, err := store.ListImagesInRepo(ctx, s.db.SQL, repo)
 	if err != nil {
@@ -37,7 +46,9 @@ func (s *Service) SyncRepository(ctx context.Context, repo string) error {
 	}
 	have := map[string]store.Image{}
 	for _, im := range rows {
-		have[im.Tag] = im
+		if tag == "" || im.Tag == tag {
+			have[im.Tag] = im
+		}
 	}
 	var gone []string
 	for _, tag := range tags {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path"
 	"regexp"
+	"strings"
 	"sync"
 	"time"
 
@@ -59,14 +60,15 @@ type Registry struct {
 	// by GC.
 	writes sync.RWMutex
 	// onChange hears of every manifest pushed or deleted over HTTP.
-	onChange func(ctx context.Context, repo string)
+	onChange func(ctx context.Context, repo, tag string)
 }
 
 // OnManifestChange makes fn hear, after the fact and before the client's
 // request is answered, of every manifest a client pushed or deleted over
-// the HTTP API, so kiln's image records follow direct pushes. Set it
-// before serving.
-func (r *Registry) OnManifestChange(fn func(ctx context.Context, repo string)) { r.onChange = fn }
+// the HTTP API, so kiln's image records follow direct pushes. tag names
+// the one tag a push set; it is empty when any of repo's tags may have
+// changed (a delete, a push by digest). Set it before serving.
+func (r *Registry) OnManifestChange(fn func(ctx context.Context, repo, tag string)) { r.onChange = fn }
 
 // uploadPurging removes upload sessions abandoned for a day; builds never
 // resume an upload that old.
@@ -181,7 +183,7 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		defer r.writes.RUnlock()
 	}
-	repo, ok := manifestWrite(req)
+	repo, tag, ok := manifestWrite(req)
 	if !ok || r.onChange == nil {
 		r.app.ServeHTTP(w, req)
 		return
@@ -189,23 +191,26 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	rec := &statusRecorder{ResponseWriter: w}
 	r.app.ServeHTTP(rec, req)
 	if rec.status >= 200 && rec.status < 300 {
-		r.onChange(req.Context(), repo)
+		r.onChange(req.Context(), repo, tag)
 	}
 }
 
-var manifestPath = regexp.MustCompile(`^/v2/(.+)/manifests/[^/]+$`)
+var manifestPath = regexp.MustCompile(`^/v2/(.+)/manifests/([^/]+)$`)
 
-// manifestWrite reports whether req pushes or deletes a manifest, and in
-// which repository.
-func manifestWrite(req *http.Request) (string, bool) {
+// manifestWrite reports whether req pushes or deletes a manifest, in
+// which repository, and the tag a push sets ("" when unknown).
+func manifestWrite(req *http.Request) (repo, tag string, ok bool) {
 	if req.Method != http.MethodPut && req.Method != http.MethodDelete {
-		return "", false
+		return "", "", false
 	}
 	m := manifestPath.FindStringSubmatch(req.URL.Path)
 	if m == nil {
-		return "", false
+		return "", "", false
 	}
-	return m[1], true
+	if req.Method == http.MethodPut && !strings.Contains(m[2], ":") {
+		tag = m[2]
+	}
+	return m[1], tag, true
 }
 
 // statusRecorder remembers the status an answer carried. Manifest
