@@ -73,10 +73,11 @@ type Namespace struct {
 	Owner string
 }
 
-// BuildOwners tells which tenant a build belongs to; an unknown build is
-// an error wrapping errdefs.ErrNotFound.
+// BuildOwners tells which tenant a build belongs to and whether it is
+// still queued or running; an unknown build is an error wrapping
+// errdefs.ErrNotFound.
 type BuildOwners interface {
-	BuildTenant(ctx context.Context, id string) (string, error)
+	BuildOwner(ctx context.Context, id string) (tenant string, active bool, err error)
 }
 
 // Policy decides. It is safe for concurrent use.
@@ -155,14 +156,18 @@ func (p *Policy) Classify(repo string) Namespace {
 	return Namespace{Class: ClassTenant, Owner: first}
 }
 
+// AdminTenant is the tenant of the admin token kiln writes at first start.
+// No other token may act for it: its builds and cache are the admins'.
+const AdminTenant = "admin"
+
 // CheckTenant refuses tenant names that would collide with a namespace
-// kiln or the operator reserved.
+// kiln or the operator reserved, or with the admin token's tenant.
 func (p *Policy) CheckTenant(name string) error {
 	if err := auth.ValidTenant(name); err != nil {
 		return errdefs.Invalid("%v", err)
 	}
-	if kilnManaged(name) || slices.Contains(p.shared, name) {
-		return errdefs.Invalid("namespace %q is reserved (kiln's builds, cache and mirror, and the shared %s); pick another", name, strings.Join(p.shared, ", "))
+	if kilnManaged(name) || name == AdminTenant || slices.Contains(p.shared, name) {
+		return errdefs.Invalid("namespace %q is reserved (kiln's builds, cache and mirror, the admin token's admin, and the shared %s); pick another", name, strings.Join(p.shared, ", "))
 	}
 	return nil
 }
@@ -190,6 +195,16 @@ func (p *Policy) Repo(ctx context.Context, pr auth.Principal, repo string, act A
 	}
 	if !pr.AccessAllows(repo, string(act)) {
 		return errdefs.Forbidden("this token may %s only the repositories of its build, not %s", act, repo)
+	}
+	if pr.Build != "" {
+		// A build's own token works while the build does, and no longer.
+		_, active, err := p.owners.BuildOwner(ctx, pr.Build)
+		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("look up build %s: %w", pr.Build, err)
+		}
+		if !active {
+			return errdefs.Forbidden("build %s has ended; its registry token no longer works", pr.Build)
+		}
 	}
 	return p.namespace(ctx, pr, repo, act)
 }
@@ -250,7 +265,7 @@ func (p *Policy) namespace(ctx context.Context, pr auth.Principal, repo string, 
 func (p *Policy) buildRepo(ctx context.Context, pr auth.Principal, repo, id string, act Action, hidden error) error {
 	visible := admin(pr) || pr.Build == id
 	if !visible {
-		owner, err := p.owners.BuildTenant(ctx, id)
+		owner, _, err := p.owners.BuildOwner(ctx, id)
 		if err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 			return fmt.Errorf("look up the owner of build %s: %w", id, err)
 		}
@@ -322,7 +337,9 @@ func (p *Policy) TrustedTenants(tenant string) []string {
 }
 
 // OwnersFunc adapts a function to BuildOwners.
-type OwnersFunc func(ctx context.Context, id string) (string, error)
+type OwnersFunc func(ctx context.Context, id string) (tenant string, active bool, err error)
 
-// BuildTenant calls f.
-func (f OwnersFunc) BuildTenant(ctx context.Context, id string) (string, error) { return f(ctx, id) }
+// BuildOwner calls f.
+func (f OwnersFunc) BuildOwner(ctx context.Context, id string) (string, bool, error) {
+	return f(ctx, id)
+}

@@ -12,14 +12,16 @@ import (
 
 func testPolicy(t *testing.T, cfg Config) *Policy {
 	t.Helper()
-	p, err := New(cfg, OwnersFunc(func(_ context.Context, id string) (string, error) {
+	p, err := New(cfg, OwnersFunc(func(_ context.Context, id string) (string, bool, error) {
 		switch id {
-		case "ba":
-			return "acme", nil
+		case "ba", "bx":
+			return "acme", true, nil
 		case "bb":
-			return "bob", nil
+			return "bob", true, nil
+		case "done":
+			return "acme", false, nil
 		}
-		return "", errdefs.ErrNotFound
+		return "", false, errdefs.ErrNotFound
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -37,6 +39,9 @@ var (
 	// buildBA is the token kiln mints for acme's build ba.
 	buildBA = auth.Principal{Subject: "build:ba", Tenant: "acme", Build: "ba", Scopes: []auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite},
 		Access: []auth.Access{{Repository: "*", Actions: []string{"pull"}}, {Repository: "builds/ba", Actions: []string{"pull", "push"}}, {Repository: "acme/app", Actions: []string{"pull", "push"}}}}
+	// buildDone is the token of acme's build that has ended.
+	buildDone = auth.Principal{Subject: "build:done", Tenant: "acme", Build: "done", Scopes: []auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite},
+		Access: []auth.Access{{Repository: "*", Actions: []string{"pull"}}, {Repository: "builds/done", Actions: []string{"pull", "push"}}, {Repository: "acme/app", Actions: []string{"pull", "push"}}}}
 	// adminBuild is an admin's build exporting the global cache tier.
 	adminBuild = auth.Principal{Subject: "build:bx", Tenant: "admin", Build: "bx", Scopes: []auth.Scope{auth.ScopeImageRead, auth.ScopeImageWrite, auth.ScopeBuildAdmin},
 		Access: []auth.Access{{Repository: "*", Actions: []string{"pull"}}, {Repository: "builds/bx", Actions: []string{"pull", "push"}}, {Repository: "cache/global/k", Actions: []string{"pull", "push"}}, {Repository: "base/busybox", Actions: []string{"pull", "push"}}}}
@@ -85,6 +90,9 @@ func TestRepoRules(t *testing.T) {
 		{buildBA, "acme/other", ok, denied, denied},
 		{buildBA, "bob/app", hidden, denied, denied},
 		{buildBA, "base/busybox", ok, denied, denied},
+		// A build's token dies with its build.
+		{buildDone, "builds/done", denied, denied, denied},
+		{buildDone, "acme/app", denied, denied, denied},
 		// The mirror: everyone reads, nobody writes over HTTP.
 		{acmeWriter, "mirror/docker.io/library/alpine", ok, denied, denied},
 		{adminTok, "mirror/docker.io/library/alpine", ok, denied, denied},
@@ -200,7 +208,7 @@ func TestGrantRegistryGivesOnlyWhatTheRulesAllow(t *testing.T) {
 
 func TestTenantsAndTrust(t *testing.T) {
 	p := testPolicy(t, Config{Shared: []string{"base"}, TrustGroups: map[string][]string{"web": {"acme", "bob"}}})
-	for _, bad := range []string{"builds", "cache", "mirror", "base", "Acme", "a.b"} {
+	for _, bad := range []string{"builds", "cache", "mirror", "base", "admin", "Acme", "a.b"} {
 		if err := p.CheckTenant(bad); !errors.Is(err, errdefs.ErrInvalid) {
 			t.Errorf("tenant %q accepted: %v", bad, err)
 		}

@@ -53,8 +53,11 @@ func newMetrics(s *Service) *metrics {
 		}),
 		byStatus: prometheus.NewDesc("kiln_builds", "Builds recorded, by status.", []string{"status"}, nil),
 		queueLen: prometheus.NewDesc("kiln_queue_length", "Builds waiting to run.", nil, nil),
-		volBytes: prometheus.NewDesc("kiln_cache_volume_allocated_bytes", "Host bytes allocated by a scope's cache volume.", []string{"scope"}, nil),
-		volUsed:  prometheus.NewDesc("kiln_cache_volume_used_bytes", "Bytes used inside a scope's cache volume.", []string{"scope"}, nil),
+		// Totals only: /metrics answers without a token, and a scope
+		// names its tenant (kiln cache ls shows each scope to those who
+		// may see it).
+		volBytes: prometheus.NewDesc("kiln_cache_volumes_allocated_bytes", "Host bytes allocated by all cache volumes.", nil, nil),
+		volUsed:  prometheus.NewDesc("kiln_cache_volumes_used_bytes", "Bytes used inside all cache volumes.", nil, nil),
 		volCount: prometheus.NewDesc("kiln_cache_volumes", "Cache volumes on this host.", nil, nil),
 	}
 }
@@ -108,10 +111,13 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.queueLen, prometheus.GaugeValue, float64(counts[store.StatusQueued]))
 	}
 	if vols, err := m.s.volumes.List(); err == nil {
+		var allocated, used int64
 		for _, v := range vols {
-			ch <- prometheus.MustNewConstMetric(m.volBytes, prometheus.GaugeValue, float64(v.AllocatedBytes), v.Scope)
-			ch <- prometheus.MustNewConstMetric(m.volUsed, prometheus.GaugeValue, float64(v.UsedBytes), v.Scope)
+			allocated += v.AllocatedBytes
+			used += v.UsedBytes
 		}
+		ch <- prometheus.MustNewConstMetric(m.volBytes, prometheus.GaugeValue, float64(allocated))
+		ch <- prometheus.MustNewConstMetric(m.volUsed, prometheus.GaugeValue, float64(used))
 		ch <- prometheus.MustNewConstMetric(m.volCount, prometheus.GaugeValue, float64(len(vols)))
 	}
 }

@@ -288,6 +288,9 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 	if o.CacheMounts, err = checkDockerfile(dockerfile, req.Target); err != nil {
 		return o, nil, err
 	}
+	if syntaxImage(dockerfile, req.BuildArgs) != "" {
+		o.CacheMounts = true // another frontend may mount caches kiln cannot see
+	}
 	return o, dockerfile, nil
 }
 

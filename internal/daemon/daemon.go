@@ -117,7 +117,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	defer db.Close()
 
 	policy, err := access.New(access.Config{Shared: cfg.TenancyShared, TrustGroups: cfg.DedupTrustGroups},
-		access.OwnersFunc(func(ctx context.Context, id string) (string, error) { return store.BuildTenant(ctx, db.SQL, id) }))
+		access.OwnersFunc(func(ctx context.Context, id string) (string, bool, error) { return store.BuildOwner(ctx, db.SQL, id) }))
 	if err != nil {
 		return fmt.Errorf("tenancy settings: %w", err)
 	}

@@ -30,11 +30,12 @@ const skopeoPath = "/usr/bin/skopeo"
 // testPolicy is kiln's access policy with base/ shared and one build,
 // b1, of tenant app, the tenant of every token e.token mints.
 func testPolicy(t testing.TB) *access.Policy {
-	p, err := access.New(access.Config{Shared: []string{"base"}}, access.OwnersFunc(func(_ context.Context, id string) (string, error) {
-		if id == "b1" {
-			return "app", nil
+	p, err := access.New(access.Config{Shared: []string{"base"}}, access.OwnersFunc(func(_ context.Context, id string) (string, bool, error) {
+		switch id {
+		case "b1", "b3":
+			return "app", true, nil
 		}
-		return "", errdefs.ErrNotFound
+		return "", false, errdefs.ErrNotFound
 	}))
 	if err != nil {
 		t.Fatal(err)

@@ -512,3 +512,58 @@ func TestLocalBasesArePinnedAndChecked(t *testing.T) {
 		}
 	}
 }
+
+// A build's own registry token works while the build runs and no longer:
+// it cannot be used later to push over the build's result or its tags.
+func TestABuildsTokenDiesWithTheBuild(t *testing.T) {
+	m := newMatrix(t)
+	v, _ := jobs.Load(m.buildA.Id)
+	job := v.(runtime.Job)
+	c := &regClient{base: m.url, user: "kiln", pass: job.Solve.RegistryAuth[m.host].Password}
+	if _, err := c.push("builds/"+m.buildA.Id, "latest", newImage("late")); err == nil {
+		t.Error("the token of a finished build pushed over its result")
+	}
+	if _, err := c.push("tenant-a/app", "1", newImage("late")); err == nil {
+		t.Error("the token of a finished build pushed over its tag")
+	}
+	if got := manifestDigest(m, "builds/"+m.buildA.Id, "latest"); got != *m.buildA.ImageDigest {
+		t.Errorf("builds/%s moved to %s", m.buildA.Id, got)
+	}
+}
+
+// The bootstrap admin token's tenant and the tenants kiln gives tokens
+// without a namespace cannot be joined by a new token.
+func TestReservedTenantsCannotBeJoined(t *testing.T) {
+	k := startKiln(t)
+	for _, body := range []string{
+		`{"subject":"x","scopes":["build:write"],"namespace":"admin"}`,
+		`{"subject":"x","scopes":["build:write"],"cache_scope":"admin.ci"}`,
+		`{"subject":"x","scopes":["build:write"],"namespace":"u-0123456789abcdef"}`,
+		`{"subject":"x","scopes":["build:write"],"cache_scope":"u-0123456789abcdef"}`,
+	} {
+		if code, resp := k.call(k.admin, "POST", "/v1/tokens", strings.NewReader(body), "application/json"); code != http.StatusBadRequest {
+			t.Errorf("%s: %d %s", body, code, resp)
+		}
+	}
+}
+
+// BUILDKIT_SYNTAX runs another frontend as surely as a # syntax= line:
+// such a build may mount caches kiln cannot see, so it never dedups
+// across tenants, trusted or not.
+func TestSyntaxBuildArgNeverDedupsAcrossTenants(t *testing.T) {
+	k := startKilnAt(t, t.TempDir(), func(c *config.Config) {
+		c.DedupTrustGroups = map[string][]string{"friends": {"tenant-a", "tenant-c"}}
+	})
+	k.build(k.admin, [2]string{"tags", "base/fe:1"})
+	arg := [2]string{"build_args", `{"BUILDKIT_SYNTAX":"` + k.host + `/base/fe:1"}`}
+	a := k.token("tenant-a", "build:write")
+	c := k.token("tenant-c", "build:write")
+	k.build(a, arg)
+	body, ct := submission(arg)
+	code, resp := k.call(c, "POST", "/v1/builds", body, ct)
+	var b api.Build
+	json.Unmarshal(resp, &b)
+	if code != http.StatusAccepted || b.DedupOf != nil {
+		t.Errorf("a trusted tenant's BUILDKIT_SYNTAX build: %d, dedup_of %v", code, b.DedupOf)
+	}
+}

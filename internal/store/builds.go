@@ -371,15 +371,16 @@ func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, ten
 	return list[0], nil
 }
 
-// BuildTenant returns the tenant build id belongs to.
-func BuildTenant(ctx context.Context, q Querier, id string) (string, error) {
-	var t string
-	err := q.QueryRowContext(ctx, `SELECT tenant FROM builds WHERE id = ?`, id).Scan(&t)
+// BuildOwner returns the tenant build id belongs to, and whether it is
+// still queued or running.
+func BuildOwner(ctx context.Context, q Querier, id string) (tenant string, active bool, err error) {
+	var status string
+	err = q.QueryRowContext(ctx, `SELECT tenant, status FROM builds WHERE id = ?`, id).Scan(&tenant, &status)
 	if errors.Is(err, sql.ErrNoRows) {
-		return "", ErrNotFound
+		return "", false, ErrNotFound
 	}
 	if err != nil {
-		return "", fmt.Errorf("look up the tenant of build %s: %w", id, err)
+		return "", false, fmt.Errorf("look up the owner of build %s: %w", id, err)
 	}
-	return t, nil
+	return tenant, !Terminal(status), nil
 }

@@ -13,8 +13,8 @@ import (
 // it (base/ shared), for a registry without builds.
 func Policy(t testing.TB) *access.Policy {
 	t.Helper()
-	p, err := access.New(access.Config{Shared: []string{"base"}}, access.OwnersFunc(func(_ context.Context, id string) (string, error) {
-		return "", fmt.Errorf("build %s: %w", id, errdefs.ErrNotFound)
+	p, err := access.New(access.Config{Shared: []string{"base"}}, access.OwnersFunc(func(_ context.Context, id string) (string, bool, error) {
+		return "", false, fmt.Errorf("build %s: %w", id, errdefs.ErrNotFound)
 	}))
 	if err != nil {
 		t.Fatal(err)

@@ -7,6 +7,7 @@ package tokens
 import (
 	"context"
 	"errors"
+	"regexp"
 	"slices"
 	"sync"
 	"time"
@@ -16,6 +17,8 @@ import (
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/store"
 )
+
+var defaultTenant = regexp.MustCompile(`^u-[0-9a-f]{16}$`)
 
 // Service issues, lists and revokes tokens.
 type Service struct {
@@ -59,6 +62,13 @@ func (s *Service) Create(ctx context.Context, spec auth.TokenSpec) (auth.Issued,
 	}
 	if spec.Access != nil || spec.Build != "" {
 		return auth.Issued{}, errdefs.Invalid("tokens with an access list or a build are minted by kiln for its builds only")
+	}
+	// A token without namespace or cache scope gets the tenant u-<hash of
+	// its subject>; naming such a tenant outright would join it.
+	for _, v := range []string{spec.Namespace, auth.ScopeTenant(spec.CacheScope)} {
+		if defaultTenant.MatchString(v) {
+			return auth.Issued{}, errdefs.Invalid("%q is the form of the tenant kiln gives tokens without a namespace; pick another namespace or cache scope", v)
+		}
 	}
 	iss, err := s.auth.Issue(spec)
 	if err != nil {
