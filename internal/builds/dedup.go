@@ -146,6 +146,13 @@ func (s *Service) resolveLocal(ctx context.Context, named reference.Named) (stri
 
 type storeOptions = store.BuildOptions
 
+// platformArgs are BuildKit's automatic platform build args for platform.
+func platformArgs() []string {
+	goos, arch, _ := strings.Cut(platform, "/")
+	return []string{"TARGETPLATFORM=" + platform, "TARGETOS=" + goos, "TARGETARCH=" + arch, "TARGETVARIANT=",
+		"BUILDPLATFORM=" + platform, "BUILDOS=" + goos, "BUILDARCH=" + arch, "BUILDVARIANT="}
+}
+
 // syntaxImage is the frontend image a build runs instead of BuildKit's
 // built-in Dockerfile frontend: the BUILDKIT_SYNTAX build arg, else the
 // Dockerfile's "# syntax=" line. It is pinned like a base image, so it
@@ -175,7 +182,9 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 		return nil, err
 	}
 	lex := shell.NewLex(res.EscapeToken)
-	var env []string
+	// BuildKit's automatic platform args, as it sets them for the one
+	// platform kiln builds, so FROM alpine-${TARGETARCH} is pinned too.
+	env := platformArgs()
 	for _, cmd := range metaArgs {
 		for _, a := range cmd.Args {
 			if v, ok := buildArgs[a.Key]; ok {
