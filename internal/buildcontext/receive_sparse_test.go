@@ -60,17 +60,7 @@ func sparseTar(t testing.TB, name string, size int64, frags ...frag) []byte {
 		t.Fatal(err)
 	}
 	raw := buf.Bytes()
-	raw[156] = tar.TypeXHeader
-	var sum int64
-	for i := range 512 {
-		if i >= 148 && i < 156 {
-			sum += ' '
-		} else {
-			sum += int64(raw[i])
-		}
-	}
-	copy(raw[148:156], fmt.Sprintf("%06o\x00 ", sum))
-	return raw
+	return asPAXHeader(raw)
 }
 
 // logical is the content a sparse file of the given size and fragments
