@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -266,11 +267,34 @@ func (s *Service) findDedup(ctx context.Context, h, tenant string, cacheMounts b
 	if s.cfg.DedupTTL <= 0 {
 		return Build{}, false, nil
 	}
-	peers := []string{tenant}
-	if !cacheMounts {
-		peers = s.policy.TrustedTenants(tenant)
+	b, err := store.FindOriginal(ctx, s.db.SQL, h, time.Now().Add(-s.cfg.DedupTTL), s.dedupPeers(tenant, cacheMounts))
+	if errors.Is(err, store.ErrNotFound) {
+		return Build{}, false, nil
 	}
-	b, err := store.FindOriginal(ctx, s.db.SQL, h, time.Now().Add(-s.cfg.DedupTTL), peers)
+	if err != nil {
+		return Build{}, false, err
+	}
+	return b, true, nil
+}
+
+// dedupPeers are the tenants whose identical builds may answer one of
+// tenant's: itself and its trust group, or only itself when the build
+// may use cache mounts.
+func (s *Service) dedupPeers(tenant string, cacheMounts bool) []string {
+	if cacheMounts {
+		return []string{tenant}
+	}
+	return s.policy.TrustedTenants(tenant)
+}
+
+// findInFlight returns an identical build, by the same rules as dedup,
+// that is queued or running: a build submitted meanwhile waits for it
+// instead of running the same steps again.
+func (s *Service) findInFlight(ctx context.Context, q store.Querier, h, tenant string, cacheMounts bool, except string) (Build, bool, error) {
+	if s.cfg.DedupTTL <= 0 {
+		return Build{}, false, nil
+	}
+	b, err := store.FindInFlight(ctx, q, h, s.dedupPeers(tenant, cacheMounts), except)
 	if errors.Is(err, store.ErrNotFound) {
 		return Build{}, false, nil
 	}
@@ -337,4 +361,71 @@ func (s *Service) dedupEvents(id string, orig Build, h string) {
 	s.message(id, "deduplicated: identical inputs (%s) to build %s, which produced %s; nothing was built", h, orig.ID, orig.ImageDigest)
 	s.emit(id, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindStatus}})
 	s.emit(id, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindEnd}})
+}
+
+// awaitLeader waits, holding no volume and no slot, for the identical
+// build b follows. When that one succeeded, b is answered with its result
+// at once and awaitLeader reports true; when it failed, was canceled or
+// is gone, b runs itself.
+func (s *Service) awaitLeader(ctx context.Context, b Build) bool {
+	id := b.Options.Follows
+	wake, stop := s.hub.subscribe(id)
+	defer stop()
+	s.phase(b.ID, "waiting for identical build "+id)
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	for {
+		leader, err := s.load(ctx, id)
+		switch {
+		case err != nil:
+			s.message(b.ID, "identical build %s cannot be followed (%v); building this one", id, err)
+			return false
+		case leader.Status == store.StatusSucceeded:
+			if err := s.answerFollower(ctx, b, leader); err != nil {
+				s.message(b.ID, "taking the result of identical build %s failed (%v); building this one", id, err)
+				return false
+			}
+			return true
+		case store.Terminal(leader.Status):
+			s.message(b.ID, "identical build %s %s; building this one", id, leader.Status)
+			return false
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-wake:
+		case <-tick.C:
+		}
+	}
+}
+
+// answerFollower finishes b with the result of the identical build
+// leader (or of the original leader was itself answered by).
+func (s *Service) answerFollower(ctx context.Context, b Build, leader Build) error {
+	orig := leader
+	if leader.DedupOf != "" {
+		if o, err := s.load(ctx, leader.DedupOf); err == nil {
+			orig = o
+		}
+	}
+	if err := s.answerFromDedup(ctx, &b, orig); err != nil {
+		return err
+	}
+	var won bool
+	err := s.db.InTx(ctx, func(tx *sql.Tx) error {
+		var err error
+		if won, err = store.FinishDeduped(ctx, tx, b); err != nil || !won {
+			return err
+		}
+		return putImages(ctx, tx, b, b.ImageDigest)
+	})
+	if err != nil || !won {
+		return err // canceled meanwhile: the cancel wrote the end
+	}
+	s.secrets.Delete(b.ID)
+	s.images.Convert(b.ImageDigest)
+	s.dedupEvents(b.ID, orig, b.InputHash)
+	s.metrics.dedupHit()
+	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
+	return nil
 }

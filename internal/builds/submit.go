@@ -174,6 +174,17 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		s.secrets.Store(b.ID, req.Secrets)
 	}
 	err = s.db.InTx(ctx, func(tx *sql.Tx) error {
+		// Looked up in the transaction that records the build, so of
+		// identical submissions arriving together exactly one leads.
+		if b.InputHash != "" {
+			leader, inFlight, err := s.findInFlight(ctx, tx, b.InputHash, b.Tenant, opts.CacheMounts, b.ID)
+			if err != nil {
+				return err
+			}
+			if inFlight {
+				b.Options.Follows = leader.ID
+			}
+		}
 		if err := store.CreateBuild(ctx, tx, &b); err != nil {
 			return err
 		}
@@ -187,6 +198,9 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
 	if basesNote != "" {
 		s.message(b.ID, "base images: %s", basesNote)
+	}
+	if b.Options.Follows != "" {
+		s.message(b.ID, "identical build %s is in flight: this build waits for it and takes its result instead of running the same steps", b.Options.Follows)
 	}
 	s.metrics.submitted()
 	return b, nil

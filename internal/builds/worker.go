@@ -196,6 +196,12 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 			Error: "this build's secrets were held only in memory and are gone (the server restarted); submit it again"}, false
 	}
 
+	if b.Options.Follows != "" && s.awaitLeader(ctx, b) {
+		return store.Outcome{}, false // answered from the leader's result
+	}
+	if ctx.Err() != nil {
+		return store.Outcome{}, false
+	}
 	vol, err := s.attachVolume(ctx, b)
 	if err != nil {
 		if ctx.Err() != nil {

@@ -44,6 +44,22 @@ type fakeRuntime struct{}
 // jobs holds every job the fake runtime was given, by build id.
 var jobs sync.Map
 
+// gates hold builds whose build args name GATE=<name> until the test
+// closes the gate.
+var (
+	gatesMu sync.Mutex
+	gates   = map[string]chan struct{}{}
+)
+
+func gate(name string) chan struct{} {
+	gatesMu.Lock()
+	defer gatesMu.Unlock()
+	if gates[name] == nil {
+		gates[name] = make(chan struct{})
+	}
+	return gates[name]
+}
+
 func (fakeRuntime) Name() string { return "fake" }
 
 func (fakeRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (solve.Result, error) {
@@ -51,6 +67,13 @@ func (fakeRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (s
 	if job.Solve.BuildArgs["HOLD"] == "1" {
 		<-ctx.Done()
 		return solve.Result{}, ctx.Err()
+	}
+	if g := job.Solve.BuildArgs["GATE"]; g != "" {
+		select {
+		case <-gate(g):
+		case <-ctx.Done():
+			return solve.Result{}, ctx.Err()
+		}
 	}
 	img := newImage(job.BuildID)
 	var dgst string

@@ -77,6 +77,9 @@ type BuildOptions struct {
 	// CacheMounts: the Dockerfile may use RUN --mount=type=cache, whose
 	// contents the input hash cannot cover.
 	CacheMounts bool `json:"cache_mounts,omitempty"`
+	// Follows is an identical build that was in flight when this one was
+	// submitted: this one waits for it and takes its result.
+	Follows string `json:"follows,omitempty"`
 }
 
 // BasePin is a base image pinned to a digest in kiln's registry: in its
@@ -383,4 +386,42 @@ func BuildOwner(ctx context.Context, q Querier, id string) (tenant string, activ
 		return "", false, fmt.Errorf("look up the owner of build %s: %w", id, err)
 	}
 	return tenant, !Terminal(status), nil
+}
+
+// FindInFlight returns the oldest queued or running build of one of
+// tenants with input hash h, other than except.
+func FindInFlight(ctx context.Context, q Querier, h string, tenants []string, except string) (Build, error) {
+	if len(tenants) == 0 {
+		return Build{}, ErrNotFound
+	}
+	query := `SELECT ` + buildColumns + ` FROM builds WHERE input_hash = ? AND status IN ('queued', 'running')
+		AND id != ? AND tenant IN (?` + strings.Repeat(", ?", len(tenants)-1) + `) ORDER BY seq LIMIT 1`
+	args := []any{h, except}
+	for _, t := range tenants {
+		args = append(args, t)
+	}
+	list, err := queryBuilds(ctx, q, query, args...)
+	if err != nil {
+		return Build{}, err
+	}
+	if len(list) == 0 {
+		return Build{}, ErrNotFound
+	}
+	return list[0], nil
+}
+
+// FinishDeduped moves an unfinished build to succeeded with the result of
+// the identical build it was answered by (b.DedupOf, b.ImageDigest, step
+// counts, times). It reports false, changing nothing, if the build was
+// already terminal.
+func FinishDeduped(ctx context.Context, q Querier, b Build) (bool, error) {
+	res, err := q.ExecContext(ctx, `UPDATE builds SET status = 'succeeded', phase = 'done', dedup_of = ?, image_digest = ?,
+		steps_total = ?, steps_cached = ?, started_at = ?, finished_at = ?
+		WHERE id = ? AND status IN ('queued', 'running')`,
+		b.DedupOf, b.ImageDigest, b.StepsTotal, b.StepsCached, micros(b.StartedAt), micros(b.FinishedAt), b.ID)
+	if err != nil {
+		return false, fmt.Errorf("finish build %s from %s: %w", b.ID, b.DedupOf, err)
+	}
+	n, _ := res.RowsAffected()
+	return n == 1, nil
 }
