@@ -368,13 +368,7 @@ func submission(fields ...[2]string) (io.Reader, string) {
 // build submits a build and, unless it holds, waits for it to succeed.
 func (k *kiln) build(token string, fields ...[2]string) api.Build {
 	k.t.Helper()
-	body, ct := submission(fields...)
-	code, b := k.call(token, "POST", "/v1/builds", body, ct)
-	if code != http.StatusAccepted {
-		k.t.Fatalf("submit: %d %s", code, b)
-	}
-	var out api.Build
-	json.Unmarshal(b, &out)
+	out := k.submitAs(token, fields...)
 	hold := false
 	for _, f := range fields {
 		hold = hold || f[0] == "build_args" && strings.Contains(f[1], "HOLD")
