@@ -458,7 +458,7 @@ func tenantOf(namespace, cacheScope, subject string) (string, error) {
 		return namespace, nil
 	}
 	scope := cacheScopeOf("", cacheScope, subject)
-	tenant, _, _ := strings.Cut(scope, ".")
+	tenant := ScopeTenant(scope)
 	if err := ValidTenant(tenant); err != nil {
 		return "", fmt.Errorf("cache scope %q does not name a tenant (the part before its first '.'): %v; give the token a namespace", scope, err)
 	}

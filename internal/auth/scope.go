@@ -82,10 +82,13 @@ func validateScopes(scopes []Scope) error {
 	return nil
 }
 
-func scopeList() string {
-	names := make([]string, len(AllScopes))
-	for i, s := range AllScopes {
+// ScopeNames spells scopes as strings, for APIs, records and help text.
+func ScopeNames(scopes []Scope) []string {
+	names := make([]string, len(scopes))
+	for i, s := range scopes {
 		names[i] = string(s)
 	}
-	return strings.Join(names, ", ")
+	return names
 }
+
+func scopeList() string { return strings.Join(ScopeNames(AllScopes), ", ") }

@@ -357,10 +357,16 @@ func (s *Service) dedupSource(ctx context.Context, orig Build) (string, error) {
 	return "", errDedupGone
 }
 
-func (s *Service) dedupEvents(id string, orig Build, h string) {
-	s.message(id, "deduplicated: identical inputs (%s) to build %s, which produced %s; nothing was built", h, orig.ID, orig.ImageDigest)
-	s.emit(id, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindStatus}})
-	s.emit(id, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindEnd}})
+// dedupAnswered follows up a build recorded as answered by orig: its
+// digest's conversion (a no-op: converted already, or converting), its
+// closing events and the metrics.
+func (s *Service) dedupAnswered(b Build, orig Build) {
+	s.images.Convert(b.ImageDigest)
+	s.message(b.ID, "deduplicated: identical inputs (%s) to build %s, which produced %s; nothing was built", b.InputHash, orig.ID, orig.ImageDigest)
+	s.emit(b.ID, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindStatus}})
+	s.emit(b.ID, Event{Status: store.StatusSucceeded, Event: progress.Event{Kind: KindEnd}})
+	s.metrics.dedupHit()
+	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
 }
 
 // awaitLeader waits, holding no volume and no slot, for the identical
@@ -423,9 +429,6 @@ func (s *Service) answerFollower(ctx context.Context, b Build, leader Build) err
 		return err // canceled meanwhile: the cancel wrote the end
 	}
 	s.secrets.Delete(b.ID)
-	s.images.Convert(b.ImageDigest)
-	s.dedupEvents(b.ID, orig, b.InputHash)
-	s.metrics.dedupHit()
-	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
+	s.dedupAnswered(b, orig)
 	return nil
 }

@@ -71,7 +71,6 @@ type Config struct {
 	// DedupTTL is how long a succeeded build answers identical ones; 0
 	// turns dedup off.
 	DedupTTL time.Duration
-
 	// NetworkDefault is the mode of builds that ask for none;
 	// NetworkAllowed the modes builds may ask for.
 	NetworkDefault string

@@ -419,11 +419,8 @@ func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Buil
 		return Build{}, fmt.Errorf("record deduplicated build: %w", err)
 	}
 	s.Discard(u)
-	s.images.Convert(b.ImageDigest) // converted already, or converting: no new conversion
-	s.dedupEvents(b.ID, orig, b.InputHash)
 	s.metrics.submitted()
-	s.metrics.dedupHit()
-	s.metrics.finished(b.ID, store.Outcome{Status: store.StatusSucceeded})
+	s.dedupAnswered(b, orig)
 	return b, nil
 }
 

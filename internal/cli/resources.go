@@ -187,13 +187,9 @@ namespaces and name images exactly as given.`,
   export KILN_TOKEN=$(kiln token create --subject me --scope build:write)`,
 		Args: exactArgs(),
 	}
-	names := make([]string, len(auth.AllScopes))
-	for i, s := range auth.AllScopes {
-		names[i] = string(s)
-	}
 	fl := create.Flags()
 	fl.StringVar(&subject, "subject", "", "who the token is for (required)")
-	fl.StringSliceVar(&scopes, "scope", nil, "comma-separated scopes (required): "+strings.Join(names, ", "))
+	fl.StringSliceVar(&scopes, "scope", nil, "comma-separated scopes (required): "+strings.Join(auth.ScopeNames(auth.AllScopes), ", "))
 	fl.StringVar(&namespace, "namespace", "", "the tenant the token acts for; its images are named NS/… (default: the cache scope up to its first '.')")
 	fl.StringVar(&cacheScope, "cache-scope", "", "cache scope the token's builds use")
 	fl.StringVar(&ttl, "ttl", "24h", "lifetime, as a Go duration (24h, 720h)")

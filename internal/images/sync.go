@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/kiln-build/kiln/internal/access"
@@ -29,7 +28,8 @@ func (s *Service) SyncRepository(ctx context.Context, repo string) error {
 // syncTags syncs one tag of repo, or all of them when tag is empty: a
 // push sets one tag, and a repository may have thousands.
 func (s *Service) syncTags(ctx context.Context, repo, tag string) error {
-	switch s.policy.Classify(repo).Class {
+	ns := s.policy.Classify(repo)
+	switch ns.Class {
 	case access.ClassMirror, access.ClassGlobalCache, access.ClassReserved:
 		return nil
 	}
@@ -65,7 +65,7 @@ func (s *Service) syncTags(ctx context.Context, repo, tag string) error {
 			continue
 		}
 		im := store.Image{Name: repo + ":" + tag, Repository: repo, Tag: tag, Digest: digest, CreatedAt: time.Now().UTC()}
-		if ns := s.policy.Classify(repo); ns.Class == access.ClassBuild {
+		if ns.Class == access.ClassBuild {
 			im.BuildID = ns.Owner
 		}
 		if err := store.PutImage(ctx, s.db.SQL, im); err != nil {
@@ -109,9 +109,6 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		}
 	}
 	for _, r := range repos {
-		if strings.HasPrefix(r, access.MirrorNamespace+"/") {
-			continue
-		}
 		if err := s.SyncRepository(ctx, r); err != nil {
 			return err
 		}

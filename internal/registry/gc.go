@@ -50,7 +50,7 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 	st.UploadsRemoved = removed
 	// Mark and sweep fails on a registry that never stored a blob; such a
 	// registry has nothing to sweep.
-	if _, err := os.Stat(r.blobsRoot()); err == nil {
+	if _, err := os.Stat(r.storageDir("blobs")); err == nil {
 		if err := storage.MarkAndSweep(ctx, r.driver, r.ns, storage.GCOpts{Quiet: true}); err != nil {
 			return st, fmt.Errorf("registry garbage collection: %w", err)
 		}
@@ -70,7 +70,7 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 func (r *Registry) purgeUploads(ctx context.Context, now time.Time) (int, error) {
 	// PurgeUploads walks the repositories, and fails on a registry that
 	// has none yet.
-	if _, err := os.Stat(filepath.Join(r.root, "docker", "registry", "v2", "repositories")); errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Stat(r.storageDir("repositories")); errors.Is(err, fs.ErrNotExist) {
 		return 0, nil
 	}
 	cutoff := now.Add(-uploadMaxAge)
@@ -87,13 +87,15 @@ func (r *Registry) purgeUploads(ctx context.Context, now time.Time) (int, error)
 	return len(removed), nil
 }
 
-func (r *Registry) blobsRoot() string {
-	return filepath.Join(r.root, "docker", "registry", "v2", "blobs")
+// storageDir is a top-level directory of distribution's filesystem
+// layout: "blobs" or "repositories".
+func (r *Registry) storageDir(name string) string {
+	return filepath.Join(r.root, "docker", "registry", "v2", name)
 }
 
 // blobUsage counts the blobs on disk and their bytes.
 func (r *Registry) blobUsage() (n int, bytes int64, err error) {
-	root := r.blobsRoot()
+	root := r.storageDir("blobs")
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if p == root && errors.Is(err, fs.ErrNotExist) {

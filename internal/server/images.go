@@ -246,16 +246,12 @@ func apiToken(t store.Token) api.TokenInfo {
 // surprise.
 func (s *Server) whoami(w http.ResponseWriter, r *http.Request) {
 	p := principal(r)
-	scopes := make([]string, len(p.Scopes))
-	for i, sc := range p.Scopes {
-		scopes[i] = string(sc)
-	}
 	admin := p.Has(auth.ScopeBuildAdmin)
 	prefix := p.Tenant + "/"
 	if admin {
 		prefix = ""
 	}
-	writeJSON(w, http.StatusOK, api.Whoami{Subject: p.Subject, Tenant: p.Tenant, CacheScope: p.CacheScope, Scopes: scopes,
+	writeJSON(w, http.StatusOK, api.Whoami{Subject: p.Subject, Tenant: p.Tenant, CacheScope: p.CacheScope, Scopes: auth.ScopeNames(p.Scopes),
 		TokenId: p.TokenID, ExpiresAt: p.ExpiresAt.UTC(), Admin: admin, ImagePrefix: prefix})
 }
 

@@ -357,14 +357,10 @@ func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, ten
 	if len(tenants) == 0 {
 		return Build{}, ErrNotFound
 	}
+	in, targs := tenantIn(tenants)
 	query := `SELECT ` + buildColumns + ` FROM builds WHERE input_hash = ? AND status = 'succeeded'
-		AND dedup_of = '' AND image_digest != '' AND finished_at >= ?
-		AND tenant IN (?` + strings.Repeat(", ?", len(tenants)-1) + `)`
-	args := []any{h, since.UnixMicro()}
-	for _, t := range tenants {
-		args = append(args, t)
-	}
-	list, err := queryBuilds(ctx, q, query+` ORDER BY seq DESC LIMIT 1`, args...)
+		AND dedup_of = '' AND image_digest != '' AND finished_at >= ? AND ` + in
+	list, err := queryBuilds(ctx, q, query+` ORDER BY seq DESC LIMIT 1`, append([]any{h, since.UnixMicro()}, targs...)...)
 	if err != nil {
 		return Build{}, err
 	}
@@ -372,6 +368,16 @@ func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, ten
 		return Build{}, ErrNotFound
 	}
 	return list[0], nil
+}
+
+// tenantIn is the condition "tenant is one of tenants" (not empty) and
+// its arguments.
+func tenantIn(tenants []string) (string, []any) {
+	args := make([]any, len(tenants))
+	for i, t := range tenants {
+		args[i] = t
+	}
+	return `tenant IN (?` + strings.Repeat(", ?", len(tenants)-1) + `)`, args
 }
 
 // BuildOwner returns the tenant build id belongs to, and whether it is
@@ -394,13 +400,10 @@ func FindInFlight(ctx context.Context, q Querier, h string, tenants []string, ex
 	if len(tenants) == 0 {
 		return Build{}, ErrNotFound
 	}
+	in, targs := tenantIn(tenants)
 	query := `SELECT ` + buildColumns + ` FROM builds WHERE input_hash = ? AND status IN ('queued', 'running')
-		AND id != ? AND tenant IN (?` + strings.Repeat(", ?", len(tenants)-1) + `) ORDER BY seq LIMIT 1`
-	args := []any{h, except}
-	for _, t := range tenants {
-		args = append(args, t)
-	}
-	list, err := queryBuilds(ctx, q, query, args...)
+		AND id != ? AND ` + in + ` ORDER BY seq LIMIT 1`
+	list, err := queryBuilds(ctx, q, query, append([]any{h, except}, targs...)...)
 	if err != nil {
 		return Build{}, err
 	}

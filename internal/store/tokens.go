@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -34,46 +35,54 @@ func PutToken(ctx context.Context, q Querier, t Token) error {
 // ListTokens returns the recorded tokens, newest first, expired ones
 // included (they show why an old token stopped working).
 func ListTokens(ctx context.Context, q Querier) ([]Token, error) {
-	rows, err := q.QueryContext(ctx, `SELECT id, subject, tenant, cache_scope, scopes, created_at, expires_at, revoked_at
-		FROM tokens ORDER BY created_at DESC, id`)
+	rows, err := q.QueryContext(ctx, `SELECT `+tokenColumns+` FROM tokens ORDER BY created_at DESC, id`)
 	if err != nil {
 		return nil, fmt.Errorf("list tokens: %w", err)
 	}
 	defer rows.Close()
 	var out []Token
 	for rows.Next() {
-		var t Token
-		var scopes string
-		var created, expires int64
-		var revoked sql.NullInt64
-		if err := rows.Scan(&t.ID, &t.Subject, &t.Tenant, &t.CacheScope, &scopes, &created, &expires, &revoked); err != nil {
+		t, err := scanToken(rows)
+		if err != nil {
 			return nil, err
-		}
-		t.Scopes = strings.Split(scopes, ",")
-		t.CreatedAt, t.ExpiresAt = time.UnixMicro(created).UTC(), time.UnixMicro(expires).UTC()
-		if revoked.Valid {
-			t.RevokedAt = time.UnixMicro(revoked.Int64).UTC()
 		}
 		out = append(out, t)
 	}
 	return out, rows.Err()
 }
 
-// RevokeToken marks a token revoked; revoking twice keeps the first time.
+const tokenColumns = `id, subject, tenant, cache_scope, scopes, created_at, expires_at, revoked_at`
+
+func scanToken(row interface{ Scan(...any) error }) (Token, error) {
+	var t Token
+	var scopes string
+	var created, expires int64
+	var revoked sql.NullInt64
+	if err := row.Scan(&t.ID, &t.Subject, &t.Tenant, &t.CacheScope, &scopes, &created, &expires, &revoked); err != nil {
+		return Token{}, err
+	}
+	t.Scopes = strings.Split(scopes, ",")
+	t.CreatedAt, t.ExpiresAt = time.UnixMicro(created).UTC(), time.UnixMicro(expires).UTC()
+	if revoked.Valid {
+		t.RevokedAt = time.UnixMicro(revoked.Int64).UTC()
+	}
+	return t, nil
+}
+
+// RevokeToken marks a token revoked and returns it; revoking twice keeps
+// the first time. An unknown id is ErrNotFound.
 func RevokeToken(ctx context.Context, q Querier, id string, at time.Time) (Token, error) {
 	if _, err := q.ExecContext(ctx, `UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?`, at.UnixMicro(), id); err != nil {
 		return Token{}, fmt.Errorf("revoke token %s: %w", id, err)
 	}
-	list, err := ListTokens(ctx, q)
+	t, err := scanToken(q.QueryRowContext(ctx, `SELECT `+tokenColumns+` FROM tokens WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return Token{}, ErrNotFound
+	}
 	if err != nil {
-		return Token{}, err
+		return Token{}, fmt.Errorf("read token %s: %w", id, err)
 	}
-	for _, t := range list {
-		if t.ID == id {
-			return t, nil
-		}
-	}
-	return Token{}, ErrNotFound
+	return t, nil
 }
 
 // RevokedTokenIDs lists every revoked token id that has not expired yet;

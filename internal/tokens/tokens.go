@@ -8,7 +8,6 @@ import (
 	"context"
 	"errors"
 	"regexp"
-	"slices"
 	"sync"
 	"time"
 
@@ -87,22 +86,14 @@ func (s *Service) Create(ctx context.Context, spec auth.TokenSpec) (auth.Issued,
 // Record remembers a token issued elsewhere (the admin token written at
 // first start), so it can be listed and revoked.
 func (s *Service) Record(ctx context.Context, spec auth.TokenSpec, iss auth.Issued) error {
-	scopes := make([]string, len(spec.Scopes))
-	for i, sc := range spec.Scopes {
-		scopes[i] = string(sc)
-	}
 	return store.PutToken(ctx, s.db.SQL, store.Token{ID: iss.ID, Subject: spec.Subject, Tenant: iss.Tenant,
-		CacheScope: iss.CacheScope, Scopes: scopes, CreatedAt: iss.IssuedAt, ExpiresAt: iss.ExpiresAt})
+		CacheScope: iss.CacheScope, Scopes: auth.ScopeNames(spec.Scopes), CreatedAt: iss.IssuedAt, ExpiresAt: iss.ExpiresAt})
 }
 
 // RecordPrincipal remembers the token behind p, if it is not yet known.
 func (s *Service) RecordPrincipal(ctx context.Context, p auth.Principal, issuedAt time.Time) error {
-	scopes := make([]string, len(p.Scopes))
-	for i, sc := range p.Scopes {
-		scopes[i] = string(sc)
-	}
 	return store.PutToken(ctx, s.db.SQL, store.Token{ID: p.TokenID, Subject: p.Subject, Tenant: p.Tenant,
-		CacheScope: p.CacheScope, Scopes: scopes, CreatedAt: issuedAt, ExpiresAt: p.ExpiresAt})
+		CacheScope: p.CacheScope, Scopes: auth.ScopeNames(p.Scopes), CreatedAt: issuedAt, ExpiresAt: p.ExpiresAt})
 }
 
 // List returns every recorded token, newest first.
@@ -113,16 +104,9 @@ func (s *Service) List(ctx context.Context) ([]store.Token, error) {
 // Revoke revokes a recorded token: every request bearing it, and every
 // registry token it was exchanged for, fails from now on.
 func (s *Service) Revoke(ctx context.Context, id string) (store.Token, error) {
-	list, err := s.List(ctx)
-	if err != nil {
-		return store.Token{}, err
-	}
-	if !slices.ContainsFunc(list, func(t store.Token) bool { return t.ID == id }) {
-		return store.Token{}, errdefs.NotFound("no token with id %s (kiln token ls lists them)", errdefs.Quote(id))
-	}
 	t, err := store.RevokeToken(ctx, s.db.SQL, id, time.Now().UTC())
 	if errors.Is(err, store.ErrNotFound) {
-		return store.Token{}, errdefs.NotFound("no token with id %s", errdefs.Quote(id))
+		return store.Token{}, errdefs.NotFound("no token with id %s (kiln token ls lists them)", errdefs.Quote(id))
 	}
 	if err != nil {
 		return store.Token{}, err
