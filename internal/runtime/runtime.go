@@ -5,6 +5,10 @@ package runtime
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
 
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/solve"
@@ -58,3 +62,83 @@ type Runtime interface {
 type NetworkChecker interface {
 	CheckNetwork(mode string, allowedDomains []string) error
 }
+
+// Keeper is implemented by runtimes that can keep a builder running
+// between builds (internal/builders pools them per cache scope). A builder
+// is started with the shape of its first job and takes later jobs of the
+// same shape (ShapeOf) and volume; nothing but the volume's contents
+// crosses from one job to the next: secrets, registry credentials, the
+// context and every network connection are per job.
+type Keeper interface {
+	StartBuilder(ctx context.Context, job Job, sink progress.Sink) (Builder, error)
+}
+
+// Builder is one running builder: buildkitd (process runtime) or a VM with
+// kiln-agent and buildkitd (vm runtime), on one attached volume.
+type Builder interface {
+	// Run runs one job, which must have the builder's shape and volume.
+	// It returns as Runtime.Run does; on cancel the solve is stopped.
+	Run(ctx context.Context, job Job, sink progress.Sink) (solve.Result, error)
+	// Reusable reports whether the builder may take another job: its
+	// last Run ended with a result or a build failure, and nothing about
+	// it is in doubt (no cancel or timeout that did not finish cleanly,
+	// no exited buildkitd, no unresponsive agent).
+	Reusable() bool
+	// Stop ends the builder and detaches its volume, unmounted and
+	// clean. It is safe to call more than once and after a failed Run.
+	Stop(ctx context.Context) error
+	// MemoryMB is what the builder holds while it is up (its VM's memory,
+	// or the job's memory limit for buildkitd on the host).
+	MemoryMB() int
+}
+
+// ShapeOf is what a builder is started with and must match for reuse:
+// volume, resources, network policy, GC bounds and the registries the
+// builder was set up to reach.
+func ShapeOf(job Job) string {
+	allowed := slices.Clone(job.AllowedDomains)
+	slices.Sort(allowed)
+	registries := slices.Clone(job.InsecureRegistries)
+	for _, ref := range append(append(slices.Clone(job.Solve.Push), job.Solve.CacheImports...), job.Solve.CacheExport) {
+		registries = append(registries, registryHost(ref))
+	}
+	for _, src := range job.Solve.NamedContexts {
+		if ref, ok := strings.CutPrefix(src, "docker-image://"); ok {
+			registries = append(registries, registryHost(ref))
+		}
+	}
+	slices.Sort(registries)
+	registries = slices.Compact(registries)
+	network := job.Network
+	if network == "" {
+		network = "egress"
+	}
+	data, _ := json.Marshal(struct {
+		Volume     string
+		CPUs, Mem  int
+		Network    string
+		Allowed    []string
+		GC         GCPolicy
+		Registries []string
+	}{job.Volume, job.CPUs, job.MemoryMB, network, allowed, job.GC, registries})
+	return string(data)
+}
+
+// registryHost is the host part of an image reference, as BuildKit reads
+// it: the first path component when it looks like a host.
+func registryHost(ref string) string {
+	if ref == "" {
+		return ""
+	}
+	first, _, ok := strings.Cut(ref, "/")
+	if !ok || !strings.ContainsAny(first, ".:") && first != "localhost" {
+		return "docker.io"
+	}
+	return first
+}
+
+// ErrBuilderLost wrapped in a Builder.Run error means the builder itself
+// failed under the job (a frozen or dead VM, an agent gone), which says
+// nothing about the build: the job may run again on a fresh builder, and
+// the pool does so once.
+var ErrBuilderLost = errors.New("the builder was lost")
