@@ -63,6 +63,24 @@ func (e BuildStatus) Valid() bool {
 	}
 }
 
+// Defines values for BuilderState.
+const (
+	Building BuilderState = "building"
+	Idle     BuilderState = "idle"
+)
+
+// Valid indicates whether the value is a known member of the BuilderState enum.
+func (e BuilderState) Valid() bool {
+	switch e {
+	case Building:
+		return true
+	case Idle:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for RootFSStatus.
 const (
 	RootFSStatusConverting RootFSStatus = "converting"
@@ -126,10 +144,13 @@ func (e BuildOutputParamsType) Valid() bool {
 // Build defines model for Build.
 type Build struct {
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
-	CacheScope     string    `json:"cache_scope"`
-	ContextBytes   *int64    `json:"context_bytes,omitempty"`
-	Cpus           *int      `json:"cpus,omitempty"`
-	CreatedAt      time.Time `json:"created_at"`
+
+	// BuilderReused The build ran on its scope's builder kept up from an earlier build (no boot
+	BuilderReused *bool     `json:"builder_reused,omitempty"`
+	CacheScope    string    `json:"cache_scope"`
+	ContextBytes  *int64    `json:"context_bytes,omitempty"`
+	Cpus          *int      `json:"cpus,omitempty"`
+	CreatedAt     time.Time `json:"created_at"`
 
 	// DedupOf The build whose result answered this one (identical inputs).
 	DedupOf    *string    `json:"dedup_of"`
@@ -162,6 +183,9 @@ type Build struct {
 	// Tenant The tenant the build belongs to.
 	Tenant         *string `json:"tenant,omitempty"`
 	TimeoutSeconds *int    `json:"timeout_seconds,omitempty"`
+
+	// Timings Seconds per phase once the build ran: queued (submission to start, waiting for its scope and a slot included), builder_start (boot, buildkitd start and mount; near 0 on a reused builder), solve (the rest of the run), and from BuildKit context_transfer, export and push when the build had them.
+	Timings *map[string]float64 `json:"timings,omitempty"`
 }
 
 // BuildList defines model for BuildList.
@@ -224,6 +248,26 @@ type BuildRequestNetwork string
 
 // BuildStatus defines model for BuildStatus.
 type BuildStatus string
+
+// Builder defines model for Builder.
+type Builder struct {
+	// Builds Builds the builder has run.
+	Builds   int          `json:"builds"`
+	LastUsed time.Time    `json:"last_used"`
+	MemoryMb int          `json:"memory_mb"`
+	Runtime  string       `json:"runtime"`
+	Scope    string       `json:"scope"`
+	Started  time.Time    `json:"started"`
+	State    BuilderState `json:"state"`
+}
+
+// BuilderState defines model for Builder.State.
+type BuilderState string
+
+// BuilderList defines model for BuilderList.
+type BuilderList struct {
+	Builders []Builder `json:"builders"`
+}
 
 // CacheVolume defines model for CacheVolume.
 type CacheVolume struct {
@@ -341,6 +385,11 @@ type RunRequest struct {
 	MemoryMb *int      `json:"memory_mb,omitempty"`
 }
 
+// StopBuilderRequest defines model for StopBuilderRequest.
+type StopBuilderRequest struct {
+	Scope string `json:"scope"`
+}
+
 // TagRequest defines model for TagRequest.
 type TagRequest struct {
 	// Name New repository:tag for the same digest.
@@ -435,6 +484,9 @@ type BuildOutputParams struct {
 // BuildOutputParamsType defines parameters for BuildOutput.
 type BuildOutputParamsType string
 
+// StopBuilderJSONRequestBody defines body for StopBuilder for application/json ContentType.
+type StopBuilderJSONRequestBody = StopBuilderRequest
+
 // CreateBuildMultipartRequestBody defines body for CreateBuild for multipart/form-data ContentType.
 type CreateBuildMultipartRequestBody = BuildRequest
 
@@ -528,6 +580,29 @@ type ClientInterface interface {
 	//
 	// Corresponds with GET /metrics (the `Metrics` operationId).
 	Metrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// ListBuilders Builders kept up between builds (needs build:admin)
+	//
+	// Corresponds with GET /v1/builders (the `ListBuilders` operationId).
+	ListBuilders(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// StopBuilderWithBody Stop a scope's warm builder (needs build:admin)
+	//
+	// An idle builder stops at once (204). One running a build is not kept after that build (202).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+	StopBuilderWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// StopBuilder Stop a scope's warm builder (needs build:admin)
+	//
+	// An idle builder stops at once (204). One running a build is not kept after that build (202).
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+	StopBuilder(ctx context.Context, body StopBuilderJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListBuilds List builds, newest first (needs build:read)
 	//
@@ -705,6 +780,59 @@ func (c *Client) Healthz(ctx context.Context, reqEditors ...RequestEditorFn) (*h
 // Corresponds with GET /metrics (the `Metrics` operationId).
 func (c *Client) Metrics(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewMetricsRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// ListBuilders Builders kept up between builds (needs build:admin)
+//
+// Corresponds with GET /v1/builders (the `ListBuilders` operationId).
+func (c *Client) ListBuilders(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListBuildersRequest(c.Server)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// StopBuilderWithBody Stop a scope's warm builder (needs build:admin)
+//
+// An idle builder stops at once (204). One running a build is not kept after that build (202).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+func (c *Client) StopBuilderWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewStopBuilderRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// StopBuilder Stop a scope's warm builder (needs build:admin)
+//
+// An idle builder stops at once (204). One running a build is not kept after that build (202).
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+func (c *Client) StopBuilder(ctx context.Context, body StopBuilderJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewStopBuilderRequest(c.Server, body)
 	if err != nil {
 		return nil, err
 	}
@@ -1152,6 +1280,73 @@ func NewMetricsRequest(server string) (*http.Request, error) {
 	if err != nil {
 		return nil, err
 	}
+
+	return req, nil
+}
+
+// NewListBuildersRequest constructs an http.Request for the ListBuilders method
+func NewListBuildersRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/builders")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewStopBuilderRequest calls the generic StopBuilder builder with application/json body
+func NewStopBuilderRequest(server string, body StopBuilderJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewStopBuilderRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewStopBuilderRequestWithBody constructs an http.Request for the StopBuilder method, with any body, and a specified content type
+func NewStopBuilderRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/builders/stop")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
 
 	return req, nil
 }
@@ -2009,6 +2204,31 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with GET /metrics (the `Metrics` operationId).
 	MetricsWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*MetricsResponse, error)
 
+	// ListBuildersWithResponse Builders kept up between builds (needs build:admin)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/builders (the `ListBuilders` operationId).
+	ListBuildersWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*ListBuildersResponse, error)
+
+	// StopBuilderWithBodyWithResponse Stop a scope's warm builder (needs build:admin)
+	//
+	// An idle builder stops at once (204). One running a build is not kept after that build (202).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+	StopBuilderWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*StopBuilderResponse, error)
+
+	// StopBuilderWithResponse Stop a scope's warm builder (needs build:admin)
+	//
+	// An idle builder stops at once (204). One running a build is not kept after that build (202).
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+	StopBuilderWithResponse(ctx context.Context, body StopBuilderJSONRequestBody, reqEditors ...RequestEditorFn) (*StopBuilderResponse, error)
+
 	// ListBuildsWithResponse List builds, newest first (needs build:read)
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -2261,6 +2481,95 @@ func (r MetricsResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r MetricsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type ListBuildersResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *BuilderList
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r ListBuildersResponse) GetJSON200() *BuilderList {
+	return r.JSON200
+}
+
+// GetBody returns the raw response body bytes
+func (r ListBuildersResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r ListBuildersResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r ListBuildersResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r ListBuildersResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type StopBuilderResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *Error
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *Error
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r StopBuilderResponse) GetJSON400() *Error {
+	return r.JSON400
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r StopBuilderResponse) GetJSON404() *Error {
+	return r.JSON404
+}
+
+// GetBody returns the raw response body bytes
+func (r StopBuilderResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r StopBuilderResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r StopBuilderResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r StopBuilderResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -3293,6 +3602,49 @@ func (c *ClientWithResponses) MetricsWithResponse(ctx context.Context, reqEditor
 	return ParseMetricsResponse(rsp)
 }
 
+// ListBuildersWithResponse Builders kept up between builds (needs build:admin)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/builders (the `ListBuilders` operationId).
+func (c *ClientWithResponses) ListBuildersWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*ListBuildersResponse, error) {
+	rsp, err := c.ListBuilders(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseListBuildersResponse(rsp)
+}
+
+// StopBuilderWithBodyWithResponse Stop a scope's warm builder (needs build:admin)
+//
+// An idle builder stops at once (204). One running a build is not kept after that build (202).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+func (c *ClientWithResponses) StopBuilderWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*StopBuilderResponse, error) {
+	rsp, err := c.StopBuilderWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseStopBuilderResponse(rsp)
+}
+
+// StopBuilderWithResponse Stop a scope's warm builder (needs build:admin)
+//
+// An idle builder stops at once (204). One running a build is not kept after that build (202).
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/builders/stop (the `StopBuilder` operationId).
+func (c *ClientWithResponses) StopBuilderWithResponse(ctx context.Context, body StopBuilderJSONRequestBody, reqEditors ...RequestEditorFn) (*StopBuilderResponse, error) {
+	rsp, err := c.StopBuilder(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseStopBuilderResponse(rsp)
+}
+
 // ListBuildsWithResponse List builds, newest first (needs build:read)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -3647,6 +3999,71 @@ func ParseMetricsResponse(rsp *http.Response) (*MetricsResponse, error) {
 	response := &MetricsResponse{
 		Body:         bodyBytes,
 		HTTPResponse: rsp,
+	}
+
+	return response, nil
+}
+
+// ParseListBuildersResponse parses an HTTP response from a ListBuildersWithResponse call
+func ParseListBuildersResponse(rsp *http.Response) (*ListBuildersResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &ListBuildersResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest BuilderList
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseStopBuilderResponse parses an HTTP response from a StopBuilderWithResponse call
+func ParseStopBuilderResponse(rsp *http.Response) (*StopBuilderResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &StopBuilderResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case rsp.StatusCode == 202:
+		break // No content-type
+
+	case rsp.StatusCode == 204:
+		break // No content-type
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
 	}
 
 	return response, nil

@@ -6,6 +6,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -20,12 +21,15 @@ type metrics struct {
 	cachedRatio prometheus.Histogram
 	dedupHits   prometheus.Counter
 	runs        prometheus.Counter
+	phases      *prometheus.HistogramVec
+	reused      prometheus.Counter
 
 	byStatus *prometheus.Desc
 	queueLen *prometheus.Desc
 	volBytes *prometheus.Desc
 	volUsed  *prometheus.Desc
 	volCount *prometheus.Desc
+	warm     *prometheus.Desc
 }
 
 func newMetrics(s *Service) *metrics {
@@ -51,6 +55,14 @@ func newMetrics(s *Service) *metrics {
 		runs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kiln_runtime_runs_total", Help: "Builds handed to a builder runtime (BuildKit solves started).",
 		}),
+		phases: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "kiln_build_phase_seconds", Help: "Time builds spent per phase (queued, builder_start, context_transfer, solve, export, push).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 3, 12),
+		}, []string{"phase", "runtime"}),
+		reused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kiln_builder_reuses_total", Help: "Builds that ran on a builder kept up from an earlier build of their scope.",
+		}),
+		warm:     prometheus.NewDesc("kiln_builders_warm", "Builders kept up between builds, by state (idle, building).", []string{"state"}, nil),
 		byStatus: prometheus.NewDesc("kiln_builds", "Builds recorded, by status.", []string{"status"}, nil),
 		queueLen: prometheus.NewDesc("kiln_queue_length", "Builds waiting to run.", nil, nil),
 		// Totals only: /metrics answers without a token, and a scope
@@ -75,6 +87,15 @@ func (m *metrics) finished(_ string, o store.Outcome) { m.finishedC.WithLabelVal
 
 func (m *metrics) observeDuration(d time.Duration) { m.duration.Observe(d.Seconds()) }
 
+func (m *metrics) observePhases(runtime string, o store.Outcome) {
+	for phase, secs := range o.Timings {
+		m.phases.WithLabelValues(phase, runtime).Observe(secs)
+	}
+	if o.BuilderReused {
+		m.reused.Inc()
+	}
+}
+
 func (m *metrics) observeSteps(total, cached int) {
 	if total > 0 {
 		m.cachedRatio.Observe(float64(cached) / float64(total))
@@ -88,6 +109,9 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.cachedRatio.Describe(ch)
 	m.dedupHits.Describe(ch)
 	m.runs.Describe(ch)
+	m.phases.Describe(ch)
+	m.reused.Describe(ch)
+	ch <- m.warm
 	ch <- m.byStatus
 	ch <- m.queueLen
 	ch <- m.volBytes
@@ -102,6 +126,15 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.cachedRatio.Collect(ch)
 	m.dedupHits.Collect(ch)
 	m.runs.Collect(ch)
+	m.phases.Collect(ch)
+	m.reused.Collect(ch)
+	counts := map[string]int{builders.StateIdle: 0, builders.StateBuilding: 0}
+	for _, b := range m.s.builders.List() {
+		counts[b.State]++
+	}
+	for state, n := range counts {
+		ch <- prometheus.MustNewConstMetric(m.warm, prometheus.GaugeValue, float64(n), state)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if counts, err := store.CountByStatus(ctx, m.s.db.SQL); err == nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/images"
@@ -88,6 +89,7 @@ type Service struct {
 	images   *images.Service
 	mirror   *mirror.Mirror
 	volumes  *cachevol.Manager
+	builders *builders.Pool
 	runtime  runtime.Runtime
 	auth     *auth.Authority
 	policy   *access.Policy
@@ -115,7 +117,10 @@ type Deps struct {
 	Mirror  *mirror.Mirror
 	Volumes *cachevol.Manager
 	Runtime runtime.Runtime
-	Auth    *auth.Authority
+	// Builders keeps scopes' builders up between builds; nil: a pool
+	// that keeps none.
+	Builders *builders.Pool
+	Auth     *auth.Authority
 	// Policy decides what each tenant sees and may name.
 	Policy *access.Policy
 	Logger *slog.Logger
@@ -138,19 +143,23 @@ func New(cfg Config, d Deps) (*Service, error) {
 		}
 	}
 	s := &Service{
-		cfg:     cfg,
-		db:      d.DB,
-		reg:     d.Registry,
-		images:  d.Images,
-		mirror:  d.Mirror,
-		volumes: d.Volumes,
-		runtime: d.Runtime,
-		auth:    d.Auth,
-		policy:  d.Policy,
-		log:     d.Logger,
-		hub:     newHub(),
-		slots:   make(chan struct{}, cfg.MaxConcurrent),
-		active:  map[string]*activeBuild{},
+		cfg:      cfg,
+		db:       d.DB,
+		reg:      d.Registry,
+		images:   d.Images,
+		mirror:   d.Mirror,
+		volumes:  d.Volumes,
+		builders: d.Builders,
+		runtime:  d.Runtime,
+		auth:     d.Auth,
+		policy:   d.Policy,
+		log:      d.Logger,
+		hub:      newHub(),
+		slots:    make(chan struct{}, cfg.MaxConcurrent),
+		active:   map[string]*activeBuild{},
+	}
+	if s.builders == nil {
+		s.builders = builders.New(builders.Config{Logger: d.Logger}, d.Runtime, d.Volumes)
 	}
 	s.metrics = newMetrics(s)
 	rc, err := newRiver(s)

@@ -17,6 +17,7 @@ import (
 	"github.com/riverqueue/river/rivermigrate"
 
 	"github.com/kiln-build/kiln/internal/auth"
+	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/progress"
@@ -202,18 +203,15 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	if ctx.Err() != nil {
 		return store.Outcome{}, false
 	}
-	vol, err := s.attachVolume(ctx, b)
+	lease, err := s.lease(ctx, b)
 	if err != nil {
 		if ctx.Err() != nil {
 			return store.Outcome{}, false
 		}
 		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, false
 	}
-	defer func() {
-		if err := vol.Release(); err != nil {
-			s.log.Error("release cache volume", "build", id, "err", err)
-		}
-	}()
+	defer lease.Release()
+	vol := lease.Volume()
 
 	if err := store.EnterSlotLine(ctx, s.db.SQL, id, b.Attempt); err != nil {
 		s.log.Warn("record the build's place in line", "build", id, "err", err)
@@ -239,6 +237,8 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	switch {
 	case vol.IsScratch():
 		s.message(id, "using a fresh %d GiB scratch volume (no_cache)", b.Options.DiskGB)
+	case lease.WasWarm:
+		s.message(id, "using warm cache volume of scope %q, attached to the scope's running builder", b.CacheScope)
 	case vol.Wiped():
 		s.message(id, "cache of scope %q was wiped: %s", b.CacheScope, vol.WipeReason())
 	case vol.Created():
@@ -262,49 +262,63 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	defer rcancel()
 	sink := &buildSink{s: s, id: id}
 	s.metrics.runtimeRun()
-	res, err := s.runtime.Run(rctx, job, sink)
+	runStart := time.Now()
+	res, rep, err := lease.Run(rctx, job, sink)
+	runEnd := time.Now()
 	s.metrics.observeDuration(time.Since(started))
+	o = store.Outcome{StepsTotal: sink.total(), StepsCached: sink.cached(), BuilderReused: rep.Reused,
+		Timings: timings(b.CreatedAt, started, runStart, sink.solvingAt(), runEnd, res.Timings)}
+	defer func() { s.metrics.observePhases(s.runtime.Name(), o) }()
 	switch {
 	case context.Cause(ctx) == errCanceled:
 		return store.Outcome{}, true
 	case context.Cause(rctx) == errTimeout:
-		return store.Outcome{Status: store.StatusFailed, Phase: "timed out", StepsTotal: sink.total(), StepsCached: sink.cached(),
-			Error: fmt.Sprintf("the build ran longer than its timeout of %s and was stopped; raise timeout_seconds (the cap is %d s)", timeout, s.cfg.TimeoutSec.Max)}, true
+		o.Status, o.Phase = store.StatusFailed, "timed out"
+		o.Error = fmt.Sprintf("the build ran longer than its timeout of %s and was stopped; raise timeout_seconds (the cap is %d s)", timeout, s.cfg.TimeoutSec.Max)
+		return o, true
 	case err != nil:
-		return store.Outcome{Status: store.StatusFailed, Phase: "failed", StepsTotal: sink.total(), StepsCached: sink.cached(), Error: err.Error()}, true
+		o.Status, o.Phase, o.Error = store.StatusFailed, "failed", err.Error()
+		return o, true
 	}
 	if err := s.recordImages(ctx, b, res.Digest); err != nil {
-		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
+		o.Status, o.Phase, o.Error = store.StatusFailed, "failed", err.Error()
+		return o, true
 	}
 	s.metrics.observeSteps(res.StepsTotal, res.StepsCached)
-	return store.Outcome{Status: store.StatusSucceeded, Phase: "done", ImageDigest: res.Digest,
-		StepsTotal: res.StepsTotal, StepsCached: res.StepsCached}, true
+	o.Status, o.Phase, o.ImageDigest = store.StatusSucceeded, "done", res.Digest
+	o.StepsTotal, o.StepsCached = res.StepsTotal, res.StepsCached
+	return o, true
 }
 
-// attachVolume takes the build's cache volume, waiting for the scope's
-// current build if needed, or a scratch volume for no_cache builds.
-func (s *Service) attachVolume(ctx context.Context, b Build) (*cachevol.Volume, error) {
+// timings splits a build's time into phases, in seconds: queued (from
+// submission to start, waiting for its scope and a slot included),
+// builder_start (from handing the job over until the solve began: boot,
+// buildkitd start, mount; near zero on a reused builder), solve (the rest
+// of the run), and the solve's own parts BuildKit reports (context
+// transfer, export, push).
+func timings(created, started, runStart, solving, runEnd time.Time, solveTimings map[string]time.Duration) map[string]float64 {
+	t := map[string]float64{store.TimingQueued: started.Sub(created).Seconds()}
+	if !solving.IsZero() {
+		t[store.TimingBuilderStart] = solving.Sub(runStart).Seconds()
+		t[store.TimingSolve] = runEnd.Sub(solving).Seconds()
+	}
+	for name, d := range solveTimings {
+		t[name] = d.Seconds()
+	}
+	return t
+}
+
+// lease takes the build's scope (its cache volume, and its builder when
+// one is kept up), waiting for the scope's current build if needed, or a
+// scratch volume for no_cache builds.
+func (s *Service) lease(ctx context.Context, b Build) (*builders.Lease, error) {
 	if b.Options.NoCache || b.CacheScope == "" {
-		v, err := s.volumes.Scratch(ctx, int64(b.Options.DiskGB)<<30)
-		if err != nil {
-			return nil, fmt.Errorf("create scratch volume: %w", err)
-		}
-		return v, nil
+		return s.builders.Scratch(ctx, int64(b.Options.DiskGB)<<30)
 	}
-	v, ok, err := s.volumes.TryAcquire(ctx, b.CacheScope)
-	if err != nil {
-		return nil, fmt.Errorf("attach cache volume of scope %q: %w", b.CacheScope, err)
-	}
-	if ok {
-		return v, nil
-	}
-	s.phase(b.ID, "waiting for cache scope")
-	s.message(b.ID, "another build of cache scope %q is running; waiting for it (builds of one scope share one cache volume, one at a time)", b.CacheScope)
-	v, err = s.volumes.Acquire(ctx, b.CacheScope)
-	if err != nil {
-		return nil, fmt.Errorf("attach cache volume of scope %q: %w", b.CacheScope, err)
-	}
-	return v, nil
+	return s.builders.Acquire(ctx, b.CacheScope, func() {
+		s.phase(b.ID, "waiting for cache scope")
+		s.message(b.ID, "another build of cache scope %q is running; waiting for it (builds of one scope share one cache volume, one at a time)", b.CacheScope)
+	})
 }
 
 // job assembles the runtime's view of a build.
@@ -417,11 +431,22 @@ type buildSink struct {
 	nDone    atomic.Int64
 	nCached  atomic.Int64
 	lastSave time.Time
+	solving  time.Time // when the runtime reported the solve began
 }
+
+// solvingPhase is the phase both runtimes report when the solve begins.
+const solvingPhase = "solving"
 
 func (k *buildSink) Emit(e progress.Event) {
 	switch e.Kind {
 	case progress.Phase:
+		if e.Phase == solvingPhase {
+			k.mu.Lock()
+			if k.solving.IsZero() {
+				k.solving = time.Now()
+			}
+			k.mu.Unlock()
+		}
 		k.s.phase(k.id, e.Phase)
 		return
 	case progress.VertexCached, progress.VertexCompleted:
@@ -446,6 +471,12 @@ func (k *buildSink) Emit(e progress.Event) {
 		}
 	}
 	k.s.emit(k.id, Event{Event: e})
+}
+
+func (k *buildSink) solvingAt() time.Time {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.solving
 }
 
 func (k *buildSink) total() int  { return int(k.nDone.Load()) }

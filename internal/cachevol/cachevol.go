@@ -105,6 +105,24 @@ type Manager struct {
 	mu      sync.Mutex
 	slots   map[string]*slot
 	evictMu sync.Mutex
+	holder  IdleHolder
+}
+
+// IdleHolder is whoever keeps volumes attached between builds (the warm
+// builder pool). Eviction and Delete ask it to let go of an idle scope's
+// volume before treating the volume as in use.
+type IdleHolder interface {
+	// ReleaseIdle stops what holds scope's volume while no build runs on
+	// it and releases the volume; it reports whether it did.
+	ReleaseIdle(scope string) bool
+}
+
+// SetIdleHolder registers h; call it before the first Acquire.
+func (m *Manager) SetIdleHolder(h IdleHolder) { m.holder = h }
+
+// releaseIdle asks the idle holder, if any, to let go of scope.
+func (m *Manager) releaseIdle(scope string) bool {
+	return m.holder != nil && m.holder.ReleaseIdle(scope)
 }
 
 // meta is the commit record of a scope volume: a volume directory without
@@ -416,6 +434,10 @@ func (m *Manager) Delete(ctx context.Context, scope string) error {
 		return fmt.Errorf("delete cache volume: %w", err)
 	}
 	lk, err := m.lockScope(ctx, id, false, false)
+	if errors.Is(err, errBusy) && m.releaseIdle(scope) {
+		// A warm builder held it between builds; it is stopped now.
+		lk, err = m.lockScope(ctx, id, false, false)
+	}
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("delete cache volume for scope %q: %w", shortScope(scope), ErrNotFound)

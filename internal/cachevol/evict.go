@@ -77,22 +77,30 @@ func (m *Manager) scratchAllocated() int64 {
 // Evict deletes least-recently-used idle volumes until Config's limits
 // hold, and returns what it deleted. Attached volumes are never evicted.
 func (m *Manager) Evict(ctx context.Context) ([]Info, error) {
-	return m.evict(ctx, "")
-}
-
-// evictAfter runs eviction where its failure must not fail the caller.
-func (m *Manager) evictAfter(ctx context.Context, keepID string) {
-	if _, err := m.evict(ctx, keepID); err != nil {
-		m.log.Error("cache volume eviction failed", "err", err)
-	}
-}
-
-func (m *Manager) evict(ctx context.Context, keepID string) ([]Info, error) {
 	if m.cfg.MaxTotalBytes == 0 && m.cfg.MaxCount == 0 {
 		return nil, nil
 	}
 	m.evictMu.Lock()
 	defer m.evictMu.Unlock()
+	return m.evict(ctx, "")
+}
+
+// evictAfter runs eviction where its failure must not fail the caller. An
+// eviction already under way covers it: that is also how a volume released
+// by eviction itself (an idle warm builder stopped to make room) does not
+// wait for the eviction that released it.
+func (m *Manager) evictAfter(ctx context.Context, keepID string) {
+	if m.cfg.MaxTotalBytes == 0 && m.cfg.MaxCount == 0 || !m.evictMu.TryLock() {
+		return
+	}
+	defer m.evictMu.Unlock()
+	if _, err := m.evict(ctx, keepID); err != nil {
+		m.log.Error("cache volume eviction failed", "err", err)
+	}
+}
+
+// evict runs with evictMu held.
+func (m *Manager) evict(ctx context.Context, keepID string) ([]Info, error) {
 	vols, err := m.scan()
 	if err != nil {
 		return nil, fmt.Errorf("evict cache volumes: %w", err)
@@ -111,7 +119,7 @@ func (m *Manager) evict(ctx context.Context, keepID string) ([]Info, error) {
 			return evicted, fmt.Errorf("evict cache volumes: %w", err)
 		}
 		v := vols[i]
-		if v.InUse || v.id == keepID {
+		if v.id == keepID || v.InUse && !m.releaseIdle(v.Scope) {
 			continue
 		}
 		lk, err := m.lockScope(ctx, v.id, false, false)

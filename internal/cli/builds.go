@@ -162,6 +162,9 @@ func printBuild(w io.Writer, b *api.Build) {
 		row("pull", "true")
 	}
 	row("runtime", b.Runtime)
+	if b.BuilderReused != nil {
+		row("builder", map[bool]string{true: "reused (kept up from an earlier build of the scope)", false: "started for this build"}[*b.BuilderReused])
+	}
 	row("cpus", num(b.Cpus, ""))
 	row("memory", num(b.MemoryMb, " MB"))
 	row("disk", num(b.DiskGb, " GB"))
@@ -174,6 +177,15 @@ func printBuild(w io.Writer, b *api.Build) {
 	row("finished", tm(b.FinishedAt))
 	if b.StartedAt != nil && b.FinishedAt != nil {
 		row("duration", seconds(b.FinishedAt.Sub(*b.StartedAt)))
+	}
+	if b.Timings != nil {
+		var parts []string
+		for _, name := range []string{"queued", "builder_start", "context_transfer", "solve", "export", "push"} {
+			if v, ok := (*b.Timings)[name]; ok {
+				parts = append(parts, fmt.Sprintf("%s %s", strings.ReplaceAll(name, "_", " "), seconds(time.Duration(v*float64(time.Second)))))
+			}
+		}
+		row("time spent", strings.Join(parts, ", "))
 	}
 	tw.Flush()
 }

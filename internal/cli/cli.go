@@ -131,6 +131,7 @@ func newCommands(s settings) []*cobra.Command {
 		buildsCommand(g),
 		imagesCommand(g),
 		cacheCommand(g),
+		buildersCommand(g),
 		tokenCommand(g),
 		whoamiCommand(g),
 		runCommand(g),

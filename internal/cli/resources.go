@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"strings"
 	"time"
 
@@ -160,6 +161,66 @@ func cacheCommand(g *globals) *cobra.Command {
 	})
 
 	return groupCommand("cache", "Inspect and delete per-scope cache volumes", ls, rm)
+}
+
+func buildersCommand(g *globals) *cobra.Command {
+	ls := &cobra.Command{
+		Use:     "ls",
+		Aliases: []string{"list"},
+		Short:   "List builders kept up between builds (needs build:admin)",
+		Args:    exactArgs(),
+	}
+	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.ListBuildersWithResponse(ctx)
+		if err != nil {
+			return cl.transportError(ctx, "list builders", err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		if r.JSON200 == nil {
+			return fmt.Errorf("list builders: server answered %d without a builder list", r.StatusCode())
+		}
+		now := time.Now()
+		tw := newTable(cmd.OutOrStdout())
+		fmt.Fprintln(tw, "SCOPE\tRUNTIME\tSTATE\tSTARTED\tLAST-USED\tMEMORY\tBUILDS")
+		for _, b := range r.JSON200.Builders {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s ago\t%s\t%d\n", b.Scope, b.Runtime, b.State,
+				humanAge(now, b.Started), humanAge(now, b.LastUsed), humanSize(int64(b.MemoryMb)<<20), b.Builds)
+		}
+		return tw.Flush()
+	})
+
+	stop := &cobra.Command{
+		Use:   "stop SCOPE",
+		Short: "Stop a cache scope's warm builder (its next build starts a fresh one; the cache stays)",
+		Args:  exactArgs("SCOPE"),
+	}
+	stop.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
+		cl, err := g.client(cmd)
+		if err != nil {
+			return err
+		}
+		r, err := cl.api.StopBuilderWithResponse(ctx, api.StopBuilderRequest{Scope: args[0]})
+		if err != nil {
+			return cl.transportError(ctx, "stop the builder of scope "+args[0], err)
+		}
+		if err := cl.check(r.HTTPResponse, r.Body); err != nil {
+			return err
+		}
+		if r.StatusCode() == http.StatusAccepted {
+			fmt.Fprintf(cmd.OutOrStdout(), "the builder of scope %s is running a build; it stops when that build ends\n", args[0])
+			return nil
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "stopped the builder of scope %s\n", args[0])
+		return nil
+	})
+
+	return groupCommand("builders", "List and stop builders kept up between a scope's builds", ls, stop)
 }
 
 func tokenCommand(g *globals) *cobra.Command {

@@ -66,6 +66,12 @@ type Config struct {
 	// TokensMaxTTL bounds the lifetime of tokens issued through the API.
 	TokensMaxTTL time.Duration
 
+	// BuildersIdleTimeout keeps a scope's builder up between its builds (0:
+	// one builder per build); BuildersMaxWarm caps builders kept up (0:
+	// what host memory allows, see MaxWarm).
+	BuildersIdleTimeout time.Duration
+	BuildersMaxWarm     int
+
 	// UploadsMax and UploadsPerTenant bound concurrent build submissions.
 	UploadsMax, UploadsPerTenant int
 	// HTTPIdleTimeout closes idle keep-alive connections;
@@ -146,6 +152,8 @@ func (c *Config) settings() []setting {
 		{"dedup.trust_groups", "{}", "groups of tenants whose identical builds may answer each other's, e.g. {\"web\":[\"team-a\",\"team-b\"]}; otherwise dedup stays within a tenant, and builds using cache mounts always do", kObject, &c.DedupTrustGroups},
 		{"tenancy.shared", "base", "namespaces every tenant may pull from and only build:admin tokens write (e.g. base for base/busybox), comma-separated", kList, &c.TenancyShared},
 		{"tokens.max_ttl", "2160h", "longest lifetime of a token created through the API (the admin token written at first start is exempt; revoke it with kiln token revoke)", kDuration, &c.TokensMaxTTL},
+		{"builders.idle_timeout", "5m", "how long a cache scope's builder (buildkitd, or the builder VM) stays up after a build, so the scope's next build starts on it with no boot; reuse never crosses scopes (0s: a fresh builder for every build)", kDuration, &c.BuildersIdleTimeout},
+		{"builders.max_warm", "0", "most builders kept up at once; past it the least recently used idle one is stopped (0: what host memory allows at limits.memory_mb.default, keeping 4 GiB free)", kInt, &c.BuildersMaxWarm},
 		{"uploads.max_concurrent", "16", "build submissions (context uploads) in flight at once; more are answered 429 with Retry-After (0: no limit)", kInt, &c.UploadsMax},
 		{"uploads.max_per_tenant", "4", "build submissions in flight at once per tenant (0: no limit)", kInt, &c.UploadsPerTenant},
 		{"http.idle_timeout", "2m", "how long an idle keep-alive connection stays open", kDuration, &c.HTTPIdleTimeout},
@@ -367,6 +375,9 @@ func (c *Config) validate() error {
 	if c.TokensMaxTTL <= 0 {
 		return fmt.Errorf("tokens.max_ttl must be positive")
 	}
+	if c.BuildersIdleTimeout < 0 || c.BuildersMaxWarm < 0 {
+		return fmt.Errorf("builders.idle_timeout and builders.max_warm must not be negative (0s turns builder reuse off)")
+	}
 	if c.UploadsMax < 0 || c.UploadsPerTenant < 0 {
 		return fmt.Errorf("uploads.max_concurrent and uploads.max_per_tenant must not be negative")
 	}
@@ -404,4 +415,14 @@ func Keys() [][5]string {
 		out = append(out, [5]string{s.key, Env(s.key), "--" + Flag(s.key), s.def, s.help})
 	}
 	return out
+}
+
+// MaxWarm is builders.max_warm, or when it is 0 how many builders of the
+// default memory fit in hostMemBytes with 4 GiB kept free (at least one).
+func (c Config) MaxWarm(hostMemBytes int64) int {
+	if c.BuildersMaxWarm > 0 {
+		return c.BuildersMaxWarm
+	}
+	per := int64(max(c.MemoryMBDefault, 256)) << 20
+	return int(max(1, (hostMemBytes-4<<30)/per))
 }

@@ -18,12 +18,14 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/config"
@@ -191,6 +193,11 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		registryHost = loopbackAddr(ln.Addr().(*net.TCPAddr))
 	}
 
+	pool := builders.New(builders.Config{IdleTimeout: cfg.BuildersIdleTimeout, MaxWarm: cfg.MaxWarm(hostMemory()),
+		Logger: log.With("part", "builders")}, rt, vols)
+	vols.SetIdleHolder(pool)
+	defer pool.Close()
+
 	svc, err := builds.New(builds.Config{
 		DataDir:       data,
 		RegistryHost:  registryHost,
@@ -207,7 +214,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		DedupTTL:          cfg.DedupTTL,
 		NetworkDefault:    cfg.NetworkDefault,
 		NetworkAllowed:    cfg.NetworkAllowed,
-	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
+	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err
 	}
@@ -215,7 +222,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		return err
 	}
 
-	api := server.New(server.Deps{Auth: authority, Policy: policy, Tokens: toks, Builds: svc, Images: imgs, Volumes: vols,
+	api := server.New(server.Deps{Auth: authority, Policy: policy, Tokens: toks, Builds: svc, Images: imgs, Volumes: vols, Builders: pool,
 		Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat,
 		UploadsGlobal: cfg.UploadsMax, UploadsPerTenant: cfg.UploadsPerTenant,
 		MinUploadRate: cfg.HTTPMinUploadRate, UploadWindow: uploadWindow, Logger: log.With("part", "http")})
@@ -240,9 +247,20 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	if err := svc.Stop(sctx); err != nil {
 		log.Warn("stop builds", "err", err)
 	}
+	// Builders kept up between builds stop with their volumes unmounted.
+	pool.Close()
 	srv.Shutdown(sctx)
 	regSrv.Shutdown(sctx)
 	return nil
+}
+
+// hostMemory is the host's total memory in bytes (0 if unknown).
+func hostMemory() int64 {
+	var si syscall.Sysinfo_t
+	if err := syscall.Sysinfo(&si); err != nil {
+		return 0
+	}
+	return int64(si.Totalram) * int64(si.Unit)
 }
 
 // uploadWindow is the span over which a request body must average

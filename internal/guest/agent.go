@@ -27,19 +27,44 @@ type AgentOptions struct {
 	Logger *slog.Logger
 }
 
-// Session is the agent's side of one build: the job, the events sink, the
-// context download and the tunnels. Its methods are safe for concurrent use.
+// Session is the agent's side of one connection to the host: the setup,
+// then any number of jobs, one at a time, until the host releases the
+// builder or goes away. Its methods are safe for concurrent use.
 type Session struct {
-	mux    *yamux.Session
-	job    Job
-	local  *slog.Logger
+	mux   *yamux.Session
+	local *slog.Logger
+	// ctx ends when the connection to the host is lost (cause ErrHostGone).
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
 	control  net.Conn
 	ctrlW    *frameWriter
-	ack      chan struct{} // closed when the host acknowledged the result
-	ctrlDone chan struct{} // closed when the control stream ended without an ack
+	incoming chan incoming
+	ctrlDone chan struct{} // closed when the control stream ended
+
+	mu    sync.Mutex
+	cur   *Task // the setup or job the host handed over last, until finished
+	setup Setup
+}
+
+// incoming is the next thing the host handed over: a task, or the release.
+type incoming struct {
+	task    *Task
+	release bool
+}
+
+// Task is the setup or one job: its events sink, its context download and
+// its tunnels, all of which end with it. Its methods are safe for
+// concurrent use.
+type Task struct {
+	s      *Session
+	seq    int
+	job    Job
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	ack     chan struct{} // closed when the host acknowledged the result
+	ackOnce sync.Once
 
 	events    net.Conn
 	eventsW   *frameWriter
@@ -47,15 +72,18 @@ type Session struct {
 	eventsEnd bool
 	eventsErr error
 
+	brokenMu sync.Mutex
+	broken   error
+
 	finishOnce sync.Once
 }
 
-var _ progress.Sink = (*Session)(nil)
+var _ progress.Sink = (*Task)(nil)
 
 // Accept says hello on conn (the guest end of the host channel), waits for
-// the host to accept it and receives the job. It speaks first because a
-// virtio-serial port drops what the host sends while the guest has the
-// port closed. On success the Session owns conn.
+// the host to accept it and opens the control stream. It speaks first
+// because a virtio-serial port drops what the host sends while the guest
+// has the port closed. On success the Session owns conn; call Setup next.
 func Accept(ctx context.Context, conn io.ReadWriteCloser, opt AgentOptions) (*Session, error) {
 	return accept(ctx, conn, opt, Version)
 }
@@ -96,36 +124,20 @@ func accept(ctx context.Context, conn io.ReadWriteCloser, opt AgentOptions, vers
 		conn.Close()
 		return nil, fmt.Errorf("start host multiplexer: %w", err)
 	}
-	s := &Session{mux: mux, local: opt.Logger, ack: make(chan struct{}), ctrlDone: make(chan struct{})}
+	s := &Session{mux: mux, local: opt.Logger, incoming: make(chan incoming, 4), ctrlDone: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancelCause(context.Background())
-	fail := func(err error) (*Session, error) {
-		s.cancel(err)
-		mux.Close()
-		return nil, err
-	}
 	err = untilDone(ctx, mux, func() (err error) {
-		if s.control, err = s.open(kindControl, ""); err != nil {
+		if s.control, err = s.open(kindControl, "", 0); err != nil {
 			return fmt.Errorf("open control stream: %w", err)
-		}
-		var m hostMessage
-		if err := newFrameReader(s.control).read(&m); err != nil {
-			return fmt.Errorf("receive job: %w", err)
-		}
-		if m.Type != msgJob || m.Job == nil {
-			return fmt.Errorf("host sent %q where the job belongs", m.Type)
-		}
-		s.job = *m.Job
-		s.job.Solve = joinMemory(s.job.Solve, m.Memory)
-		if s.events, err = s.open(kindEvents, ""); err != nil {
-			return fmt.Errorf("open events stream: %w", err)
 		}
 		return nil
 	})
 	if err != nil {
-		return fail(err)
+		s.cancel(err)
+		mux.Close()
+		return nil, err
 	}
 	s.ctrlW = &frameWriter{w: s.control}
-	s.eventsW = &frameWriter{w: s.events}
 	go s.readControl()
 	go func() {
 		<-mux.CloseChan()
@@ -134,14 +146,15 @@ func accept(ctx context.Context, conn io.ReadWriteCloser, opt AgentOptions, vers
 	return s, nil
 }
 
-// open opens a stream of kind and waits for the host to accept it.
-func (s *Session) open(kind, name string) (net.Conn, error) {
+// open opens a stream of kind for task seq and waits for the host to
+// accept it.
+func (s *Session) open(kind, name string, seq int) (net.Conn, error) {
 	stream, err := s.mux.Open()
 	if err != nil {
 		return nil, err
 	}
 	var reply streamReply
-	err = writeLine(stream, streamHeader{Kind: kind, Name: name})
+	err = writeLine(stream, streamHeader{Kind: kind, Name: name, Seq: seq})
 	if err == nil {
 		err = readJSONLine(stream, &reply)
 	}
@@ -155,7 +168,9 @@ func (s *Session) open(kind, name string) (net.Conn, error) {
 	return stream, nil
 }
 
-// readControl follows the host's control messages after the job.
+// readControl follows the host's control messages for the whole session.
+// A task is registered the moment its message arrives, so a cancel right
+// behind it is not lost.
 func (s *Session) readControl() {
 	fr := newFrameReader(s.control)
 	for {
@@ -166,54 +181,212 @@ func (s *Session) readControl() {
 			return
 		}
 		switch m.Type {
+		case msgSetup, msgJob:
+			t, err := s.newTask(m)
+			if err != nil {
+				s.local.Error("the host broke the protocol; ignoring its message", "type", m.Type, "seq", m.Seq, "err", err)
+				continue
+			}
+			s.incoming <- incoming{task: t}
+		case msgRelease:
+			s.incoming <- incoming{release: true}
 		case msgCancel:
-			s.cancel(ErrCanceledByHost)
+			if t := s.current(); t != nil && t.seq == m.Seq {
+				t.cancel(ErrCanceledByHost)
+			}
 		case msgAck:
-			close(s.ack)
-			return
+			// The task ends here, not when Finish wakes up: the host may
+			// send the next job right behind the ack.
+			s.mu.Lock()
+			if t := s.cur; t != nil && t.seq == m.Seq {
+				t.ackOnce.Do(func() { close(t.ack) })
+				s.cur = nil
+			}
+			s.mu.Unlock()
+		default:
+			s.local.Warn("the host sent an unknown control message; ignoring it", "type", m.Type)
 		}
 	}
 }
 
-// Job returns the job, including its memory-only fields.
-func (s *Session) Job() Job { return s.job }
-
-// Context ends when the host cancels the build (cause ErrCanceledByHost)
-// or the connection to it is lost (cause ErrHostGone); see context.Cause.
-func (s *Session) Context() context.Context { return s.ctx }
-
-// Emit sends e to the host. Events arrive in the order Emit was called.
-// Once the connection failed, events are dropped: the host is gone.
-func (s *Session) Emit(e progress.Event) {
-	s.sendEvent(eventFrame{Event: &e})
-}
-
-func (s *Session) sendEvent(f eventFrame) {
-	s.eventsMu.Lock()
-	defer s.eventsMu.Unlock()
-	if s.eventsEnd || s.eventsErr != nil {
-		return
+func (s *Session) newTask(m hostMessage) (*Task, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cur != nil {
+		return nil, fmt.Errorf("task %d is still running", s.cur.seq)
 	}
-	s.eventsErr = s.eventsW.write(f)
+	t := &Task{s: s, seq: m.Seq, ack: make(chan struct{})}
+	switch {
+	case m.Type == msgSetup && m.Seq == 0 && m.Setup != nil:
+		s.setup = *m.Setup
+	case m.Type == msgJob && m.Seq > 0 && m.Job != nil:
+		t.job = *m.Job
+		t.job.Solve = joinMemory(t.job.Solve, m.Memory)
+	default:
+		return nil, fmt.Errorf("malformed %s message", m.Type)
+	}
+	t.ctx, t.cancel = context.WithCancelCause(s.ctx)
+	s.cur = t
+	return t, nil
 }
 
-// Logger returns a logger whose records go to the host's log (tagged as
-// coming from the guest) and to AgentOptions.Logger.
+func (s *Session) current() *Task {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cur
+}
+
+// Setup waits for the host's setup, the first thing it sends. Report the
+// setup's outcome with the Task's Finish, then take jobs with Next.
+func (s *Session) Setup(ctx context.Context) (*Task, error) {
+	t, err := s.next(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("receive the builder setup: %w", err)
+	}
+	if t.seq != 0 {
+		return nil, fmt.Errorf("the host sent job %d where the setup belongs", t.seq)
+	}
+	return t, nil
+}
+
+// Next waits for the host's next job. When the host releases the builder
+// instead, the error wraps ErrReleased: tear down, then answer with
+// Released. When the host went away it wraps ErrHostGone.
+func (s *Session) Next(ctx context.Context) (*Task, error) {
+	t, err := s.next(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if t.seq == 0 {
+		return nil, errors.New("the host sent a second setup")
+	}
+	return t, nil
+}
+
+func (s *Session) next(ctx context.Context) (*Task, error) {
+	if t := s.current(); t != nil {
+		return nil, fmt.Errorf("task %d is not finished; Finish it first", t.seq)
+	}
+	var in incoming
+	select {
+	case in = <-s.incoming:
+	case <-s.ctrlDone:
+		// A message read before the control stream ended still counts.
+		select {
+		case in = <-s.incoming:
+		default:
+			return nil, ErrHostGone
+		}
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if in.release {
+		return nil, ErrReleased
+	}
+	t := in.task
+	var err error
+	if t.events, err = s.open(kindEvents, "", t.seq); err != nil {
+		err = fmt.Errorf("open the events stream of task %d: %w", t.seq, err)
+		// The host is told through the result; an unusable events stream
+		// only loses events.
+		s.local.Error("no events stream", "err", err)
+		t.eventsErr = err
+		return t, nil
+	}
+	t.eventsW = &frameWriter{w: t.events}
+	return t, nil
+}
+
+// Released answers the host's release with the outcome of the teardown
+// (nil: buildkitd stopped, the volume released cleanly) and waits, briefly,
+// for the host to hang up, so the VM is not powered off while the answer
+// is still in flight.
+func (s *Session) Released(teardown error) error {
+	m := agentMessage{Type: msgReleased}
+	if teardown != nil {
+		m.Error = teardown.Error()
+	}
+	werr := s.ctrlW.write(m)
+	select {
+	case <-s.mux.CloseChan():
+		return nil
+	case <-time.After(ackTimeout):
+		if werr != nil {
+			return fmt.Errorf("answer the release: %w", werr)
+		}
+		return fmt.Errorf("answer the release: the host did not hang up within %s", ackTimeout)
+	}
+}
+
+// Logger returns a logger whose records go to the host's log, as part of
+// the task running at the time (tagged as coming from the guest), and to
+// AgentOptions.Logger. Between tasks they go only to the latter.
 func (s *Session) Logger() *slog.Logger {
 	return slog.New(&hostHandler{s: s, local: s.local.Handler()})
+}
+
+// Context ends when the connection to the host is lost (cause
+// ErrHostGone).
+func (s *Session) Context() context.Context { return s.ctx }
+
+// Close ends the session and the connection.
+func (s *Session) Close() error {
+	s.cancel(ErrHostGone)
+	return s.mux.Close()
+}
+
+// Seq is the task's number in the session: 0 for the setup, then 1, 2, …
+func (t *Task) Seq() int { return t.seq }
+
+// Setup is the session's builder setup.
+func (t *Task) Setup() Setup {
+	t.s.mu.Lock()
+	defer t.s.mu.Unlock()
+	return t.s.setup
+}
+
+// Job returns the job, including its memory-only fields; zero for the
+// setup.
+func (t *Task) Job() Job { return t.job }
+
+// Context ends when the host cancels the task (cause ErrCanceledByHost)
+// or the connection to it is lost (cause ErrHostGone); see context.Cause.
+func (t *Task) Context() context.Context { return t.ctx }
+
+// Emit sends e to the host as the task's event. Events arrive in the order
+// Emit was called. Once the events stream failed, events are dropped.
+func (t *Task) Emit(e progress.Event) {
+	t.sendEvent(eventFrame{Event: &e})
+}
+
+func (t *Task) sendEvent(f eventFrame) {
+	t.eventsMu.Lock()
+	defer t.eventsMu.Unlock()
+	if t.eventsEnd || t.eventsErr != nil {
+		return
+	}
+	t.eventsErr = t.eventsW.write(f)
+}
+
+// MarkBroken records why the builder cannot take another job after this
+// one (buildkitd exited, a cleanup failed); Finish tells the host.
+func (t *Task) MarkBroken(why error) {
+	t.brokenMu.Lock()
+	defer t.brokenMu.Unlock()
+	t.broken = errors.Join(t.broken, why)
 }
 
 // FetchContext downloads the job's build context (and its Dockerfile dir,
 // when that is separate) below dir, which must exist, and returns the
 // job's solve request with ContextDir and DockerfileDir pointing there.
-func (s *Session) FetchContext(ctx context.Context, dir string) (solve.Request, error) {
-	req := s.job.Solve
+func (t *Task) FetchContext(ctx context.Context, dir string) (solve.Request, error) {
+	req := t.job.Solve
 	fetch := func(name string) (string, error) {
 		target := filepath.Join(dir, name)
 		if err := os.Mkdir(target, 0o755); err != nil {
 			return "", fmt.Errorf("fetch %s: %w", name, err)
 		}
-		stream, err := s.open(kindContext, name)
+		stream, err := t.s.open(kindContext, name, t.seq)
 		if err != nil {
 			return "", fmt.Errorf("fetch %s from the host: %w", name, err)
 		}
@@ -235,12 +408,13 @@ func (s *Session) FetchContext(ctx context.Context, dir string) (solve.Request, 
 	return req, nil
 }
 
-// OpenTunnel opens one connection through the tunnel named name; the host
-// connects it to that tunnel's Dialer.
-func (s *Session) OpenTunnel(ctx context.Context, name string) (net.Conn, error) {
+// OpenTunnel opens one connection through the job's tunnel named name;
+// the host connects it to that tunnel's Dialer. The host closes it when
+// the job ends.
+func (t *Task) OpenTunnel(ctx context.Context, name string) (net.Conn, error) {
 	var c net.Conn
-	err := untilDone(ctx, s.mux, func() (err error) {
-		c, err = s.open(kindTunnel, name)
+	err := untilDone(ctx, t.s.mux, func() (err error) {
+		c, err = t.s.open(kindTunnel, name, t.seq)
 		return err
 	})
 	if err != nil {
@@ -252,7 +426,8 @@ func (s *Session) OpenTunnel(ctx context.Context, name string) (net.Conn, error)
 // ListenTunnels listens on every Job.Tunnels address inside the guest and
 // forwards each accepted connection through its tunnel, until the returned
 // stop is called; stop closes the listeners and every forwarded connection.
-func (s *Session) ListenTunnels(ctx context.Context) (stop func(), err error) {
+// Call stop before Finish: the tunnels are the job's.
+func (t *Task) ListenTunnels(ctx context.Context) (stop func(), err error) {
 	tctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	var listeners []net.Listener
@@ -263,24 +438,24 @@ func (s *Session) ListenTunnels(ctx context.Context) (stop func(), err error) {
 		}
 		wg.Wait()
 	}
-	for _, t := range s.job.Tunnels {
-		l, err := net.Listen("tcp", t.Listen)
+	for _, tun := range t.job.Tunnels {
+		l, err := net.Listen("tcp", tun.Listen)
 		if err != nil {
 			stop()
-			return nil, fmt.Errorf("listen for tunnel %q on %s inside the guest: %w (the address must be an IP this guest owns, e.g. on 127.0.0.0/8)", t.Name, t.Listen, err)
+			return nil, fmt.Errorf("listen for tunnel %q on %s inside the guest: %w (the address must be an IP this guest owns, e.g. on 127.0.0.0/8)", tun.Name, tun.Listen, err)
 		}
 		listeners = append(listeners, l)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			s.forward(tctx, l, t.Name, &wg)
+			t.forward(tctx, l, tun.Name, &wg)
 		}()
 	}
 	return stop, nil
 }
 
-func (s *Session) forward(ctx context.Context, l net.Listener, name string, wg *sync.WaitGroup) {
-	log := s.Logger()
+func (t *Task) forward(ctx context.Context, l net.Listener, name string, wg *sync.WaitGroup) {
+	log := t.s.Logger()
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -289,7 +464,7 @@ func (s *Session) forward(ctx context.Context, l net.Listener, name string, wg *
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			upstream, err := s.OpenTunnel(ctx, name)
+			upstream, err := t.OpenTunnel(ctx, name)
 			if err != nil {
 				log.Warn("tunnel connection failed", "tunnel", name, "err", err)
 				c.Close()
@@ -300,34 +475,49 @@ func (s *Session) forward(ctx context.Context, l net.Listener, name string, wg *
 	}
 }
 
-// Finish reports the build's outcome to the host and waits (briefly) for
-// the host to acknowledge it, so the VM is not powered off while the result
-// is still in flight. It closes the events stream first: every event
-// emitted before Finish reaches the host before the result.
-func (s *Session) Finish(res solve.Result, buildErr error) error {
+// Finish reports the task's outcome to the host and waits (briefly) for
+// the host to acknowledge it. It closes the events stream first: every
+// event emitted before Finish reaches the host before the result. For the
+// setup, a nil buildErr means the builder is ready for jobs.
+func (t *Task) Finish(res solve.Result, buildErr error) error {
 	var err error
-	s.finishOnce.Do(func() { err = s.finish(res, buildErr) })
+	t.finishOnce.Do(func() { err = t.finish(res, buildErr) })
 	return err
 }
 
-func (s *Session) finish(res solve.Result, buildErr error) error {
-	s.eventsMu.Lock()
-	s.eventsEnd = true
-	s.eventsMu.Unlock()
-	s.events.Close()
+func (t *Task) finish(res solve.Result, buildErr error) error {
+	defer func() {
+		t.cancel(context.Canceled)
+		t.s.mu.Lock()
+		if t.s.cur == t {
+			t.s.cur = nil
+		}
+		t.s.mu.Unlock()
+	}()
+	t.eventsMu.Lock()
+	t.eventsEnd = true
+	t.eventsMu.Unlock()
+	if t.events != nil {
+		t.events.Close()
+	}
 
-	m := agentMessage{Type: msgDone, Result: res}
+	m := agentMessage{Type: msgDone, Seq: t.seq, Result: res}
 	if buildErr != nil {
 		m.Error = buildErr.Error()
-		m.Canceled = errors.Is(context.Cause(s.ctx), ErrCanceledByHost)
+		m.Canceled = errors.Is(context.Cause(t.ctx), ErrCanceledByHost)
 	}
+	t.brokenMu.Lock()
+	if t.broken != nil {
+		m.Broken = t.broken.Error()
+	}
+	t.brokenMu.Unlock()
 	// A write can report failure although the frame went out: a fast host
 	// acks and hangs up before yamux confirms the send. The ack decides.
-	werr := s.ctrlW.write(m)
+	werr := t.s.ctrlW.write(m)
 	select {
-	case <-s.ack:
+	case <-t.ack:
 		return nil
-	case <-s.ctrlDone:
+	case <-t.s.ctrlDone:
 		if werr != nil {
 			return fmt.Errorf("send the result to the host: %w (%v)", ErrHostGone, werr)
 		}
@@ -337,14 +527,8 @@ func (s *Session) finish(res solve.Result, buildErr error) error {
 	}
 }
 
-// Close ends the session and the connection.
-func (s *Session) Close() error {
-	s.cancel(ErrHostGone)
-	return s.mux.Close()
-}
-
 // hostHandler is a slog.Handler that forwards records to the host over the
-// events stream and to a local handler.
+// running task's events stream and to a local handler.
 type hostHandler struct {
 	s      *Session
 	local  slog.Handler
@@ -368,7 +552,9 @@ func (h *hostHandler) Handle(ctx context.Context, r slog.Record) error {
 		rec.Attrs = appendAttr(rec.Attrs, h.prefix, a)
 		return true
 	})
-	h.s.sendEvent(eventFrame{Log: rec})
+	if t := h.s.current(); t != nil {
+		t.sendEvent(eventFrame{Log: rec})
+	}
 	return nil
 }
 

@@ -1,6 +1,8 @@
 package guest
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -12,10 +14,15 @@ import (
 
 // Version is the protocol version this build of kiln speaks. Host and agent
 // must speak the same one: the agent ships inside the builder image, so a
-// mismatch means the image was built by a different kiln.
-const Version = 1
+// mismatch means the image was built by a different kiln. Version 2: one
+// session runs a setup and then any number of jobs, until the host
+// releases the builder.
+const Version = 2
 
-// Job is everything the agent needs for one build.
+// Job is everything the agent needs for one build. Its setup fields
+// (CacheDisk, GC, InsecureRegistries, Network, MaxParallelism, NIC, Proxy;
+// see Setup) are the builder's: they must equal the setup the session was
+// connected with, and the agent acts on them once, at setup.
 type Job struct {
 	BuildID string `json:"build_id"`
 	// Solve is the BuildKit request. On the host its ContextDir and
@@ -47,6 +54,40 @@ type Job struct {
 	// Proxy is the HTTP(S) proxy URL buildkitd itself uses for what it
 	// fetches on its own (ADD <url>, git sources): the egress tunnel.
 	Proxy string `json:"proxy,omitempty"`
+}
+
+// Setup is what a builder is set up with once per session, before its
+// first job: the volume, buildkitd's configuration and the guest's network
+// card. Every job of the session has the same (Job.Setup).
+type Setup struct {
+	CacheDisk          string             `json:"cache_disk"`
+	GC                 buildkitd.GCPolicy `json:"gc"`
+	InsecureRegistries []string           `json:"insecure_registries,omitempty"`
+	Network            string             `json:"network,omitempty"`
+	MaxParallelism     int                `json:"max_parallelism,omitempty"`
+	NIC                *NIC               `json:"nic,omitempty"`
+	Proxy              string             `json:"proxy,omitempty"`
+}
+
+// Setup is the builder setup job needs.
+func (j Job) Setup() Setup {
+	return Setup{
+		CacheDisk:          j.CacheDisk,
+		GC:                 j.GC,
+		InsecureRegistries: j.InsecureRegistries,
+		Network:            j.Network,
+		MaxParallelism:     j.MaxParallelism,
+		NIC:                j.NIC,
+		Proxy:              j.Proxy,
+	}
+}
+
+// equal compares setups by their wire form, which is what the agent acts
+// on.
+func (s Setup) equal(o Setup) bool {
+	a, _ := json.Marshal(s)
+	b, _ := json.Marshal(o)
+	return bytes.Equal(a, b)
 }
 
 // NIC is a static configuration of the guest's one network interface.
@@ -88,9 +129,13 @@ var (
 	// ErrHostGone is the agent's view of ErrAgentGone; Session.Context's
 	// cause when the host disappears.
 	ErrHostGone = errors.New("connection to the host was lost")
-	// ErrCanceledByHost is Session.Context's cause when the host canceled
-	// the build.
+	// ErrCanceledByHost is Task.Context's cause when the host canceled
+	// the job (or the setup).
 	ErrCanceledByHost = errors.New("host canceled the build")
+	// ErrReleased is what Session.Next returns when the host released the
+	// builder: stop buildkitd, release the volume, answer with
+	// Session.Released and exit.
+	ErrReleased = errors.New("host released the builder")
 )
 
 // Stream kinds, named in each stream's header.
@@ -110,10 +155,13 @@ const (
 
 // Control message types.
 const (
-	msgJob    = "job"    // host → agent, first and once
-	msgCancel = "cancel" // host → agent, any time before ack
-	msgAck    = "ack"    // host → agent, after done
-	msgDone   = "done"   // agent → host, once
+	msgSetup    = "setup"    // host → agent, first and once (seq 0)
+	msgJob      = "job"      // host → agent, one per job (seq 1, 2, …), when idle
+	msgCancel   = "cancel"   // host → agent, any time before the ack of seq
+	msgAck      = "ack"      // host → agent, after done of seq
+	msgRelease  = "release"  // host → agent, when idle: tear down and exit
+	msgDone     = "done"     // agent → host, once per setup or job
+	msgReleased = "released" // agent → host, once, answering release
 )
 
 const (
@@ -123,7 +171,7 @@ const (
 	// maxFrame bounds one JSON frame. The guest runs untrusted builds, so
 	// the host never buffers an unbounded message from it.
 	maxFrame = 4 << 20
-	// maxTunnels bounds concurrently open tunnel connections per build.
+	// maxTunnels bounds concurrently open tunnel connections per job.
 	maxTunnels = 64
 	// ackTimeout bounds the agent's wait for the host's ack of its result.
 	ackTimeout = 10 * time.Second
@@ -149,9 +197,12 @@ type helloReply struct {
 }
 
 // streamHeader opens every stream; the host answers with a streamReply.
+// Seq names the setup (0) or job the stream belongs to; the host refuses
+// it unless that one is running (control has none).
 type streamHeader struct {
 	Kind string `json:"kind"`
 	Name string `json:"name,omitempty"`
+	Seq  int    `json:"seq"`
 }
 
 type streamReply struct {
@@ -160,8 +211,10 @@ type streamReply struct {
 
 // hostMessage is a control frame from the host.
 type hostMessage struct {
-	Type string `json:"type"`
-	Job  *Job   `json:"job,omitempty"`
+	Type  string `json:"type"`
+	Seq   int    `json:"seq"`
+	Setup *Setup `json:"setup,omitempty"`
+	Job   *Job   `json:"job,omitempty"`
 	// Memory carries the request's memory-only fields. It exists only in
 	// the job frame, only on the wire, and is never logged.
 	Memory *memoryOnly `json:"memory,omitempty"`
@@ -180,11 +233,15 @@ type credentials struct {
 // agentMessage is a control frame from the agent.
 type agentMessage struct {
 	Type   string       `json:"type"`
+	Seq    int          `json:"seq"`
 	Result solve.Result `json:"result"`
 	// Error is empty on success. Canceled marks a build that ended because
 	// the host canceled it.
 	Error    string `json:"error,omitempty"`
 	Canceled bool   `json:"canceled,omitempty"`
+	// Broken, in a done, says why the builder cannot take another job
+	// (buildkitd exited, a job's cleanup failed); empty if it can.
+	Broken string `json:"broken,omitempty"`
 }
 
 // eventFrame is one item on the events stream: a progress event for the

@@ -62,6 +62,36 @@ func gate(name string) chan struct{} {
 
 func (fakeRuntime) Name() string { return "fake" }
 
+// StartBuilder makes the fake a runtime that keeps builders, so servers
+// under test pool them as a real one would.
+func (fakeRuntime) StartBuilder(context.Context, runtime.Job, progress.Sink) (runtime.Builder, error) {
+	return &fakeBuilder{}, nil
+}
+
+// fakeBuilder runs jobs as fakeRuntime.Run does; a job that ended by its
+// context leaves it unfit for reuse, as the real ones.
+type fakeBuilder struct {
+	mu    sync.Mutex
+	doubt bool
+}
+
+func (b *fakeBuilder) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (solve.Result, error) {
+	res, err := fakeRuntime{}.Run(ctx, job, sink)
+	b.mu.Lock()
+	b.doubt = b.doubt || ctx.Err() != nil
+	b.mu.Unlock()
+	return res, err
+}
+
+func (b *fakeBuilder) Reusable() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return !b.doubt
+}
+
+func (b *fakeBuilder) Stop(context.Context) error { return nil }
+func (b *fakeBuilder) MemoryMB() int              { return 64 }
+
 func (fakeRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (solve.Result, error) {
 	jobs.Store(job.BuildID, job)
 	if job.Solve.BuildArgs["HOLD"] == "1" {

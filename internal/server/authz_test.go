@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	v2 "github.com/distribution/distribution/v3/registry/api/v2"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -162,6 +163,21 @@ func apiCases(m *matrix) []apiCase {
 			req: func(m *matrix, _ string) (string, string, io.Reader, string) {
 				m.build(m.tok[tenantA])
 				return "DELETE", "/v1/cache/tenant-a", nil, ""
+			}},
+
+		{route: "GET /v1/builders", what: "list", allow: []string{admin}, ok: 200, req: get("/v1/builders")},
+		{route: "POST /v1/builders/stop", what: "A's builder", allow: []string{admin}, ok: 204,
+			req: func(m *matrix, _ string) (string, string, io.Reader, string) {
+				// Not deduplicated, so it runs and leaves the scope's builder up.
+				m.build(m.tok[tenantA], [2]string{"build_args", `{"RUN":"` + time.Now().String() + `"}`})
+				return "POST", "/v1/builders/stop", jsonBody(map[string]any{"scope": "tenant-a"}), "application/json"
+			},
+			unchanged: func(m *matrix, t *testing.T, _ string) {
+				var l api.BuilderList
+				m.json(m.admin, "GET", "/v1/builders", nil, http.StatusOK, &l)
+				if len(l.Builders) == 0 || l.Builders[0].Scope != "tenant-a" {
+					t.Errorf("a refused stop changed the builders: %+v", l.Builders)
+				}
 			}},
 
 		{route: "GET /v1/whoami", what: "self", allow: all, ok: 200, req: get("/v1/whoami")},

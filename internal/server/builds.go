@@ -246,6 +246,12 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	if len(b.Options.AllowedDomains) > 0 {
 		out.AllowedDomains = &b.Options.AllowedDomains
 	}
+	if b.Status != store.StatusQueued && b.Runtime != "" {
+		out.BuilderReused = &b.BuilderReused
+	}
+	if len(b.Timings) > 0 {
+		out.Timings = &b.Timings
+	}
 	if out.Tags == nil {
 		out.Tags = []string{}
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/errdefs"
@@ -38,6 +39,7 @@ type Server struct {
 	builds   *builds.Service
 	images   *images.Service
 	volumes  *cachevol.Manager
+	builders *builders.Pool
 	registry *registry.Registry
 	log      *slog.Logger
 	// RegistryHost is shown in pullable references.
@@ -59,6 +61,8 @@ type Deps struct {
 	Builds       *builds.Service
 	Images       *images.Service
 	Volumes      *cachevol.Manager
+	// Builders are the builders kept up between builds.
+	Builders     *builders.Pool
 	Registry     *registry.Registry
 	RegistryHost string
 	// Heartbeat is how often an idle event stream sends a comment, so
@@ -76,7 +80,7 @@ type Deps struct {
 
 // New builds the router.
 func New(d Deps) *Server {
-	s := &Server{auth: d.Auth, policy: d.Policy, tokens: d.Tokens, builds: d.Builds, images: d.Images, volumes: d.Volumes,
+	s := &Server{auth: d.Auth, policy: d.Policy, tokens: d.Tokens, builds: d.Builds, images: d.Images, volumes: d.Volumes, builders: d.Builders,
 		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, heartbeat: d.Heartbeat, mux: http.NewServeMux(),
 		uploads: newUploadSlots(d.UploadsGlobal, d.UploadsPerTenant)}
 	if s.heartbeat <= 0 {
@@ -138,6 +142,9 @@ func (s *Server) table(metrics http.Handler) []route {
 
 		{"GET /v1/cache", auth.ScopeBuildRead, http.HandlerFunc(s.listCache)},
 		{"DELETE /v1/cache/{scope}", auth.ScopeCacheAdmin, http.HandlerFunc(s.deleteCache)},
+
+		{"GET /v1/builders", auth.ScopeBuildAdmin, http.HandlerFunc(s.listBuilders)},
+		{"POST /v1/builders/stop", auth.ScopeBuildAdmin, http.HandlerFunc(s.stopBuilder)},
 
 		{"GET /v1/whoami", anyScope, http.HandlerFunc(s.whoami)},
 		{"POST /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.createToken)},

@@ -24,6 +24,38 @@ type tracker struct {
 	vertices map[digest.Digest]*vertexState
 	total    int
 	cached   int
+	spans    map[string]*span // Result.Timings name → when it ran
+}
+
+// span is the first start and last end seen of one timing.
+type span struct{ start, end time.Time }
+
+func (t *tracker) observe(name string, started, completed *time.Time) {
+	if started == nil {
+		return
+	}
+	sp := t.spans[name]
+	if sp == nil {
+		sp = &span{start: *started}
+		t.spans[name] = sp
+	}
+	if started.Before(sp.start) {
+		sp.start = *started
+	}
+	if completed != nil && completed.After(sp.end) {
+		sp.end = *completed
+	}
+}
+
+// timing names the Result.Timings entry a vertex counts towards.
+func timing(vertexName string) string {
+	switch {
+	case vertexName == "[internal] load build context":
+		return TimingContext
+	case strings.HasPrefix(vertexName, "exporting to image"):
+		return TimingExport
+	}
+	return ""
 }
 
 type vertexState struct {
@@ -34,7 +66,7 @@ type vertexState struct {
 }
 
 func newTracker(sink progress.Sink, red *redactor) *tracker {
-	return &tracker{sink: sink, red: red, vertices: map[digest.Digest]*vertexState{}}
+	return &tracker{sink: sink, red: red, vertices: map[digest.Digest]*vertexState{}, spans: map[string]*span{}}
 }
 
 // stop makes later status updates count nothing and emit nothing, so a sink
@@ -48,7 +80,20 @@ func (t *tracker) stop() {
 func (t *tracker) result() Result {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return Result{StepsTotal: t.total, StepsCached: t.cached}
+	res := Result{StepsTotal: t.total, StepsCached: t.cached}
+	for name, sp := range t.spans {
+		if sp.end.After(sp.start) {
+			if res.Timings == nil {
+				res.Timings = map[string]time.Duration{}
+			}
+			res.Timings[name] = sp.end.Sub(sp.start)
+		}
+	}
+	// The push runs inside the export step; count it once.
+	if push, ok := res.Timings[TimingPush]; ok && res.Timings[TimingExport] > push {
+		res.Timings[TimingExport] -= push
+	}
+	return res
 }
 
 func (t *tracker) handle(s *client.SolveStatus) {
@@ -59,6 +104,11 @@ func (t *tracker) handle(s *client.SolveStatus) {
 	}
 	for _, v := range s.Vertexes {
 		t.vertex(v)
+	}
+	for _, st := range s.Statuses {
+		if strings.HasPrefix(st.ID, "pushing ") {
+			t.observe(TimingPush, st.Started, st.Completed)
+		}
 	}
 	for _, l := range s.Logs {
 		if len(l.Data) == 0 {
@@ -95,6 +145,9 @@ func (t *tracker) vertex(v *client.Vertex) {
 	}
 	if v.Name != "" {
 		st.name = v.Name
+	}
+	if name := timing(st.name); name != "" {
+		t.observe(name, v.Started, v.Completed)
 	}
 	base := progress.Event{Vertex: v.Digest.String(), Name: st.name}
 	at := func(p *time.Time) time.Time {

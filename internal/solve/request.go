@@ -1,5 +1,7 @@
 package solve
 
+import "time"
+
 // Request is everything one BuildKit solve needs. It is plain data so the
 // VM runtime can hand it to the guest agent unchanged; fields marked
 // memory-only must never be written to disk or logs.
@@ -63,4 +65,18 @@ type Result struct {
 	// can see how warm a build was.
 	StepsTotal  int `json:"steps_total"`
 	StepsCached int `json:"steps_cached"`
+	// Timings are how long the solve spent in the parts of it a user
+	// waits on (TimingContext, TimingExport, TimingPush), from
+	// BuildKit's own step and status times.
+	Timings map[string]time.Duration `json:"timings,omitempty"`
 }
+
+// Timing names in Result.Timings.
+const (
+	// TimingContext is the transfer of the build context into BuildKit.
+	TimingContext = "context_transfer"
+	// TimingExport is the image export, without its push.
+	TimingExport = "export"
+	// TimingPush is the push of the result to the registry.
+	TimingPush = "push"
+)

@@ -44,9 +44,14 @@ type Build struct {
 	Runtime      string
 	ContextBytes int64
 	Attempt      int
-	CreatedAt    time.Time
-	StartedAt    time.Time // zero until running
-	FinishedAt   time.Time // zero until terminal
+	// BuilderReused: the build ran on a builder kept up from an earlier
+	// build of its scope.
+	BuilderReused bool
+	// Timings are seconds per phase (Timing* names).
+	Timings    map[string]float64
+	CreatedAt  time.Time
+	StartedAt  time.Time // zero until running
+	FinishedAt time.Time // zero until terminal
 }
 
 // BuildOptions are the request knobs, stored as JSON. Secrets are never
@@ -94,16 +99,16 @@ type BasePin struct {
 
 const buildColumns = `id, seq, status, phase, subject, tenant, cache_scope, tags, options, image_digest,
 	steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
-	created_at, started_at, finished_at`
+	created_at, started_at, finished_at, builder_reused, timings`
 
 func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
 	var b Build
-	var tags, opts string
+	var tags, opts, timings string
 	var created int64
 	var started, finished sql.NullInt64
 	err := row.Scan(&b.ID, &b.Seq, &b.Status, &b.Phase, &b.Subject, &b.Tenant, &b.CacheScope, &tags, &opts,
 		&b.ImageDigest, &b.StepsTotal, &b.StepsCached, &b.DedupOf, &b.InputHash, &b.Error, &b.Runtime,
-		&b.ContextBytes, &b.Attempt, &created, &started, &finished)
+		&b.ContextBytes, &b.Attempt, &created, &started, &finished, &b.BuilderReused, &timings)
 	if err != nil {
 		return Build{}, err
 	}
@@ -112,6 +117,9 @@ func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
 	}
 	if err := json.Unmarshal([]byte(opts), &b.Options); err != nil {
 		return Build{}, fmt.Errorf("build %s: decode options: %w", b.ID, err)
+	}
+	if err := json.Unmarshal([]byte(timings), &b.Timings); err != nil {
+		return Build{}, fmt.Errorf("build %s: decode timings: %w", b.ID, err)
 	}
 	b.CreatedAt = time.UnixMicro(created).UTC()
 	if started.Valid {
@@ -300,16 +308,31 @@ type Outcome struct {
 	StepsTotal  int
 	StepsCached int
 	Phase       string
+	// BuilderReused and Timings: see Build.
+	BuilderReused bool
+	Timings       map[string]float64
 }
+
+// Phase names in Build.Timings.
+const (
+	TimingQueued       = "queued"
+	TimingBuilderStart = "builder_start"
+	TimingSolve        = "solve"
+)
 
 // FinishBuild moves an unfinished build to a terminal status. It reports
 // false, changing nothing, if the build was already terminal — so a cancel
 // racing a success has exactly one winner.
 func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.Time) (bool, error) {
+	timings, err := json.Marshal(o.Timings)
+	if err != nil || o.Timings == nil {
+		timings = []byte("{}")
+	}
 	res, err := q.ExecContext(ctx, `UPDATE builds SET status = ?, error = ?, image_digest = ?,
-		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?
+		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?, builder_reused = ?, timings = ?
 		WHERE id = ? AND status IN ('queued', 'running')`,
-		o.Status, o.Error, o.ImageDigest, o.StepsTotal, o.StepsCached, o.Phase, at.UnixMicro(), id)
+		o.Status, o.Error, o.ImageDigest, o.StepsTotal, o.StepsCached, o.Phase, at.UnixMicro(),
+		o.BuilderReused, string(timings), id)
 	if err != nil {
 		return false, fmt.Errorf("finish build %s: %w", id, err)
 	}

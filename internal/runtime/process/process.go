@@ -2,6 +2,7 @@ package process
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -12,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/kiln-build/kiln/internal/buildkitd"
@@ -42,7 +44,10 @@ type Runtime struct {
 	log *slog.Logger
 }
 
-var _ runtime.Runtime = (*Runtime)(nil)
+var (
+	_ runtime.Runtime = (*Runtime)(nil)
+	_ runtime.Keeper  = (*Runtime)(nil)
+)
 
 // Phases the runtime reports through progress.Phase events.
 const (
@@ -119,98 +124,193 @@ const stateFileName = "state.json"
 // Run attaches job.Volume, starts a buildkitd on it, solves job.Solve and
 // tears everything down again before returning, also when ctx is canceled.
 func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (res solve.Result, err error) {
+	b, err := r.start(ctx, job, sink)
+	if err != nil {
+		return res, err
+	}
+	defer func() {
+		if e := b.Stop(ctx); e != nil {
+			err = errors.Join(err, e)
+		}
+	}()
+	return b.Run(ctx, job, sink)
+}
+
+// StartBuilder attaches job.Volume and starts a buildkitd on it that takes
+// jobs of job's shape until Stop (runtime.Keeper).
+func (r *Runtime) StartBuilder(ctx context.Context, job runtime.Job, sink progress.Sink) (runtime.Builder, error) {
+	b, err := r.start(ctx, job, sink)
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// builder is one buildkitd on one mounted volume, kept across jobs. Its
+// state dir is named for the builder, not a build: it outlives builds.
+type builder struct {
+	r      *Runtime
+	id     string
+	dir    string
+	shape  string
+	mem    int
+	log    *slog.Logger
+	vol    *attachment
+	daemon *buildkitd.Daemon
+
+	mu       sync.Mutex
+	reusable bool
+	stopped  bool
+	stopErr  error
+}
+
+func (r *Runtime) start(ctx context.Context, job runtime.Job, sink progress.Sink) (b *builder, err error) {
 	if sink == nil {
 		sink = progress.Discard
 	}
 	if !buildIDPattern.MatchString(job.BuildID) {
-		return res, fmt.Errorf("process runtime: build id %q must be 1-64 letters, digits, '_', '.', '-'", job.BuildID)
+		return nil, fmt.Errorf("process runtime: build id %q must be 1-64 letters, digits, '_', '.', '-'", job.BuildID)
 	}
 	if job.Volume == "" {
-		return res, fmt.Errorf("process runtime: build %s has no volume", job.BuildID)
+		return nil, fmt.Errorf("process runtime: build %s has no volume", job.BuildID)
 	}
 	if err := r.CheckNetwork(job.Network, job.AllowedDomains); err != nil {
-		return res, err
+		return nil, err
 	}
-	log := r.log.With("build", job.BuildID)
-
-	dir := filepath.Join(r.cfg.StateDir, job.BuildID)
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return res, fmt.Errorf("process runtime: %s exists: build %s is already running here, or a crash left it behind (restart kiln to reap it)", dir, job.BuildID)
-		}
-		return res, fmt.Errorf("process runtime: create build state dir: %w", err)
+	var rnd [6]byte
+	if _, err := rand.Read(rnd[:]); err != nil {
+		return nil, fmt.Errorf("process runtime: name builder: %w", err)
 	}
-
-	var (
-		vol    *attachment
-		daemon *buildkitd.Daemon
-	)
+	id := "w-" + hex.EncodeToString(rnd[:])
+	b = &builder{r: r, id: id, dir: filepath.Join(r.cfg.StateDir, id), shape: runtime.ShapeOf(job),
+		mem: job.MemoryMB, log: r.log.With("builder", id, "first_build", job.BuildID), reusable: true}
+	if err := os.Mkdir(b.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("process runtime: create builder state dir: %w", err)
+	}
 	defer func() {
-		// Cleanup must finish even though ctx may be canceled already.
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-		defer cancel()
-		var errs []error
-		if daemon != nil {
-			if e := daemon.Stop(cctx); e != nil {
-				errs = append(errs, e)
-			}
-		}
-		if vol != nil {
-			if e := vol.release(); e != nil {
-				errs = append(errs, e)
-			}
-		}
-		if e := removeStateDir(dir); e != nil {
-			errs = append(errs, e)
-		}
-		if cerr := errors.Join(errs...); cerr != nil {
-			log.Error("process runtime: cleanup failed", "err", cerr)
-			err = errors.Join(err, fmt.Errorf("process runtime: clean up build %s: %w", job.BuildID, cerr))
+		if err != nil {
+			err = errors.Join(err, b.Stop(ctx))
 		}
 	}()
 
-	vol, err = attachVolume(ctx, job.Volume, filepath.Join(dir, "root"))
+	b.vol, err = attachVolume(ctx, job.Volume, filepath.Join(b.dir, "root"))
 	if err != nil {
-		return res, fmt.Errorf("process runtime: %w", err)
+		return b, fmt.Errorf("process runtime: %w", err)
 	}
-	if err := writeState(dir, buildState{Volume: vol.file, Loop: vol.device}); err != nil {
-		return res, err
+	if err := writeState(b.dir, buildState{Volume: b.vol.file, Loop: b.vol.device}); err != nil {
+		return b, err
 	}
-	if vol.discarded {
+	if b.vol.discarded {
 		sink.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: buildkitd.DiscardedUnclean})
 	}
 
 	sink.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
-	daemon, err = buildkitd.Start(ctx, buildkitd.Config{
+	b.daemon, err = buildkitd.Start(ctx, buildkitd.Config{
 		Binary:             r.cfg.BuildkitdPath,
-		Root:               vol.mountPoint,
-		Dir:                dir,
+		Root:               b.vol.mountPoint,
+		Dir:                b.dir,
 		Runc:               r.cfg.RuncPath,
 		GC:                 buildkitd.GCPolicy(job.GC),
 		InsecureRegistries: job.InsecureRegistries,
-		CgroupParent:       cgroupName(r.cfg.StateDir, job.BuildID),
+		CgroupParent:       cgroupName(r.cfg.StateDir, id),
 		StepMemoryBytes:    int64(job.MemoryMB) << 20,
 		MaxParallelism:     job.CPUs,
 		// BuildKit's build history keeps every step's output unmasked on
 		// the volume; a step that prints a secret would leave it on disk.
 		// kiln keeps its own events, so history is off.
 		NoHistory: true,
-		Logger:    log,
+		Logger:    b.log,
 	})
 	if err != nil {
-		return res, fmt.Errorf("process runtime: %w", err)
+		return b, fmt.Errorf("process runtime: %w", err)
 	}
+	return b, nil
+}
 
+// Run solves one job on the builder's buildkitd. The job's secrets,
+// registry credentials and context travel in its own BuildKit session,
+// which ends with the solve.
+func (b *builder) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (res solve.Result, err error) {
+	if sink == nil {
+		sink = progress.Discard
+	}
+	b.mu.Lock()
+	ok := b.reusable && !b.stopped
+	b.mu.Unlock()
+	switch {
+	case !ok:
+		return res, fmt.Errorf("process runtime: builder %s cannot take another build (stopped, or its last build ended in doubt)", b.id)
+	case runtime.ShapeOf(job) != b.shape:
+		return res, fmt.Errorf("process runtime: build %s has another shape than builder %s was started with", job.BuildID, b.id)
+	}
 	sink.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseSolving})
-	res, err = solve.Run(ctx, daemon.Client(), job.Solve, sink)
-	if err != nil && ctx.Err() == nil {
-		select {
-		case <-daemon.Exited():
-			err = fmt.Errorf("%w\nbuildkitd exited during the build; its output:\n%s", err, daemon.StderrTail())
-		default:
+	res, err = solve.Run(ctx, b.daemon.Client(), job.Solve, sink)
+	exited := false
+	select {
+	case <-b.daemon.Exited():
+		exited = true
+	default:
+	}
+	if err != nil && exited && ctx.Err() == nil {
+		err = fmt.Errorf("%w\nbuildkitd exited during the build; its output:\n%s", err, b.daemon.StderrTail())
+	}
+	// A canceled or timed-out solve may leave steps behind in buildkitd;
+	// only a build that ran to its end leaves the builder fit for the next.
+	b.mu.Lock()
+	b.reusable = !exited && ctx.Err() == nil
+	b.mu.Unlock()
+	return res, err
+}
+
+// Reusable reports whether the last job ended on its own, with buildkitd
+// still running.
+func (b *builder) Reusable() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.reusable || b.stopped {
+		return false
+	}
+	select {
+	case <-b.daemon.Exited():
+		return false
+	default:
+		return true
+	}
+}
+
+// MemoryMB is the builder's step memory limit.
+func (b *builder) MemoryMB() int { return b.mem }
+
+// Stop stops buildkitd, releases the volume and removes the state dir.
+func (b *builder) Stop(ctx context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.stopped {
+		return b.stopErr
+	}
+	b.stopped = true
+	// Cleanup must finish even though ctx may be canceled already.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+	defer cancel()
+	var errs []error
+	if b.daemon != nil {
+		if e := b.daemon.Stop(cctx); e != nil {
+			errs = append(errs, e)
 		}
 	}
-	return res, err
+	if b.vol != nil {
+		if e := b.vol.release(); e != nil {
+			errs = append(errs, e)
+		}
+	}
+	if e := removeStateDir(b.dir); e != nil {
+		errs = append(errs, e)
+	}
+	if cerr := errors.Join(errs...); cerr != nil {
+		b.log.Error("process runtime: cleanup failed", "err", cerr)
+		b.stopErr = fmt.Errorf("process runtime: stop builder %s: %w", b.id, cerr)
+	}
+	return b.stopErr
 }
 
 // cgroupName is the cgroup parent of one build's steps; the state dir hash

@@ -400,3 +400,100 @@ func TestNewReapsLeftoversOfACrash(t *testing.T) {
 		t.Errorf("reap left the build step running: %v", p)
 	}
 }
+
+// TestBuilderRunsJobsOfItsShapeAndForgetsEachJobsSecrets is builder reuse
+// on the host: the second job runs on the first job's buildkitd (no start,
+// warm cache, cache mount kept), cannot reach the first job's secret by
+// any path, a job of another shape is refused, a canceled job leaves the
+// builder unfit for reuse, and Stop leaves the volume clean.
+func TestBuilderRunsJobsOfItsShapeAndForgetsEachJobsSecrets(t *testing.T) {
+	base := busyboxBase(t)
+	r := newRuntime(t)
+	vol := testkit.Volume(t, volumeSize)
+	dir := testkit.ContextDir(t, testkit.WarmContext(base))
+	const secret = "s3cr3t-of-build-one-7f1d"
+	secretDir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		"RUN --mount=type=secret,id=tok cp /run/secrets/tok /copied && wc -c /copied\n"})
+	// Steps that would print the secret if anything of it were left where
+	// a later build could look: the secret mount, the environment, and a
+	// copy step like build 1's.
+	snoop := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		"RUN --mount=type=secret,id=tok,required=false cat /run/secrets/tok 2>&1; env; echo snooped\n" +
+		"RUN --mount=type=secret,id=tok,required=false cp /run/secrets/tok /copied 2>/dev/null; cat /copied 2>&1; echo end\n"})
+
+	first := job("b1", vol, solve.Request{ContextDir: secretDir, Push: []string{registry + "/app/reuse:secret"},
+		Secrets: map[string][]byte{"tok": []byte(secret)}})
+	b, err := r.StartBuilder(ctx(t), first, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(context.Background()) })
+	if _, err := b.Run(ctx(t), first, nil); err != nil {
+		t.Fatalf("build 1: %v", err)
+	}
+
+	rec := &testkit.Recorder{}
+	if _, err := b.Run(ctx(t), job("b2", vol, solve.Request{ContextDir: snoop, Push: []string{registry + "/app/reuse:snoop"}}), rec); err != nil {
+		t.Fatalf("build 2 on the reused builder: %v", err)
+	}
+	if !rec.Contains("snooped") {
+		t.Fatalf("build 2's snooping step did not run; events:\n%s", rec.Logs())
+	}
+	if rec.Contains(secret) {
+		t.Errorf("build 2 on a reused builder read build 1's secret:\n%s", rec.Logs())
+	}
+	if img := testkit.FetchImage(t, registry+"/app/reuse:snoop"); img.ContainsBytes([]byte(secret)) {
+		t.Error("build 2's image holds build 1's secret")
+	}
+	for _, e := range rec.Events() {
+		if e.Kind == progress.Phase && e.Phase == PhaseStartingBuildkitd {
+			t.Error("build 2 started a buildkitd on a reused builder")
+		}
+	}
+
+	// The warm-cache contract holds across builds on one builder.
+	build := func(id, bust string) (*testkit.Recorder, testkit.Image) {
+		rec := &testkit.Recorder{}
+		ref := registry + "/app/reuse:" + id
+		if _, err := b.Run(ctx(t), job(id, vol, solve.Request{ContextDir: dir, Push: []string{ref},
+			BuildArgs: map[string]string{"BUST": bust}}), rec); err != nil {
+			t.Fatalf("build %s: %v", id, err)
+		}
+		return rec, testkit.FetchImage(t, ref)
+	}
+	_, img1 := build("w1", "1")
+	rec2, img2 := build("w2", "2")
+	testkit.CheckWarmRebuild(t, rec2, img1, img2)
+	if !b.Reusable() {
+		t.Fatal("builder not reusable after builds that ended normally")
+	}
+
+	other := job("b3", vol, solve.Request{ContextDir: dir, Push: []string{registry + "/app/reuse:other"}})
+	other.CPUs = 2
+	if _, err := b.Run(ctx(t), other, nil); err == nil || !strings.Contains(err.Error(), "another shape") {
+		t.Errorf("job of another shape: err = %v, want a refusal", err)
+	}
+
+	crec := &testkit.Recorder{}
+	c := testkit.CancelWhenStarted(crec, "sleep 68", 2*time.Minute)
+	_, err = b.Run(c.Ctx, job("b4", vol, solve.Request{
+		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\nRUN sleep 68\n"}),
+		Push:       []string{registry + "/app/reuse:cancel"},
+	}), crec)
+	if took := c.Since(t, err); !errors.Is(err, context.Canceled) || took > 10*time.Second {
+		t.Errorf("cancel on a reused builder: err = %v after %s, want context.Canceled within 10s", err, took)
+	}
+	if b.Reusable() {
+		t.Error("builder still reusable after a canceled build")
+	}
+	if err := b.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	assertReleased(t, r, vol)
+	if p := processesMentioning("sleep 68"); len(p) > 0 {
+		t.Errorf("build step survived cancel and stop: %v", p)
+	}
+	if out, err := exec.Command("e2fsck", "-fn", vol).CombinedOutput(); err != nil {
+		t.Errorf("volume not clean after Stop: %v\n%s", err, out)
+	}
+}
