@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -76,6 +77,7 @@ type Task struct {
 	broken   error
 
 	finishOnce sync.Once
+	taken      atomic.Bool // handed out by Setup or Next
 }
 
 var _ progress.Sink = (*Task)(nil)
@@ -264,7 +266,7 @@ func (s *Session) Next(ctx context.Context) (*Task, error) {
 }
 
 func (s *Session) next(ctx context.Context) (*Task, error) {
-	if t := s.current(); t != nil {
+	if t := s.current(); t != nil && t.taken.Load() {
 		return nil, fmt.Errorf("task %d is not finished; Finish it first", t.seq)
 	}
 	var in incoming
@@ -284,6 +286,7 @@ func (s *Session) next(ctx context.Context) (*Task, error) {
 		return nil, ErrReleased
 	}
 	t := in.task
+	t.taken.Store(true)
 	var err error
 	if t.events, err = s.open(kindEvents, "", t.seq); err != nil {
 		err = fmt.Errorf("open the events stream of task %d: %w", t.seq, err)

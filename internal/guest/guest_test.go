@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +56,88 @@ func testJob(t *testing.T) Job {
 	}
 }
 
+// agentSide accepts the host on guestEnd, reports the setup ready and
+// takes the first job.
+func agentSide(t *testing.T, guestEnd net.Conn) (*Session, *Task) {
+	t.Helper()
+	s, err := Accept(context.Background(), guestEnd, AgentOptions{Agent: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	setup, err := s.Setup(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setup.Finish(solve.Result{}, nil); err != nil {
+		t.Fatalf("report the setup: %v", err)
+	}
+	task, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, task
+}
+
+// releaseWhenAsked answers the host's release in the background, as the
+// agent does once it tore down; it reports what Next said.
+func releaseWhenAsked(s *Session) <-chan error {
+	out := make(chan error, 1)
+	go func() {
+		_, err := s.Next(context.Background())
+		if errors.Is(err, ErrReleased) {
+			err = s.Released(nil)
+		}
+		out <- err
+	}()
+	return out
+}
+
+// connect runs Host.Connect in the background and the agent's side of the
+// setup in the foreground; it returns both ends, set up.
+func connect(t *testing.T, h *Host) (*Conn, *Session) {
+	t.Helper()
+	hostEnd, guestEnd := socketpair(t)
+	type connected struct {
+		c   *Conn
+		err error
+	}
+	out := make(chan connected, 1)
+	go func() {
+		c, err := h.Connect(context.Background(), hostEnd, testJob(t).Setup(), nil)
+		out <- connected{c, err}
+	}()
+	s, err := Accept(context.Background(), guestEnd, AgentOptions{Agent: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	setup, err := s.Setup(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	setup.Emit(progress.Event{Kind: progress.Phase, Phase: "starting buildkitd"})
+	if err := setup.Finish(solve.Result{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r := wait(t, out, "Connect")
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	t.Cleanup(func() { r.c.Close() })
+	return r.c, s
+}
+
+// run runs job on c in the background.
+func run(ctx context.Context, c *Conn, job Job, sink progress.Sink) <-chan hostResult {
+	out := make(chan hostResult, 1)
+	go func() {
+		res, err := c.Run(ctx, job, sink)
+		out <- hostResult{res, err, time.Now()}
+	}()
+	return out
+}
+
 type hostResult struct {
 	res solve.Result
 	err error
@@ -93,33 +176,34 @@ func TestJobSecretsEventsAndResultRoundTrip(t *testing.T) {
 	done := serve(context.Background(), &Host{}, hostEnd, job, rec)
 
 	const n = 3000
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{Agent: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := s.Job()
+	s, task := agentSide(t, guestEnd)
+	got := task.Job()
 	if string(got.Solve.Secrets["tok"]) != "s3cr3t" || got.Solve.RegistryAuth["kiln:5000"].Password != "p" {
 		t.Errorf("memory-only fields did not arrive: secrets=%v auth=%v", got.Solve.Secrets, got.Solve.RegistryAuth)
 	}
-	if got.CacheDisk != "kiln-cache" || got.GC.MaxUsedSpace != "1GB" || got.Solve.Push[0] != "kiln:5000/app:latest" {
+	if got.CacheDisk != "kiln-cache" || task.Setup().GC.MaxUsedSpace != "1GB" || got.Solve.Push[0] != "kiln:5000/app:latest" {
 		t.Errorf("job fields lost: %+v", got)
 	}
 	if got.Solve.ContextDir != treeContext {
 		t.Errorf("the host path of the context reached the guest: %q", got.Solve.ContextDir)
 	}
 	for i := range n {
-		s.Emit(progress.Event{Kind: progress.Log, Data: strconv.Itoa(i)})
+		task.Emit(progress.Event{Kind: progress.Log, Data: strconv.Itoa(i)})
 	}
 	s.Logger().Info("agent says hi", "disk", "vdb")
 	want := solve.Result{Digest: "sha256:abc", StepsTotal: 4, StepsCached: 3}
-	if err := s.Finish(want, nil); err != nil {
+	if err := task.Finish(want, nil); err != nil {
 		t.Fatalf("Finish: %v", err)
 	}
+	released := releaseWhenAsked(s)
 	r := wait(t, done, "Serve")
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
-	if r.res != want {
+	if err := wait(t, released, "the release"); err != nil {
+		t.Errorf("agent's release: %v", err)
+	}
+	if !reflect.DeepEqual(r.res, want) {
 		t.Errorf("result = %+v, want %+v", r.res, want)
 	}
 	events := rec.Events()
@@ -133,22 +217,202 @@ func TestJobSecretsEventsAndResultRoundTrip(t *testing.T) {
 	}
 }
 
-func TestEventsArriveWhileTheBuildRuns(t *testing.T) {
+// TestTwoJobsOverOneSession: one setup, two jobs, each with its own
+// events, result and memory-only fields; the second job's memory part
+// holds nothing of the first's, and release ends the agent's session.
+func TestTwoJobsOverOneSession(t *testing.T) {
+	c, s := connect(t, &Host{})
+	type jobRun struct {
+		secret string
+		rec    *testkit.Recorder
+		result solve.Result
+	}
+	runs := []jobRun{
+		{secret: "first-secret", rec: &testkit.Recorder{}, result: solve.Result{Digest: "sha256:one", StepsTotal: 3}},
+		{rec: &testkit.Recorder{}, result: solve.Result{Digest: "sha256:two", StepsTotal: 3, StepsCached: 2}},
+	}
+	for i, jr := range runs {
+		job := testJob(t)
+		job.BuildID = fmt.Sprintf("job%d", i+1)
+		if jr.secret != "" {
+			job.Solve.Secrets = map[string][]byte{"s": []byte(jr.secret)}
+			job.Solve.RegistryAuth = map[string]solve.Credentials{"kiln:5000": {Username: "u", Password: jr.secret}}
+		}
+		done := run(context.Background(), c, job, jr.rec)
+		task, err := s.Next(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if task.Seq() != i+1 || task.Job().BuildID != job.BuildID {
+			t.Errorf("job %d arrived as seq %d, build %q", i+1, task.Seq(), task.Job().BuildID)
+		}
+		if i == 1 && (task.Job().Solve.Secrets != nil || task.Job().Solve.RegistryAuth != nil) {
+			t.Errorf("the second job carries memory-only fields: %v %v", task.Job().Solve.Secrets, task.Job().Solve.RegistryAuth)
+		}
+		if i == 0 && string(task.Job().Solve.Secrets["s"]) != jr.secret {
+			t.Errorf("first job's secret did not arrive")
+		}
+		req, err := task.FetchContext(context.Background(), t.TempDir())
+		if err != nil {
+			t.Fatalf("job %d: fetch context: %v", i+1, err)
+		}
+		if b, err := os.ReadFile(filepath.Join(req.ContextDir, "Dockerfile")); err != nil || string(b) != "FROM scratch\n" {
+			t.Errorf("job %d context: %q %v", i+1, b, err)
+		}
+		task.Emit(progress.Event{Kind: progress.Log, Data: job.BuildID + " says hi"})
+		if err := task.Finish(jr.result, nil); err != nil {
+			t.Fatalf("job %d: Finish: %v", i+1, err)
+		}
+		r := wait(t, done, "Run")
+		if r.err != nil || !reflect.DeepEqual(r.res, jr.result) {
+			t.Errorf("job %d: result %+v, %v; want %+v", i+1, r.res, r.err, jr.result)
+		}
+		if got := jr.rec.Events(); len(got) != 1 || got[0].Data != job.BuildID+" says hi" {
+			t.Errorf("job %d's events: %+v", i+1, got)
+		}
+		if c.Err() != nil {
+			t.Fatalf("after job %d the connection is unusable: %v", i+1, c.Err())
+		}
+	}
+	released := releaseWhenAsked(s)
+	if err := c.Release(context.Background()); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if err := wait(t, released, "the agent's release"); err != nil {
+		t.Errorf("agent side of the release: %v", err)
+	}
+	select {
+	case <-s.Context().Done():
+	case <-time.After(5 * time.Second):
+		t.Error("the agent's session did not end after the release")
+	}
+	if c.Err() == nil {
+		t.Error("a released connection still takes jobs")
+	}
+}
+
+func TestReleaseReportsTheAgentsTeardownError(t *testing.T) {
+	c, s := connect(t, &Host{})
+	go func() {
+		if _, err := s.Next(context.Background()); errors.Is(err, ErrReleased) {
+			s.Released(errors.New("release cache volume: device busy"))
+		}
+	}()
+	if err := c.Release(context.Background()); err == nil || !strings.Contains(err.Error(), "device busy") {
+		t.Errorf("Release err = %v, want the agent's teardown error", err)
+	}
+}
+
+// TestConfirmedCancelLeavesTheSessionUsable: a job canceled by the host and
+// confirmed by the agent within CancelGrace ends the job, not the session.
+func TestConfirmedCancelLeavesTheSessionUsable(t *testing.T) {
+	c, s := connect(t, &Host{CancelGrace: 5 * time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := run(ctx, c, testJob(t), nil)
+	task, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	select {
+	case <-task.Context().Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the job's context did not end after the host canceled")
+	}
+	if cause := context.Cause(task.Context()); !errors.Is(cause, ErrCanceledByHost) {
+		t.Errorf("cause = %v, want ErrCanceledByHost", cause)
+	}
+	if s.Context().Err() != nil {
+		t.Error("a job's cancel ended the whole session")
+	}
+	task.Finish(solve.Result{}, fmt.Errorf("solve: %w", context.Cause(task.Context())))
+	if r := wait(t, done, "Run"); !errors.Is(r.err, context.Canceled) {
+		t.Fatalf("Run err = %v, want context.Canceled", r.err)
+	}
+	if err := c.Err(); err != nil {
+		t.Fatalf("a confirmed cancel left the connection unusable: %v", err)
+	}
+	job := testJob(t)
+	job.BuildID = "after-cancel"
+	done = run(context.Background(), c, job, nil)
+	task, err = s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if task.Context().Err() != nil {
+		t.Error("the next job starts canceled")
+	}
+	task.Finish(solve.Result{Digest: "sha256:next"}, nil)
+	if r := wait(t, done, "Run"); r.err != nil || r.res.Digest != "sha256:next" {
+		t.Errorf("job after a cancel: %+v %v", r.res, r.err)
+	}
+}
+
+// TestBrokenBuilderTakesNoMoreJobs: an agent that reports its builder
+// broken (buildkitd exited) gets no further job.
+func TestBrokenBuilderTakesNoMoreJobs(t *testing.T) {
+	c, s := connect(t, &Host{})
+	done := run(context.Background(), c, testJob(t), nil)
+	task, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	task.MarkBroken(errors.New("buildkitd exited"))
+	task.Finish(solve.Result{}, errors.New("solve failed"))
+	wait(t, done, "Run")
+	if err := c.Err(); err == nil || !strings.Contains(err.Error(), "buildkitd exited") {
+		t.Errorf("Err = %v, want the agent's reason", err)
+	}
+	if _, err := c.Run(context.Background(), testJob(t), nil); err == nil || !strings.Contains(err.Error(), "buildkitd exited") {
+		t.Errorf("Run on a broken builder: %v", err)
+	}
+}
+
+func TestJobWithAnotherSetupIsRefused(t *testing.T) {
+	c, _ := connect(t, &Host{})
+	job := testJob(t)
+	job.MaxParallelism = 8
+	if _, err := c.Run(context.Background(), job, nil); err == nil || !strings.Contains(err.Error(), "setup differs") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+func TestSetupFailureIsConnectsError(t *testing.T) {
 	hostEnd, guestEnd := socketpair(t)
-	rec := &testkit.Recorder{}
-	done := serve(context.Background(), &Host{}, hostEnd, testJob(t), rec)
+	out := make(chan error, 1)
+	go func() {
+		_, err := (&Host{}).Connect(context.Background(), hostEnd, testJob(t).Setup(), nil)
+		out <- err
+	}()
 	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer s.Close()
+	setup, err := s.Setup(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	setup.Finish(solve.Result{}, errors.New("start buildkitd: no such file"))
+	if err := wait(t, out, "Connect"); err == nil || err.Error() != "start buildkitd: no such file" {
+		t.Errorf("Connect err = %v, want the agent's setup error verbatim", err)
+	}
+}
+
+func TestEventsArriveWhileTheBuildRuns(t *testing.T) {
+	hostEnd, guestEnd := socketpair(t)
+	rec := &testkit.Recorder{}
+	done := serve(context.Background(), &Host{}, hostEnd, testJob(t), rec)
+	s, task := agentSide(t, guestEnd)
 	arrived := rec.Await(progress.VertexStarted, "RUN make")
-	s.Emit(progress.Event{Kind: progress.VertexStarted, Name: "RUN make"})
+	task.Emit(progress.Event{Kind: progress.VertexStarted, Name: "RUN make"})
 	select {
 	case <-arrived:
 	case <-time.After(5 * time.Second):
 		t.Fatal("an event was held back until the end of the build")
 	}
-	s.Finish(solve.Result{}, errors.New("build failed: exit code 2"))
+	task.Finish(solve.Result{}, errors.New("build failed: exit code 2"))
+	releaseWhenAsked(s)
 	r := wait(t, done, "Serve")
 	if r.err == nil || r.err.Error() != "build failed: exit code 2" {
 		t.Errorf("Serve error = %v, want the agent's error verbatim", r.err)
@@ -208,26 +472,23 @@ func TestHostCancelReachesAgent(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := serve(ctx, &Host{}, hostEnd, testJob(t), nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, task := agentSide(t, guestEnd)
 	cancel()
 	select {
-	case <-s.Context().Done():
+	case <-task.Context().Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("agent's context did not end after the host canceled")
 	}
-	if cause := context.Cause(s.Context()); !errors.Is(cause, ErrCanceledByHost) {
+	if cause := context.Cause(task.Context()); !errors.Is(cause, ErrCanceledByHost) {
 		t.Errorf("cause = %v, want ErrCanceledByHost", cause)
 	}
-	// The host keeps waiting for the agent to confirm it cleaned up.
+	// The host keeps waiting for the agent to confirm it stopped.
 	select {
 	case r := <-done:
 		t.Fatalf("Serve returned before the agent confirmed the cancel: %v", r.err)
 	case <-time.After(200 * time.Millisecond):
 	}
-	if err := s.Finish(solve.Result{StepsTotal: 1}, fmt.Errorf("build canceled: %w", context.Cause(s.Context()))); err != nil {
+	if err := task.Finish(solve.Result{StepsTotal: 1}, fmt.Errorf("build canceled: %w", context.Cause(task.Context()))); err != nil {
 		t.Errorf("Finish: %v", err)
 	}
 	r := wait(t, done, "Serve")
@@ -237,29 +498,27 @@ func TestHostCancelReachesAgent(t *testing.T) {
 }
 
 func TestHostGivesUpOnAnAgentThatIgnoresCancel(t *testing.T) {
-	hostEnd, guestEnd := socketpair(t)
+	c, s := connect(t, &Host{CancelGrace: 300 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
-	done := serve(ctx, &Host{CancelGrace: 300 * time.Millisecond}, hostEnd, testJob(t), nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
+	done := run(ctx, c, testJob(t), nil)
+	if _, err := s.Next(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
 	cancel()
-	r := wait(t, done, "Serve")
+	r := wait(t, done, "Run")
 	if !errors.Is(r.err, context.Canceled) || !strings.Contains(r.err.Error(), "did not confirm") {
 		t.Errorf("err = %v", r.err)
+	}
+	if err := c.Err(); err == nil || !strings.Contains(err.Error(), "did not confirm") {
+		t.Errorf("after an unconfirmed cancel the connection still takes jobs: Err = %v", err)
 	}
 }
 
 func TestAgentDeathEndsServePromptly(t *testing.T) {
 	hostEnd, guestEnd := socketpair(t)
 	done := serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Emit(progress.Event{Kind: progress.VertexStarted, Name: "RUN make"})
+	_, task := agentSide(t, guestEnd)
+	task.Emit(progress.Event{Kind: progress.VertexStarted, Name: "RUN make"})
 	died := time.Now()
 	guestEnd.Close()
 	r := wait(t, done, "Serve")
@@ -301,11 +560,7 @@ func TestHostGivesUpOnAFrozenAgent(t *testing.T) {
 	freeze := freezable(t, relayHost, relayGuest)
 	const limit = 400 * time.Millisecond
 	done := serve(context.Background(), &Host{Unresponsive: limit}, hostEnd, testJob(t), nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	agentSide(t, guestEnd)
 	// An agent that is merely quiet answers the pings: no verdict.
 	select {
 	case r := <-done:
@@ -325,24 +580,70 @@ func TestHostGivesUpOnAFrozenAgent(t *testing.T) {
 	}
 }
 
-func TestHostDeathEndsAgentContext(t *testing.T) {
-	hostEnd, guestEnd := socketpair(t)
-	serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)
+// TestIdleFrozenAgentIsNoticed: the watch runs between jobs too, so a
+// builder whose VM froze while idle is not handed the next job.
+func TestIdleFrozenAgentIsNoticed(t *testing.T) {
+	hostEnd, relayHost := socketpair(t)
+	relayGuest, guestEnd := socketpair(t)
+	freeze := freezable(t, relayHost, relayGuest)
+	const limit = 400 * time.Millisecond
+	h := &Host{Unresponsive: limit}
+	out := make(chan *Conn, 1)
+	go func() {
+		c, err := h.Connect(context.Background(), hostEnd, testJob(t).Setup(), nil)
+		if err != nil {
+			t.Error(err)
+		}
+		out <- c
+	}()
 	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer s.Close()
+	setup, _ := s.Setup(context.Background())
+	setup.Finish(solve.Result{}, nil)
+	c := wait(t, out, "Connect")
+	if c == nil {
+		t.FailNow()
+	}
+	defer c.Close()
+	time.Sleep(4 * limit)
+	if err := c.Err(); err != nil {
+		t.Fatalf("an idle, live agent was given up on: %v", err)
+	}
+	freeze()
+	select {
+	case <-c.Done():
+	case <-time.After(10 * limit):
+		t.Fatal("a frozen idle agent was not noticed")
+	}
+	if err := c.Err(); !errors.Is(err, ErrAgentUnresponsive) {
+		t.Errorf("Err = %v, want ErrAgentUnresponsive", err)
+	}
+	if _, err := c.Run(context.Background(), testJob(t), nil); !errors.Is(err, ErrAgentGone) {
+		t.Errorf("Run on a frozen builder: %v, want ErrAgentGone", err)
+	}
+}
+
+func TestHostDeathEndsAgentContext(t *testing.T) {
+	hostEnd, guestEnd := socketpair(t)
+	serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)
+	s, task := agentSide(t, guestEnd)
 	hostEnd.Close()
 	select {
-	case <-s.Context().Done():
+	case <-task.Context().Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("agent did not notice the host went away")
 	}
-	if cause := context.Cause(s.Context()); !errors.Is(cause, ErrHostGone) {
+	if cause := context.Cause(task.Context()); !errors.Is(cause, ErrHostGone) {
 		t.Errorf("cause = %v, want ErrHostGone", cause)
 	}
-	if err := s.Finish(solve.Result{}, nil); !errors.Is(err, ErrHostGone) && err == nil {
+	if err := task.Finish(solve.Result{}, nil); !errors.Is(err, ErrHostGone) && err == nil {
 		t.Errorf("Finish to a dead host: err = %v", err)
+	}
+	if _, err := s.Next(context.Background()); !errors.Is(err, ErrHostGone) {
+		t.Errorf("Next after the host went away: err = %v, want ErrHostGone", err)
 	}
 }
 
@@ -394,11 +695,8 @@ func TestTunnelForwardsGuestConnectionsToTheHostDialer(t *testing.T) {
 	job := testJob(t)
 	job.Tunnels = []Tunnel{{Name: "registry", Listen: listen}, {Name: "broken", Listen: freeAddr(t)}}
 	done := serve(context.Background(), h, hostEnd, job, nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop, err := s.ListenTunnels(context.Background())
+	s, task := agentSide(t, guestEnd)
+	stop, err := task.ListenTunnels(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -440,7 +738,7 @@ func TestTunnelForwardsGuestConnectionsToTheHostDialer(t *testing.T) {
 	c.Close()
 
 	// A name the job does not list is refused even though the host knows it.
-	if _, err := s.OpenTunnel(context.Background(), "egress"); err == nil || !strings.Contains(err.Error(), `no tunnel "egress"`) {
+	if _, err := task.OpenTunnel(context.Background(), "egress"); err == nil || !strings.Contains(err.Error(), `no tunnel "egress"`) {
 		t.Errorf("unlisted tunnel: err = %v", err)
 	}
 
@@ -448,17 +746,75 @@ func TestTunnelForwardsGuestConnectionsToTheHostDialer(t *testing.T) {
 	if _, err := net.DialTimeout("tcp", listen, time.Second); err == nil {
 		t.Error("the guest still listens after stop")
 	}
-	s.Finish(solve.Result{}, nil)
+	task.Finish(solve.Result{}, nil)
+	releaseWhenAsked(s)
 	if r := wait(t, done, "Serve"); r.err != nil {
 		t.Fatal(r.err)
 	}
 }
 
+// TestJobEndClosesItsTunnelsAndStreams: a tunnel connection still open
+// when its job ends is closed by the host, and neither a tunnel nor the
+// context of an ended job can be opened during the next one.
+func TestJobEndClosesItsTunnelsAndStreams(t *testing.T) {
+	target := freeAddr(t)
+	l, err := net.Listen("tcp", target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	upstreamClosed := make(chan struct{})
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, c) // until the host closes its end
+		close(upstreamClosed)
+	}()
+	c, s := connect(t, &Host{Tunnels: map[string]Dialer{"registry": DialTCP(target)}})
+	job := testJob(t)
+	job.Tunnels = []Tunnel{{Name: "registry", Listen: freeAddr(t)}}
+	done := run(context.Background(), c, job, nil)
+	task1, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := task1.OpenTunnel(context.Background(), "registry")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The agent "forgets" to close it; the job ends anyway.
+	task1.Finish(solve.Result{}, nil)
+	wait(t, done, "Run")
+	wait(t, upstreamClosed, "the host to close the job's tunnel connection")
+	stream.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := stream.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Error("the guest end of an ended job's tunnel is still open")
+	}
+
+	done = run(context.Background(), c, job, nil)
+	task2, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := task1.OpenTunnel(context.Background(), "registry"); err == nil || !strings.Contains(err.Error(), "job 1 is not running") {
+		t.Errorf("tunnel of an ended job during the next: err = %v", err)
+	}
+	if _, err := task1.FetchContext(context.Background(), t.TempDir()); err == nil {
+		t.Error("the context of an ended job was served during the next")
+	}
+	task2.Finish(solve.Result{}, nil)
+	if r := wait(t, done, "Run"); r.err != nil {
+		t.Fatal(r.err)
+	}
+}
+
 func TestHostRefusesTunnelWithoutDialer(t *testing.T) {
+	c, _ := connect(t, &Host{})
 	job := testJob(t)
 	job.Tunnels = []Tunnel{{Name: "registry", Listen: "127.0.0.1:5000"}}
-	hostEnd, _ := socketpair(t)
-	_, err := (&Host{}).Serve(context.Background(), hostEnd, job, nil)
+	_, err := c.Run(context.Background(), job, nil)
 	if err == nil || !strings.Contains(err.Error(), `tunnel "registry" has no host-side dialer`) {
 		t.Errorf("err = %v", err)
 	}
@@ -534,19 +890,17 @@ func TestContextArrivesWithModesOwnersLinksAndTimes(t *testing.T) {
 	job := testJob(t)
 	job.Solve.ContextDir, job.Solve.DockerfileDir, job.Solve.DockerfileName = ctxDir, dfDir, "build/Dockerfile"
 	done := serve(context.Background(), &Host{}, hostEnd, job, nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s.Job().Solve.DockerfileDir != treeDockerfile {
-		t.Errorf("wire dockerfile dir = %q", s.Job().Solve.DockerfileDir)
+	s, task := agentSide(t, guestEnd)
+	if task.Job().Solve.DockerfileDir != treeDockerfile {
+		t.Errorf("wire dockerfile dir = %q", task.Job().Solve.DockerfileDir)
 	}
 	work := t.TempDir()
-	req, err := s.FetchContext(context.Background(), work)
+	req, err := task.FetchContext(context.Background(), work)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Finish(solve.Result{}, nil)
+	task.Finish(solve.Result{}, nil)
+	releaseWhenAsked(s)
 	wait(t, done, "Serve")
 
 	if req.ContextDir != filepath.Join(work, "context") || req.DockerfileDir != filepath.Join(work, "dockerfile") || req.DockerfileName != "build/Dockerfile" {
@@ -578,15 +932,13 @@ func TestContextSendFailureIsExplainedByTheHost(t *testing.T) {
 	}
 	hostEnd, guestEnd := socketpair(t)
 	done := serve(context.Background(), &Host{}, hostEnd, job, nil)
-	s, err := Accept(context.Background(), guestEnd, AgentOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = s.FetchContext(context.Background(), t.TempDir())
+	s, task := agentSide(t, guestEnd)
+	_, err := task.FetchContext(context.Background(), t.TempDir())
 	if err == nil {
 		t.Fatal("a context with a named pipe arrived")
 	}
-	s.Finish(solve.Result{}, err)
+	task.Finish(solve.Result{}, err)
+	releaseWhenAsked(s)
 	r := wait(t, done, "Serve")
 	if r.err == nil || !strings.Contains(r.err.Error(), "pipe is a named pipe") {
 		t.Errorf("host err = %v, want the host-side reason", r.err)
