@@ -77,6 +77,29 @@ func TestWarmBuilderServesTheScopesNextBuild(t *testing.T) {
 		t.Error("a stopped builder served the next build")
 	}
 
+	// Cancel on a reused builder stops the build promptly; the builder is
+	// in doubt afterwards and the scope's next build gets a fresh one.
+	held := s.build(tokA, submission{files: map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN echo waiting && sleep 60\n", base)}})
+	deadline := time.Now().Add(time.Minute)
+	for !strings.Contains(s.logText(tokA, held.Id), "waiting") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the step did not start:\n%s", s.logText(tokA, held.Id))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	start := time.Now()
+	var canceled api.Build
+	s.doJSON(tokA, "POST", "/v1/builds/"+held.Id+"/cancel", nil, http.StatusOK, &canceled)
+	if canceled.Status != api.BuildStatusCanceled || time.Since(start) > 15*time.Second {
+		t.Errorf("cancel on a reused builder: %s after %s", canceled.Status, time.Since(start))
+	}
+	if !strings.Contains(s.logText(tokA, held.Id), "reusing the scope's warm builder") {
+		t.Error("the canceled build did not run on the reused builder")
+	}
+	if next := build(tokA, "after-cancel"); *next.BuilderReused {
+		t.Error("the builder of a canceled build was reused")
+	}
+
 	// A crash with warm builders up: the restart reaps their mounts and
 	// buildkitds, and the scope's next build starts a fresh builder.
 	s.kill9()

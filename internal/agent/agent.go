@@ -76,18 +76,23 @@ const (
 	PhaseSolving           = "solving"
 )
 
-// workDirName is the directory on the volume the build context is unpacked
-// into. It lives on the volume, not in guest RAM, because contexts can be
-// large; it is removed before the volume is released.
+// workDirName is the directory on the volume a job's build context is
+// unpacked into. It lives on the volume, not in guest RAM, because contexts
+// can be large; it is removed when the job ends and before the volume is
+// released.
 const workDirName = "kiln-context"
 
-// Run serves one build over conn, the guest end of the host channel: it
-// says hello, receives the job, mounts the cache volume at env.Mount,
-// starts buildkitd on it, solves while streaming events to the host, and
-// answers with the result. Before answering it stops buildkitd and
-// unmounts the volume, also when the host canceled or went away, so the
-// volume is clean whatever happens next. It returns the build's error, if
-// any, joined with any failure to deliver the result.
+// Run serves one session over conn, the guest end of the host channel: it
+// says hello and receives the builder setup, mounts the cache volume at
+// env.Mount and starts buildkitd on it (reporting the setup's outcome),
+// then runs the host's jobs one after another, each with its own context,
+// secrets, tunnels and events, until the host releases the builder or goes
+// away. Then it stops buildkitd and unmounts the volume, so the volume is
+// clean whatever happens next. A failed setup is torn down the same way
+// before it is reported.
+//
+// It returns nil after a clean release, else what went wrong: the setup's
+// error, the host's loss (guest.ErrHostGone), a failed teardown.
 func Run(ctx context.Context, conn io.ReadWriteCloser, env Env) error {
 	if env.Logger == nil {
 		env.Logger = slog.Default()
@@ -97,17 +102,58 @@ func Run(ctx context.Context, conn io.ReadWriteCloser, env Env) error {
 		return fmt.Errorf("agent: connect to the host: %w", err)
 	}
 	defer s.Close()
-	// A broken image is reported to the host as the build's error rather
+	setup, err := s.Setup(ctx)
+	if err != nil {
+		return fmt.Errorf("agent: %w", err)
+	}
+	b := &builder{env: env, setup: setup.Setup(), log: s.Logger()}
+	// A broken image is reported to the host as the setup's error rather
 	// than left for it to find as a silent agent.
-	var res solve.Result
-	buildErr := env.check()
-	if buildErr == nil {
-		res, buildErr = build(ctx, s, env, s.Logger())
+	setupErr := b.env.check()
+	if setupErr == nil {
+		setupErr = b.start(ctx, setup)
 	}
-	if err := s.Finish(res, buildErr); err != nil {
-		return errors.Join(buildErr, fmt.Errorf("agent: %w", err))
+	if setupErr != nil {
+		setupErr = errors.Join(setupErr, b.teardown(ctx))
+		if err := setup.Finish(solve.Result{}, setupErr); err != nil {
+			return errors.Join(setupErr, fmt.Errorf("agent: %w", err))
+		}
+		return setupErr
 	}
-	return buildErr
+	if err := setup.Finish(solve.Result{}, nil); err != nil {
+		return errors.Join(fmt.Errorf("agent: %w", err), b.teardown(ctx))
+	}
+
+	var endErr error
+	for {
+		task, err := s.Next(ctx)
+		if errors.Is(err, guest.ErrReleased) {
+			break
+		}
+		if err != nil {
+			endErr = fmt.Errorf("agent: waiting for the next job: %w", err)
+			break
+		}
+		res, jobErr := b.job(ctx, task)
+		if why := b.broken(); why != nil {
+			task.MarkBroken(why)
+		}
+		if err := task.Finish(res, jobErr); err != nil {
+			// The host is gone; Next says so next.
+			b.log.Warn("could not deliver a job's result", "build", task.Job().BuildID, "err", err)
+		}
+	}
+	teardownErr := b.teardown(ctx)
+	if teardownErr != nil {
+		b.log.Error("releasing the builder failed", "err", teardownErr)
+	}
+	if endErr != nil {
+		return errors.Join(endErr, teardownErr)
+	}
+	if err := s.Released(teardownErr); err != nil {
+		return errors.Join(teardownErr, fmt.Errorf("agent: %w", err))
+	}
+	return teardownErr
 }
 
 func (env *Env) check() error {
@@ -130,130 +176,136 @@ func (env *Env) check() error {
 	return nil
 }
 
-func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) (res solve.Result, err error) {
-	// The build stops when the agent's caller stops it or the host cancels
+// builder is the session's volume and buildkitd, set up once and used by
+// every job.
+type builder struct {
+	env   Env
+	setup guest.Setup
+	log   *slog.Logger
+
+	mounted bool
+	daemon  *buildkitd.Daemon
+	// jobBroken is why a job left the builder unfit for the next one.
+	jobBroken error
+}
+
+// start sets the builder up: volume, network card, buildkitd. What it got
+// to is torn down by teardown.
+func (b *builder) start(parent context.Context, task *guest.Task) error {
+	// The setup stops when the agent's caller stops it or the host cancels
 	// (or disappears).
 	ctx, cancel := context.WithCancelCause(parent)
 	defer cancel(nil)
-	stopFollow := context.AfterFunc(s.Context(), func() { cancel(context.Cause(s.Context())) })
+	stopFollow := context.AfterFunc(task.Context(), func() { cancel(context.Cause(task.Context())) })
 	defer stopFollow()
+	env, setup, log := b.env, b.setup, b.log
 
-	job := s.Job()
-	switch job.Network {
+	switch setup.Network {
 	case "", "host", "default":
 	default:
-		return res, fmt.Errorf("network %q is not supported; build steps share the builder VM's network", job.Network)
+		return fmt.Errorf("network %q is not supported; build steps share the builder VM's network", setup.Network)
 	}
 	if env.MountCgroup {
 		if err := ensureCgroup2(); err != nil {
-			return res, err
+			return err
 		}
 	}
-	dev, err := findDisk(ctx, job.CacheDisk, env)
+	dev, err := findDisk(ctx, setup.CacheDisk, env)
 	if err != nil {
-		return res, err
+		return err
 	}
-
-	// Teardown runs in this order whatever happened: tunnels, buildkitd,
-	// context, volume. Its errors join the build's.
-	var (
-		stopTunnels func()
-		daemon      *buildkitd.Daemon
-		work        string
-		mounted     bool
-	)
-	defer func() {
-		var errs []error
-		if stopTunnels != nil {
-			stopTunnels()
-		}
-		if daemon != nil {
-			sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-			if e := daemon.Stop(sctx); e != nil {
-				errs = append(errs, fmt.Errorf("stop buildkitd: %w", e))
-			}
-			scancel()
-		}
-		if work != "" {
-			if e := os.RemoveAll(work); e != nil {
-				errs = append(errs, fmt.Errorf("remove build context: %w", e))
-			}
-		}
-		if mounted {
-			if e := releaseVolume(env.Mount); e != nil {
-				errs = append(errs, e)
-			}
-		}
-		if e := errors.Join(errs...); e != nil {
-			log.Error("cleanup failed", "err", e)
-			err = errors.Join(err, fmt.Errorf("clean up: %w", e))
-		}
-	}()
-
 	started := time.Now()
 	discarded, err := mountVolume(dev, env.Mount)
 	if err != nil {
-		return res, err
+		return err
 	}
-	mounted = true
+	b.mounted = true
 	log.Info("cache volume mounted", "device", dev, "at", env.Mount, "took", time.Since(started).Round(time.Millisecond), "discarded", discarded)
 	if discarded {
-		s.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: buildkitd.DiscardedUnclean})
+		task.Emit(progress.Event{Kind: progress.Message, Time: time.Now(), Message: buildkitd.DiscardedUnclean})
+	}
+	// A crashed earlier session may have left its context behind.
+	if err := os.RemoveAll(filepath.Join(env.Mount, workDirName)); err != nil {
+		return fmt.Errorf("remove stale build context: %w", err)
+	}
+	if setup.NIC != nil {
+		started = time.Now()
+		if err := configureNIC(ctx, *setup.NIC, env.ResolvConf); err != nil {
+			return err
+		}
+		log.Info("network interface configured", "address", setup.NIC.Address, "took", time.Since(started).Round(time.Millisecond))
 	}
 
-	// A crashed earlier run may have left its context behind.
-	work = filepath.Join(env.Mount, workDirName)
+	task.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
+	if err := os.MkdirAll(env.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create buildkitd state dir: %w", err)
+	}
+	started = time.Now()
+	b.daemon, err = buildkitd.Start(ctx, buildkitd.Config{
+		Binary:             env.Buildkitd,
+		Root:               env.Mount,
+		Dir:                env.StateDir,
+		Runc:               env.Runc,
+		GC:                 setup.GC,
+		InsecureRegistries: setup.InsecureRegistries,
+		CgroupParent:       env.CgroupParent,
+		MaxParallelism:     setup.MaxParallelism,
+		// The volume outlives the build; step output may hold secrets.
+		NoHistory: true,
+		Proxy:     setup.Proxy,
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("buildkitd ready", "took", time.Since(started).Round(time.Millisecond))
+	return nil
+}
+
+// job runs one job on the running buildkitd: its context is unpacked onto
+// the volume, its tunnels listened on, its solve run with its secrets and
+// credentials (they live in the solve's session, in memory, and end with
+// it); all of that is gone again when job returns.
+func (b *builder) job(parent context.Context, task *guest.Task) (res solve.Result, err error) {
+	// The job stops when the agent's caller stops it or the host cancels
+	// it (or disappears).
+	ctx, cancel := context.WithCancelCause(parent)
+	defer cancel(nil)
+	stopFollow := context.AfterFunc(task.Context(), func() { cancel(context.Cause(task.Context())) })
+	defer stopFollow()
+	job, env := task.Job(), b.env
+
+	var stopTunnels func()
+	work := filepath.Join(env.Mount, workDirName)
+	defer func() {
+		if stopTunnels != nil {
+			stopTunnels()
+		}
+		if e := os.RemoveAll(work); e != nil {
+			e = fmt.Errorf("remove build context: %w", e)
+			b.jobBroken = errors.Join(b.jobBroken, e)
+			err = errors.Join(err, e)
+		}
+	}()
 	if err := os.RemoveAll(work); err != nil {
 		return res, fmt.Errorf("remove stale build context: %w", err)
 	}
 	if err := os.Mkdir(work, 0o700); err != nil {
 		return res, fmt.Errorf("create build context dir: %w", err)
 	}
-	req, err := s.FetchContext(ctx, work)
+	req, err := task.FetchContext(ctx, work)
 	if err != nil {
 		return res, err
 	}
-
 	if err := writeHosts(env.Hosts, job.Tunnels); err != nil {
 		return res, err
 	}
-	if stopTunnels, err = s.ListenTunnels(ctx); err != nil {
+	if stopTunnels, err = task.ListenTunnels(ctx); err != nil {
 		return res, err
 	}
-	if job.NIC != nil {
-		started = time.Now()
-		if err := configureNIC(ctx, *job.NIC, env.ResolvConf); err != nil {
-			return res, err
-		}
-		log.Info("network interface configured", "address", job.NIC.Address, "took", time.Since(started).Round(time.Millisecond))
-	}
 
-	s.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseStartingBuildkitd})
-	if err := os.MkdirAll(env.StateDir, 0o700); err != nil {
-		return res, fmt.Errorf("create buildkitd state dir: %w", err)
-	}
-	started = time.Now()
-	daemon, err = buildkitd.Start(ctx, buildkitd.Config{
-		Binary:             env.Buildkitd,
-		Root:               env.Mount,
-		Dir:                env.StateDir,
-		Runc:               env.Runc,
-		GC:                 job.GC,
-		InsecureRegistries: job.InsecureRegistries,
-		CgroupParent:       env.CgroupParent,
-		MaxParallelism:     job.MaxParallelism,
-		// The volume outlives the build; step output may hold secrets.
-		NoHistory: true,
-		Proxy:     job.Proxy,
-		Logger:    log,
-	})
-	if err != nil {
-		return res, err
-	}
-	log.Info("buildkitd ready", "took", time.Since(started).Round(time.Millisecond))
-
-	s.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseSolving})
-	res, err = solve.Run(ctx, daemon.Client(), req, s)
+	task.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseSolving})
+	res, err = solve.Run(ctx, b.daemon.Client(), req, task)
 	if err != nil && ctx.Err() != nil {
 		if cause := context.Cause(ctx); cause != ctx.Err() {
 			err = fmt.Errorf("%w: %w", err, cause)
@@ -261,12 +313,52 @@ func build(parent context.Context, s *guest.Session, env Env, log *slog.Logger) 
 	}
 	if err != nil && ctx.Err() == nil {
 		select {
-		case <-daemon.Exited():
-			err = fmt.Errorf("%w\nbuildkitd exited during the build; its output:\n%s", err, daemon.StderrTail())
+		case <-b.daemon.Exited():
+			err = fmt.Errorf("%w\nbuildkitd exited during the build; its output:\n%s", err, b.daemon.StderrTail())
 		default:
 		}
 	}
 	return res, err
+}
+
+// broken says why the builder cannot take another job, nil if it can.
+func (b *builder) broken() error {
+	if b.daemon != nil {
+		select {
+		case <-b.daemon.Exited():
+			return errors.Join(errors.New("buildkitd exited"), b.jobBroken)
+		default:
+		}
+	}
+	return b.jobBroken
+}
+
+// teardown stops buildkitd and releases the volume, whatever start got to:
+// buildkitd, context, volume, in that order. Safe to call more than once.
+func (b *builder) teardown(ctx context.Context) error {
+	var errs []error
+	if b.daemon != nil {
+		sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		if e := b.daemon.Stop(sctx); e != nil {
+			errs = append(errs, fmt.Errorf("stop buildkitd: %w", e))
+		}
+		scancel()
+	}
+	if b.mounted {
+		if e := os.RemoveAll(filepath.Join(b.env.Mount, workDirName)); e != nil {
+			errs = append(errs, fmt.Errorf("remove build context: %w", e))
+		}
+		if e := releaseVolume(b.env.Mount); e != nil {
+			errs = append(errs, e)
+		} else {
+			b.mounted = false
+		}
+	}
+	if e := errors.Join(errs...); e != nil {
+		b.log.Error("cleanup failed", "err", e)
+		return fmt.Errorf("clean up: %w", e)
+	}
+	return nil
 }
 
 // findDisk maps a disk serial to its device node, waiting for it to appear:

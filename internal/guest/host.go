@@ -733,7 +733,7 @@ func (w *work) readEvents(stream net.Conn) {
 	defer close(w.eventsEnd)
 	defer stream.Close()
 	ctx := w.ctx
-	stopClose := context.AfterFunc(ctx, func() { stream.Close() })
+	stopClose := context.AfterFunc(ctx, func() { closeNow(stream) })
 	defer stopClose()
 	fr := newFrameReader(stream)
 	for {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 )
 
 // Dialer opens the host-side end of one tunnel connection. DialTCP covers
@@ -40,9 +41,19 @@ func splice(ctx context.Context, a, b net.Conn) {
 	case <-done:
 	case <-ctx.Done():
 	}
-	a.Close()
-	b.Close()
+	closeNow(a)
+	closeNow(b)
 	<-done
+}
+
+// closeNow closes c and makes its blocked reads and writes return. A yamux
+// stream's Close alone is a half-close that leaves a pending Read waiting
+// for the peer, and the session outlives a job, so it gets a deadline too.
+func closeNow(c io.Closer) {
+	if d, ok := c.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = d.SetDeadline(time.Now())
+	}
+	_ = c.Close()
 }
 
 // closeWrite half-closes c where the connection type allows it. A yamux

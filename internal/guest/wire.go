@@ -178,7 +178,7 @@ func (l *muxLogger) Println(v ...any) { l.record(fmt.Sprintln(v...)) }
 // untilDone runs fn, closing c if ctx ends first so a blocked read or write
 // on c returns. It reports ctx's error in that case.
 func untilDone(ctx context.Context, c io.Closer, fn func() error) error {
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	stop := context.AfterFunc(ctx, func() { closeNow(c) })
 	err := fn()
 	if !stop() && ctx.Err() != nil {
 		return ctx.Err()
