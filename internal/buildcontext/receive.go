@@ -498,13 +498,18 @@ func (x *extractor) writeFile(dirRoot *os.Root, base, name string, hdr *tar.Head
 	if closeErr != nil {
 		return x.fsFault(closeErr, hdr.Name)
 	}
-	// Best effort: an archive may carry times the filesystem cannot store,
-	// and nothing depends on them being exact.
-	_ = dirRoot.Chtimes(base, hdr.ModTime, hdr.ModTime)
 	x.inodes++
 	n := &node{typ: typeFile, mode: mode, ino: x.inodes}
 	h.Sum(n.sum[:0])
 	x.nodes[name] = n
+	// The archive's mtime is replaced by one made of the content: BuildKit
+	// resends a file on a warm transfer only when its size or mtime
+	// changed, and archives (reproducible ones carry mtime 0) say nothing
+	// reliable about content.
+	t := ContentTime(n.sum)
+	if err := dirRoot.Chtimes(base, t, t); err != nil {
+		return x.fsFault(err, hdr.Name)
+	}
 	return nil
 }
 

@@ -125,7 +125,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		}
 		u.context = &info
 	}
-	opts.ContextKey = contextKey(*u.context, dockerfile)
+	opts.ContextKey = contextKey(scope, opts)
 	tags, err := s.nameTags(ctx, p, req.Tags)
 	if err != nil {
 		return Build{}, err
@@ -457,13 +457,19 @@ func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
 	return nil
 }
 
-// contextKey is the build's solve.Request.ContextKey: equal only for
-// builds whose context, ignore patterns and Dockerfile are all equal.
-// BuildKit transfers the Dockerfile and the ignore file separately, and
-// neither need be among the files the context hash covers.
-func contextKey(info buildcontext.Info, dockerfile []byte) string {
+// contextKey is the build's solve.Request.ContextKey: one per cache scope
+// and Dockerfile location, so the scope's next build of the same project
+// gets BuildKit's incremental transfer and sends only the files that
+// changed. That is safe because Receive gives every file an mtime made of
+// its content (buildcontext.ContentTime): a changed file always differs
+// in size or mtime, which is what BuildKit compares. The transfer's
+// snapshot lives on the scope's volume, so it never crosses scopes.
+// Builds without a scope, or on a scratch volume, transfer afresh.
+func contextKey(scope string, o store.BuildOptions) string {
+	if scope == "" || o.NoCache {
+		return ""
+	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s\n%q\n", info.Hash, info.IgnoreFile, info.Excludes)
-	h.Write(dockerfile)
+	fmt.Fprintf(h, "kiln-transfer-v2\n%q\n%q\n%t\n", scope, o.DockerfilePath, o.InlineDockerfile)
 	return "kiln-" + hex.EncodeToString(h.Sum(nil)[:16])
 }

@@ -13,12 +13,11 @@ type Request struct {
 	DockerfileDir string `json:"dockerfile_dir"`
 	// DockerfileName is the Dockerfile's path relative to DockerfileDir.
 	DockerfileName string `json:"dockerfile_name"`
-	// ContextKey names the content of the context (and Dockerfile) for
-	// BuildKit's incremental context transfer, which reuses the last
-	// transfer under the same key and resends only files whose size or
-	// mtime differ: a file edited without changing either (archives with
-	// fixed mtimes) would stay stale. Same key only for the same content;
-	// empty means a fresh transfer.
+	// ContextKey keys BuildKit's incremental context transfer, which
+	// reuses the last transfer under the same key and resends only files
+	// whose size or mtime differ. Callers share a key only between
+	// contexts whose files' mtimes follow their content (kiln's do, see
+	// buildcontext.ContentTime); empty means a fresh transfer.
 	ContextKey string `json:"context_key,omitempty"`
 
 	BuildArgs map[string]string `json:"build_args,omitempty"`
