@@ -2,8 +2,12 @@ package test
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -199,4 +203,70 @@ func runtimeRuns(b *testing.B, s *server) float64 {
 	}
 	b.Fatalf("no kiln_runtime_runs_total in /metrics")
 	return 0
+}
+
+// BenchmarkContextRebuildOverNativeBuildkitd: a ~300 MiB context of 3,000
+// files copied by the Dockerfile, rebuilt after one file changed, through
+// `kiln build` against a server whose scope's builder is warm, over the
+// same rebuild on a native buildkitd kept running (the local `buildctl`
+// baseline), in one run. The issue's goal is kiln/native ≤ 1.2.
+func BenchmarkContextRebuildOverNativeBuildkitd(b *testing.B) {
+	s := startServer(b)
+	base := s.base()
+	dir := b.TempDir()
+	chunk := make([]byte, 100<<10)
+	for i := range 3000 {
+		rand.Read(chunk)
+		sub := filepath.Join(dir, "src", fmt.Sprintf("d%02d", i%30))
+		os.MkdirAll(sub, 0o755)
+		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%04d.bin", i)), chunk, 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+	df := fmt.Sprintf("FROM %s\nCOPY src /src\nRUN du -sh /src\n", base)
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(df), 0o644)
+	touch := func(i int) {
+		rand.Read(chunk)
+		os.WriteFile(filepath.Join(dir, "src", "d00", "f0000.bin"), chunk, 0o644)
+	}
+
+	root, bkDir := b.TempDir(), b.TempDir()
+	native, err := buildkitd.Start(context.Background(), buildkitd.Config{Binary: testkit.Buildkitd(b), Root: root, Dir: bkDir,
+		InsecureRegistries: []string{s.addr}, NoHistory: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { native.Stop(context.Background()) })
+	nativeBuild := func() {
+		_, err := solve.Run(context.Background(), native.Client(), solve.Request{ContextDir: dir, DockerfileDir: dir,
+			ContextKey: "bench", Push: []string{s.addr + "/native/ctx:latest"},
+			RegistryAuth: map[string]solve.Credentials{s.addr: {Username: "kiln", Password: s.admin}}}, nil)
+		if err != nil {
+			b.Fatalf("native build: %v", err)
+		}
+	}
+	kilnBuild := func() {
+		out, err := exec.Command(kilnBinary(b), "build", "--addr", s.url(""), "--token", s.admin, "--progress", "plain", dir).CombinedOutput()
+		if err != nil {
+			b.Fatalf("kiln build: %v\n%s", err, out)
+		}
+	}
+	nativeBuild()
+	kilnBuild()
+	var nat, kiln time.Duration
+	for i := 0; i < b.N; i++ {
+		touch(i)
+		start := time.Now()
+		nativeBuild()
+		nat += time.Since(start)
+		touch(i)
+		start = time.Now()
+		kilnBuild()
+		kiln += time.Since(start)
+	}
+	n := float64(b.N)
+	b.ReportMetric(nat.Seconds()/n, "native-s/op")
+	b.ReportMetric(kiln.Seconds()/n, "kiln-s/op")
+	b.ReportMetric(kiln.Seconds()/nat.Seconds(), "kiln/native")
+	b.ReportMetric(0, "ns/op")
 }
