@@ -141,6 +141,24 @@ func (e BuildOutputParamsType) Valid() bool {
 	}
 }
 
+// BlobQuery defines model for BlobQuery.
+type BlobQuery struct {
+	Digests []string `json:"digests"`
+}
+
+// BlobQueryResult defines model for BlobQueryResult.
+type BlobQueryResult struct {
+	Missing []string `json:"missing"`
+}
+
+// BlobUploadResult defines model for BlobUploadResult.
+type BlobUploadResult struct {
+	Bytes int64 `json:"bytes"`
+
+	// Stored Blobs added (ones already held are not counted).
+	Stored int `json:"stored"`
+}
+
 // Build defines model for Build.
 type Build struct {
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
@@ -205,10 +223,13 @@ type BuildRequest struct {
 	// CacheScope Optional; must equal the token's cache scope.
 	CacheScope *string `json:"cache_scope,omitempty"`
 
-	// Context tar, tar.gz or tar.zst of the build context.
-	Context openapi_types.File `json:"context"`
-	Cpus    *int               `json:"cpus,omitempty"`
-	DiskGb  *int               `json:"disk_gb,omitempty"`
+	// Context tar, tar.gz or tar.zst of the build context. Send it, or context_manifest.
+	Context *openapi_types.File `json:"context,omitempty"`
+
+	// ContextManifest The context described by content instead (JSON, see buildcontext.Manifest: entries of path, type, mode, size, digest, target), materialized from your tenant's context store. Content the store lacks gets 409 with code missing_blobs: upload it (POST /v1/contexts/blobs) and submit again. Both ways give the same context hash, so they deduplicate against each other.
+	ContextManifest *openapi_types.File `json:"context_manifest,omitempty"`
+	Cpus            *int                `json:"cpus,omitempty"`
+	DiskGb          *int                `json:"disk_gb,omitempty"`
 
 	// Dockerfile Inline Dockerfile text; overrides dockerfile_path.
 	Dockerfile     *string `json:"dockerfile,omitempty"`
@@ -490,6 +511,9 @@ type StopBuilderJSONRequestBody = StopBuilderRequest
 // CreateBuildMultipartRequestBody defines body for CreateBuild for multipart/form-data ContentType.
 type CreateBuildMultipartRequestBody = BuildRequest
 
+// QueryBlobsJSONRequestBody defines body for QueryBlobs for application/json ContentType.
+type QueryBlobsJSONRequestBody = BlobQuery
+
 // RunImageJSONRequestBody defines body for RunImage for application/json ContentType.
 type RunImageJSONRequestBody = RunRequest
 
@@ -669,6 +693,33 @@ type ClientInterface interface {
 	//
 	// Corresponds with DELETE /v1/cache/{scope} (the `DeleteCache` operationId).
 	DeleteCache(ctx context.Context, scope string, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// PutBlobsWithBody Upload context blobs (needs build:write)
+	//
+	// A plain tar whose regular files are named by their digest (sha256:<hex>). Every blob is verified; one whose content does not match its name fails the request with 400 (blobs before it stay).
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/contexts/blobs (the `PutBlobs` operationId).
+	PutBlobsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// QueryBlobsWithBody Which context blobs your tenant's store lacks (needs build:write)
+	//
+	// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+	//
+	// Takes any type of body and a specified content type.
+	//
+	// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+	QueryBlobsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// QueryBlobs Which context blobs your tenant's store lacks (needs build:write)
+	//
+	// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+	//
+	// Takes a body of the `application/json` content type.
+	//
+	// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+	QueryBlobs(ctx context.Context, body QueryBlobsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListImages Image names and their digests (needs image:read)
 	//
@@ -999,6 +1050,63 @@ func (c *Client) ListCache(ctx context.Context, reqEditors ...RequestEditorFn) (
 // Corresponds with DELETE /v1/cache/{scope} (the `DeleteCache` operationId).
 func (c *Client) DeleteCache(ctx context.Context, scope string, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewDeleteCacheRequest(c.Server, scope)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// PutBlobsWithBody Upload context blobs (needs build:write)
+//
+// A plain tar whose regular files are named by their digest (sha256:<hex>). Every blob is verified; one whose content does not match its name fails the request with 400 (blobs before it stay).
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/contexts/blobs (the `PutBlobs` operationId).
+func (c *Client) PutBlobsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewPutBlobsRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// QueryBlobsWithBody Which context blobs your tenant's store lacks (needs build:write)
+//
+// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+//
+// Takes any type of body and a specified content type.
+//
+// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+func (c *Client) QueryBlobsWithBody(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewQueryBlobsRequestWithBody(c.Server, contentType, body)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// QueryBlobs Which context blobs your tenant's store lacks (needs build:write)
+//
+// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+//
+// Takes a body of the `application/json` content type.
+//
+// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+func (c *Client) QueryBlobs(ctx context.Context, body QueryBlobsJSONRequestBody, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewQueryBlobsRequest(c.Server, body)
 	if err != nil {
 		return nil, err
 	}
@@ -1804,6 +1912,75 @@ func NewDeleteCacheRequest(server string, scope string) (*http.Request, error) {
 	return req, nil
 }
 
+// NewPutBlobsRequestWithBody constructs an http.Request for the PutBlobs method, with any body, and a specified content type
+func NewPutBlobsRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/contexts/blobs")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
+// NewQueryBlobsRequest calls the generic QueryBlobs builder with application/json body
+func NewQueryBlobsRequest(server string, body QueryBlobsJSONRequestBody) (*http.Request, error) {
+	var bodyReader io.Reader
+	buf, err := json.Marshal(body)
+	if err != nil {
+		return nil, err
+	}
+	bodyReader = bytes.NewReader(buf)
+	return NewQueryBlobsRequestWithBody(server, "application/json", bodyReader)
+}
+
+// NewQueryBlobsRequestWithBody constructs an http.Request for the QueryBlobs method, with any body, and a specified content type
+func NewQueryBlobsRequestWithBody(server string, contentType string, body io.Reader) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/contexts/blobs/query")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodPost, queryURL.String(), body)
+	if err != nil {
+		return nil, err
+	}
+
+	req.Header.Add("Content-Type", contentType)
+
+	return req, nil
+}
+
 // NewListImagesRequest constructs an http.Request for the ListImages method
 func NewListImagesRequest(server string) (*http.Request, error) {
 	var err error
@@ -2313,6 +2490,33 @@ type ClientWithResponsesInterface interface {
 	// Corresponds with DELETE /v1/cache/{scope} (the `DeleteCache` operationId).
 	DeleteCacheWithResponse(ctx context.Context, scope string, reqEditors ...RequestEditorFn) (*DeleteCacheResponse, error)
 
+	// PutBlobsWithBodyWithResponse Upload context blobs (needs build:write)
+	//
+	// A plain tar whose regular files are named by their digest (sha256:<hex>). Every blob is verified; one whose content does not match its name fails the request with 400 (blobs before it stay).
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/contexts/blobs (the `PutBlobs` operationId).
+	PutBlobsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutBlobsResponse, error)
+
+	// QueryBlobsWithBodyWithResponse Which context blobs your tenant's store lacks (needs build:write)
+	//
+	// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+	//
+	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+	QueryBlobsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*QueryBlobsResponse, error)
+
+	// QueryBlobsWithResponse Which context blobs your tenant's store lacks (needs build:write)
+	//
+	// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+	//
+	// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+	QueryBlobsWithResponse(ctx context.Context, body QueryBlobsJSONRequestBody, reqEditors ...RequestEditorFn) (*QueryBlobsResponse, error)
+
 	// ListImagesWithResponse Image names and their digests (needs image:read)
 	//
 	// Returns a wrapper object for the known response body format(s).
@@ -2649,6 +2853,8 @@ type CreateBuildResponse struct {
 	JSON401 *Error
 	// JSON403 the response for an HTTP 403 `application/json` response
 	JSON403 *Error
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *Error
 	// JSON413 the response for an HTTP 413 `application/json` response
 	JSON413 *Error
 }
@@ -2671,6 +2877,11 @@ func (r CreateBuildResponse) GetJSON401() *Error {
 // GetJSON403 returns the response for an HTTP 403 `application/json` response
 func (r CreateBuildResponse) GetJSON403() *Error {
 	return r.JSON403
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r CreateBuildResponse) GetJSON409() *Error {
+	return r.JSON409
 }
 
 // GetJSON413 returns the response for an HTTP 413 `application/json` response
@@ -3113,6 +3324,109 @@ func (r DeleteCacheResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r DeleteCacheResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type PutBlobsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *BlobUploadResult
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *Error
+	// JSON429 the response for an HTTP 429 `application/json` response
+	JSON429 *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r PutBlobsResponse) GetJSON200() *BlobUploadResult {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r PutBlobsResponse) GetJSON400() *Error {
+	return r.JSON400
+}
+
+// GetJSON429 returns the response for an HTTP 429 `application/json` response
+func (r PutBlobsResponse) GetJSON429() *Error {
+	return r.JSON429
+}
+
+// GetBody returns the raw response body bytes
+func (r PutBlobsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r PutBlobsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r PutBlobsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r PutBlobsResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type QueryBlobsResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *BlobQueryResult
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *Error
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r QueryBlobsResponse) GetJSON200() *BlobQueryResult {
+	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r QueryBlobsResponse) GetJSON400() *Error {
+	return r.JSON400
+}
+
+// GetBody returns the raw response body bytes
+func (r QueryBlobsResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r QueryBlobsResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r QueryBlobsResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r QueryBlobsResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -3789,6 +4103,51 @@ func (c *ClientWithResponses) DeleteCacheWithResponse(ctx context.Context, scope
 	return ParseDeleteCacheResponse(rsp)
 }
 
+// PutBlobsWithBodyWithResponse Upload context blobs (needs build:write)
+//
+// A plain tar whose regular files are named by their digest (sha256:<hex>). Every blob is verified; one whose content does not match its name fails the request with 400 (blobs before it stay).
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/contexts/blobs (the `PutBlobs` operationId).
+func (c *ClientWithResponses) PutBlobsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*PutBlobsResponse, error) {
+	rsp, err := c.PutBlobsWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParsePutBlobsResponse(rsp)
+}
+
+// QueryBlobsWithBodyWithResponse Which context blobs your tenant's store lacks (needs build:write)
+//
+// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+//
+// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+func (c *ClientWithResponses) QueryBlobsWithBodyWithResponse(ctx context.Context, contentType string, body io.Reader, reqEditors ...RequestEditorFn) (*QueryBlobsResponse, error) {
+	rsp, err := c.QueryBlobsWithBody(ctx, contentType, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseQueryBlobsResponse(rsp)
+}
+
+// QueryBlobsWithResponse Which context blobs your tenant's store lacks (needs build:write)
+//
+// The first step of a content-addressed context upload: ask with the digests of a context's files, upload the missing ones (POST /v1/contexts/blobs), then submit the build with a context_manifest part instead of context. Each tenant has its own store, so the answer says nothing about other tenants' uploads.
+//
+// Takes a body of the `application/json` content type, and returns a wrapper object for the known response body format(s).
+//
+// Corresponds with POST /v1/contexts/blobs/query (the `QueryBlobs` operationId).
+func (c *ClientWithResponses) QueryBlobsWithResponse(ctx context.Context, body QueryBlobsJSONRequestBody, reqEditors ...RequestEditorFn) (*QueryBlobsResponse, error) {
+	rsp, err := c.QueryBlobs(ctx, body, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseQueryBlobsResponse(rsp)
+}
+
 // ListImagesWithResponse Image names and their digests (needs image:read)
 //
 // Returns a wrapper object for the known response body format(s).
@@ -4158,6 +4517,13 @@ func ParseCreateBuildResponse(rsp *http.Response) (*CreateBuildResponse, error) 
 		}
 		response.JSON403 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
 	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 413:
 		var dest Error
 		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
@@ -4459,6 +4825,79 @@ func ParseDeleteCacheResponse(rsp *http.Response) (*DeleteCacheResponse, error) 
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParsePutBlobsResponse parses an HTTP response from a PutBlobsWithResponse call
+func ParsePutBlobsResponse(rsp *http.Response) (*PutBlobsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &PutBlobsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest BlobUploadResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 429:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON429 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseQueryBlobsResponse parses an HTTP response from a QueryBlobsWithResponse call
+func ParseQueryBlobsResponse(rsp *http.Response) (*QueryBlobsResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &QueryBlobsResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest BlobQueryResult
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
 
 	}
 

@@ -199,6 +199,11 @@ type extractor struct {
 
 	subDir  string   // directory of the last entry, see parentRoot
 	subRoot *os.Root // nil or a handle on subDir
+
+	// blobs, when set, provides file contents by digest (Materialize);
+	// digest is the current entry's.
+	blobs  BlobSource
+	digest string
 }
 
 func (x *extractor) run() (Info, error) {
@@ -244,7 +249,16 @@ func (x *extractor) run() (Info, error) {
 	if _, err := io.CopyBuffer(io.Discard, br, x.buf); err != nil {
 		return Info{}, err
 	}
+	info, err := x.finish()
+	if err != nil {
+		return Info{}, err
+	}
+	info.Bytes, info.UncompressedBytes, info.Entries, info.Format = x.wire.n, x.raw.n, entries, x.format
+	return info, nil
+}
 
+// finish checks the complete tree, hashes it and applies directory modes.
+func (x *extractor) finish() (Info, error) {
 	if err := x.checkSymlinkChains(); err != nil {
 		return Info{}, err
 	}
@@ -268,15 +282,11 @@ func (x *extractor) run() (Info, error) {
 		return Info{}, err
 	}
 	return Info{
-		Bytes:             x.wire.n,
-		UncompressedBytes: x.raw.n,
-		Entries:           entries,
-		Format:            x.format,
-		Hash:              hash,
-		Excludes:          excludes,
-		IgnoreFile:        ignoreFile,
-		nodes:             x.nodes,
-		dir:               x.root.Name(),
+		Hash:       hash,
+		Excludes:   excludes,
+		IgnoreFile: ignoreFile,
+		nodes:      x.nodes,
+		dir:        x.root.Name(),
 	}, nil
 }
 
@@ -466,6 +476,9 @@ func (x *extractor) writeFile(dirRoot *os.Root, base, name string, hdr *tar.Head
 	x.data += hdr.Size
 	if x.lim.MaxUncompressedBytes > 0 && x.data > x.lim.MaxUncompressedBytes {
 		return x.tooLargeUncompressed()
+	}
+	if x.blobs != nil {
+		return x.linkBlob(dirRoot, base, name, hdr, mode)
 	}
 	// O_EXCL: the path was just cleared, so anything there now (a symlink
 	// above all) is a reason to stop, not something to open.

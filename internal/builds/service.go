@@ -19,6 +19,7 @@ import (
 	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/cachevol"
+	"github.com/kiln-build/kiln/internal/ctxstore"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/mirror"
@@ -90,6 +91,7 @@ type Service struct {
 	mirror   *mirror.Mirror
 	volumes  *cachevol.Manager
 	builders *builders.Pool
+	contexts *ctxstore.Store
 	runtime  runtime.Runtime
 	auth     *auth.Authority
 	policy   *access.Policy
@@ -120,6 +122,9 @@ type Deps struct {
 	// Builders keeps scopes' builders up between builds; nil: a pool
 	// that keeps none.
 	Builders *builders.Pool
+	// Contexts is the content store contexts are materialized from when
+	// sent as manifests; nil: only tar uploads.
+	Contexts *ctxstore.Store
 	Auth     *auth.Authority
 	// Policy decides what each tenant sees and may name.
 	Policy *access.Policy
@@ -150,6 +155,7 @@ func New(cfg Config, d Deps) (*Service, error) {
 		mirror:   d.Mirror,
 		volumes:  d.Volumes,
 		builders: d.Builders,
+		contexts: d.Contexts,
 		runtime:  d.Runtime,
 		auth:     d.Auth,
 		policy:   d.Policy,

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"database/sql"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/ctxstore"
 	"github.com/kiln-build/kiln/internal/egress"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/progress"
@@ -56,6 +58,61 @@ func (s *Service) ReceiveContext(ctx context.Context, u *Upload, r io.Reader) er
 	}
 	u.context = &info
 	return nil
+}
+
+// maxManifestBytes bounds a context manifest: a million entries of long
+// paths fit.
+const maxManifestBytes = 512 << 20
+
+// ReceiveManifest materializes the context a manifest describes from the
+// tenant's content store into the upload's directory (hard links, no
+// copies). Content the store lacks fails with an error wrapping
+// buildcontext.ErrMissingBlobs: the client sends it and submits again.
+func (s *Service) ReceiveManifest(ctx context.Context, p auth.Principal, u *Upload, r io.Reader) error {
+	if u.context != nil {
+		return badRequest("the request has more than one context part; send exactly one context or context_manifest")
+	}
+	if s.contexts == nil {
+		return badRequest("this kiln server keeps no context store; send the context as a tar in the field \"context\"")
+	}
+	var m buildcontext.Manifest
+	dec := json.NewDecoder(io.LimitReader(r, maxManifestBytes))
+	if err := dec.Decode(&m); err != nil {
+		return badRequest("the context_manifest part is not a JSON context manifest (%v); see buildcontext.Manifest in the API docs", err)
+	}
+	src := s.contexts.Source(p.Tenant)
+	defer src.Release()
+	info, err := buildcontext.Materialize(ctx, m, src, u.dir, s.cfg.Context)
+	if err != nil {
+		return err
+	}
+	u.context = &info
+	return nil
+}
+
+// MissingBlobs answers which of digests the tenant's context store lacks.
+func (s *Service) MissingBlobs(p auth.Principal, digests []string) ([]string, error) {
+	if !p.Has(auth.ScopeBuildWrite) {
+		return nil, forbidden("the context store takes uploads for builds: it needs the build:write scope")
+	}
+	if s.contexts == nil {
+		return nil, errdefs.NotFound("this kiln server keeps no context store; send contexts as tars")
+	}
+	if s.cfg.Context.MaxEntries > 0 && len(digests) > s.cfg.Context.MaxEntries {
+		return nil, badRequest("%d digests in one query; at most %d (context.max_entries)", len(digests), s.cfg.Context.MaxEntries)
+	}
+	return s.contexts.Missing(p.Tenant, digests)
+}
+
+// PutBlobs stores a tar of blobs in the tenant's context store.
+func (s *Service) PutBlobs(ctx context.Context, p auth.Principal, r io.Reader) (ctxstore.PutStats, error) {
+	if !p.Has(auth.ScopeBuildWrite) {
+		return ctxstore.PutStats{}, forbidden("the context store takes uploads for builds: it needs the build:write scope")
+	}
+	if s.contexts == nil {
+		return ctxstore.PutStats{}, errdefs.NotFound("this kiln server keeps no context store; send contexts as tars")
+	}
+	return s.contexts.Put(ctx, p.Tenant, r)
 }
 
 // Discard drops an upload that was not submitted.
@@ -111,7 +168,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		return Build{}, forbidden("cache_scope %q is not yours: your token's cache scope is %q; omit cache_scope or send your own", req.CacheScope, p.CacheScope)
 	}
 	if u.context == nil {
-		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\"")
+		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\" (or a manifest in \"context_manifest\")")
 	}
 	opts, dockerfile, err := s.validate(ctx, p, u, &req)
 	if err != nil {

@@ -72,6 +72,10 @@ type Config struct {
 	BuildersIdleTimeout time.Duration
 	BuildersMaxWarm     int
 
+	// ContextStorePerTenant and ContextStoreTotal bound the content store
+	// that manifest uploads are materialized from.
+	ContextStorePerTenant, ContextStoreTotal int64
+
 	// UploadsMax and UploadsPerTenant bound concurrent build submissions.
 	UploadsMax, UploadsPerTenant int
 	// HTTPIdleTimeout closes idle keep-alive connections;
@@ -154,6 +158,8 @@ func (c *Config) settings() []setting {
 		{"tokens.max_ttl", "2160h", "longest lifetime of a token created through the API (the admin token written at first start is exempt; revoke it with kiln token revoke)", kDuration, &c.TokensMaxTTL},
 		{"builders.idle_timeout", "5m", "how long a cache scope's builder (buildkitd, or the builder VM) stays up after a build, so the scope's next build starts on it with no boot; reuse never crosses scopes (0s: a fresh builder for every build)", kDuration, &c.BuildersIdleTimeout},
 		{"builders.max_warm", "0", "most builders kept up at once; past it the least recently used idle one is stopped (0: what host memory allows at limits.memory_mb.default, keeping 4 GiB free)", kInt, &c.BuildersMaxWarm},
+		{"context_store.max_bytes_per_tenant", "4GiB", "content of recent build contexts kept per tenant, so kiln build sends only changed files; least recently used content goes first (0: no limit)", kBytes, &c.ContextStorePerTenant},
+		{"context_store.max_total_bytes", "20GiB", "content of recent build contexts kept for all tenants together (0: no limit)", kBytes, &c.ContextStoreTotal},
 		{"uploads.max_concurrent", "16", "build submissions (context uploads) in flight at once; more are answered 429 with Retry-After (0: no limit)", kInt, &c.UploadsMax},
 		{"uploads.max_per_tenant", "4", "build submissions in flight at once per tenant (0: no limit)", kInt, &c.UploadsPerTenant},
 		{"http.idle_timeout", "2m", "how long an idle keep-alive connection stays open", kDuration, &c.HTTPIdleTimeout},
@@ -374,6 +380,9 @@ func (c *Config) validate() error {
 	}
 	if c.TokensMaxTTL <= 0 {
 		return fmt.Errorf("tokens.max_ttl must be positive")
+	}
+	if c.ContextStorePerTenant < 0 || c.ContextStoreTotal < 0 {
+		return fmt.Errorf("context_store.max_bytes_per_tenant and context_store.max_total_bytes must not be negative (0: no limit)")
 	}
 	if c.BuildersIdleTimeout < 0 || c.BuildersMaxWarm < 0 {
 		return fmt.Errorf("builders.idle_timeout and builders.max_warm must not be negative (0s turns builder reuse off)")

@@ -29,6 +29,7 @@ import (
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
 	"github.com/kiln-build/kiln/internal/config"
+	"github.com/kiln-build/kiln/internal/ctxstore"
 	"github.com/kiln-build/kiln/internal/images"
 	"github.com/kiln-build/kiln/internal/mirror"
 	"github.com/kiln-build/kiln/internal/registry"
@@ -198,6 +199,13 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	vols.SetIdleHolder(pool)
 	defer pool.Close()
 
+	contexts, err := ctxstore.Open(filepath.Join(data, "context-store"), ctxstore.Config{
+		MaxBytesPerTenant: cfg.ContextStorePerTenant, MaxTotalBytes: cfg.ContextStoreTotal,
+		MaxBlobBytes: cfg.ContextMaxUncompressedBytes, Logger: log.With("part", "contexts")})
+	if err != nil {
+		return err
+	}
+
 	svc, err := builds.New(builds.Config{
 		DataDir:       data,
 		RegistryHost:  registryHost,
@@ -214,7 +222,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		DedupTTL:          cfg.DedupTTL,
 		NetworkDefault:    cfg.NetworkDefault,
 		NetworkAllowed:    cfg.NetworkAllowed,
-	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
+	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Contexts: contexts, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,8 @@
 package server_test
 
 import (
+	"archive/tar"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -163,6 +165,17 @@ func apiCases(m *matrix) []apiCase {
 			req: func(m *matrix, _ string) (string, string, io.Reader, string) {
 				m.build(m.tok[tenantA])
 				return "DELETE", "/v1/cache/tenant-a", nil, ""
+			}},
+
+		{route: "POST /v1/contexts/blobs/query", what: "own store", allow: []string{tenantA, tenantB, admin}, ok: 200,
+			req: func(*matrix, string) (string, string, io.Reader, string) {
+				return "POST", "/v1/contexts/blobs/query", jsonBody(map[string]any{"digests": []string{"sha256:" + strings.Repeat("a", 64)}}), "application/json"
+			}},
+		{route: "POST /v1/contexts/blobs", what: "own store", allow: []string{tenantA, tenantB, admin}, ok: 200,
+			req: func(*matrix, string) (string, string, io.Reader, string) {
+				var buf bytes.Buffer
+				tar.NewWriter(&buf).Close()
+				return "POST", "/v1/contexts/blobs", &buf, "application/x-tar"
 			}},
 
 		{route: "GET /v1/builders", what: "list", allow: []string{admin}, ok: 200, req: get("/v1/builders")},

@@ -33,4 +33,3 @@ func (s *Server) stopBuilder(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
-

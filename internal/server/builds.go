@@ -102,6 +102,11 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 				s.fail(w, r, err)
 				return
 			}
+		case "context_manifest":
+			if err := s.builds.ReceiveManifest(r.Context(), principal(r), up, part); err != nil {
+				s.fail(w, r, err)
+				return
+			}
 		case "secret":
 			id := part.FileName()
 			if id == "" {

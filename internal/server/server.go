@@ -55,12 +55,12 @@ type Server struct {
 
 // Deps are what the server exposes.
 type Deps struct {
-	Auth         *auth.Authority
-	Policy       *access.Policy
-	Tokens       *tokens.Service
-	Builds       *builds.Service
-	Images       *images.Service
-	Volumes      *cachevol.Manager
+	Auth    *auth.Authority
+	Policy  *access.Policy
+	Tokens  *tokens.Service
+	Builds  *builds.Service
+	Images  *images.Service
+	Volumes *cachevol.Manager
 	// Builders are the builders kept up between builds.
 	Builders     *builders.Pool
 	Registry     *registry.Registry
@@ -142,6 +142,9 @@ func (s *Server) table(metrics http.Handler) []route {
 
 		{"GET /v1/cache", auth.ScopeBuildRead, http.HandlerFunc(s.listCache)},
 		{"DELETE /v1/cache/{scope}", auth.ScopeCacheAdmin, http.HandlerFunc(s.deleteCache)},
+
+		{"POST /v1/contexts/blobs/query", auth.ScopeBuildWrite, http.HandlerFunc(s.queryBlobs)},
+		{"POST /v1/contexts/blobs", auth.ScopeBuildWrite, http.HandlerFunc(s.putBlobs)},
 
 		{"GET /v1/builders", auth.ScopeBuildAdmin, http.HandlerFunc(s.listBuilders)},
 		{"POST /v1/builders/stop", auth.ScopeBuildAdmin, http.HandlerFunc(s.stopBuilder)},
@@ -244,6 +247,9 @@ func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
 		msg = de.Msg
 	}
 	switch {
+	case errors.Is(err, buildcontext.ErrMissingBlobs):
+		// kiln build uploads what is missing and submits again.
+		writeError(w, http.StatusConflict, "missing_blobs", msg)
 	case errors.As(err, &ce):
 		writeError(w, ce.Status, "bad_context", ce.Msg)
 	case errors.As(err, &slow):
