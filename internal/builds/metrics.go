@@ -30,6 +30,7 @@ type metrics struct {
 	volUsed  *prometheus.Desc
 	volCount *prometheus.Desc
 	warm     *prometheus.Desc
+	ctxBytes *prometheus.Desc
 }
 
 func newMetrics(s *Service) *metrics {
@@ -112,6 +113,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	m.phases.Describe(ch)
 	m.reused.Describe(ch)
 	ch <- m.warm
+	ch <- m.ctxBytes
 	ch <- m.byStatus
 	ch <- m.queueLen
 	ch <- m.volBytes
@@ -134,6 +136,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	for state, n := range counts {
 		ch <- prometheus.MustNewConstMetric(m.warm, prometheus.GaugeValue, float64(n), state)
+	}
+	if m.s.contexts != nil {
+		ch <- prometheus.MustNewConstMetric(m.ctxBytes, prometheus.GaugeValue, float64(m.s.contexts.TotalBytes()))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
