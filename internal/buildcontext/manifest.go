@@ -179,7 +179,7 @@ func (x *extractor) linkBlob(dirRoot *os.Root, base, name string, hdr *tar.Heade
 	if errors.Is(err, unix.EMLINK) {
 		// A blob shared by more paths than the filesystem allows links
 		// (an empty file, tens of thousands of times): copy it instead.
-		err = copyBlob(dirRoot, base, src, mode)
+		err = CopyFile(dirRoot, base, src, mode)
 	}
 	if err != nil {
 		return x.fsFault(&os.LinkError{Op: "link", Old: src, New: hdr.Name, Err: err}, hdr.Name)
@@ -201,8 +201,10 @@ func parseDigest(d string) (sum [32]byte, ok bool) {
 	return sum, true
 }
 
-// copyBlob writes a copy of src at base with mode and src's mtime.
-func copyBlob(dirRoot *os.Root, base, src string, mode uint32) error {
+// CopyFile writes a copy of the file src at name in dir (which must not
+// exist yet) with mode and src's mtime: a blob's file where a hard link
+// will not do.
+func CopyFile(dir *os.Root, name, src string, mode uint32) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -212,7 +214,7 @@ func copyBlob(dirRoot *os.Root, base, src string, mode uint32) error {
 	if err != nil {
 		return err
 	}
-	out, err := dirRoot.OpenFile(base, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	out, err := dir.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return err
 	}
@@ -224,7 +226,7 @@ func copyBlob(dirRoot *os.Root, base, src string, mode uint32) error {
 		err = cerr
 	}
 	if err == nil {
-		err = dirRoot.Chtimes(base, fi.ModTime(), fi.ModTime())
+		err = dir.Chtimes(name, fi.ModTime(), fi.ModTime())
 	}
 	return err
 }

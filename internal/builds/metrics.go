@@ -63,6 +63,7 @@ func newMetrics(s *Service) *metrics {
 		reused: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kiln_builder_reuses_total", Help: "Builds that ran on a builder kept up from an earlier build of their scope.",
 		}),
+		ctxBytes: prometheus.NewDesc("kiln_context_store_bytes", "Bytes of build context content kept for manifest uploads, all tenants.", nil, nil),
 		warm:     prometheus.NewDesc("kiln_builders_warm", "Builders kept up between builds, by state (idle, building).", []string{"state"}, nil),
 		byStatus: prometheus.NewDesc("kiln_builds", "Builds recorded, by status.", []string{"status"}, nil),
 		queueLen: prometheus.NewDesc("kiln_queue_length", "Builds waiting to run.", nil, nil),

@@ -391,39 +391,23 @@ func variantPath(dir, hexd string, mode uint32) string {
 
 // makeVariant copies the blob at base to p with mode and base's mtime.
 func makeVariant(base, p string, mode uint32) error {
-	in, err := os.Open(base)
+	dir, err := os.OpenRoot(filepath.Dir(p))
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	fi, err := in.Stat()
-	if err != nil {
-		return err
-	}
+	defer dir.Close()
 	var rnd [8]byte
 	rand.Read(rnd[:])
-	tmp := filepath.Join(filepath.Dir(p), ".tmp-"+hex.EncodeToString(rnd[:]))
-	out, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
+	tmp := ".tmp-" + hex.EncodeToString(rnd[:])
+	if err := buildcontext.CopyFile(dir, tmp, base, mode); err != nil {
+		dir.Remove(tmp)
 		return err
 	}
-	_, err = io.Copy(out, in)
-	if err == nil {
-		err = out.Chmod(os.FileMode(mode))
+	if err := os.Rename(filepath.Join(filepath.Dir(p), tmp), p); err != nil {
+		dir.Remove(tmp)
+		return err
 	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chtimes(tmp, fi.ModTime(), fi.ModTime())
-	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
+	return nil
 }
 
 // evict removes least recently used, unpinned blobs (all their files)

@@ -129,7 +129,9 @@ func TestBlobFilesHaveTheirModeAndContentTime(t *testing.T) {
 func TestStoreStaysWithinItsBoundsUnderChurn(t *testing.T) {
 	const perTenant, total = 64 << 10, 96 << 10
 	s := open(t, Config{MaxBytesPerTenant: perTenant, MaxTotalBytes: total})
-	blob := func(tenant string, i int) []byte { return bytes.Repeat([]byte(fmt.Sprintf("%s-%04d;", tenant, i)), 1024) }
+	blob := func(tenant string, i int) []byte {
+		return bytes.Repeat([]byte(fmt.Sprintf("%s-%04d;", tenant, i)), 1024)
+	}
 	for i := range 200 {
 		for _, tn := range []string{"team-a", "team-b", "team-c"} {
 			if _, err := s.Put(context.Background(), tn, blobTar(t, [][]byte{blob(tn, i)})); err != nil {

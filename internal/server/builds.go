@@ -54,6 +54,21 @@ var fieldLimits = map[string]struct {
 
 // createBuild reads the multipart submission part by part; the context
 // part streams straight to disk.
+// uploadSlot takes one of the caller's upload slots, or answers 429.
+func (s *Server) uploadSlot(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
+	release, err := s.uploads.acquire(principal(r).Tenant)
+	if err != nil {
+		var tm *tooManyUploadsError
+		if errors.As(err, &tm) {
+			writeTooMany(w, tm)
+			return nil, false
+		}
+		s.fail(w, r, err)
+		return nil, false
+	}
+	return release, true
+}
+
 func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 	ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || ct != "multipart/form-data" {
@@ -65,14 +80,8 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "bad_request", "malformed multipart body: "+err.Error())
 		return
 	}
-	release, err := s.uploads.acquire(principal(r).Tenant)
-	if err != nil {
-		var tm *tooManyUploadsError
-		if errors.As(err, &tm) {
-			writeTooMany(w, tm)
-			return
-		}
-		s.fail(w, r, err)
+	release, ok := s.uploadSlot(w, r)
+	if !ok {
 		return
 	}
 	defer release()

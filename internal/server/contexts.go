@@ -2,7 +2,6 @@ package server
 
 import (
 	"encoding/json"
-	"errors"
 	"mime"
 	"net/http"
 
@@ -33,14 +32,8 @@ func (s *Server) putBlobs(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "bad_request", "POST /v1/contexts/blobs takes application/x-tar: a tar of files named sha256:<hex>")
 		return
 	}
-	release, err := s.uploads.acquire(principal(r).Tenant)
-	if err != nil {
-		var tm *tooManyUploadsError
-		if errors.As(err, &tm) {
-			writeTooMany(w, tm)
-			return
-		}
-		s.fail(w, r, err)
+	release, ok := s.uploadSlot(w, r)
+	if !ok {
 		return
 	}
 	defer release()
