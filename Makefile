@@ -57,7 +57,7 @@ test-slow: build
 	KILN_SLOW_TESTS=1 go test -count=1 -timeout 60m -run 'TestImageLargerThanVMMemory' ./internal/runtime/vm/
 
 bench: build
-	go test -run '^$$' -bench . -benchtime 3x -timeout 30m ./test/ ./internal/microvm/
+	go test -run '^$$' -bench . -benchtime 3x -timeout 30m ./test/ ./internal/microvm/ ./internal/runtime/vm/
 
 run: build
 	@scripts/run-example.sh "$(KILN_ADDR)" "$(KILN_DATA)"

@@ -1,8 +1,9 @@
 // Command kiln-agent runs inside the builder VM, started by kiln-init
 // (cmd/kiln-init) as the only service. It finds the host channel (the
-// virtio-serial port named kiln.0), runs exactly one build through
-// internal/agent and exits; kiln-init then reboots the VM, which ends
-// QEMU. The boot contract it relies on is documented in
+// virtio-serial port named kiln.0), serves one builder session through
+// internal/agent (a setup, then builds one after another until the host
+// releases the builder or goes away) and exits; kiln-init then reboots
+// the VM, which ends QEMU. The boot contract it relies on is documented in
 // internal/builderimage. It must be built static (CGO_ENABLED=0).
 package main
 

@@ -71,7 +71,18 @@ func TestThroughTheGuestTunnel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stop, err := s.ListenTunnels(context.Background())
+	setup, err := s.Setup(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setup.Finish(solve.Result{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	task, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop, err := task.ListenTunnels(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -287,16 +287,17 @@ func (s *Session) next(ctx context.Context) (*Task, error) {
 	}
 	t := in.task
 	t.taken.Store(true)
-	var err error
-	if t.events, err = s.open(kindEvents, "", t.seq); err != nil {
-		err = fmt.Errorf("open the events stream of task %d: %w", t.seq, err)
-		// The host is told through the result; an unusable events stream
-		// only loses events.
-		s.local.Error("no events stream", "err", err)
-		t.eventsErr = err
+	events, err := s.open(kindEvents, "", t.seq)
+	t.eventsMu.Lock()
+	defer t.eventsMu.Unlock()
+	if err != nil {
+		// The host learns of the task's outcome through done; an events
+		// stream that could not be opened only loses events.
+		t.eventsErr = fmt.Errorf("open the events stream of task %d: %w", t.seq, err)
+		s.local.Error("no events stream", "err", t.eventsErr)
 		return t, nil
 	}
-	t.eventsW = &frameWriter{w: t.events}
+	t.events, t.eventsW = events, &frameWriter{w: events}
 	return t, nil
 }
 
@@ -365,7 +366,9 @@ func (t *Task) Emit(e progress.Event) {
 func (t *Task) sendEvent(f eventFrame) {
 	t.eventsMu.Lock()
 	defer t.eventsMu.Unlock()
-	if t.eventsEnd || t.eventsErr != nil {
+	// Before its stream is open (a log record right as the task arrived)
+	// there is nowhere to send to.
+	if t.eventsEnd || t.eventsErr != nil || t.eventsW == nil {
 		return
 	}
 	t.eventsErr = t.eventsW.write(f)
@@ -499,9 +502,10 @@ func (t *Task) finish(res solve.Result, buildErr error) error {
 	}()
 	t.eventsMu.Lock()
 	t.eventsEnd = true
+	events := t.events
 	t.eventsMu.Unlock()
-	if t.events != nil {
-		t.events.Close()
+	if events != nil {
+		events.Close()
 	}
 
 	m := agentMessage{Type: msgDone, Seq: t.seq, Result: res}

@@ -1,6 +1,16 @@
 // Package guest is the protocol between kiln on the host and kiln-agent
 // inside a builder VM. Both sides live here so they cannot drift apart: the
-// vm runtime calls Host.Serve, the agent calls Accept and uses the Session.
+// vm runtime calls Host.Connect and runs jobs on the Conn it returns, the
+// agent calls Accept and takes the setup and then job after job from the
+// Session.
+//
+// One session is one builder VM's life: the agent says hello, the host
+// sets the builder up (the agent mounts the cache volume and starts
+// buildkitd), then runs jobs on it one at a time, then releases it (the
+// agent stops buildkitd, unmounts the volume and exits; the VM powers
+// off). Nothing but the volume's contents crosses from one job to the
+// next: each job's secrets, credentials, context, events and tunnel
+// connections are its own and end with it.
 //
 // # Transport
 //
@@ -15,15 +25,16 @@
 // it has read the agent's hello (guest writes block until the host end is
 // connected, so the hello itself cannot be lost). Both are single JSON lines:
 //
-//	agent → host  {"proto":"kiln-guest","version":1,"agent":"kiln-agent v…"}
-//	host → agent  {"version":1}                      accepted
-//	host → agent  {"version":1,"error":"…"}          refused; host closes
+//	agent → host  {"proto":"kiln-guest","version":2,"agent":"kiln-agent v…"}
+//	host → agent  {"version":2}                      accepted
+//	host → agent  {"version":2,"error":"…"}          refused; host closes
 //
 // The host waits Host.HelloTimeout for the hello (boot time). A different
 // version is refused on both sides with an error wrapping
 // ErrVersionMismatch that says to rebuild the builder image; any other
 // first line (an old placeholder agent, console noise) is refused as not a
-// hello. Version is bumped on any incompatible change below.
+// hello. Version is bumped on any incompatible change below (version 1 ran
+// exactly one job per session and had no setup, seq or release).
 //
 // # Multiplexing
 //
@@ -32,63 +43,124 @@
 // stream starts with a JSON header line, answered by the host with a JSON
 // reply line ({} to accept, {"error":"…"} to refuse and close):
 //
-//	{"kind":"control"}                    once, first
-//	{"kind":"events"}                     once, second
-//	{"kind":"context","name":"context"}   the build context as a tar stream
-//	{"kind":"context","name":"dockerfile"} the Dockerfile dir, if separate
-//	{"kind":"tunnel","name":"registry"}   one TCP connection, any number
+//	{"kind":"control"}                              once, first
+//	{"kind":"events","seq":N}                       once per setup or job
+//	{"kind":"context","name":"context","seq":N}     the build context as a tar stream
+//	{"kind":"context","name":"dockerfile","seq":N}  the Dockerfile dir, if separate
+//	{"kind":"tunnel","name":"registry","seq":N}     one TCP connection, any number
+//
+// seq numbers the session's work: 0 is the setup, jobs are 1, 2, … in the
+// order the host sent them. The host refuses any stream whose seq is not
+// the setup or job running at that moment, so a stream can never be opened
+// for a job that has ended, or reach another job's context or tunnels.
 //
 // Frames after a header are JSON, one per line; the host refuses frames from
-// the guest over 4 MiB, because the guest runs untrusted builds.
+// the guest over 4 MiB, because the guest runs untrusted builds. An
+// oversized or undecodable frame on the control stream ends the session.
 //
-// Control stream. host → agent: {"type":"job","job":{…},"memory":{…}}
-// first; the job is Job, the memory part carries solve.Request's memory-only
-// fields (Secrets, RegistryAuth), which their JSON tags keep out of every
-// other encoding. Then at most {"type":"cancel"} and, after the result,
-// {"type":"ack"}. agent → host: exactly one
-// {"type":"done","result":{…},"error":"…","canceled":bool}.
+// # Control stream
 //
-// Events stream (agent → host): {"event":{progress.Event}} for the build and
-// {"log":{"time","level","msg","attrs"}} for the agent's own log, in the
-// order they happened. The agent closes it before sending done, and the host
-// delivers every event before Serve returns; none after.
+// Opened once by the agent, it carries the whole session. host → agent:
 //
-// Context streams (host → agent): a tar of the directory (files, dirs,
-// symlinks; mode, owner, PAX mtimes) cut into chunks (4-byte big-endian
-// length, bytes), ended by a zero length and a reply line ({} or
-// {"error":"…"}), because a tar cut off between entries reads as a complete
-// smaller context. The agent unpacks it through an os.Root, so no entry can
-// land outside the target. On the wire Job.Solve.ContextDir is "context" and
-// DockerfileDir is "dockerfile" or empty; host paths never reach the guest.
+//	{"type":"setup","seq":0,"setup":{…}}                 first, once
+//	{"type":"job","seq":N,"job":{…},"memory":{…}}       a job, only when idle
+//	{"type":"cancel","seq":N}                           cancel the running setup or job N
+//	{"type":"ack","seq":N}                              after done of N
+//	{"type":"release"}                                  only when idle: tear down and exit
 //
-// Tunnel streams: after the accept reply, raw bytes both ways, half-closes
-// passed on. The agent listens on each Job.Tunnels[i].Listen inside the
-// guest and opens one stream per accepted TCP connection; the host connects
-// it with Host.Tunnels[name] (DialTCP for the registry). The name is the
-// tunnel kind, so an HTTP CONNECT egress proxy later is one more name and a
-// Dialer, with no protocol change. At most 64 tunnel connections are open at
-// once per build.
+// agent → host:
+//
+//	{"type":"done","seq":N,"result":{…},"error":"…","canceled":bool,"broken":"…"}
+//	{"type":"released","error":"…"}                     once, answering release
+//
+// The setup is Setup: the cache disk serial, GC bounds, insecure
+// registries, network mode, parallelism, the NIC and buildkitd's proxy.
+// Every job of the session has the same (Job.Setup; the host refuses a job
+// whose setup differs). The agent answers the setup, like a job, with one
+// done: no error means buildkitd is ready for jobs; an error means the
+// agent has torn down what it set up and exits.
+//
+// A job is Job; the memory part carries solve.Request's memory-only fields
+// (Secrets, RegistryAuth), which their JSON tags keep out of every other
+// encoding. Each job message carries its own memory part, or none: the
+// agent never reuses one job's secrets or credentials for another, and
+// they live only in that job's solve session.
+//
+// Every setup and job gets exactly one done, then the host's ack; the
+// host sends the next job only after that ack (the agent's task ends when
+// the ack arrives, so the next job may follow right behind it). "broken"
+// in a done says the builder cannot take another job (buildkitd exited, a
+// job's cleanup failed); the host then sends no further job and releases
+// or drops the builder.
+//
+// # Events stream
+//
+// One per setup and per job (agent → host): {"event":{progress.Event}} for
+// the work and {"log":{"time","level","msg","attrs"}} for the agent's own
+// log while that work runs, in the order they happened. The agent opens it
+// when the setup or job arrives and closes it before sending done; the
+// host delivers every event of a job before Conn.Run returns, to that job's
+// sink, and none after. Agent log records between jobs stay in the guest.
+//
+// # Context streams (host → agent)
+//
+// A tar of the directory (files, dirs, symlinks; mode, owner, PAX mtimes)
+// cut into chunks (4-byte big-endian length, bytes), ended by a zero length
+// and a reply line ({} or {"error":"…"}), because a tar cut off between
+// entries reads as a complete smaller context. The agent unpacks it through
+// an os.Root, so no entry can land outside the target. On the wire
+// Job.Solve.ContextDir is "context" and DockerfileDir is "dockerfile" or
+// empty; host paths never reach the guest.
+//
+// # Tunnel streams
+//
+// After the accept reply, raw bytes both ways, half-closes passed on. The
+// agent listens on each Job.Tunnels[i].Listen inside the guest while the
+// job runs and opens one stream per accepted TCP connection; the host
+// connects it with Host.Tunnels[name] (DialTCP for the registry). The name
+// is the tunnel kind, so an HTTP CONNECT egress proxy is one more name and
+// a Dialer, with no protocol change. At most 64 tunnel connections are
+// open at once per job. When a job ends (its done arrived, or the host gave
+// up on it) the host closes every tunnel connection and context stream of
+// that job still open, before it acks; the agent closes its listeners and
+// forwarded connections before it sends done.
 //
 // Registry addressing: the guest reaches kiln's registry at the SAME
 // host:port string the push references use, because BuildKit takes the
 // registry host from the reference. The vm runtime therefore sets
 // Tunnel.Listen to exactly the referenced loopback IP:PORT or, for a host
 // name, to a loopback IP of the guest's that Tunnel.Host maps the name to
-// in the guest's /etc/hosts; the host side
-// dials wherever the registry really listens. Tests make the two differ to
+// in the guest's /etc/hosts (written per job); the host side dials
+// wherever the registry really listens. Tests make the two differ to
 // prove the push goes through the tunnel. The registry's token realm must
 // be reachable from the guest as well: served on the same host:port, it
 // rides the same tunnel; elsewhere, it needs a tunnel of its own.
 //
-// # Ending
+// # Ending a job
 //
-// Normal: agent stops buildkitd, unmounts the volume, closes events, sends
-// done; host acks; agent exits (the VM powers off). Cancel: the host sends
-// cancel, the agent cancels the solve (Session.Context, cause
-// ErrCanceledByHost), cleans up the same way and sends done with
-// canceled=true; the host waits Host.CancelGrace for it, then gives up. A
-// connection that ends (VM died, agent crashed) ends the yamux session: the
-// host returns ErrAgentGone at once, the agent's Session.Context ends with
-// ErrHostGone. A frozen peer is found by yamux keepalives (15s interval,
-// 30s timeout).
+// Normal: the agent stops the job's tunnels, removes its context, closes
+// events and sends done; the host acks. buildkitd and the mounted volume
+// stay for the next job. Cancel: the host sends cancel, the agent cancels
+// the job's solve (Task.Context, cause ErrCanceledByHost) and sends done
+// with canceled=true; the host waits Host.CancelGrace for it. A cancel
+// confirmed in time leaves the session usable; without a confirmation the
+// Conn is unusable (Conn.Err), since the solve may still run, and the vm
+// runtime kills the VM.
+//
+// # Ending the session
+//
+// Release: the host sends release while idle; the agent stops buildkitd,
+// syncs and unmounts the volume, answers released (with the teardown's
+// error, if any) and waits (10s at most) for the host to close the
+// connection before it exits, which powers the VM off. The agent tears
+// down the same way when its setup failed (after reporting it) and when
+// the host went away.
+//
+// A connection that ends (VM died, agent crashed) ends the yamux session:
+// the host fails the running job, or the next Run, with ErrAgentGone at
+// once, and the agent's Session.Context and running Task.Context end with
+// ErrHostGone. A frozen peer is found by the host's pings, during jobs and
+// between them (Host.Unresponsive, then ErrAgentUnresponsive), and on the
+// agent's side by yamux keepalives (30s interval, answers within the
+// 3-minute write timeout).
 package guest

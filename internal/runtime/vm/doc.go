@@ -1,19 +1,36 @@
-// Package vm is the "vm" builder runtime: every build boots a fresh QEMU
-// microVM from the builder image (internal/builderimage) and runs its solve
-// there, so untrusted Dockerfiles never run on the host.
+// Package vm is the "vm" builder runtime: builds run in QEMU microVMs
+// booted from the builder image (internal/builderimage), so untrusted
+// Dockerfiles never run on the host.
 //
-// One Run: start the VM (internal/microvm: KVM when usable, else TCG) with
-// the image's kernel, initramfs and read-only erofs root (serial kiln-root),
-// the build's ext4 cache volume as a writable disk (serial kiln-cache), the
-// job's memory and CPUs, and the virtio-serial port kiln.0. Then serve the
-// job to kiln-agent over that port with internal/guest: the build context is
-// streamed over the channel, events come back over it, and kiln's registry
-// is reached through a "registry" tunnel. Streaming the context (rather
-// than attaching a per-build context disk) lands it on the cache volume,
-// where BuildKit reads it, with no image to make and delete per build.
-// Inside, the agent mounts the volume at /var/lib/buildkit, runs buildkitd
-// and the solve, unmounts, reports the result and exits; the VM then ends
-// by itself.
+// A builder is one VM on one cache volume. StartBuilder starts the VM
+// (internal/microvm: KVM when usable, else TCG) with the image's kernel,
+// initramfs and read-only erofs root (serial kiln-root), the build's ext4
+// cache volume as a writable disk (serial kiln-cache), the job's memory
+// and CPUs, and the virtio-serial port kiln.0, and connects to kiln-agent
+// over that port with internal/guest: the agent mounts the volume at
+// /var/lib/buildkit and starts buildkitd (phases "booting", "starting
+// buildkitd"). Builder.Run then runs one build on it: the build context is
+// streamed over the channel onto the volume, events come back over it, and
+// kiln's registry is reached through a "registry" tunnel, all of it per
+// build. Builder.Run may be called again with builds of the same shape
+// (runtime.ShapeOf): nothing but the BuildKit cache on the volume crosses
+// from one build to the next. Builder.Stop has the agent stop buildkitd,
+// unmount the volume and exit, which powers the VM off.
+//
+// Run is the one-shot form, StartBuilder + Builder.Run + Builder.Stop, one
+// VM per build. Streaming the context (rather than attaching a per-build
+// context disk) lands it on the cache volume, where BuildKit reads it,
+// with no image to make and delete per build.
+//
+// Reuse: a builder stays Reusable after a build that ended with a result
+// or a build failure, or with a cancel the agent confirmed within
+// CancelGrace. It is not after a timeout, an unconfirmed cancel, an exited
+// buildkitd, or when its VM or agent went away or froze, also while it sat
+// idle: the host pings the agent between builds too (Unresponsive), and a
+// VM that ends closes the channel. A build whose VM froze or died under it
+// fails with an error wrapping runtime.ErrBuilderLost (and
+// guest.ErrAgentGone); Run retries such a build once in a fresh VM, with
+// one vCPU under TCG.
 //
 // Registry addressing: BuildKit takes the registry from the image
 // reference, so the agent listens inside the guest on exactly the host:port
@@ -34,24 +51,32 @@
 // without a list gets QEMU's user-mode NIC, configured statically by the
 // agent, with the host-loopback alias routed nowhere.
 //
-// Hypervisor: Run needs only what the machine interface says, a VM with a
-// named byte-stream port, an exit signal, a kill and a console, so a Cloud
-// Hypervisor or Firecracker driver (same disks, vsock instead of
+// The egress proxy and the user-mode NIC are the builder's, set up with it;
+// the proxy's denials go to the running build's events, and every tunnel
+// connection of a build is closed when that build ends.
+//
+// Hypervisor: a builder needs only what the machine interface says, a VM
+// with a named byte-stream port, an exit signal, a kill and a console, so a
+// Cloud Hypervisor or Firecracker driver (same disks, vsock instead of
 // virtio-serial: each is a net.Conn) plugs in through Config.Start.
 //
-// Cancel: when ctx ends the agent is asked to stop and gets CancelGrace
-// (default 1s) to unmount the volume; then QEMU is killed whatever the
-// guest is doing, so the VM is gone within about CancelGrace plus the time
-// to reap QEMU. A volume whose VM was killed has not been unmounted: its
-// ext4 journal makes it consistent again when it is next mounted (journal
-// replay and orphan cleanup), which the next build's mount does first. That
-// is what "clean after a kill" means here, and the tests check exactly it:
-// a copy of the volume, mounted and unmounted once, passes e2fsck -fn.
+// Cancel: when a build's ctx ends the agent is asked to stop the solve and
+// gets CancelGrace (default 1s) to confirm; without a confirmation QEMU is
+// killed whatever the guest is doing. Run (one-shot) then kills the VM in
+// any case, so it is gone within about CancelGrace plus the time to reap
+// QEMU. A volume whose VM was killed has not been unmounted: its ext4
+// journal makes it consistent again when it is next mounted (journal
+// replay and orphan cleanup), which the next builder's mount does first.
+// That is what "clean after a kill" means here, and the tests check exactly
+// it: a copy of the volume, mounted and unmounted once, passes e2fsck -fn.
+// A builder stopped with Stop while healthy leaves the volume unmounted.
 //
-// Leftovers: each running build has a directory in StateDir (QEMU's
-// sockets while it starts, and state.json naming the build and QEMU's PID).
-// Run removes it before returning; New kills the QEMU processes that a
-// crashed server left behind (found by PID and by their command line, which
-// names that directory) and removes the directories. QEMU also runs with a
+// Leftovers: each running builder has a directory in StateDir, named per
+// builder (b-<random>), not per build, since it outlives builds: QEMU's
+// sockets while it starts, and state.json naming the builder, its volume,
+// the build running on it (if any) and QEMU's PID. Stop removes it; New
+// kills the QEMU processes that a crashed server left behind, running a
+// build or idle (found by PID and by their command line, which names that
+// directory), and removes the directories. QEMU also runs with a
 // parent-death signal, so a crashed kiln normally takes its VMs with it.
 package vm

@@ -60,9 +60,10 @@ type network struct {
 	stop func()
 }
 
-// buildNetwork prepares job's network. sink receives proxy denials until
-// stop is called.
-func (r *Runtime) buildNetwork(job runtime.Job, registry []guest.Tunnel, sink *gatedSink, log *slog.Logger) (*network, error) {
+// buildNetwork prepares the network of a builder started for job. sink
+// receives proxy denials until stop is called; the builder points it at
+// the running build's sink.
+func (r *Runtime) buildNetwork(job runtime.Job, registry []guest.Tunnel, sink progress.Sink, log *slog.Logger) (*network, error) {
 	n := &network{stop: func() {}}
 	switch job.Network {
 	case "isolated":
@@ -134,9 +135,9 @@ func withProxy(req solve.Request, listen string) solve.Request {
 	return req
 }
 
-// gatedSink forwards events until closed; the egress proxy's denials can
-// race with the end of the build, and a sink must not get events after
-// Run returned.
+// gatedSink forwards events until closed; the egress proxy's denials and
+// the agent's events can race with the end of a build, and a sink must not
+// get events after the call it was passed to returned.
 type gatedSink struct {
 	mu     sync.Mutex
 	sink   progress.Sink
@@ -155,4 +156,26 @@ func (g *gatedSink) close() {
 	g.mu.Lock()
 	g.closed = true
 	g.mu.Unlock()
+}
+
+// switchSink forwards to the sink of the build running on a builder, and
+// drops events between builds: the egress proxy is the builder's, its
+// denials are the running build's.
+type switchSink struct {
+	mu   sync.Mutex
+	sink progress.Sink
+}
+
+func (s *switchSink) Emit(e progress.Event) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sink != nil {
+		s.sink.Emit(e)
+	}
+}
+
+func (s *switchSink) set(sink progress.Sink) {
+	s.mu.Lock()
+	s.sink = sink
+	s.mu.Unlock()
 }

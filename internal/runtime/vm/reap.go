@@ -18,20 +18,21 @@ import (
 	"github.com/kiln-build/kiln/internal/runtime"
 )
 
-// Reap kills the QEMU processes that builds of a crashed server left in
-// stateDir and removes their directories. Call it only when no build of
-// this stateDir is running; New does so.
+// Reap kills the QEMU processes that builder VMs of a crashed server left
+// in stateDir (running builds and warm builders alike) and removes their
+// directories. Call it only when no builder of this stateDir is running;
+// New does so.
 func Reap(ctx context.Context, stateDir string, log *slog.Logger) error {
 	if log == nil {
 		log = slog.Default()
 	}
 	return runtime.ReapBuildDirs(ctx, stateDir, func(dir, _ string) error {
-		var st buildState
+		var st builderState
 		if data, err := os.ReadFile(filepath.Join(dir, stateFileName)); err == nil {
 			_ = json.Unmarshal(data, &st)
 		}
 		pids := leftoverQEMU(dir)
-		log.Warn("vm runtime: reaping leftovers of an interrupted build", "dir", dir, "build", st.BuildID, "recorded_pid", st.PID, "qemu_pids", pids)
+		log.Warn("vm runtime: reaping leftovers of an interrupted builder", "dir", dir, "builder", st.Builder, "build", st.BuildID, "recorded_pid", st.PID, "qemu_pids", pids)
 		return reapBuild(ctx, dir, pids)
 	})
 }
@@ -67,7 +68,7 @@ func reapBuild(ctx context.Context, dir string, pids []int) error {
 	return os.RemoveAll(dir)
 }
 
-// leftoverQEMU finds the QEMU processes of one build dir by their command
+// leftoverQEMU finds the QEMU processes of one builder dir by their command
 // line, which names the dir (the VM's socket paths are below it). That
 // also covers a crash before state.json recorded the PID, and never
 // mistakes a reused PID for the VM.

@@ -2,9 +2,6 @@ package vm
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,10 +11,10 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -28,16 +25,14 @@ import (
 	"github.com/kiln-build/kiln/internal/egress"
 	"github.com/kiln-build/kiln/internal/guest"
 	"github.com/kiln-build/kiln/internal/microvm"
-	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
-	"github.com/kiln-build/kiln/internal/solve"
 )
 
 // Config configures the vm runtime.
 type Config struct {
 	// Image is the builder image every build boots (builderimage.Load).
 	Image builderimage.Manifest
-	// StateDir holds one directory per running build. It must belong to
+	// StateDir holds one directory per running builder VM. It must belong to
 	// this Runtime alone: New reaps whatever a crashed predecessor left in
 	// it. Keep it short (under ~60 bytes): QEMU's unix sockets live below.
 	StateDir string
@@ -53,15 +48,17 @@ type Config struct {
 	// hello (default 60s: a TCG boot takes ~4s, but many at once on a busy
 	// host take longer).
 	HelloTimeout time.Duration
-	// CancelGrace is how long after ctx ends the agent gets to stop the
-	// build and unmount the volume before the VM is killed (default 1s).
+	// CancelGrace is how long after a build's ctx ended the agent gets to
+	// confirm it stopped the build (default 1s). A builder whose agent did
+	// not confirm in time is killed; one that did stays reusable.
 	CancelGrace time.Duration
 	// Unresponsive is how long a running VM's agent may leave pings
 	// unanswered before the VM counts as frozen (default 60s): it is
 	// killed and the build runs again in a new VM, once.
 	Unresponsive time.Duration
-	// ExitWait bounds the wait for the VM to end by itself after the agent
-	// reported its result (default 10s); then it is killed.
+	// ExitWait bounds Builder.Stop's wait for the agent to stop buildkitd,
+	// release the volume and power the VM off (default 10s); then the VM
+	// is killed.
 	ExitWait time.Duration
 	// Console, if set, receives every VM's serial console (kernel, init
 	// and agent log) as it arrives; for debugging.
@@ -105,7 +102,8 @@ func (m qemuMachine) Port(name string) io.ReadWriteCloser {
 	return nil
 }
 
-// Runtime boots one microVM per build.
+// Runtime boots builder VMs: one per build (Run), or one kept for many
+// builds of the same shape (StartBuilder).
 type Runtime struct {
 	cfg   Config
 	log   *slog.Logger
@@ -113,9 +111,34 @@ type Runtime struct {
 	// egressHook lets tests point the egress proxy's resolver and dialer
 	// at local servers.
 	egressHook func(*egress.Config)
+
+	// froze records volumes whose builder VM froze lately under TCG: their
+	// next builder gets one vCPU (see Run).
+	frozeMu sync.Mutex
+	froze   map[string]time.Time
 }
 
-var _ runtime.Runtime = (*Runtime)(nil)
+// frozeLately reports whether a builder of volume froze in the last hour.
+func (r *Runtime) frozeLately(volume string) bool {
+	r.frozeMu.Lock()
+	defer r.frozeMu.Unlock()
+	at, ok := r.froze[volume]
+	return ok && time.Since(at) < time.Hour
+}
+
+func (r *Runtime) noteFreeze(volume string) {
+	r.frozeMu.Lock()
+	defer r.frozeMu.Unlock()
+	if r.froze == nil {
+		r.froze = map[string]time.Time{}
+	}
+	r.froze[volume] = time.Now()
+}
+
+var (
+	_ runtime.Runtime = (*Runtime)(nil)
+	_ runtime.Keeper  = (*Runtime)(nil)
+)
 
 // PhaseBooting is reported while the builder VM boots; the agent then
 // reports the same phases as the process runtime ("starting buildkitd",
@@ -124,7 +147,9 @@ const PhaseBooting = "booting"
 
 const (
 	stateFileName = "state.json"
-	buildDirPref  = "b-"
+	// builderDirPref starts each builder's state dir name; a random part
+	// follows, because a builder outlives any one build.
+	builderDirPref = "b-"
 	// minMemoryMB: below this the kernel, buildkitd and the tmpfs /run
 	// do not fit (the boot matrix test covers 256 MiB and up).
 	minMemoryMB = 256
@@ -203,217 +228,6 @@ func (r *Runtime) Accel() microvm.Accel { return r.accel }
 func (r *Runtime) ImageDigest() string { return r.cfg.Image.Digest }
 
 var buildIDPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-
-// buildState is written next to a running VM so Reap can find its QEMU
-// after a crash.
-type buildState struct {
-	BuildID string `json:"build_id"`
-	Volume  string `json:"volume"`
-	PID     int    `json:"pid,omitempty"`
-}
-
-// Run boots a builder VM with job.Volume attached, serves job to its agent
-// and returns the agent's result. A VM that freezes is replaced once (see
-// Config.Unresponsive). The VM is gone and its state dir removed when Run
-// returns, also on failure and cancel.
-func (r *Runtime) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (res solve.Result, err error) {
-	if sink == nil {
-		sink = progress.Discard
-	}
-	gs := &gatedSink{sink: sink}
-	defer gs.close()
-	gjob, mem, err := r.guestJob(job)
-	if err != nil {
-		return res, err
-	}
-	log := r.log.With("build", job.BuildID)
-	tunnels := map[string]guest.Dialer{"registry": guest.DialTCP(r.cfg.RegistryAddr)}
-	netw, err := r.buildNetwork(job, gjob.Tunnels, gs, log)
-	if err != nil {
-		return res, err
-	}
-	defer netw.stop()
-	if netw.dialer != nil {
-		gjob.Tunnels = append(gjob.Tunnels, netw.tunnel)
-		gjob.Solve = withProxy(gjob.Solve, netw.tunnel.Listen)
-		gjob.Proxy = "http://" + netw.tunnel.Listen
-		tunnels[netw.tunnel.Name] = netw.dialer
-	}
-	gjob.NIC = netw.nic
-
-	dir := filepath.Join(r.cfg.StateDir, buildDirName(job.BuildID))
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return res, fmt.Errorf("vm runtime: %s exists: build %s is already running here, or a crash left it behind (restart kiln to reap it)", dir, job.BuildID)
-		}
-		return res, fmt.Errorf("vm runtime: create build state dir: %w", err)
-	}
-	defer func() {
-		if e := os.RemoveAll(dir); e != nil {
-			log.Error("vm runtime: cleanup failed", "err", e)
-			err = errors.Join(err, fmt.Errorf("vm runtime: remove build state dir: %w", e))
-		}
-	}()
-
-	b := boot{dir: dir, volume: job.Volume, job: gjob, memMiB: mem, tunnels: tunnels, userNet: netw.nic != nil, sink: gs, log: log}
-	for attempt := 1; ; attempt++ {
-		res, err = r.boot(ctx, b)
-		if !errors.Is(err, guest.ErrAgentUnresponsive) || ctx.Err() != nil || attempt == maxBoots {
-			return res, err
-		}
-		// A frozen guest says nothing about the build: the build is
-		// deterministic and its volume survives a killed VM (the next
-		// mount discards what it cannot trust). So it gets a fresh VM,
-		// once. Under TCG that VM has one vCPU: the TCG freezes on record
-		// are of multi-vCPU guests, and one vCPU avoids multi-threaded
-		// TCG altogether.
-		how := "a new VM"
-		if r.accel == microvm.AccelTCG && b.job.MaxParallelism > 1 {
-			b.job.MaxParallelism = 1
-			how = "a new VM with one vCPU"
-		}
-		log.Warn("vm runtime: builder VM froze; retrying the build in "+how, "attempt", attempt, "err", err)
-		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
-			Message: fmt.Sprintf("builder VM stopped responding; running the build again in %s (attempt %d of %d)", how, attempt+1, maxBoots)})
-	}
-}
-
-// maxBoots is how many VMs one build may get when they freeze under it.
-const maxBoots = 2
-
-// boot is one VM for one build.
-type boot struct {
-	dir     string // the build's state dir
-	volume  string
-	job     guest.Job
-	memMiB  int
-	tunnels map[string]guest.Dialer
-	userNet bool
-	sink    progress.Sink
-	log     *slog.Logger
-}
-
-// boot runs b.job in a new VM and returns when the VM is gone.
-func (r *Runtime) boot(ctx context.Context, b boot) (res solve.Result, err error) {
-	log, gs, gjob, mem := b.log, b.sink, b.job, b.memMiB
-	state := buildState{BuildID: gjob.BuildID, Volume: b.volume}
-	var vm Machine
-	defer func() {
-		if vm != nil {
-			vm.Kill() // no-op when it ended already; waits until reaped
-		}
-	}()
-	if err := writeState(b.dir, state); err != nil {
-		return res, err
-	}
-
-	// The VM lives on vmCtx, not ctx: on cancel the agent first gets
-	// CancelGrace to stop the build and release the volume. Whatever it
-	// does, the VM is killed when the grace is over.
-	vmCtx, killVM := context.WithCancel(context.WithoutCancel(ctx))
-	defer killVM()
-	runDone := make(chan struct{})
-	defer close(runDone)
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-runDone:
-			return
-		}
-		select {
-		case <-time.After(r.cfg.CancelGrace):
-		case <-runDone:
-		}
-		killVM()
-	}()
-
-	gs.Emit(progress.Event{Kind: progress.Phase, Time: time.Now(), Phase: PhaseBooting})
-	started := time.Now()
-	vm, err = r.cfg.Start(vmCtx, microvm.Config{
-		QEMU:      r.cfg.QEMU,
-		Kernel:    r.cfg.Image.KernelPath(),
-		Initrd:    r.cfg.Image.InitramfsPath(),
-		Cmdline:   r.cfg.Image.Cmdline,
-		MemoryMiB: mem,
-		CPUs:      gjob.MaxParallelism,
-		Disks: []microvm.Disk{
-			{Path: r.cfg.Image.RootfsPath(), Serial: builderimage.RootSerial, ReadOnly: true},
-			{Path: b.volume, Serial: builderimage.CacheSerial},
-		},
-		Ports:   []string{builderimage.AgentPort},
-		UserNet: b.userNet,
-		Accel:   r.accel,
-		Console: r.cfg.Console,
-		// QEMU's command line names its sockets below dir, which is how
-		// Reap recognizes a leftover QEMU of this build.
-		RunDir: b.dir,
-		Logger: log,
-	})
-	if err != nil {
-		if ctx.Err() != nil {
-			return res, fmt.Errorf("build canceled while starting the builder VM: %w", ctx.Err())
-		}
-		return res, fmt.Errorf("vm runtime: start builder VM: %w", err)
-	}
-	state.PID = vm.PID()
-	if err := writeState(b.dir, state); err != nil {
-		return res, err
-	}
-
-	agentPort := vm.Port(builderimage.AgentPort)
-	if agentPort == nil {
-		return res, fmt.Errorf("vm runtime: the builder VM has no %s channel", builderimage.AgentPort)
-	}
-	port := &helloWatch{ReadWriteCloser: agentPort, onFirst: func() {
-		took := time.Since(started).Round(time.Millisecond)
-		log.Info("vm runtime: builder VM booted", "took", took, "accelerator", vm.Accel(), "memory_mib", mem, "cpus", gjob.MaxParallelism)
-		gs.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
-			Message: fmt.Sprintf("builder VM booted in %s (%s, %d MiB, %s)", took, accelName(vm.Accel()), mem, cpuCount(gjob.MaxParallelism))})
-	}}
-	host := guest.Host{
-		Tunnels:      b.tunnels,
-		Unresponsive: r.cfg.Unresponsive,
-		HelloTimeout: r.cfg.HelloTimeout,
-		CancelGrace:  r.cfg.CancelGrace,
-		Logger:       r.log, // Serve adds the build
-	}
-	res, err = host.Serve(ctx, port, gjob, gs)
-
-	switch {
-	case ctx.Err() != nil:
-		// The agent had its grace inside Serve.
-		vm.Kill()
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			// A build that runs out of time may have been stuck in the
-			// guest; what the VM last said is for the operator.
-			log.Warn("vm runtime: build timed out; the builder VM's console", "console", vm.ConsoleReport(20))
-		}
-	case err == nil || port.seen() && !errors.Is(err, guest.ErrAgentGone):
-		// The agent answered (success or a failed build): it has released
-		// the volume and is exiting, which ends the VM.
-		select {
-		case <-vm.Done():
-		case <-time.After(r.cfg.ExitWait):
-			log.Warn("vm runtime: builder VM did not end after the agent's result; killing it", "waited", r.cfg.ExitWait)
-			vm.Kill()
-		}
-	default:
-		// Boot failure or a dead agent: the console tells why. A frozen
-		// VM will not end by itself.
-		if !errors.Is(err, guest.ErrAgentUnresponsive) {
-			select {
-			case <-vm.Done():
-			case <-time.After(2 * time.Second):
-			}
-		}
-		vm.Kill()
-		err = fmt.Errorf("vm runtime: %w\nbuilder VM console (last lines):\n%s", err, vm.ConsoleReport(30))
-	}
-	if qerr := vm.Wait(); qerr != nil && err == nil && ctx.Err() == nil {
-		log.Debug("vm runtime: QEMU exit", "err", qerr)
-	}
-	return res, err
-}
 
 func cpuCount(n int) string {
 	if n == 1 {
@@ -523,25 +337,6 @@ func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
 	slices.SortFunc(out, func(a, b guest.Tunnel) int { return strings.Compare(a.Listen, b.Listen) })
 	// localhost:P and 127.0.0.1:P are one listener.
 	return slices.CompactFunc(out, func(a, b guest.Tunnel) bool { return a.Listen == b.Listen }), nil
-}
-
-// buildDirName is short and fixed-length whatever the build ID, because
-// QEMU's unix socket paths live below it.
-func buildDirName(buildID string) string {
-	sum := sha256.Sum256([]byte(buildID))
-	return buildDirPref + hex.EncodeToString(sum[:6])
-}
-
-func writeState(dir string, st buildState) error {
-	data, _ := json.Marshal(st)
-	tmp := filepath.Join(dir, stateFileName+".tmp")
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return fmt.Errorf("vm runtime: record build state: %w", err)
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, stateFileName)); err != nil {
-		return fmt.Errorf("vm runtime: record build state: %w", err)
-	}
-	return nil
 }
 
 // helloWatch notes the first bytes from the agent (its hello): the boot is

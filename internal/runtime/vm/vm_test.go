@@ -51,7 +51,7 @@ func TestMain(m *testing.M) {
 }
 
 // builderImage is the builder image the tests of this tree share.
-func builderImage(t *testing.T) builderimage.Manifest {
+func builderImage(t testing.TB) builderimage.Manifest {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Fatalf("qemu-system-x86_64 is missing: %v; install it with `apt-get install -y qemu-system-x86`", err)
@@ -61,7 +61,7 @@ func builderImage(t *testing.T) builderimage.Manifest {
 
 // newRuntime returns a Runtime whose state dir is checked for leftovers
 // and removed after the test.
-func newRuntime(t *testing.T) *Runtime {
+func newRuntime(t testing.TB) *Runtime {
 	t.Helper()
 	m := builderImage(t)
 	stateDir, err := os.MkdirTemp("", "kvm-")
@@ -103,7 +103,7 @@ var (
 
 // busyboxBase pushes the busybox base image through a builder VM once and
 // returns its name as builds write it.
-func busyboxBase(t *testing.T) string {
+func busyboxBase(t testing.TB) string {
 	t.Helper()
 	baseOnce.Do(func() {
 		r := newRuntime(t)
@@ -131,7 +131,7 @@ func onHost(ref string) string {
 	return ref
 }
 
-func ctx(t *testing.T, d time.Duration) context.Context {
+func ctx(t testing.TB, d time.Duration) context.Context {
 	c, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return c
@@ -147,7 +147,7 @@ func consoleWriter() io.Writer {
 
 // assertReleased fails unless the runtime left nothing behind: no state
 // dir entry, no QEMU, nothing holding the volumes open.
-func assertReleased(t *testing.T, r *Runtime, volumes ...string) {
+func assertReleased(t testing.TB, r *Runtime, volumes ...string) {
 	t.Helper()
 	entries, _ := os.ReadDir(r.cfg.StateDir)
 	for _, e := range entries {
@@ -510,15 +510,18 @@ func signalQEMU(r *Runtime, rec *testkit.Recorder, build, step string, after tim
 	return out
 }
 
-// qemuPID is the QEMU process of a running build, from its state file; 0
-// if there is none.
+// qemuPID is the QEMU process of the builder running a build, from the
+// state files; 0 if there is none.
 func qemuPID(r *Runtime, buildID string) int {
-	var st buildState
-	data, err := os.ReadFile(filepath.Join(r.cfg.StateDir, buildDirName(buildID), stateFileName))
-	if err != nil || json.Unmarshal(data, &st) != nil {
-		return 0
+	files, _ := filepath.Glob(filepath.Join(r.cfg.StateDir, "*", stateFileName))
+	for _, f := range files {
+		var st builderState
+		data, err := os.ReadFile(f)
+		if err == nil && json.Unmarshal(data, &st) == nil && st.BuildID == buildID {
+			return st.PID
+		}
 	}
-	return st.PID
+	return 0
 }
 
 // TestFrozenVMIsReplacedByANewOne freezes QEMU mid-step (SIGSTOP keeps
@@ -575,7 +578,7 @@ func TestFrozenVMIsReplacedByANewOne(t *testing.T) {
 
 // volumeNeedsRecovery reports whether the volume's ext4 journal has
 // transactions to replay, i.e. it was not cleanly unmounted.
-func volumeNeedsRecovery(t *testing.T, vol string) bool {
+func volumeNeedsRecovery(t testing.TB, vol string) bool {
 	t.Helper()
 	out, err := exec.Command("dumpe2fs", "-h", vol).CombinedOutput()
 	if err != nil {
@@ -597,7 +600,7 @@ func volumeNeedsRecovery(t *testing.T, vol string) bool {
 // orphans first. So: on a copy (the original stays as the next build
 // finds it), mount once as the next VM would, unmount, and then a full
 // e2fsck -fn must find nothing at all.
-func checkVolumeRecovers(t *testing.T, vol string) {
+func checkVolumeRecovers(t testing.TB, vol string) {
 	t.Helper()
 	dir := t.TempDir()
 	cp := filepath.Join(dir, "copy.ext4")
@@ -656,7 +659,11 @@ func TestNewReapsLeftoverVMs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer os.RemoveAll(stateDir)
-	dir := filepath.Join(stateDir, buildDirName("crashed"))
+	id, err := newBuilderID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(stateDir, id)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -672,12 +679,12 @@ func TestNewReapsLeftoverVMs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer vm.Kill()
-	if err := writeState(dir, buildState{BuildID: "crashed", Volume: vol, PID: vm.PID()}); err != nil {
+	if err := writeState(dir, builderState{Builder: id, BuildID: "crashed", Volume: vol, PID: vm.PID()}); err != nil {
 		t.Fatal(err)
 	}
 	// A QEMU of another state dir whose path merely starts the same must
 	// survive: only this state dir's VMs are reaped.
-	bystander := &exec.Cmd{Path: "/bin/sh", Args: []string{"qemu-system-x86_64", "-c", "sleep 60; :", stateDir + "x/" + buildDirName("crashed") + "/s1.sock"}}
+	bystander := &exec.Cmd{Path: "/bin/sh", Args: []string{"qemu-system-x86_64", "-c", "sleep 60; :", stateDir + "x/" + id + "/s1.sock"}}
 	if err := bystander.Start(); err != nil {
 		t.Fatal(err)
 	}
