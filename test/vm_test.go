@@ -67,6 +67,23 @@ func TestAutoRuntimeBuildsInAVMWhenABuilderImageExists(t *testing.T) {
 		t.Errorf("the step saw %d MiB of memory; the build asked for a 512 MiB VM", mem)
 	}
 
+	// The scope's next build of the same shape runs on the same VM: no
+	// boot, no buildkitd start, and the build says so.
+	again := mustSucceed(t, s, s.admin, s.build(s.admin, submission{
+		files:  map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nRUN echo again-on-the-same-vm\n", base)},
+		fields: [][2]string{{"memory_mb", "512"}},
+	}))
+	againLog := s.logText(s.admin, again.Id)
+	if again.BuilderReused == nil || !*again.BuilderReused {
+		t.Errorf("the scope's second VM build did not reuse its builder:\n%s", againLog)
+	}
+	if strings.Contains(againLog, "builder VM booted") || strings.Contains(againLog, "starting buildkitd") {
+		t.Errorf("the reused VM build booted or started buildkitd:\n%s", againLog)
+	}
+	if first, second := (*b.Timings)["builder_start"], (*again.Timings)["builder_start"]; second >= first {
+		t.Errorf("builder_start %.2fs on the reused VM, %.2fs on a fresh one", second, first)
+	}
+
 	// The builder reaches kiln only as a registry: its tunnel to kiln's
 	// address serves /v2/ alone, so BuildKit fetching kiln's health (or
 	// API, or metrics) endpoint through it gets 404.
