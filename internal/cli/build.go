@@ -39,6 +39,7 @@ type buildFlags struct {
 	network        string
 	allowDomains   []string
 	outputs        []string
+	contextUpload  string
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -52,6 +53,9 @@ type buildForm struct {
 	dockerfile string
 	// outputs are where the result goes besides kiln's registry.
 	outputs []*output
+	// contextUpload is how the context travels: contextUploadAuto,
+	// contextUploadManifest or contextUploadTar.
+	contextUpload string
 }
 
 // hasTag reports whether the user gave name as a tag, with or without
@@ -92,8 +96,11 @@ func buildCommand(g *globals) *cobra.Command {
 		Short: "Build an image from a context directory and a Dockerfile",
 		Long: `Build an image on the kiln server.
 
-CONTEXT is a directory; it is packed (honouring its .dockerignore), streamed
-to the server and built with BuildKit. The Dockerfile is CONTEXT/Dockerfile
+CONTEXT is a directory; its files (honouring its .dockerignore) go to the
+server and are built with BuildKit. Only files the server does not have yet
+are sent: kiln hashes the context, remembering the hashes of unchanged files
+in ~/.cache/kiln (or $XDG_CACHE_HOME/kiln), and asks the server which
+contents it lacks. --context-upload=tar sends the whole context instead. The Dockerfile is CONTEXT/Dockerfile
 unless -f names another; a Dockerfile outside CONTEXT (or -f -, stdin) is
 sent inline.
 
@@ -125,6 +132,7 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.timeout, "timeout", "", "build time limit in seconds, or a duration like 30m (default: the server's)")
 	fl.StringVar(&f.network, "network", "", "network for RUN steps: egress (internet, the default) or isolated (only kiln's registry); the server decides which are allowed")
 	fl.StringArrayVar(&f.allowDomains, "allow-domain", nil, "with egress: allow only these domains (example.com, *.example.com) through a filtering proxy; repeatable")
+	fl.StringVar(&f.contextUpload, "context-upload", contextUploadAuto, "how the context is sent: manifest (only files the server does not have yet, found by content hash), tar (all of it, every time) or auto (manifest, or tar if the server has no context store)")
 	fl.StringArrayVarP(&f.outputs, "output", "o", nil, "also write the result: type=local,dest=DIR (its files; DIR alone means this), type=tar,dest=FILE|- (\"-\" alone means this), type=oci|docker,dest=FILE (an image tarball), type=image,name=NAME (another tag); repeatable")
 
 	c.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
@@ -167,6 +175,11 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	default:
 		return nil, usageError(cmd, "invalid --progress %q: use auto, tty, plain or json", f.progress)
 	}
+	switch f.contextUpload {
+	case contextUploadAuto, contextUploadManifest, contextUploadTar:
+	default:
+		return nil, usageError(cmd, "invalid --context-upload %q: use auto, manifest or tar", f.contextUpload)
+	}
 	st, err := os.Stat(dir)
 	if err != nil {
 		return nil, usageError(cmd, "build context %q: %v", dir, err)
@@ -174,7 +187,7 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	if !st.IsDir() {
 		return nil, usageError(cmd, "build context %q is not a directory", dir)
 	}
-	form := &buildForm{dir: dir}
+	form := &buildForm{dir: dir, contextUpload: f.contextUpload}
 	add := func(name, value string) { form.fields = append(form.fields, formField{name, value}) }
 
 	for _, t := range f.tags {

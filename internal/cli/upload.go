@@ -22,76 +22,126 @@ import (
 // whole body was read (the server answered early, or the client gave up).
 var errUploadStopped = errors.New("upload stopped")
 
-// upload sends the build request as a multipart body produced on the fly:
-// the packer writes into an io.Pipe that the HTTP request reads, so the
-// context is never held in memory, whatever its size. Fields go first, then
-// secrets, then the context, as the API asks.
+// upload sends the build request with its context, the way
+// form.contextUpload says: by content (only the files the server lacks) or
+// as one tar. In auto mode a server without a content store gets the tar.
 func upload(ctx context.Context, c *client, form *buildForm, mode string, stdout, stderr io.Writer) (*api.Build, error) {
+	if form.contextUpload == contextUploadTar {
+		return uploadTar(ctx, c, form, mode, stdout, stderr)
+	}
+	b, err := uploadManifest(ctx, c, form, mode, stdout, stderr)
+	if !errors.Is(err, errNoContentStore) {
+		return b, err
+	}
+	if form.contextUpload == contextUploadManifest {
+		return nil, fmt.Errorf("--context-upload=manifest: %w; use --context-upload=tar (or auto) with this server", err)
+	}
+	debugf(stderr, "%v; sending the whole context as a tar", err)
+	return uploadTar(ctx, c, form, mode, stdout, stderr)
+}
+
+// uploadTar sends the whole context as a zstd tar in the "context" part,
+// packed while it is sent.
+func uploadTar(ctx context.Context, c *client, form *buildForm, mode string, stdout, stderr io.Writer) (*api.Build, error) {
 	var bar *uploadBar
 	if mode == progressTTY {
 		bar = startUploadBar(ctx, stdout, form)
 	}
-
-	pr, pw := io.Pipe()
-	mw := multipart.NewWriter(pw)
 	var stats buildcontext.PackStats
-	packed := make(chan error, 1)
-	go func() {
+	resp, packErr, doErr := sendForm(ctx, c, form, func(mw *multipart.Writer) error {
 		var err error
-		stats, err = writeForm(ctx, mw, form, bar, stderr)
-		if err == nil {
-			err = mw.Close()
-		}
-		pw.CloseWithError(err) // nil: the reader sees EOF
-		packed <- err
-	}()
-
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/builds"), pr)
-	if err != nil {
-		pr.Close()
-		<-packed
-		return nil, fmt.Errorf("submit build: %w", err)
-	}
-	req.Header.Set("Content-Type", mw.FormDataContentType())
-	req.Header.Set("Accept", "application/json")
-	c.authorize(req)
-	resp, doErr := c.http.Do(req)
-	pr.CloseWithError(errUploadStopped)
-	packErr := <-packed
+		stats, err = writeContextTar(ctx, mw, form, bar, stderr)
+		return err
+	})
 	if resp != nil {
 		defer resp.Body.Close()
 	}
 	if bar != nil {
 		bar.stop(packErr == nil && doErr == nil && resp.StatusCode < 300, stats)
 	}
-
-	// A pack error caused by the request ending (the pipe closed under the
-	// packer) says nothing; the server's answer or the transport error does.
-	packFailed := packErr != nil && !errors.Is(packErr, errUploadStopped) && !errors.Is(packErr, io.ErrClosedPipe)
-	switch {
-	case ctx.Err() != nil:
-		return nil, interrupted("upload interrupted; no build was started")
-	case packFailed:
-		return nil, fmt.Errorf("pack build context %s: %w", form.dir, packErr)
-	case resp != nil && resp.StatusCode >= 300:
-		return nil, c.readError(resp)
-	case doErr != nil:
-		return nil, c.transportError(ctx, "submit build", doErr)
+	if err := submitError(ctx, c, "pack build context "+form.dir, resp, packErr, doErr); err != nil {
+		return nil, err
 	}
-	var b api.Build
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&b); err != nil {
-		return nil, fmt.Errorf("submit build: the server answered %d with an unreadable build: %w", resp.StatusCode, err)
+	b, err := decodeBuild(resp)
+	if err != nil {
+		return nil, err
 	}
 	if mode == progressPlain {
 		fmt.Fprintf(stdout, "#0 sent build context: %d files, %s (%s compressed)\n", stats.Files, humanSize(stats.Bytes), humanSize(stats.Written))
 	}
+	return b, nil
+}
+
+// sendForm posts the build request as a multipart body produced on the fly:
+// fields, then secrets, then the part contextPart writes, as the API asks.
+// The writer feeds an io.Pipe that the HTTP request reads, so a context is
+// never held in memory, whatever its size. writeErr is the writer's error,
+// which is errUploadStopped or io.ErrClosedPipe when the request ended
+// first; submitError sorts this out.
+func sendForm(ctx context.Context, c *client, form *buildForm, contextPart func(*multipart.Writer) error) (resp *http.Response, writeErr, doErr error) {
+	pr, pw := io.Pipe()
+	mw := multipart.NewWriter(pw)
+	written := make(chan error, 1)
+	go func() {
+		err := writeFields(mw, form)
+		if err == nil {
+			err = contextPart(mw)
+		}
+		if err == nil {
+			err = mw.Close()
+		}
+		pw.CloseWithError(err) // nil: the reader sees EOF
+		written <- err
+	}()
+
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/builds"), pr)
+	if err != nil {
+		pr.Close()
+		<-written
+		return nil, nil, err
+	}
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	req.Header.Set("Accept", "application/json")
+	c.authorize(req)
+	resp, doErr = c.http.Do(req)
+	pr.CloseWithError(errUploadStopped)
+	return resp, <-written, doErr
+}
+
+// submitError explains a failed request whose body a goroutine wrote: an
+// interrupt, the writer's own failure (what says what it was doing), the
+// server's error answer, or the transport error; nil if none.
+func submitError(ctx context.Context, c *client, what string, resp *http.Response, writeErr, doErr error) error {
+	// A write error caused by the request ending (the pipe closed under
+	// the writer) says nothing; the server's answer or the transport
+	// error does.
+	writeFailed := writeErr != nil && !errors.Is(writeErr, errUploadStopped) && !errors.Is(writeErr, io.ErrClosedPipe)
+	switch {
+	case ctx.Err() != nil:
+		return interrupted("upload interrupted; no build was started")
+	case writeFailed:
+		return fmt.Errorf("%s: %w", what, writeErr)
+	case resp != nil && resp.StatusCode >= 300:
+		return c.readError(resp)
+	case doErr != nil:
+		return c.transportError(ctx, "submit build", doErr)
+	}
+	return nil
+}
+
+func decodeBuild(resp *http.Response) (*api.Build, error) {
+	var b api.Build
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&b); err != nil {
+		return nil, fmt.Errorf("submit build: the server answered %d with an unreadable build: %w", resp.StatusCode, err)
+	}
 	return &b, nil
 }
 
-func writeForm(ctx context.Context, mw *multipart.Writer, form *buildForm, bar *uploadBar, stderr io.Writer) (buildcontext.PackStats, error) {
+// writeFields writes the form's fields and then its secrets.
+func writeFields(mw *multipart.Writer, form *buildForm) error {
 	for _, f := range form.fields {
 		if err := mw.WriteField(f.name, f.value); err != nil {
-			return buildcontext.PackStats{}, err
+			return err
 		}
 	}
 	for _, s := range form.secrets {
@@ -100,12 +150,16 @@ func writeForm(ctx context.Context, mw *multipart.Writer, form *buildForm, bar *
 		h.Set("Content-Type", "application/octet-stream")
 		w, err := mw.CreatePart(h)
 		if err != nil {
-			return buildcontext.PackStats{}, err
+			return err
 		}
 		if _, err := w.Write(s.value); err != nil {
-			return buildcontext.PackStats{}, err
+			return err
 		}
 	}
+	return nil
+}
+
+func writeContextTar(ctx context.Context, mw *multipart.Writer, form *buildForm, bar *uploadBar, stderr io.Writer) (buildcontext.PackStats, error) {
 	h := textproto.MIMEHeader{}
 	h.Set("Content-Disposition", `form-data; name="context"; filename="context.tar.zst"`)
 	h.Set("Content-Type", "application/zstd")
@@ -113,24 +167,31 @@ func writeForm(ctx context.Context, mw *multipart.Writer, form *buildForm, bar *
 	if err != nil {
 		return buildcontext.PackStats{}, err
 	}
-	opt := buildcontext.PackOptions{
-		Dockerfile: form.dockerfile,
-		// zstd keeps up with a fast link at little CPU; the server reads it.
-		Compression: buildcontext.Zstd,
-		Warn:        func(msg string) { fmt.Fprintf(stderr, "kiln: warning: %s\n", msg) },
-	}
+	opt := packOptions(form, stderr)
+	// zstd keeps up with a fast link at little CPU; the server reads it.
+	opt.Compression = buildcontext.Zstd
 	if bar != nil {
 		opt.Progress = bar.progress
 	}
 	return buildcontext.Pack(ctx, form.dir, w, opt)
 }
 
+// packOptions chooses the context's files, for either upload.
+func packOptions(form *buildForm, stderr io.Writer) buildcontext.PackOptions {
+	return buildcontext.PackOptions{
+		Dockerfile: form.dockerfile,
+		Warn:       func(msg string) { fmt.Fprintf(stderr, "kiln: warning: %s\n", msg) },
+	}
+}
+
 var quoteEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`)
 
 // uploadBar is the one-line upload progress shown on a terminal: files,
-// bytes and the percentage of the total that a concurrent Scan finds.
+// bytes and the percentage of a total that may arrive later (a concurrent
+// Scan finds it).
 type uploadBar struct {
 	out       io.Writer
+	label     string
 	files     atomic.Int64
 	bytes     atomic.Int64
 	total     atomic.Int64 // -1 until Scan is done
@@ -141,16 +202,30 @@ type uploadBar struct {
 }
 
 func startUploadBar(ctx context.Context, out io.Writer, form *buildForm) *uploadBar {
-	b := &uploadBar{out: out, start: time.Now(), done: make(chan struct{})}
+	return startBar(ctx, out, "Sending build context", scanTotal(form))
+}
+
+// scanTotal finds the context's size by walking it without reading any
+// content, so it usually finishes long before the upload or the hashing
+// and the bar gets a percentage.
+func scanTotal(form *buildForm) func(context.Context) (int64, error) {
+	return func(ctx context.Context) (int64, error) {
+		_, n, err := buildcontext.Scan(ctx, form.dir, buildcontext.PackOptions{Dockerfile: form.dockerfile})
+		return n, err
+	}
+}
+
+// startBar draws "[+] label: N files, X / total (p%)" until stop; total
+// runs concurrently and is canceled by stop.
+func startBar(ctx context.Context, out io.Writer, label string, total func(context.Context) (int64, error)) *uploadBar {
+	b := &uploadBar{out: out, label: label, start: time.Now(), done: make(chan struct{})}
 	b.total.Store(-1)
 	sctx, cancel := context.WithCancel(ctx)
 	b.cancelScn = cancel
 	b.wg.Add(2)
 	go func() {
 		defer b.wg.Done()
-		// Scanning walks the tree without reading contents, so it usually
-		// finishes long before the upload and the bar gets a percentage.
-		if _, n, err := buildcontext.Scan(sctx, form.dir, buildcontext.PackOptions{Dockerfile: form.dockerfile}); err == nil {
+		if n, err := total(sctx); err == nil {
 			b.total.Store(n)
 		}
 	}()
@@ -176,7 +251,7 @@ func (b *uploadBar) progress(files int, bytes int64) {
 }
 
 func (b *uploadBar) draw(final bool) {
-	line := fmt.Sprintf("[+] Sending build context: %d files, %s", b.files.Load(), humanSize(b.bytes.Load()))
+	line := fmt.Sprintf("[+] %s: %d files, %s", b.label, b.files.Load(), humanSize(b.bytes.Load()))
 	if t := b.total.Load(); t > 0 {
 		pct := min(100, b.bytes.Load()*100/t)
 		if final {
