@@ -4,6 +4,9 @@ import (
 	"archive/tar"
 	"bytes"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -66,5 +69,41 @@ func TestWarmContextTransferSeesEveryChange(t *testing.T) {
 		if strings.Contains(second, gone) {
 			t.Errorf("second build still sees %q; it saw:\n%s", gone, second)
 		}
+	}
+}
+
+// TestKilnBuildSendsOnlyChangedFiles is the content-addressed upload end
+// to end: `kiln build` of an unchanged directory sends no file content,
+// one changed file sends that file, and the build sees the change.
+func TestKilnBuildSendsOnlyChangedFiles(t *testing.T) {
+	s := startServer(t)
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(fmt.Sprintf("FROM %s\nCOPY . /ctx\nRUN cat /ctx/data/f7\n", s.base())), 0o644)
+	os.MkdirAll(filepath.Join(dir, "data"), 0o755)
+	for i := range 20 {
+		os.WriteFile(filepath.Join(dir, "data", fmt.Sprintf("f%d", i)), []byte(strings.Repeat(fmt.Sprintf("file %d;", i), 100)), 0o644)
+	}
+	build := func() string {
+		t.Helper()
+		out, err := exec.Command(kilnBinary(t), "build", "--addr", s.url(""), "--token", s.admin, "--progress", "plain", dir).CombinedOutput()
+		if err != nil {
+			t.Fatalf("kiln build: %v\n%s", err, out)
+		}
+		return string(out)
+	}
+	first := build()
+	if !strings.Contains(first, "context: 22 files") {
+		t.Fatalf("first build does not report its context:\n%s", first)
+	}
+	if again := build(); !strings.Contains(again, "sent 0 B (22 unchanged)") {
+		t.Errorf("an unchanged context was sent again:\n%s", again)
+	}
+	os.WriteFile(filepath.Join(dir, "data", "f7"), []byte("changed content of f7"), 0o644)
+	changed := build()
+	if !strings.Contains(changed, "sent 21 B (21 unchanged)") {
+		t.Errorf("a one-file change did not send exactly that file:\n%s", changed)
+	}
+	if !strings.Contains(changed, "changed content of f7") {
+		t.Errorf("the build did not see the changed file:\n%s", changed)
 	}
 }
