@@ -245,10 +245,16 @@ func BenchmarkContextRebuildOverNativeBuildkitd(b *testing.B) {
 			b.Fatalf("native build: %v", err)
 		}
 	}
+	var sentLine string
 	kilnBuild := func() {
 		out, err := exec.Command(kilnBinary(b), "build", "--addr", s.url(""), "--token", s.admin, "--progress", "plain", dir).CombinedOutput()
 		if err != nil {
 			b.Fatalf("kiln build: %v\n%s", err, out)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.Contains(line, "context: ") && strings.Contains(line, "; sent ") {
+				sentLine = line
+			}
 		}
 	}
 	nativeBuild()
@@ -269,4 +275,5 @@ func BenchmarkContextRebuildOverNativeBuildkitd(b *testing.B) {
 	b.ReportMetric(kiln.Seconds()/n, "kiln-s/op")
 	b.ReportMetric(kiln.Seconds()/nat.Seconds(), "kiln/native")
 	b.ReportMetric(0, "ns/op")
+	b.Logf("last rebuild: %s", strings.TrimSpace(sentLine))
 }
