@@ -295,7 +295,7 @@ func walkContext(ctx context.Context, dir, dockerfile string, fn func(walkItem) 
 	var pending []walkItem
 	var visit func(absDir, relDir string, parent patternmatcher.MatchInfo, excludedDir bool) error
 	visit = func(absDir, relDir string, parent patternmatcher.MatchInfo, excludedDir bool) error {
-		entries, err := os.ReadDir(absDir)
+		entries, err := readDirStat(absDir)
 		if err != nil {
 			if excludedDir && errors.Is(err, fs.ErrPermission) {
 				return nil // as fsutil: an unreadable excluded directory is no error
@@ -306,20 +306,13 @@ func walkContext(ctx context.Context, dir, dockerfile string, fn func(walkItem) 
 			}
 			return fmt.Errorf("read directory %q: %w", name, err)
 		}
-		for _, de := range entries {
+		for _, info := range entries {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			it := walkItem{rel: de.Name(), abs: filepath.Join(absDir, de.Name())}
+			it := walkItem{rel: info.Name(), abs: filepath.Join(absDir, info.Name()), info: info}
 			if relDir != "" {
-				it.rel = relDir + "/" + de.Name()
-			}
-			it.info, err = de.Info()
-			if errors.Is(err, fs.ErrNotExist) {
-				continue // removed since the directory was read
-			}
-			if err != nil {
-				return fmt.Errorf("stat %q: %w", it.rel, err)
+				it.rel = relDir + "/" + info.Name()
 			}
 			excluded, descend, mi, err := ig.check(it.rel, it.info.IsDir(), parent)
 			if err != nil {
