@@ -106,4 +106,14 @@ func TestKilnBuildSendsOnlyChangedFiles(t *testing.T) {
 	if !strings.Contains(changed, "changed content of f7") {
 		t.Errorf("the build did not see the changed file:\n%s", changed)
 	}
+
+	// An edit that keeps the size and puts the mtime back (what a
+	// checkout or a reproducible extract does) still reaches the build.
+	f7 := filepath.Join(dir, "data", "f7")
+	fi, _ := os.Stat(f7)
+	os.WriteFile(f7, []byte("CHANGED content of f7"), 0o644)
+	os.Chtimes(f7, fi.ModTime(), fi.ModTime())
+	if same := build(); !strings.Contains(same, "CHANGED content of f7") || !strings.Contains(same, "sent 21 B") {
+		t.Errorf("a same-size edit with its mtime put back was built stale:\n%s", same)
+	}
 }
