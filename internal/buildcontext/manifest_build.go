@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -120,33 +119,20 @@ type hashJob struct {
 func (b *manifestBuilder) add(it walkItem) error {
 	m := it.info.Mode()
 	e := ManifestEntry{Path: it.rel, Mode: uint32(tarMode(m))}
+	kind, target, err := classify(it, b.links, &b.stats, b.opt.Warn)
 	switch {
-	case m.IsDir():
-		e.Type = EntryDir
-	case m&fs.ModeSymlink != 0:
-		target, err := os.Readlink(it.abs)
-		if err != nil {
-			return fmt.Errorf("read symlink %q: %w", it.rel, err)
-		}
-		if err := checkSymlinkTarget(it.rel, target, it.rel); err != nil {
-			return err
-		}
-		e.Type, e.Target = EntrySymlink, target
-	case m.IsRegular():
-		if key, ok := inodeOf(it.info); ok {
-			if first, seen := b.links[key]; seen {
-				e.Type, e.Target = EntryHardlink, first
-				break
-			}
-			b.links[key] = it.rel
-		}
-		return b.addFile(it, e)
-	default:
-		b.stats.Skipped++
-		if b.opt.Warn != nil {
-			b.opt.Warn(fmt.Sprintf("skipping %q: it is a %s, which cannot be part of a build context", it.rel, specialKind(m)))
-		}
+	case err != nil:
+		return err
+	case kind == kindSkipped:
 		return nil
+	case kind == kindFile:
+		return b.addFile(it, e)
+	case kind == kindDir:
+		e.Type = EntryDir
+	case kind == kindSymlink:
+		e.Type, e.Target = EntrySymlink, target
+	case kind == kindHardlink:
+		e.Type, e.Target = EntryHardlink, target
 	}
 	b.entries = append(b.entries, e)
 	b.abs = append(b.abs, "")

@@ -151,6 +151,51 @@ type packer struct {
 	tick  ticker
 }
 
+// entryKind is how Pack and BuildManifest send one walked entry.
+type entryKind int
+
+const (
+	kindDir entryKind = iota
+	kindSymlink
+	kindFile
+	kindHardlink
+	kindSkipped
+)
+
+// classify decides how a walked entry is sent: a symlink with its target
+// (checked to stay inside the context), a regular file, or a hard link to
+// the first path of an inode already sent (links records those), while
+// sockets, devices and pipes are counted in stats and reported to warn.
+func classify(it walkItem, links map[inodeKey]string, stats *PackStats, warn func(string)) (entryKind, string, error) {
+	m := it.info.Mode()
+	switch {
+	case m.IsDir():
+		return kindDir, "", nil
+	case m&fs.ModeSymlink != 0:
+		target, err := os.Readlink(it.abs)
+		if err != nil {
+			return 0, "", fmt.Errorf("read symlink %q: %w", it.rel, err)
+		}
+		if err := checkSymlinkTarget(it.rel, target, it.rel); err != nil {
+			return 0, "", err
+		}
+		return kindSymlink, target, nil
+	case m.IsRegular():
+		if key, ok := inodeOf(it.info); ok {
+			if first, seen := links[key]; seen {
+				return kindHardlink, first, nil
+			}
+			links[key] = it.rel
+		}
+		return kindFile, "", nil
+	}
+	stats.Skipped++
+	if warn != nil {
+		warn(fmt.Sprintf("skipping %q: it is a %s, which cannot be part of a build context", it.rel, specialKind(m)))
+	}
+	return kindSkipped, "", nil
+}
+
 func (p *packer) add(it walkItem) error {
 	m := it.info.Mode()
 	hdr := &tar.Header{
@@ -158,36 +203,21 @@ func (p *packer) add(it walkItem) error {
 		Mode:    tarMode(m),
 		ModTime: it.info.ModTime().Truncate(time.Second),
 	}
+	kind, target, err := classify(it, p.links, &p.stats, p.opt.Warn)
 	switch {
-	case m.IsDir():
+	case err != nil:
+		return err
+	case kind == kindSkipped:
+		return nil
+	case kind == kindFile:
+		return p.addFile(it, hdr)
+	case kind == kindDir:
 		hdr.Typeflag = tar.TypeDir
 		hdr.Name += "/"
-	case m&fs.ModeSymlink != 0:
-		target, err := os.Readlink(it.abs)
-		if err != nil {
-			return fmt.Errorf("read symlink %q: %w", it.rel, err)
-		}
-		if err := checkSymlinkTarget(it.rel, target, it.rel); err != nil {
-			return err
-		}
-		hdr.Typeflag = tar.TypeSymlink
-		hdr.Linkname = target
-	case m.IsRegular():
-		if key, ok := inodeOf(it.info); ok {
-			if first, seen := p.links[key]; seen {
-				hdr.Typeflag = tar.TypeLink
-				hdr.Linkname = first
-				break
-			}
-			p.links[key] = it.rel
-		}
-		return p.addFile(it, hdr)
-	default:
-		p.stats.Skipped++
-		if p.opt.Warn != nil {
-			p.opt.Warn(fmt.Sprintf("skipping %q: it is a %s, which cannot be part of a build context", it.rel, specialKind(m)))
-		}
-		return nil
+	case kind == kindSymlink:
+		hdr.Typeflag, hdr.Linkname = tar.TypeSymlink, target
+	case kind == kindHardlink:
+		hdr.Typeflag, hdr.Linkname = tar.TypeLink, target
 	}
 	if err := p.tw.WriteHeader(hdr); err != nil {
 		return fmt.Errorf("write %q: %w", it.rel, err)
