@@ -24,6 +24,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strings"
@@ -87,6 +89,9 @@ type Policy struct {
 	// may be answered with (dedup); absent tenants trust only themselves.
 	trust  map[string]string
 	owners BuildOwners
+	// own are the host:port forms of kiln's own registry, which names
+	// may carry (the form FROM needs): 127.0.0.1:7070/app:1 is app:1.
+	own []string
 }
 
 // Config is the operator's part of the rules.
@@ -99,11 +104,23 @@ type Config struct {
 	// another (never for builds using cache mounts, whose contents the
 	// input hash cannot see).
 	TrustGroups map[string][]string
+	// RegistryHost is kiln's registry as builds and clients name it
+	// (host:port); a name may start with it. A loopback IP's host also
+	// answers as localhost:port.
+	RegistryHost string
 }
 
 // New checks cfg and returns the policy.
 func New(cfg Config, owners BuildOwners) (*Policy, error) {
 	p := &Policy{owners: owners, trust: map[string]string{}}
+	if h := cfg.RegistryHost; h != "" {
+		p.own = append(p.own, h)
+		if host, port, err := net.SplitHostPort(h); err == nil {
+			if ip, err := netip.ParseAddr(host); err == nil && ip.IsLoopback() {
+				p.own = append(p.own, net.JoinHostPort("localhost", port))
+			}
+		}
+	}
 	for _, s := range cfg.Shared {
 		if err := auth.ValidTenant(s); err != nil {
 			return nil, fmt.Errorf("tenancy.shared: %w", err)

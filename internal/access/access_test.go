@@ -134,7 +134,7 @@ func TestRepoRules(t *testing.T) {
 }
 
 func TestNamesMapIntoTheTenantsNamespace(t *testing.T) {
-	p := testPolicy(t, Config{Shared: []string{"base"}})
+	p := testPolicy(t, Config{Shared: []string{"base"}, RegistryHost: "127.0.0.1:7070"})
 	ctx := context.Background()
 	for _, c := range []struct {
 		who       auth.Principal
@@ -152,7 +152,12 @@ func TestNamesMapIntoTheTenantsNamespace(t *testing.T) {
 		{acmeWriter, "mirror/docker.io/library/alpine:3.20", "", "", errdefs.ErrInvalid},
 		{acmeWriter, "builds/x:latest", "", "", errdefs.ErrInvalid},
 		{acmeWriter, "cache/global/k:cache", "", "", errdefs.ErrInvalid},
-		{acmeWriter, "127.0.0.1:7070/acme/app:1", "", "", errdefs.ErrInvalid},
+		// kiln's own host form, as FROM needs it, names kiln's registry.
+		{acmeWriter, "127.0.0.1:7070/acme/app:1", "acme/app", "1", nil},
+		{acmeWriter, "localhost:7070/app:2", "acme/app", "2", nil},
+		{acmeWriter, "127.0.0.1:7070/bob/app:1", "", "", errdefs.ErrForbidden},
+		{acmeWriter, "127.0.0.1:7071/acme/app:1", "", "", errdefs.ErrInvalid},
+		{acmeWriter, "ghcr.io/acme/app:1", "", "", errdefs.ErrInvalid},
 		{acmeWriter, "Bad Name", "", "", errdefs.ErrInvalid},
 		{adminTok, "app:1", "app", "1", nil},
 		{adminTok, "base/busybox", "base/busybox", "latest", nil},

@@ -2,6 +2,7 @@ package access
 
 import (
 	"context"
+	"slices"
 	"strings"
 
 	"github.com/distribution/reference"
@@ -32,7 +33,7 @@ func ParseName(name string) (repo, tag string, err error) {
 	// Docker, only one with a dot or port, or localhost, names a registry.
 	repo = named.Name()
 	if first, _, ok := strings.Cut(repo, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
-		return "", "", errdefs.Invalid("image name %s names registry %q: kiln stores images in its own registry, so give just repository[:tag]", errdefs.Quote(name), first)
+		return "", "", errdefs.Invalid("image name %s names registry %q, which is not this kiln's: kiln stores images in its own registry, so give repository[:tag] or kiln's own host form (kiln whoami shows it)", errdefs.Quote(name), first)
 	}
 	tag = "latest"
 	if t, ok := ref.(reference.Tagged); ok {
@@ -45,6 +46,9 @@ func ParseName(name string) (repo, tag string, err error) {
 // for pr: a one-component name of a tenant's token means <tenant>/name.
 // It checks syntax only; ask Repo what pr may do there.
 func (p *Policy) Resolve(pr auth.Principal, name string) (repo, tag string, err error) {
+	if first, rest, ok := strings.Cut(name, "/"); ok && slices.Contains(p.own, first) {
+		name = rest
+	}
 	repo, tag, err = ParseName(name)
 	if err != nil {
 		return "", "", err

@@ -119,7 +119,11 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	}
 	defer db.Close()
 
-	policy, err := access.New(access.Config{Shared: cfg.TenancyShared, TrustGroups: cfg.DedupTrustGroups},
+	registryHost := cfg.RegistryHost
+	if registryHost == "" {
+		registryHost = loopbackAddr(ln.Addr().(*net.TCPAddr))
+	}
+	policy, err := access.New(access.Config{Shared: cfg.TenancyShared, TrustGroups: cfg.DedupTrustGroups, RegistryHost: registryHost},
 		access.OwnersFunc(func(ctx context.Context, id string) (string, bool, error) { return store.BuildOwner(ctx, db.SQL, id) }))
 	if err != nil {
 		return fmt.Errorf("tenancy settings: %w", err)
@@ -189,10 +193,6 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		}
 	}
 
-	registryHost := cfg.RegistryHost
-	if registryHost == "" {
-		registryHost = loopbackAddr(ln.Addr().(*net.TCPAddr))
-	}
 
 	pool := builders.New(builders.Config{IdleTimeout: cfg.BuildersIdleTimeout, MaxWarm: cfg.MaxWarm(hostMemory()),
 		Logger: log.With("part", "builders")}, rt, vols)
