@@ -1,6 +1,7 @@
 package solve
 
 import (
+	"fmt"
 	"sort"
 	"strings"
 	"sync"
@@ -25,6 +26,40 @@ type tracker struct {
 	total    int
 	cached   int
 	spans    map[string]*span // Result.Timings name → when it ran
+	// tails keeps the last log lines of each step, and failed the step
+	// that failed first, for the failure recap.
+	tails  map[digest.Digest][]string
+	failed digest.Digest
+}
+
+// tailLines is how many of a failed step's last log lines the recap shows.
+const tailLines = 10
+
+// keepTail adds a step's log data to its tail.
+func (t *tracker) keepTail(v digest.Digest, data string) {
+	lines := append(t.tails[v], strings.Split(strings.TrimRight(data, "\n"), "\n")...)
+	if len(lines) > tailLines {
+		lines = append([]string(nil), lines[len(lines)-tailLines:]...)
+	}
+	t.tails[v] = lines
+}
+
+// recap is what a failed build shows first, as buildx does: the failing
+// step and its last log lines.
+func (t *tracker) recap() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st, ok := t.vertices[t.failed]
+	if t.failed == "" || !ok {
+		return ""
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "------\n > %s:\n", st.name)
+	for _, l := range t.tails[t.failed] {
+		fmt.Fprintf(&b, "%s\n", l)
+	}
+	b.WriteString("------\n")
+	return b.String()
 }
 
 // span is the first start and last end seen of one timing.
@@ -66,7 +101,8 @@ type vertexState struct {
 }
 
 func newTracker(sink progress.Sink, red *redactor) *tracker {
-	return &tracker{sink: sink, red: red, vertices: map[digest.Digest]*vertexState{}, spans: map[string]*span{}}
+	return &tracker{sink: sink, red: red, vertices: map[digest.Digest]*vertexState{}, spans: map[string]*span{},
+		tails: map[digest.Digest][]string{}}
 }
 
 // stop makes later status updates count nothing and emit nothing, so a sink
@@ -118,13 +154,15 @@ func (t *tracker) handle(s *client.SolveStatus) {
 		if st, ok := t.vertices[l.Vertex]; ok {
 			name = st.name
 		}
+		data := t.red.apply(string(l.Data))
+		t.keepTail(l.Vertex, data)
 		t.emit(progress.Event{
 			Kind:   progress.Log,
 			Time:   l.Timestamp,
 			Vertex: l.Vertex.String(),
 			Name:   name,
 			Stream: l.Stream,
-			Data:   t.red.apply(string(l.Data)),
+			Data:   data,
 		})
 	}
 	for _, w := range s.Warnings {
@@ -167,6 +205,9 @@ func (t *tracker) vertex(v *client.Vertex) {
 	case v.Error != "":
 		if !st.errored {
 			st.errored = true
+			if t.failed == "" && !strings.Contains(v.Error, "context canceled") {
+				t.failed = v.Digest
+			}
 			e := base
 			e.Kind, e.Time, e.Error = progress.VertexErrored, at(v.Completed), t.red.apply(v.Error)
 			t.emit(e)

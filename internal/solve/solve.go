@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	bkerrdefs "github.com/moby/buildkit/solver/errdefs"
 	"path/filepath"
 	"strings"
 	"time"
@@ -82,8 +83,11 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 			return res, fmt.Errorf("build canceled: %w", ctx.Err())
 		}
 		// BuildKit's text already says what went wrong ("dockerfile parse
-		// error on line 2: …"); only its generic prefix is noise.
+		// error on line 2: …"); only its generic prefix is noise. Before
+		// it, as buildx shows it: the failing step's last log lines and
+		// the Dockerfile lines it came from.
 		msg := strings.TrimPrefix(red.apply(out.err.Error()), "failed to solve: ")
+		msg = tr.recap() + red.apply(sourceExcerpt(out.err)) + msg
 		return res, fmt.Errorf("build failed: %w", redactedError{msg, out.err})
 	}
 	if out.resp != nil {
@@ -202,3 +206,19 @@ type redactedError struct {
 
 func (e redactedError) Error() string { return e.msg }
 func (e redactedError) Unwrap() error { return e.err }
+
+// sourceExcerpt renders the Dockerfile lines BuildKit says an error came
+// from ("Dockerfile:3", the lines with the failing one marked), or "".
+func sourceExcerpt(err error) string {
+	var b strings.Builder
+	for _, src := range bkerrdefs.Sources(err) {
+		if src.Info == nil {
+			continue
+		}
+		var ex strings.Builder
+		if src.Print(&ex) == nil && ex.Len() > 0 {
+			b.WriteString(ex.String())
+		}
+	}
+	return b.String()
+}

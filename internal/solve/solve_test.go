@@ -319,6 +319,17 @@ func TestFailingRunReportsVertexError(t *testing.T) {
 	if len(logs) == 0 || !strings.Contains(logs[0].Data, "about-to-fail") || logs[0].Stream != 1 {
 		t.Errorf("want the step's stdout as a log event, got %+v", logs)
 	}
+	// The error recaps as buildx does: the failing step with its last
+	// output, then the Dockerfile line it came from, then the error once.
+	msg := err.Error()
+	for _, want := range []string{" > [2/2] RUN echo about-to-fail && exit 3:\n", "about-to-fail\n------\n", "Dockerfile:2\n", ">>> RUN echo about-to-fail && exit 3"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("the error lacks %q:\n%s", want, msg)
+		}
+	}
+	if strings.Count(msg, "exit code: 3") != 1 {
+		t.Errorf("the error says its cause %d times:\n%s", strings.Count(msg, "exit code: 3"), msg)
+	}
 }
 
 func TestCancelReturnsPromptly(t *testing.T) {
