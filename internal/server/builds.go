@@ -52,8 +52,6 @@ var fieldLimits = map[string]struct {
 	"allowed_domains":  {512, 256},
 }
 
-// createBuild reads the multipart submission part by part; the context
-// part streams straight to disk.
 // uploadSlot takes one of the caller's upload slots, or answers 429.
 func (s *Server) uploadSlot(w http.ResponseWriter, r *http.Request) (release func(), ok bool) {
 	release, err := s.uploads.acquire(principal(r).Tenant)
@@ -69,6 +67,8 @@ func (s *Server) uploadSlot(w http.ResponseWriter, r *http.Request) (release fun
 	return release, true
 }
 
+// createBuild reads the multipart submission part by part; the context
+// part streams straight to disk.
 func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 	ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || ct != "multipart/form-data" {
