@@ -9,6 +9,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -68,6 +70,39 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 		field(b.digest)
 	}
 	field(s.cfg.BuilderID)
+	// docker build's knobs, after everything else and only when set, so
+	// builds without them keep their hashes. Each is named and counted.
+	for _, m := range []struct {
+		name string
+		kv   map[string]string
+	}{{"labels", o.Labels}, {"annotations", o.Annotations}} {
+		if len(m.kv) == 0 {
+			continue
+		}
+		field(m.name)
+		field(fmt.Sprint(len(m.kv)))
+		for _, k := range slices.Sorted(maps.Keys(m.kv)) {
+			field(k)
+			field(m.kv[k])
+		}
+	}
+	for _, l := range []struct {
+		name string
+		v    []string
+	}{{"add_hosts", o.AddHosts}, {"ulimits", o.Ulimits}} {
+		if len(l.v) == 0 {
+			continue
+		}
+		field(l.name)
+		field(fmt.Sprint(len(l.v)))
+		for _, v := range l.v {
+			field(v)
+		}
+	}
+	if o.ShmSize > 0 {
+		field("shm_size")
+		field(fmt.Sprint(o.ShmSize))
+	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }
 

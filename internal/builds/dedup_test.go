@@ -1,8 +1,12 @@
 package builds
 
 import (
+	"errors"
 	"slices"
 	"testing"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
+	"github.com/kiln-build/kiln/internal/store"
 )
 
 // Every image a Dockerfile uses is found, with ARGs expanded the way
@@ -41,5 +45,48 @@ func TestSyntaxImageComesFromTheBuildArgFirst(t *testing.T) {
 	}
 	if got := syntaxImage([]byte("FROM scratch\n"), nil); got != "" {
 		t.Errorf("no frontend: %q", got)
+	}
+}
+
+func TestKnobsAreValidatedAndEnterTheHashOnlyWhenSet(t *testing.T) {
+	bad := []Request{
+		{AddHosts: []string{"db.internal"}},
+		{AddHosts: []string{"db internal:10.0.0.1"}},
+		{AddHosts: []string{"db:not-an-ip"}},
+		{Ulimits: []string{"nofiles=10"}},
+		{Ulimits: []string{"nofile=ten"}},
+		{ShmSize: -1},
+		{Labels: map[string]string{"": "x"}},
+	}
+	for _, r := range bad {
+		var o store.BuildOptions
+		if err := validateKnobs(&r, &o); !errors.Is(err, errdefs.ErrInvalid) {
+			t.Errorf("%+v: err = %v, want invalid", r, err)
+		}
+	}
+	var o store.BuildOptions
+	r := Request{AddHosts: []string{"db:10.0.0.1", "v6=::1"}, Ulimits: []string{"nofile=1024:2048"}}
+	if err := validateKnobs(&r, &o); err != nil || !slices.Equal(o.AddHosts, []string{"db=10.0.0.1", "v6=::1"}) {
+		t.Errorf("valid knobs: %v %v", err, o.AddHosts)
+	}
+
+	s := &Service{}
+	plain := s.inputHash("sha256:c", []byte("FROM scratch"), store.BuildOptions{}, nil)
+	if again := s.inputHash("sha256:c", []byte("FROM scratch"), store.BuildOptions{Labels: map[string]string{}}, nil); again != plain {
+		t.Error("an empty label set changed the hash of a build without knobs")
+	}
+	seen := map[string]bool{plain: true}
+	for _, k := range []store.BuildOptions{
+		{Labels: map[string]string{"a": "1"}},
+		{Annotations: map[string]string{"a": "1"}},
+		{AddHosts: []string{"db=10.0.0.1"}},
+		{Ulimits: []string{"nofile=1"}},
+		{ShmSize: 1 << 20},
+	} {
+		h := s.inputHash("sha256:c", []byte("FROM scratch"), k, nil)
+		if seen[h] {
+			t.Errorf("%+v hashes like another build", k)
+		}
+		seen[h] = true
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path"
 	"path/filepath"
@@ -140,6 +141,13 @@ type Request struct {
 	GlobalCache    bool
 	Network        string
 	AllowedDomains []string
+	// docker build's knobs: --label, --annotation, --add-host
+	// ("host:ip"), --shm-size (bytes), --ulimit ("nofile=1024:2048").
+	Labels      map[string]string
+	Annotations map[string]string
+	AddHosts    []string
+	ShmSize     int64
+	Ulimits     []string
 }
 
 // MaxTags is how many names one build may give its result.
@@ -284,6 +292,9 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 	}
 	if total > maxArgBytes {
 		return o, nil, badRequest("build args total %d bytes, more than the %d byte limit", total, maxArgBytes)
+	}
+	if err := validateKnobs(req, &o); err != nil {
+		return o, nil, err
 	}
 	for id := range req.Secrets {
 		if !secretID.MatchString(id) {
@@ -529,4 +540,53 @@ func contextKey(scope string, o store.BuildOptions) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "kiln-transfer-v2\n%q\n%q\n%t\n", scope, o.DockerfilePath, o.InlineDockerfile)
 	return "kiln-" + hex.EncodeToString(h.Sum(nil)[:16])
+}
+
+// ulimitNames are the limits BuildKit's --ulimit takes.
+var ulimitNames = []string{"core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack"}
+
+var ulimitPattern = regexp.MustCompile(`^([a-z]+)=(-1|[0-9]+)(?::(-1|[0-9]+))?$`)
+
+// validateKnobs checks docker build's labels, annotations, hosts, shm and
+// ulimits and records them in o.
+func validateKnobs(req *Request, o *store.BuildOptions) error {
+	total := 0
+	for _, m := range []map[string]string{req.Labels, req.Annotations} {
+		for k, v := range m {
+			if k == "" || strings.ContainsAny(k, "\x00\n") {
+				return badRequest("label and annotation keys must be non-empty single lines; got %s", errdefs.Quote(k))
+			}
+			total += len(k) + len(v)
+		}
+	}
+	if total > maxArgBytes {
+		return badRequest("labels and annotations total %d bytes, more than the %d byte limit", total, maxArgBytes)
+	}
+	for _, h := range req.AddHosts {
+		// host=ip as BuildKit spells it, or host:ip as docker does (an
+		// IPv6 ip keeps its colons).
+		i := strings.LastIndex(h, "=")
+		if i < 0 {
+			i = strings.Index(h, ":")
+		}
+		var host, ip string
+		if i > 0 {
+			host, ip = h[:i], h[i+1:]
+		}
+		if _, err := netip.ParseAddr(ip); host == "" || strings.ContainsAny(host, " ,=:") || err != nil {
+			return badRequest("add_host %s is not host:ip (e.g. db.internal:10.0.0.5)", errdefs.Quote(h))
+		}
+		o.AddHosts = append(o.AddHosts, host+"="+ip)
+	}
+	if req.ShmSize < 0 || req.ShmSize > 64<<30 {
+		return badRequest("shm_size %d is out of range: give bytes between 0 and 64 GiB", req.ShmSize)
+	}
+	for _, u := range req.Ulimits {
+		m := ulimitPattern.FindStringSubmatch(u)
+		if m == nil || !slices.Contains(ulimitNames, m[1]) {
+			return badRequest("ulimit %s is not name=soft[:hard] with a name among %s", errdefs.Quote(u), strings.Join(ulimitNames, ", "))
+		}
+	}
+	o.Labels, o.Annotations, o.ShmSize, o.Ulimits = req.Labels, req.Annotations, req.ShmSize, req.Ulimits
+	return nil
 }

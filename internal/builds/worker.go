@@ -351,6 +351,11 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 		NoCache:        b.Options.NoCache,
 		Pull:           b.Options.Pull,
 		Push:           push,
+		Labels:         b.Options.Labels,
+		Annotations:    b.Options.Annotations,
+		AddHosts:       b.Options.AddHosts,
+		ShmSize:        b.Options.ShmSize,
+		Ulimits:        b.Options.Ulimits,
 	}
 	if b.Options.InlineDockerfile {
 		req.DockerfileDir = s.contextDir(b.ID) + ".dockerfile"

@@ -25,6 +25,16 @@ type Request struct {
 	NoCache   bool              `json:"no_cache,omitempty"`
 	Pull      bool              `json:"pull,omitempty"`
 
+	// Knobs of docker build: image labels (--label), manifest
+	// annotations (--annotation), extra /etc/hosts lines for RUN
+	// ("host=ip", --add-host), /dev/shm size in bytes (--shm-size) and
+	// RUN ulimits ("nofile=1024:2048", --ulimit).
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+	AddHosts    []string          `json:"add_hosts,omitempty"`
+	ShmSize     int64             `json:"shm_size,omitempty"`
+	Ulimits     []string          `json:"ulimits,omitempty"`
+
 	// Secrets are served to RUN --mount=type=secret through the session.
 	// Memory-only.
 	Secrets map[string][]byte `json:"-"`

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	bkerrdefs "github.com/moby/buildkit/solver/errdefs"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -128,6 +129,18 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 	if req.Target != "" {
 		attrs["target"] = req.Target
 	}
+	for k, v := range req.Labels {
+		attrs["label:"+k] = v
+	}
+	if len(req.AddHosts) > 0 {
+		attrs["add-hosts"] = strings.Join(req.AddHosts, ",")
+	}
+	if req.ShmSize > 0 {
+		attrs["shm-size"] = strconv.FormatInt(req.ShmSize, 10)
+	}
+	if len(req.Ulimits) > 0 {
+		attrs["ulimit"] = strings.Join(req.Ulimits, ",")
+	}
 	for k, v := range req.BuildArgs {
 		if k == "" {
 			return client.SolveOpt{}, errors.New("solve request: build arg with empty name")
@@ -174,13 +187,14 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		// Plain-HTTP registries (kiln's own on loopback) are configured on
 		// the daemon per host, so the exporter needs no insecure flag that
 		// would also weaken TLS for every other name.
-		opt.Exports = []client.ExportEntry{{
-			Type: client.ExporterImage,
-			Attrs: map[string]string{
-				"name": strings.Join(req.Push, ","),
-				"push": "true",
-			},
-		}}
+		exp := map[string]string{
+			"name": strings.Join(req.Push, ","),
+			"push": "true",
+		}
+		for k, v := range req.Annotations {
+			exp["annotation."+k] = v
+		}
+		opt.Exports = []client.ExportEntry{{Type: client.ExporterImage, Attrs: exp}}
 	}
 	for _, ref := range req.CacheImports {
 		opt.CacheImports = append(opt.CacheImports, client.CacheOptionsEntry{

@@ -332,6 +332,35 @@ func TestFailingRunReportsVertexError(t *testing.T) {
 	}
 }
 
+// The docker build knobs reach BuildKit: labels into the image config,
+// annotations onto the manifest, and RUN's hosts, /dev/shm and ulimits.
+func TestLabelsAnnotationsHostsShmAndUlimits(t *testing.T) {
+	base := busyboxBase(t)
+	dir := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
+		"RUN grep db.internal /etc/hosts && df -k /dev/shm | tail -1 && echo nofile=$(ulimit -n)\n"})
+	rec := &testkit.Recorder{}
+	ref := env.registry + "/test/knobs:latest"
+	_, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Push: []string{ref},
+		Labels: map[string]string{"org.opencontainers.image.source": "https://example.com/repo"}, Annotations: map[string]string{"com.example.note": "annotated"},
+		AddHosts: []string{"db.internal=10.1.2.3"}, ShmSize: 128 << 20, Ulimits: []string{"nofile=1234:1234"}}, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := rec.Logs()
+	for _, want := range []string{"10.1.2.3", "db.internal", "131072", "nofile=1234"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("RUN output lacks %q:\n%s", want, logs)
+		}
+	}
+	img := testkit.FetchImage(t, ref)
+	if got := img.Config.Config.Labels["org.opencontainers.image.source"]; got != "https://example.com/repo" {
+		t.Errorf("label = %q", got)
+	}
+	if got := img.Annotations["com.example.note"]; got != "annotated" {
+		t.Errorf("annotation = %q (manifest annotations %v)", got, img.Annotations)
+	}
+}
+
 func TestCancelReturnsPromptly(t *testing.T) {
 	base := busyboxBase(t)
 	// The step's shell carries a nonce so no other process on the host

@@ -73,6 +73,12 @@ type BuildOptions struct {
 	Admin             bool              `json:"admin,omitempty"` // submitter held build:admin
 	Network           string            `json:"network,omitempty"`
 	AllowedDomains    []string          `json:"allowed_domains,omitempty"`
+	// docker build's knobs; AddHosts as "host=ip".
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+	AddHosts    []string          `json:"add_hosts,omitempty"`
+	ShmSize     int64             `json:"shm_size,omitempty"`
+	Ulimits     []string          `json:"ulimits,omitempty"`
 	// Bases are the build's base images from other registries, pinned
 	// at submission and served from kiln's mirror.
 	Bases []BasePin `json:"bases,omitempty"`
@@ -181,6 +187,10 @@ type ListFilter struct {
 	Tenant    string
 	Status    string
 	InputHash string
+	// IDPrefix, when set, keeps the builds whose id starts with it (a
+	// short id being resolved). Ids are lower-case base32, so the prefix
+	// is matched as a range of the primary key.
+	IDPrefix  string
 	BeforeSeq int64 // paging cursor: only builds with seq < BeforeSeq
 	Limit     int
 }
@@ -200,6 +210,12 @@ func ListBuilds(ctx context.Context, q Querier, f ListFilter) ([]Build, error) {
 	if f.InputHash != "" {
 		where = append(where, "input_hash = ?")
 		args = append(args, f.InputHash)
+	}
+	if f.IDPrefix != "" {
+		// Every id character sorts below '~', so [prefix, prefix~) holds
+		// exactly the ids starting with prefix.
+		where = append(where, "id >= ? AND id < ?")
+		args = append(args, f.IDPrefix, f.IDPrefix+"~")
 	}
 	if f.BeforeSeq > 0 {
 		where = append(where, "seq < ?")

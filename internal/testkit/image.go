@@ -26,6 +26,8 @@ type Image struct {
 	// index's digest).
 	Digest string
 	Config ocispec.Image
+	// Annotations are the image manifest's.
+	Annotations map[string]string
 	// Files maps absolute paths of regular files to their content.
 	Files map[string][]byte
 	// Symlinks maps absolute paths of symlinks to their targets.
@@ -119,6 +121,7 @@ func fetchImage(ref string) (Image, error) {
 	if err := json.Unmarshal(body, &m); err != nil {
 		return Image{}, fmt.Errorf("decode manifest: %w", err)
 	}
+	img.Annotations = m.Annotations
 	cfg, _, _, err := get(base+"/blobs/"+m.Config.Digest.String(), "*/*")
 	if err != nil {
 		return Image{}, fmt.Errorf("config blob: %w", err)
