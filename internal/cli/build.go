@@ -40,6 +40,10 @@ type buildFlags struct {
 	allowDomains   []string
 	outputs        []string
 	contextUpload  string
+	quiet          bool
+	iidFile        string
+	metadataFile   string
+	detach         bool
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -56,6 +60,13 @@ type buildForm struct {
 	// contextUpload is how the context travels: contextUploadAuto,
 	// contextUploadManifest or contextUploadTar.
 	contextUpload string
+	// quiet (-q): the image digest alone on stdout at the end.
+	quiet bool
+	// iidFile and metadataFile, if set, receive the image digest and
+	// buildx's metadata JSON once the build succeeded.
+	iidFile, metadataFile string
+	// detach: print the build id and return once the build is submitted.
+	detach bool
 }
 
 // hasTag reports whether the user gave name as a tag, with or without
@@ -63,17 +74,6 @@ type buildForm struct {
 func (f *buildForm) hasTag(name string) bool {
 	for _, fl := range f.fields {
 		if fl.name == "tags" && (fl.value == name || fl.value+":latest" == name) {
-			return true
-		}
-	}
-	return false
-}
-
-// toStdout reports whether an output writes to standard output, which
-// progress must then leave alone.
-func (f *buildForm) toStdout() bool {
-	for _, o := range f.outputs {
-		if o.dest == "-" {
 			return true
 		}
 	}
@@ -104,14 +104,26 @@ contents it lacks. --context-upload=tar sends the whole context instead. The Doc
 unless -f names another; a Dockerfile outside CONTEXT (or -f -, stdin) is
 sent inline.
 
-Progress follows the build until it ends. Ctrl-C cancels the build on the
-server. The exit status is 0 only if the build succeeded, 1 if it failed or
-was refused, 2 for a usage error and 130 if interrupted.`,
+Progress follows the build until it ends, on standard error as with docker
+buildx; standard output carries only what was asked for: the image digest
+with -q, a tar with -o -, the build id with --detach. --iidfile and
+--metadata-file write the digest and buildx's metadata JSON
+(containerimage.digest, containerimage.descriptor, image.name, plus
+kiln.build.id).
+
+Ctrl-C, SIGTERM and SIGHUP cancel the build on the server, and so does a
+failed write to standard output or error (a reader that went away, as in
+kiln build . 2>&1 | head -1), unless --detach. The exit status is 0 only if
+the build succeeded, 1 if it failed or was refused (or its output could not
+be written), 2 for a usage error and 130 if interrupted.`,
 		Example: `  kiln build -t myapp:1.0 .
   kiln build -f docker/Dockerfile --build-arg VERSION=1.2 --target prod .
   kiln build --secret id=npm,src=$HOME/.npmrc --secret id=token,env=GH_TOKEN .
   kiln build --target artifacts -o dist .          # the result's files into ./dist
-  kiln build -o type=docker,dest=app.tar -t app:1 .  # an image tarball for docker load`,
+  kiln build -o type=docker,dest=app.tar -t app:1 .  # an image tarball for docker load
+  ID=$(kiln build -q .)                            # the image digest
+  kiln build --metadata-file meta.json -t app:1 .
+  kiln build --detach .                            # prints the build id, does not wait`,
 		Args: exactArgs("CONTEXT"),
 	}
 	fl := c.Flags()
@@ -125,7 +137,11 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.cacheScope, "cache-scope", "", "cache scope to build in; must equal your token's cache scope")
 	fl.StringVar(&f.globalCacheKey, "global-cache-key", "", "also import the shared global cache cache/global/KEY (read-only)")
 	fl.BoolVar(&f.globalCache, "global-cache", false, "export to the global cache under --global-cache-key (needs build:admin)")
-	fl.StringVar(&f.progress, "progress", progressAuto, "progress output: auto, tty, plain or json (one event per line)")
+	fl.StringVar(&f.progress, "progress", progressAuto, "progress output on stderr: auto, tty, plain, quiet, rawjson (BuildKit's SolveStatus stream, as buildx prints it) or json (kiln's events, one per line)")
+	fl.BoolVarP(&f.quiet, "quiet", "q", false, "print nothing but the image digest, on stdout, once the build succeeded")
+	fl.StringVar(&f.iidFile, "iidfile", "", "write the image digest to FILE")
+	fl.StringVar(&f.metadataFile, "metadata-file", "", "write the build result metadata to FILE as JSON (buildx's keys)")
+	fl.BoolVar(&f.detach, "detach", false, "submit the build, print its id on stdout and return without following it")
 	fl.IntVar(&f.cpus, "cpus", 0, "CPUs for the builder (default: the server's)")
 	fl.IntVar(&f.memoryMB, "memory", 0, "memory for the builder in MB (default: the server's)")
 	fl.IntVar(&f.diskGB, "disk", 0, "disk for the builder in GB (default: the server's)")
@@ -145,13 +161,19 @@ was refused, 2 for a usage error and 130 if interrupted.`,
 		if err != nil {
 			return err
 		}
-		stdout, progressOut := cmd.OutOrStdout(), cmd.OutOrStdout()
-		if form.toStdout() {
-			// The tar owns standard output.
-			progressOut = cmd.ErrOrStderr()
+		// A write to a reader that went away cancels the build rather than
+		// killing the client with SIGPIPE and leaving the build running.
+		catchSIGPIPE()
+		ctx, cancel := context.WithCancelCause(ctx)
+		defer cancel(nil)
+		stdout := newGuardedWriter(cmd.OutOrStdout(), "standard output", cancel)
+		stderr := newGuardedWriter(cmd.ErrOrStderr(), "standard error", cancel)
+		mode := f.progress
+		if f.quiet {
+			mode = progressQuiet
 		}
-		mode := resolveProgress(f.progress, progressOut)
-		return runBuild(ctx, g.settings, cl, form, mode, progressOut, cmd.ErrOrStderr(), stdout)
+		mode = resolveProgress(mode, stderr)
+		return runBuild(ctx, g.settings, cl, form, buildIO{mode: mode, stdout: stdout, stderr: stderr})
 	})
 	return c
 }
@@ -171,9 +193,12 @@ const maxInlineDockerfile = 4 << 20
 // fails.
 func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, lookupEnv func(string) (string, bool)) (*buildForm, error) {
 	switch f.progress {
-	case progressAuto, progressTTY, progressPlain, progressJSON:
+	case progressAuto, progressTTY, progressPlain, progressJSON, progressQuiet, progressRawJSON:
 	default:
-		return nil, usageError(cmd, "invalid --progress %q: use auto, tty, plain or json", f.progress)
+		return nil, usageError(cmd, "invalid --progress %q: use %s", f.progress, progressModes)
+	}
+	if f.quiet && f.progress != progressAuto && f.progress != progressQuiet {
+		return nil, usageError(cmd, "-q/--quiet shows no progress: drop --progress %s or -q", f.progress)
 	}
 	switch f.contextUpload {
 	case contextUploadAuto, contextUploadManifest, contextUploadTar:
@@ -215,6 +240,20 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	if stdouts > 1 {
 		return nil, usageError(cmd, "only one --output can write to standard output (dest=-)")
 	}
+	if stdouts > 0 && f.quiet {
+		return nil, usageError(cmd, "-q prints the image digest on standard output, where --output - writes its tar: write the tar to a file (dest=FILE) or drop -q")
+	}
+	if f.detach {
+		for _, c := range []struct {
+			set  bool
+			flag string
+		}{{len(form.outputs) > 0, "--output"}, {f.iidFile != "", "--iidfile"}, {f.metadataFile != "", "--metadata-file"}} {
+			if c.set {
+				return nil, usageError(cmd, "%s needs the build's result, which --detach does not wait for: drop one of them (kiln builds show ID has the result later)", c.flag)
+			}
+		}
+	}
+	form.quiet, form.iidFile, form.metadataFile, form.detach = f.quiet, f.iidFile, f.metadataFile, f.detach
 
 	dfPath, inline, err := resolveDockerfile(dir, f.file, stdin)
 	if err != nil {
@@ -496,21 +535,47 @@ func readSecrets(specs []string, lookupEnv func(string) (string, bool)) ([]secre
 	return out, nil
 }
 
-// runBuild uploads the build, follows it to the end and reports.
-// runBuild uploads, follows and reports a build. stdout and stderr carry
-// progress and notes; data is where a --output to "-" goes.
-func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode string, stdout, stderr, data io.Writer) error {
-	b, err := upload(ctx, c, form, mode, stdout, stderr)
+// buildIO is where a build's output goes.
+type buildIO struct {
+	// mode is the resolved --progress mode (never auto).
+	mode string
+	// stdout carries only what was asked for: the digest with -q, the tar
+	// of --output -, the build id with --detach. stderr carries progress
+	// and notes.
+	stdout, stderr *guardedWriter
+}
+
+// runBuild uploads, follows and reports a build.
+func runBuild(ctx context.Context, s settings, c *client, form *buildForm, o buildIO) error {
+	mode := o.mode
+	// Notes about the build are for people: programs reading rawjson, and
+	// -q/quiet, get none.
+	var info io.Writer = o.stderr
+	if silentProgress(mode) {
+		info = io.Discard
+	}
+	var uploadNotes io.Writer = o.stderr
+	if silentProgress(mode) {
+		// Warnings ("kiln: warning: ...") still, but not the summary.
+		uploadNotes = kilnLinesOnly{o.stderr}
+	}
+	b, err := upload(ctx, c, form, mode, o.stderr, uploadNotes)
 	if err != nil {
+		if oe, ok := outputFailed(ctx); ok {
+			return &exitError{code: exitFailure, err: fmt.Errorf("%v; upload stopped, no build was started", oe)}
+		}
 		return err
 	}
 	form.wipe()
 
-	// Notes about the build go where they do not mix with machine output.
-	info := stdout
-	if mode == progressJSON {
-		info = stderr
+	if form.detach {
+		// The id is the one thing a detached build has to say.
+		if _, err := fmt.Fprintln(o.stdout, b.Id); err != nil {
+			return &exitError{code: exitFailure, err: fmt.Errorf("build %s submitted, but %v", b.Id, err)}
+		}
+		return nil
 	}
+
 	fmt.Fprintf(info, "build %s %s", b.Id, b.Status)
 	if b.QueuePosition != nil && b.Status == api.BuildStatusQueued {
 		fmt.Fprintf(info, " (queue position %d)", *b.QueuePosition)
@@ -526,12 +591,15 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 		}
 	}
 
-	d := newDisplay(mode, stdout, stderr, s)
+	d := newDisplay(mode, o.stderr, o.stderr, s)
 	f := &follower{c: c, s: s, id: b.Id, onEvent: d.event, onNote: d.note, onPoll: d.polled}
 	final, err := f.follow(ctx)
 	d.close()
 	if err != nil {
 		if ctx.Err() != nil {
+			if oe, ok := outputFailed(ctx); ok {
+				return cancelAfterOutputError(c, s, b.Id, oe)
+			}
 			return cancelAfterInterrupt(c, s, b.Id, info)
 		}
 		return fmt.Errorf("following build %s: %w", b.Id, err)
@@ -539,14 +607,37 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, mode 
 	if err := report(info, final); err != nil {
 		return err
 	}
-	for _, o := range form.outputs {
-		what, err := fetchOutput(ctx, c, final.Id, o, data)
+	if err := writeResultFiles(ctx, c, form, final, o.stderr); err != nil {
+		return err
+	}
+	for _, out := range form.outputs {
+		what, err := fetchOutput(ctx, c, final.Id, out, o.stdout)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(info, "output: %s\n", what)
 	}
+	if form.quiet {
+		if _, err := fmt.Fprintln(o.stdout, str(final.ImageDigest)); err != nil {
+			return &exitError{code: exitFailure, err: fmt.Errorf("build %s succeeded, but %v", final.Id, err)}
+		}
+	}
 	return nil
+}
+
+// cancelAfterOutputError cancels the build whose progress could no longer
+// be written: nobody is watching it any more.
+func cancelAfterOutputError(c *client, s settings, id string, oe *outputError) error {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cancelTimeout)
+	defer cancel()
+	b, finished, err := c.cancelBuild(ctx, id)
+	switch {
+	case err != nil:
+		return &exitError{code: exitFailure, err: fmt.Errorf("%v; canceling build %s failed: %v; it may still be running: run `kiln builds cancel %s`", oe, id, err, id)}
+	case finished:
+		return &exitError{code: exitFailure, err: fmt.Errorf("%v; build %s had already finished (%s)", oe, id, b.Status)}
+	}
+	return &exitError{code: exitFailure, err: fmt.Errorf("%v; build %s canceled", oe, id)}
 }
 
 // cancelAfterInterrupt cancels the build the user stopped waiting for.

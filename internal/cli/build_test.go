@@ -139,9 +139,12 @@ func TestBuildUploadsFieldsSecretsAndContext(t *testing.T) {
 		}
 	}
 	for _, w := range []string{"digest: sha256:0123456789abcdef", "image:  builds/b1", "tag:    app:1"} {
-		if !strings.Contains(res.stdout, w) {
-			t.Errorf("stdout lacks %q:\n%s", w, res)
+		if !strings.Contains(res.stderr, w) {
+			t.Errorf("stderr lacks %q:\n%s", w, res)
 		}
+	}
+	if res.stdout != "" {
+		t.Errorf("stdout carries only what was asked for, here nothing:\n%s", res)
 	}
 }
 
@@ -260,17 +263,22 @@ func TestBuildDockerfilePlacement(t *testing.T) {
 
 // jsonLines parses stdout of --progress json, failing on any line that is
 // not exactly one JSON object.
-func jsonLines(t *testing.T, stdout string) []api.Event {
+// jsonLines reads the events of --progress json from stderr, where the
+// client's own notes ("kiln: ...") are the only other lines.
+func jsonLines(t *testing.T, stderr string) []api.Event {
 	t.Helper()
 	var evs []api.Event
-	for i, line := range strings.Split(strings.TrimSuffix(stdout, "\n"), "\n") {
+	for i, line := range strings.Split(strings.TrimSuffix(stderr, "\n"), "\n") {
+		if strings.HasPrefix(line, "kiln: ") {
+			continue
+		}
 		var raw map[string]any
 		if err := json.Unmarshal([]byte(line), &raw); err != nil {
-			t.Fatalf("stdout line %d is not a JSON object: %q: %v", i+1, line, err)
+			t.Fatalf("stderr line %d is not a JSON object: %q: %v", i+1, line, err)
 		}
 		var ev api.Event
 		if err := json.Unmarshal([]byte(line), &ev); err != nil {
-			t.Fatalf("stdout line %d is not an Event: %v", i+1, err)
+			t.Fatalf("stderr line %d is not an Event: %v", i+1, err)
 		}
 		evs = append(evs, ev)
 	}
@@ -293,9 +301,12 @@ func TestProgressJSONIsOneEventPerLine(t *testing.T) {
 	if res.code != 0 {
 		t.Fatalf("%s", res)
 	}
-	got := jsonLines(t, res.stdout)
+	if res.stdout != "" {
+		t.Errorf("progress belongs on stderr, stdout should be empty:\n%s", res)
+	}
+	got := jsonLines(t, res.stderr)
 	if !reflect.DeepEqual(eventIDs(got), eventIDs(s.events)) {
-		t.Fatalf("event ids on stdout %v, want %v", eventIDs(got), eventIDs(s.events))
+		t.Fatalf("event ids on stderr %v, want %v", eventIDs(got), eventIDs(s.events))
 	}
 	for i := range got {
 		want, _ := json.Marshal(s.events[i])
@@ -304,8 +315,8 @@ func TestProgressJSONIsOneEventPerLine(t *testing.T) {
 			t.Errorf("event %d changed on the way:\n got  %s\n want %s", i, have, want)
 		}
 	}
-	if !strings.Contains(res.stderr, "digest: sha256:") {
-		t.Errorf("the result should be reported on stderr in json mode:\n%s", res)
+	if strings.Contains(res.stderr, "digest: sha256:") {
+		t.Errorf("json mode leaves the outcome to the end event; no human summary:\n%s", res)
 	}
 }
 
@@ -336,7 +347,7 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 		if res.code != 0 {
 			t.Fatalf("%s", res)
 		}
-		if got, want := eventIDs(jsonLines(t, res.stdout)), eventIDs(s.events); !reflect.DeepEqual(got, want) {
+		if got, want := eventIDs(jsonLines(t, res.stderr)), eventIDs(s.events); !reflect.DeepEqual(got, want) {
 			t.Fatalf("events shown %v, want each of %v exactly once, in order", got, want)
 		}
 		wantIDs := []string{"", "5", "9", "15", "18"}
@@ -353,7 +364,7 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 			t.Fatalf("%s", res)
 		}
 		var logs []string
-		for _, l := range strings.Split(res.stdout, "\n") {
+		for _, l := range strings.Split(res.stderr, "\n") {
 			if i := strings.Index(l, "compiling unit "); i >= 0 {
 				logs = append(logs, l[i:])
 			}
@@ -366,8 +377,8 @@ func TestEventStreamResumesAfterDrops(t *testing.T) {
 			t.Errorf("log lines shown:\n%q\nwant each once in order:\n%q\n%s", logs, want, res)
 		}
 		for _, w := range []string{"#1 [1/3] FROM docker.io/library/alpine:3\n#1 CACHED\n", "#2 [2/3] RUN make\n", "#2 DONE ", "phase: pushing", "kiln: pushed builds/b1"} {
-			if strings.Count(res.stdout, w) != 1 {
-				t.Errorf("stdout should contain %q once:\n%s", w, res)
+			if strings.Count(res.stderr, w) != 1 {
+				t.Errorf("stderr should contain %q once:\n%s", w, res)
 			}
 		}
 		if !strings.Contains(res.stderr, "reconnecting") {
@@ -401,7 +412,7 @@ func TestEventsUnavailableFallsBackToPolling(t *testing.T) {
 		if !strings.Contains(res.stderr, "event stream unavailable") || !strings.Contains(res.stderr, "events backend unavailable") {
 			t.Errorf("stderr should say why it polls:\n%s", res)
 		}
-		if !strings.Contains(res.stdout, "status: running (phase solving)") {
+		if !strings.Contains(res.stderr, "status: running (phase solving)") {
 			t.Errorf("polled state not shown:\n%s", res)
 		}
 		events, gets, _ := s.counts()
@@ -426,7 +437,7 @@ func TestEventsUnavailableFallsBackToPolling(t *testing.T) {
 		if res.code != 0 {
 			t.Fatalf("%s", res)
 		}
-		if got, want := eventIDs(jsonLines(t, res.stdout)), eventIDs(s.events); !reflect.DeepEqual(got, want) {
+		if got, want := eventIDs(jsonLines(t, res.stderr)), eventIDs(s.events); !reflect.DeepEqual(got, want) {
 			t.Fatalf("events %v, want %v", got, want)
 		}
 		if _, gets, _ := s.counts(); gets == 0 {
@@ -460,8 +471,8 @@ func TestInterruptCancelsBuild(t *testing.T) {
 	if _, _, cancels := s.counts(); cancels != 1 {
 		t.Errorf("cancel endpoint called %d times, want 1", cancels)
 	}
-	if !strings.Contains(res.stdout, "build b1 canceled") {
-		t.Errorf("stdout should say the build was canceled:\n%s", res)
+	if !strings.Contains(res.stderr, "build b1 canceled") {
+		t.Errorf("stderr should say the build was canceled:\n%s", res)
 	}
 }
 
@@ -523,13 +534,13 @@ func TestFailedBuildExitsOne(t *testing.T) {
 	if res.code != 1 {
 		t.Fatalf("want exit 1:\n%s", res)
 	}
-	if !strings.Contains(res.stdout, "#2 ERROR: exit code: 2") {
-		t.Errorf("stdout should show the failed step:\n%s", res)
+	if !strings.Contains(res.stderr, "#2 ERROR: exit code: 2") {
+		t.Errorf("stderr should show the failed step:\n%s", res)
 	}
 	if !strings.Contains(res.stderr, "build b1 failed: process \"/bin/sh -c make\" did not complete successfully: exit code: 2") {
 		t.Errorf("stderr should carry the build's error:\n%s", res)
 	}
-	if strings.Contains(res.stdout, "digest:") {
+	if strings.Contains(res.stderr, "digest:") || res.stdout != "" {
 		t.Errorf("a failed build has no digest to print:\n%s", res)
 	}
 }
@@ -543,9 +554,12 @@ func TestTTYProgress(t *testing.T) {
 		t.Fatalf("%s", res)
 	}
 	// The last frame is what stays on the screen.
-	frames := strings.Split(res.stdout, "\x1b[J")
+	if res.stdout != "" {
+		t.Errorf("the tty view belongs on stderr:\n%q", res.stdout)
+	}
+	frames := strings.Split(res.stderr, "\x1b[J")
 	if len(frames) < 2 {
-		t.Fatalf("no ANSI repaint in tty output:\n%q", res.stdout)
+		t.Fatalf("no ANSI repaint in tty output:\n%q", res.stderr)
 	}
 	last := frames[len(frames)-2]
 	for _, w := range []string{"[+] Building ", "(2/2) SUCCEEDED", "=> CACHED [1/3] FROM docker.io/library/alpine:3", "=> [2/3] RUN make", "=> kiln: pushed builds/b1"} {
@@ -556,7 +570,7 @@ func TestTTYProgress(t *testing.T) {
 	if strings.Contains(last, "compiling unit") {
 		t.Errorf("the final frame should not keep logs of a finished step:\n%s", last)
 	}
-	if !strings.Contains(res.stdout, "digest: sha256:") {
+	if !strings.Contains(res.stderr, "digest: sha256:") {
 		t.Errorf("no digest after the view:\n%s", res)
 	}
 }
@@ -580,7 +594,7 @@ func TestBuildUsageErrors(t *testing.T) {
 		"token without scope":  {"token", "create", "--subject", "ci"},
 		"unknown subcommand":   {"builds", "frob"},
 		"unknown scope":        {"token", "create", "--subject", "ci", "--scope", "build:everything"},
-		"extra args to ls":     {"images", "ls", "x"},
+		"extra args to ls":     {"images", "ls", "x", "y"},
 		"cancel without an id": {"builds", "cancel"},
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -18,7 +18,7 @@ import (
 const (
 	exitFailure     = 1   // the build failed, or the API refused
 	exitUsage       = 2   // bad command line; nothing was sent
-	exitInterrupted = 130 // SIGINT/SIGTERM, as a shell reports it
+	exitInterrupted = 130 // SIGINT/SIGTERM/SIGHUP, as a shell reports SIGINT
 )
 
 // exitError attaches an exit code to an error.
@@ -164,13 +164,14 @@ func (g *globals) addFlags(c *cobra.Command) {
 	f.StringVar(&g.token, "token", "", "kiln API token (env KILN_TOKEN; if neither is set, ./"+adminTokenRel+" is used when it exists)")
 }
 
-// runE wraps a command body: it gives it a context canceled by SIGINT or
-// SIGTERM, and turns an interrupt into exit code 130. Bodies that must act
+// runE wraps a command body: it gives it a context canceled by SIGINT,
+// SIGTERM or SIGHUP (a closed terminal, a CI runner stopping the job), and
+// turns an interrupt into exit code 130. Bodies that must act
 // on an interrupt (cancel a build) check ctx themselves and return their
 // own error.
 func (g *globals) runE(body func(ctx context.Context, cmd *cobra.Command, args []string) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 		defer stop()
 		err := body(ctx, cmd, args)
 		if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {

@@ -247,8 +247,8 @@ func TestBuildSendsOnlyMissingBlobs(t *testing.T) {
 	if got := store.uploadedSince(0); len(got) != 12 {
 		t.Errorf("first build uploaded %d blobs, want 12", len(got))
 	}
-	if !strings.Contains(res.stdout, "#0 context: 13 files, ") || !strings.Contains(res.stdout, "(1 unchanged)") {
-		t.Errorf("progress lacks the context line with 1 unchanged (the src dir):\n%s", res.stdout)
+	if !strings.Contains(res.stderr, "#0 context: 13 files, ") || !strings.Contains(res.stderr, "(1 unchanged)") {
+		t.Errorf("progress lacks the context line with 1 unchanged (the src dir):\n%s", res.stderr)
 	}
 
 	// Unchanged: nothing is uploaded.
@@ -263,8 +263,8 @@ func TestBuildSendsOnlyMissingBlobs(t *testing.T) {
 	if _, puts, _ := store.counts(); puts != putsBefore {
 		t.Errorf("an unchanged context made %d upload requests", puts-putsBefore)
 	}
-	if !strings.Contains(res.stdout, "#0 context: 13 files, ") || !strings.Contains(res.stdout, "sent 0 B (13 unchanged)") {
-		t.Errorf("progress should say nothing was sent:\n%s", res.stdout)
+	if !strings.Contains(res.stderr, "#0 context: 13 files, ") || !strings.Contains(res.stderr, "sent 0 B (13 unchanged)") {
+		t.Errorf("progress should say nothing was sent:\n%s", res.stderr)
 	}
 
 	// One file changed: exactly its new content goes up.
@@ -278,8 +278,8 @@ func TestBuildSendsOnlyMissingBlobs(t *testing.T) {
 	if got := store.uploadedSince(putsBefore); !slices.Equal(got, []string{digest([]byte(changed))}) {
 		t.Errorf("after one change uploaded %v, want only the new content %s", got, digest([]byte(changed)))
 	}
-	if want := fmt.Sprintf("sent %d B (12 unchanged)", len(changed)); !strings.Contains(res.stdout, want) {
-		t.Errorf("progress lacks %q:\n%s", want, res.stdout)
+	if want := fmt.Sprintf("sent %d B (12 unchanged)", len(changed)); !strings.Contains(res.stderr, want) {
+		t.Errorf("progress lacks %q:\n%s", want, res.stderr)
 	}
 	up = s.upload(t, 2)
 	if err := json.Unmarshal([]byte(up.fields["context_manifest"][0]), &m); err != nil {
@@ -348,7 +348,7 @@ func TestBuildResendsBlobsEvictedBeforeSubmit(t *testing.T) {
 	if first, all := len(store.puts[0]), len(store.uploadedSince(0)); all != 2*first || first != 6 {
 		t.Errorf("uploads %v: want the 6 blobs twice", store.puts)
 	}
-	if !strings.Contains(res.stdout, "build b1 succeeded") {
+	if !strings.Contains(res.stderr, "build b1 succeeded") {
 		t.Errorf("no success:\n%s", res)
 	}
 
@@ -382,10 +382,10 @@ func TestBuildFallsBackToTarWithoutContentStore(t *testing.T) {
 	if up.files["src/f01.txt"] == "" || slices.Contains(up.order, "context_manifest") {
 		t.Errorf("want the tar context, got parts %v and files %v", up.order, up.files)
 	}
-	if strings.Contains(res.stderr, "context store") || strings.Contains(res.stdout, "#0 context:") {
+	if strings.Contains(res.stderr, "context store") || strings.Contains(res.stderr, "#0 context:") {
 		t.Errorf("the fallback should be silent:\n%s", res)
 	}
-	if !strings.Contains(res.stdout, "#0 sent build context: ") {
+	if !strings.Contains(res.stderr, "#0 sent build context: ") {
 		t.Errorf("no tar progress line:\n%s", res)
 	}
 
@@ -506,11 +506,11 @@ func TestBuildManifestTTYProgress(t *testing.T) {
 	if res.code != 0 {
 		t.Fatalf("%s", res)
 	}
-	if !strings.Contains(res.stdout, "[+] context: 5 files, ") || !strings.Contains(res.stdout, "(1 unchanged)") {
-		t.Errorf("tty output lacks the context summary:\n%q", res.stdout)
+	if !strings.Contains(res.stderr, "[+] context: 5 files, ") || !strings.Contains(res.stderr, "(1 unchanged)") {
+		t.Errorf("tty output lacks the context summary:\n%q", res.stderr)
 	}
 	res = s.kiln(context.Background(), "build", "--progress", "json", dir)
-	if res.code != 0 || !strings.Contains(res.stderr, "context: 5 files, ") || strings.Contains(res.stdout, "context: 5 files") {
-		t.Errorf("json mode: the summary belongs on stderr:\n%s", res)
+	if res.code != 0 || strings.Contains(res.stderr, "context: 5 files") || res.stdout != "" {
+		t.Errorf("json mode: stderr carries the events alone, stdout nothing:\n%s", res)
 	}
 }

@@ -33,10 +33,34 @@ const (
 	progressTTY   = "tty"
 	progressPlain = "plain"
 	progressJSON  = "json"
+	// progressQuiet shows nothing (-q implies it).
+	progressQuiet = "quiet"
+	// progressRawJSON is BuildKit's SolveStatus stream, one JSON object
+	// per line, as `docker buildx build --progress rawjson` prints it.
+	progressRawJSON = "rawjson"
 )
 
-// terminalOf returns w's file descriptor if w is a terminal.
+// progressModes are the values --progress takes, for its messages.
+const progressModes = "auto, tty, plain, quiet, rawjson or json"
+
+// silentProgress reports the modes whose stderr carries nothing but the
+// progress itself (none at all for quiet), for programs to read: kiln's
+// notes about the build (queued, the context's summary, the outcome) are
+// left out. Only kiln's own warnings and errors, "kiln: ..." lines, remain.
+func silentProgress(mode string) bool {
+	return mode == progressJSON || mode == progressRawJSON || mode == progressQuiet
+}
+
+// terminalOf returns w's file descriptor if w is a terminal, looking
+// through wrappers that have an Unwrap() io.Writer.
 func terminalOf(w io.Writer) (fd int, ok bool) {
+	for {
+		u, isWrapper := w.(interface{ Unwrap() io.Writer })
+		if !isWrapper {
+			break
+		}
+		w = u.Unwrap()
+	}
 	f, isFile := w.(*os.File)
 	if !isFile || !term.IsTerminal(int(f.Fd())) {
 		return 0, false
@@ -44,25 +68,32 @@ func terminalOf(w io.Writer) (fd int, ok bool) {
 	return int(f.Fd()), true
 }
 
-// resolveProgress turns auto into tty or plain by looking at stdout.
-func resolveProgress(mode string, stdout io.Writer) string {
+// resolveProgress turns auto into tty or plain by looking at out, where
+// progress goes (standard error, as with buildx).
+func resolveProgress(mode string, out io.Writer) string {
 	if mode != progressAuto {
 		return mode
 	}
-	if _, ok := terminalOf(stdout); ok && os.Getenv("TERM") != "dumb" {
+	if _, ok := terminalOf(out); ok && os.Getenv("TERM") != "dumb" {
 		return progressTTY
 	}
 	return progressPlain
 }
 
-func newDisplay(mode string, stdout, stderr io.Writer, s settings) display {
+// newDisplay returns the display of mode, drawing on out; the client's
+// own notes go to errOut.
+func newDisplay(mode string, out, errOut io.Writer, s settings) display {
 	switch mode {
 	case progressJSON:
-		return &jsonDisplay{out: stdout, errOut: stderr}
+		return &jsonDisplay{out: out, errOut: errOut}
+	case progressRawJSON:
+		return newRawJSONDisplay(out, errOut)
+	case progressQuiet:
+		return quietDisplay{}
 	case progressTTY:
-		return newTTYDisplay(stdout, s.redraw)
+		return newTTYDisplay(out, s.redraw)
 	}
-	return newPlainDisplay(stdout, stderr)
+	return newPlainDisplay(out, errOut)
 }
 
 // vertex is what the displays remember about one build step.
@@ -238,7 +269,7 @@ func (d *plainDisplay) close() {
 }
 
 // jsonDisplay prints every event exactly as received, one per line; the
-// client's own notes go to stderr so stdout stays machine-readable.
+// client's own notes are "kiln: ..." lines, which are not JSON.
 type jsonDisplay struct {
 	out, errOut io.Writer
 }
