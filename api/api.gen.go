@@ -177,8 +177,8 @@ type Build struct {
 	FinishedAt *time.Time `json:"finished_at"`
 	Id         string     `json:"id"`
 
-	// Image Canonical name builds/<id>.
-	Image       string  `json:"image"`
+	// Image The build's own name, builds/<id>:latest, once the build has succeeded; absent while it is queued or running and when it failed or was canceled (no image exists then).
+	Image       string  `json:"image,omitempty"`
 	ImageDigest *string `json:"image_digest"`
 
 	// InputHash Hash of everything that determines the result; identical hashes share results. Null for builds that never deduplicate (secrets, no_cache, pull, unpinnable bases).
@@ -406,6 +406,28 @@ type RunRequest struct {
 	MemoryMb *int      `json:"memory_mb,omitempty"`
 }
 
+// ServerVersion defines model for ServerVersion.
+type ServerVersion struct {
+	Arch string `json:"arch"`
+
+	// BuilderImage Digest of the builder VM image the vm runtime boots; absent for other runtimes.
+	BuilderImage *string `json:"builder_image,omitempty"`
+
+	// Buildkit The BuildKit version builds run with, e.g. v0.34.2.
+	Buildkit string `json:"buildkit"`
+
+	// Commit The VCS revision it was built from (with -dirty for local changes), when known.
+	Commit    *string `json:"commit,omitempty"`
+	GoVersion string  `json:"go_version"`
+	Os        string  `json:"os"`
+
+	// Runtime The builder runtime: vm or process.
+	Runtime string `json:"runtime"`
+
+	// Version kiln's version: a release tag, or the Go module pseudo-version of the commit it was built from.
+	Version string `json:"version"`
+}
+
 // StopBuilderRequest defines model for StopBuilderRequest.
 type StopBuilderRequest struct {
 	Scope string `json:"scope"`
@@ -489,6 +511,9 @@ type ListBuildsParams struct {
 
 	// InputHash Only builds with this input hash (to see how often a build is repeated).
 	InputHash *string `form:"input_hash,omitempty" json:"input_hash,omitempty"`
+
+	// IdPrefix Only builds whose id starts with this (lower-case letters and digits), to resolve a short build id the way the CLI does: one match is the build, several are ambiguous.
+	IdPrefix *string `form:"id_prefix,omitempty" json:"id_prefix,omitempty"`
 }
 
 // BuildEventsParams defines parameters for BuildEvents.
@@ -504,6 +529,15 @@ type BuildOutputParams struct {
 
 // BuildOutputParamsType defines parameters for BuildOutput.
 type BuildOutputParamsType string
+
+// ListImagesParams defines parameters for ListImages.
+type ListImagesParams struct {
+	// IncludeBuilds List the per-build names builds/<id>:latest too.
+	IncludeBuilds *bool `form:"include_builds,omitempty" json:"include_builds,omitempty"`
+
+	// Filter Only names starting with this (team-a/, app:1), or matching it as a glob (team-a/*, app:v1.*); a glob without a ':' is matched against the repository, one with a ':' against the whole name. For a tenant, app also matches <tenant>/app.
+	Filter *string `form:"filter,omitempty" json:"filter,omitempty"`
+}
 
 // StopBuilderJSONRequestBody defines body for StopBuilder for application/json ContentType.
 type StopBuilderJSONRequestBody = StopBuilderRequest
@@ -723,8 +757,10 @@ type ClientInterface interface {
 
 	// ListImages Image names and their digests (needs image:read)
 	//
+	// Every name the caller may pull, by name, each with its compressed size. Each build also names its result builds/<id>:latest; those names are listed unless include_builds=false.
+	//
 	// Corresponds with GET /v1/images (the `ListImages` operationId).
-	ListImages(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
+	ListImages(ctx context.Context, params *ListImagesParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// DeleteImage Remove a name (needs image:write); the digest stays while other names refer to it
 	//
@@ -806,6 +842,11 @@ type ClientInterface interface {
 	//
 	// Corresponds with POST /v1/tokens/{id}/revoke (the `RevokeToken` operationId).
 	RevokeToken(ctx context.Context, id string, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// GetVersion The server's version, BuildKit's, and what runs builds (any valid token)
+	//
+	// Corresponds with GET /v1/version (the `GetVersion` operationId).
+	GetVersion(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// Whoami What the caller's token is, and where its images are named
 	//
@@ -1119,9 +1160,11 @@ func (c *Client) QueryBlobs(ctx context.Context, body QueryBlobsJSONRequestBody,
 
 // ListImages Image names and their digests (needs image:read)
 //
+// Every name the caller may pull, by name, each with its compressed size. Each build also names its result builds/<id>:latest; those names are listed unless include_builds=false.
+//
 // Corresponds with GET /v1/images (the `ListImages` operationId).
-func (c *Client) ListImages(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
-	req, err := NewListImagesRequest(c.Server)
+func (c *Client) ListImages(ctx context.Context, params *ListImagesParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewListImagesRequest(c.Server, params)
 	if err != nil {
 		return nil, err
 	}
@@ -1313,6 +1356,21 @@ func (c *Client) CreateToken(ctx context.Context, body CreateTokenJSONRequestBod
 // Corresponds with POST /v1/tokens/{id}/revoke (the `RevokeToken` operationId).
 func (c *Client) RevokeToken(ctx context.Context, id string, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewRevokeTokenRequest(c.Server, id)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// GetVersion The server's version, BuildKit's, and what runs builds (any valid token)
+//
+// Corresponds with GET /v1/version (the `GetVersion` operationId).
+func (c *Client) GetVersion(ctx context.Context, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewGetVersionRequest(c.Server)
 	if err != nil {
 		return nil, err
 	}
@@ -1526,6 +1584,18 @@ func NewListBuildsRequest(server string, params *ListBuildsParams) (*http.Reques
 		if params.InputHash != nil {
 
 			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "input_hash", *params.InputHash, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.IdPrefix != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "id_prefix", *params.IdPrefix, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
 				return nil, err
 			} else {
 				for _, qp := range strings.Split(queryFrag, "&") {
@@ -1982,7 +2052,7 @@ func NewQueryBlobsRequestWithBody(server string, contentType string, body io.Rea
 }
 
 // NewListImagesRequest constructs an http.Request for the ListImages method
-func NewListImagesRequest(server string) (*http.Request, error) {
+func NewListImagesRequest(server string, params *ListImagesParams) (*http.Request, error) {
 	var err error
 
 	serverURL, err := url.Parse(server)
@@ -1998,6 +2068,45 @@ func NewListImagesRequest(server string) (*http.Request, error) {
 	queryURL, err := serverURL.Parse(operationPath)
 	if err != nil {
 		return nil, err
+	}
+
+	if params != nil {
+		// queryValues collects non-styled parameters (passthrough, JSON)
+		// that are safe to round-trip through url.Values.Encode().
+		queryValues := queryURL.Query()
+		// rawQueryFragments collects pre-encoded query fragments from
+		// styled parameters, preserving literal commas as delimiters
+		// per the OpenAPI spec (e.g. "color=blue,black,brown").
+		var rawQueryFragments []string
+
+		if params.IncludeBuilds != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "include_builds", *params.IncludeBuilds, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "boolean", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if params.Filter != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "filter", *params.Filter, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
+		if encoded := queryValues.Encode(); encoded != "" {
+			rawQueryFragments = append(rawQueryFragments, encoded)
+		}
+		queryURL.RawQuery = strings.Join(rawQueryFragments, "&")
 	}
 
 	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
@@ -2298,6 +2407,33 @@ func NewRevokeTokenRequest(server string, id string) (*http.Request, error) {
 	return req, nil
 }
 
+// NewGetVersionRequest constructs an http.Request for the GetVersion method
+func NewGetVersionRequest(server string) (*http.Request, error) {
+	var err error
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/version")
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	return req, nil
+}
+
 // NewWhoamiRequest constructs an http.Request for the Whoami method
 func NewWhoamiRequest(server string) (*http.Request, error) {
 	var err error
@@ -2519,10 +2655,12 @@ type ClientWithResponsesInterface interface {
 
 	// ListImagesWithResponse Image names and their digests (needs image:read)
 	//
+	// Every name the caller may pull, by name, each with its compressed size. Each build also names its result builds/<id>:latest; those names are listed unless include_builds=false.
+	//
 	// Returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with GET /v1/images (the `ListImages` operationId).
-	ListImagesWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*ListImagesResponse, error)
+	ListImagesWithResponse(ctx context.Context, params *ListImagesParams, reqEditors ...RequestEditorFn) (*ListImagesResponse, error)
 
 	// DeleteImageWithResponse Remove a name (needs image:write); the digest stays while other names refer to it
 	//
@@ -2614,6 +2752,13 @@ type ClientWithResponsesInterface interface {
 	//
 	// Corresponds with POST /v1/tokens/{id}/revoke (the `RevokeToken` operationId).
 	RevokeTokenWithResponse(ctx context.Context, id string, reqEditors ...RequestEditorFn) (*RevokeTokenResponse, error)
+
+	// GetVersionWithResponse The server's version, BuildKit's, and what runs builds (any valid token)
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/version (the `GetVersion` operationId).
+	GetVersionWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetVersionResponse, error)
 
 	// WhoamiWithResponse What the caller's token is, and where its images are named
 	//
@@ -3438,11 +3583,18 @@ type ListImagesResponse struct {
 	HTTPResponse *http.Response
 	// JSON200 the response for an HTTP 200 `application/json` response
 	JSON200 *ImageList
+	// JSON400 the response for an HTTP 400 `application/json` response
+	JSON400 *Error
 }
 
 // GetJSON200 returns the response for an HTTP 200 `application/json` response
 func (r ListImagesResponse) GetJSON200() *ImageList {
 	return r.JSON200
+}
+
+// GetJSON400 returns the response for an HTTP 400 `application/json` response
+func (r ListImagesResponse) GetJSON400() *Error {
+	return r.JSON400
 }
 
 // GetBody returns the raw response body bytes
@@ -3851,6 +4003,47 @@ func (r RevokeTokenResponse) ContentType() string {
 	return ""
 }
 
+type GetVersionResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON200 the response for an HTTP 200 `application/json` response
+	JSON200 *ServerVersion
+}
+
+// GetJSON200 returns the response for an HTTP 200 `application/json` response
+func (r GetVersionResponse) GetJSON200() *ServerVersion {
+	return r.JSON200
+}
+
+// GetBody returns the raw response body bytes
+func (r GetVersionResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r GetVersionResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r GetVersionResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r GetVersionResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
 type WhoamiResponse struct {
 	Body         []byte
 	HTTPResponse *http.Response
@@ -4150,11 +4343,13 @@ func (c *ClientWithResponses) QueryBlobsWithResponse(ctx context.Context, body Q
 
 // ListImagesWithResponse Image names and their digests (needs image:read)
 //
+// Every name the caller may pull, by name, each with its compressed size. Each build also names its result builds/<id>:latest; those names are listed unless include_builds=false.
+//
 // Returns a wrapper object for the known response body format(s).
 //
 // Corresponds with GET /v1/images (the `ListImages` operationId).
-func (c *ClientWithResponses) ListImagesWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*ListImagesResponse, error) {
-	rsp, err := c.ListImages(ctx, reqEditors...)
+func (c *ClientWithResponses) ListImagesWithResponse(ctx context.Context, params *ListImagesParams, reqEditors ...RequestEditorFn) (*ListImagesResponse, error) {
+	rsp, err := c.ListImages(ctx, params, reqEditors...)
 	if err != nil {
 		return nil, err
 	}
@@ -4316,6 +4511,19 @@ func (c *ClientWithResponses) RevokeTokenWithResponse(ctx context.Context, id st
 		return nil, err
 	}
 	return ParseRevokeTokenResponse(rsp)
+}
+
+// GetVersionWithResponse The server's version, BuildKit's, and what runs builds (any valid token)
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/version (the `GetVersion` operationId).
+func (c *ClientWithResponses) GetVersionWithResponse(ctx context.Context, reqEditors ...RequestEditorFn) (*GetVersionResponse, error) {
+	rsp, err := c.GetVersion(ctx, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseGetVersionResponse(rsp)
 }
 
 // WhoamiWithResponse What the caller's token is, and where its images are named
@@ -4925,6 +5133,13 @@ func ParseListImagesResponse(rsp *http.Response) (*ListImagesResponse, error) {
 		}
 		response.JSON200 = &dest
 
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 400:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON400 = &dest
+
 	}
 
 	return response, nil
@@ -5184,6 +5399,32 @@ func ParseRevokeTokenResponse(rsp *http.Response) (*RevokeTokenResponse, error) 
 			return nil, err
 		}
 		response.JSON404 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseGetVersionResponse parses an HTTP response from a GetVersionWithResponse call
+func ParseGetVersionResponse(rsp *http.Response) (*GetVersionResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &GetVersionResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 200:
+		var dest ServerVersion
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON200 = &dest
 
 	}
 

@@ -21,6 +21,7 @@ func main() {
 	root.AddCommand(serveCommand())
 	root.AddCommand(builderImageCommand())
 	root.AddCommand(cli.Commands()...)
+	root.AddCommand(cli.VersionCommand())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "kiln:", err)
 		os.Exit(cli.ExitCode(err))

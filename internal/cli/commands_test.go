@@ -63,6 +63,7 @@ func TestBuildsList(t *testing.T) {
 
 func TestBuildsShow(t *testing.T) {
 	s := newFakeServer(t)
+	s.buildIDs("b1")
 	s.build = finishedBuild(api.BuildStatusFailed, "exit code: 2")
 	res := s.kiln(context.Background(), "builds", "show", "b1")
 	if res.code != 0 {
@@ -94,6 +95,7 @@ func TestBuildsShow(t *testing.T) {
 
 func TestBuildsCancel(t *testing.T) {
 	s := newFakeServer(t)
+	s.buildIDs("b1")
 	res := s.kiln(context.Background(), "builds", "cancel", "b1")
 	if res.code != 0 || !strings.Contains(res.stdout, "build b1 canceled") {
 		t.Errorf("%s", res)
@@ -121,25 +123,64 @@ func TestBuildsLogs(t *testing.T) {
 		}
 		return eventsPlan{send: -1}
 	}
+	// What the server's GET /logs renders from the same events.
+	want := "12:00:00 [status] running\n" +
+		"12:00:00 [phase] solving\n" +
+		"12:00:00 [1/3] FROM docker.io/library/alpine:3\n" +
+		"12:00:00 CACHED [1/3] FROM docker.io/library/alpine:3\n" +
+		"12:00:00 [2/3] RUN make\n" +
+		"12:00:00 | compiling unit 1\n" +
+		"12:00:00 | compiling unit 2\n" +
+		"12:00:00 | compiling unit 3\n" +
+		"12:00:00 | compiling unit 4\n" +
+		"12:00:01 [phase] pushing\n" +
+		"12:00:01 [kiln] pushed builds/b1\n"
+	lines := strings.SplitAfter(want, "\n")
+	logSoFar := want
 	s.handle("GET /v1/builds/b1/logs", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
-		io.WriteString(w, "#2 [2/3] RUN make\n#2 0.1 compiling\n")
+		io.WriteString(w, logSoFar)
 	})
+	s.buildIDs("b1")
 
 	res := s.kiln(context.Background(), "builds", "logs", "b1")
-	if res.code != 0 || res.stdout != "#2 [2/3] RUN make\n#2 0.1 compiling\n" {
+	if res.code != 0 || res.stdout != want {
 		t.Errorf("plain log:\n%s", res)
 	}
 	res = s.kiln(context.Background(), "builds", "logs", "-f", "b1")
 	if res.code != 0 {
 		t.Fatalf("%s", res)
 	}
-	want := "compiling unit 1\ncompiling unit 2\ncompiling unit 3\ncompiling unit 4\n"
 	if res.stdout != want {
-		t.Errorf("followed log %q, want %q", res.stdout, want)
+		t.Errorf("followed log differs from the plain one:\n%s\nwant:\n%s", res.stdout, want)
 	}
 	if !strings.Contains(res.stderr, "build b1 succeeded") {
 		t.Errorf("stderr should give the outcome:\n%s", res)
+	}
+
+	res = s.kiln(context.Background(), "builds", "logs", "--tail", "2", "b1")
+	if res.code != 0 || res.stdout != strings.Join(lines[9:], "") {
+		t.Errorf("--tail 2:\n%s", res)
+	}
+	res = s.kiln(context.Background(), "builds", "logs", "-n", "0", "b1")
+	if res.code != 0 || res.stdout != "" {
+		t.Errorf("--tail 0:\n%s", res)
+	}
+	res = s.kiln(context.Background(), "builds", "logs", "--tail", "100", "b1")
+	if res.code != 0 || res.stdout != want {
+		t.Errorf("--tail 100:\n%s", res)
+	}
+	// Following with --tail: the last lines so far, then the rest as it
+	// comes, no line twice.
+	logSoFar = strings.Join(lines[:7], "")
+	res = s.kiln(context.Background(), "builds", "logs", "-f", "--tail", "2", "b1")
+	if res.code != 0 || res.stdout != strings.Join(lines[5:], "") {
+		t.Errorf("-f --tail 2 after 7 lines:\n%s\nwant:\n%s", res, strings.Join(lines[5:], ""))
+	}
+	for _, bad := range []string{"-1", "x"} {
+		if res := s.kiln(context.Background(), "builds", "logs", "--tail", bad, "b1"); res.code != 2 {
+			t.Errorf("--tail %s: want a usage error:\n%s", bad, res)
+		}
 	}
 }
 
@@ -148,7 +189,7 @@ func TestImages(t *testing.T) {
 	created := time.Now().Add(-2 * time.Hour)
 	s.handle("GET /v1/images", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, api.ImageList{Images: []api.Image{{
-			Name: "team/app:latest", Repository: "team/app", Tag: "latest",
+			Name: "team/app:latest", Repository: "team/app", Tag: "latest", Size: p(int64(3 << 20)),
 			Digest: "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", BuildId: p("b1"), CreatedAt: &created,
 		}}})
 	})
@@ -170,7 +211,7 @@ func TestImages(t *testing.T) {
 
 	res := s.kiln(context.Background(), "images", "ls")
 	lines := strings.Split(strings.TrimSpace(res.stdout), "\n")
-	if res.code != 0 || len(lines) != 2 || !reflect.DeepEqual(strings.Fields(lines[1]), []string{"team/app:latest", "sha256:aaaaaaaaaaaa", "b1", "2h"}) {
+	if res.code != 0 || len(lines) != 2 || !reflect.DeepEqual(strings.Fields(lines[1]), []string{"team/app:latest", "sha256:aaaaaaaaaaaa", "3.0", "MiB", "b1", "2h"}) {
 		t.Errorf("images ls:\n%s", res)
 	}
 	res = s.kiln(context.Background(), "images", "tag", "team/app:latest", "team/app:v2")

@@ -15,18 +15,50 @@ import (
 )
 
 func imagesCommand(g *globals) *cobra.Command {
+	var all bool
+	var out listOutput
 	ls := &cobra.Command{
-		Use:     "ls",
+		Use:     "ls [FILTER]",
 		Aliases: []string{"list"},
-		Short:   "List image names and their digests",
-		Args:    exactArgs(),
+		Short:   "List image names with their digests and sizes",
+		Long: `List the image names you may pull, by name, with their digest and
+compressed size (config and layers).
+
+Every build also names its result builds/<id>:latest; those names are
+left out unless --all. FILTER keeps the names starting with it (team-a/,
+app:1) or matching it as a glob (team-a/*, 'app:v1.*'; a glob without a
+':' is matched against the repository). A name you would give without your
+namespace (app) matches as you give it.`,
+		Example: `  kiln images ls
+  kiln images ls 'team-a/*'
+  kiln images ls -q app
+  kiln images ls --format '{{.name}} {{size .size}}'`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 1 {
+				return usageError(cmd, "%q takes at most one FILTER; got %d arguments", cmd.CommandPath(), len(args))
+			}
+			return nil
+		},
 	}
-	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+	ls.Flags().BoolVarP(&all, "all", "a", false, "list every name, the per-build names builds/<id>:latest included")
+	addListOutputFlags(ls, &out, "names")
+	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
+		if err := out.check(cmd); err != nil {
+			return err
+		}
+		var params api.ListImagesParams
+		if !all {
+			no := false
+			params.IncludeBuilds = &no
+		}
+		if len(args) == 1 && args[0] != "" {
+			params.Filter = &args[0]
+		}
 		cl, err := g.client(cmd)
 		if err != nil {
 			return err
 		}
-		r, err := cl.api.ListImagesWithResponse(ctx)
+		r, err := cl.api.ListImagesWithResponse(ctx, &params)
 		if err != nil {
 			return cl.transportError(ctx, "list images", err)
 		}
@@ -36,17 +68,7 @@ func imagesCommand(g *globals) *cobra.Command {
 		if r.JSON200 == nil {
 			return fmt.Errorf("list images: server answered %d without an image list", r.StatusCode())
 		}
-		now := time.Now()
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "NAME\tDIGEST\tBUILD\tCREATED")
-		for _, im := range r.JSON200.Images {
-			created := "-"
-			if im.CreatedAt != nil {
-				created = humanAge(now, *im.CreatedAt)
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", im.Name, shortDigest(im.Digest), orDash(str(im.BuildId)), created)
-		}
-		return tw.Flush()
+		return printRows(cmd.OutOrStdout(), &out, r.JSON200.Images, func(im api.Image) string { return im.Name }, printImages)
 	})
 
 	tag := &cobra.Command{
@@ -99,14 +121,37 @@ func imagesCommand(g *globals) *cobra.Command {
 	return groupCommand("images", "List, tag and remove images in kiln's registry", ls, tag, rm)
 }
 
+// printImages is the table of images ls.
+func printImages(w io.Writer, list []api.Image) error {
+	now := time.Now()
+	tw := newTable(w)
+	fmt.Fprintln(tw, "NAME\tDIGEST\tSIZE\tBUILD\tCREATED")
+	for _, im := range list {
+		created, size := "-", "-"
+		if im.CreatedAt != nil {
+			created = humanAge(now, *im.CreatedAt)
+		}
+		if im.Size != nil && *im.Size > 0 {
+			size = humanSize(*im.Size)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", im.Name, shortDigest(im.Digest), size, orDash(str(im.BuildId)), created)
+	}
+	return tw.Flush()
+}
+
 func cacheCommand(g *globals) *cobra.Command {
+	var out listOutput
 	ls := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List cache volumes, one per cache scope",
 		Args:    exactArgs(),
 	}
+	addListOutputFlags(ls, &out, "scopes")
 	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+		if err := out.check(cmd); err != nil {
+			return err
+		}
 		cl, err := g.client(cmd)
 		if err != nil {
 			return err
@@ -121,21 +166,7 @@ func cacheCommand(g *globals) *cobra.Command {
 		if r.JSON200 == nil {
 			return fmt.Errorf("list cache volumes: server answered %d without a volume list", r.StatusCode())
 		}
-		now := time.Now()
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "SCOPE\tSIZE\tUSED\tALLOCATED\tLAST-USED\tIN-USE")
-		for _, v := range r.JSON200.Volumes {
-			last := "never"
-			if v.LastUsed != nil {
-				last = humanAge(now, *v.LastUsed) + " ago"
-			}
-			inUse := "no"
-			if v.InUse {
-				inUse = "yes"
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Scope, humanSize(v.SizeBytes), humanSize(v.UsedBytes), humanSize(v.AllocatedBytes), last, inUse)
-		}
-		return tw.Flush()
+		return printRows(cmd.OutOrStdout(), &out, r.JSON200.Volumes, func(v api.CacheVolume) string { return v.Scope }, printVolumes)
 	})
 
 	rm := &cobra.Command{
@@ -163,14 +194,38 @@ func cacheCommand(g *globals) *cobra.Command {
 	return groupCommand("cache", "Inspect and delete per-scope cache volumes", ls, rm)
 }
 
+// printVolumes is the table of cache ls.
+func printVolumes(w io.Writer, list []api.CacheVolume) error {
+	now := time.Now()
+	tw := newTable(w)
+	fmt.Fprintln(tw, "SCOPE\tSIZE\tUSED\tALLOCATED\tLAST-USED\tIN-USE")
+	for _, v := range list {
+		last := "never"
+		if v.LastUsed != nil {
+			last = humanAge(now, *v.LastUsed) + " ago"
+		}
+		inUse := "no"
+		if v.InUse {
+			inUse = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Scope, humanSize(v.SizeBytes), humanSize(v.UsedBytes), humanSize(v.AllocatedBytes), last, inUse)
+	}
+	return tw.Flush()
+}
+
 func buildersCommand(g *globals) *cobra.Command {
+	var out listOutput
 	ls := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List builders kept up between builds (needs build:admin)",
 		Args:    exactArgs(),
 	}
+	addListOutputFlags(ls, &out, "scopes")
 	ls.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, _ []string) error {
+		if err := out.check(cmd); err != nil {
+			return err
+		}
 		cl, err := g.client(cmd)
 		if err != nil {
 			return err
@@ -185,14 +240,7 @@ func buildersCommand(g *globals) *cobra.Command {
 		if r.JSON200 == nil {
 			return fmt.Errorf("list builders: server answered %d without a builder list", r.StatusCode())
 		}
-		now := time.Now()
-		tw := newTable(cmd.OutOrStdout())
-		fmt.Fprintln(tw, "SCOPE\tRUNTIME\tSTATE\tSTARTED\tLAST-USED\tMEMORY\tBUILDS")
-		for _, b := range r.JSON200.Builders {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s ago\t%s\t%d\n", b.Scope, b.Runtime, b.State,
-				humanAge(now, b.Started), humanAge(now, b.LastUsed), humanSize(int64(b.MemoryMb)<<20), b.Builds)
-		}
-		return tw.Flush()
+		return printRows(cmd.OutOrStdout(), &out, r.JSON200.Builders, func(b api.Builder) string { return b.Scope }, printBuilders)
 	})
 
 	stop := &cobra.Command{
@@ -221,6 +269,18 @@ func buildersCommand(g *globals) *cobra.Command {
 	})
 
 	return groupCommand("builders", "List and stop builders kept up between a scope's builds", ls, stop)
+}
+
+// printBuilders is the table of builders ls.
+func printBuilders(w io.Writer, list []api.Builder) error {
+	now := time.Now()
+	tw := newTable(w)
+	fmt.Fprintln(tw, "SCOPE\tRUNTIME\tSTATE\tSTARTED\tLAST-USED\tMEMORY\tBUILDS")
+	for _, b := range list {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s ago\t%s ago\t%s\t%d\n", b.Scope, b.Runtime, b.State,
+			humanAge(now, b.Started), humanAge(now, b.LastUsed), humanSize(int64(b.MemoryMb)<<20), b.Builds)
+	}
+	return tw.Flush()
 }
 
 func tokenCommand(g *globals) *cobra.Command {

@@ -233,7 +233,8 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	api := server.New(server.Deps{Auth: authority, Policy: policy, Tokens: toks, Builds: svc, Images: imgs, Volumes: vols, Builders: pool,
 		Registry: reg, RegistryHost: registryHost, Heartbeat: cfg.SSEHeartbeat,
 		UploadsGlobal: cfg.UploadsMax, UploadsPerTenant: cfg.UploadsPerTenant,
-		MinUploadRate: cfg.HTTPMinUploadRate, UploadWindow: uploadWindow, Logger: log.With("part", "http")})
+		MinUploadRate: cfg.HTTPMinUploadRate, UploadWindow: uploadWindow, Logger: log.With("part", "http"),
+		BuilderImage: builderImageDigest(rt)})
 	// No ReadTimeout or WriteTimeout: build contexts and event streams
 	// are long. Slow request bodies are cut off by the upload rate check.
 	srv := &http.Server{Handler: api, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: cfg.HTTPIdleTimeout}
@@ -392,6 +393,15 @@ func builderDir(cfg config.Config, data string) string {
 		return cfg.BuilderImage
 	}
 	return filepath.Join(data, "builder")
+}
+
+// builderImageDigest is the digest of the builder VM image rt boots, or
+// "" for a runtime without one.
+func builderImageDigest(rt runtime.Runtime) string {
+	if img, ok := rt.(interface{ ImageDigest() string }); ok {
+		return img.ImageDigest()
+	}
+	return ""
 }
 
 // builderID names what executes builds, for the dedup key: the runtime,

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path"
+	"strings"
 	"sync"
 	"time"
 
@@ -59,13 +61,18 @@ type Service struct {
 	wg       sync.WaitGroup
 	// builderDir holds the builder VM image that boots images for Run.
 	builderDir string
+	// sizes caches each digest's compressed size: a digest is immutable,
+	// so its size is read from its manifest once.
+	sizeMu sync.Mutex
+	sizes  map[string]int64
 }
 
 // New returns a Service converting digests into conv. It keeps the
 // image records in step with manifests pushed straight to the registry.
 func New(db *store.DB, reg *registry.Registry, conv *rootfs.Store, policy *access.Policy, log *slog.Logger) *Service {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Service{db: db, reg: reg, conv: conv, policy: policy, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
+	s := &Service{db: db, reg: reg, conv: conv, policy: policy, log: log, convSlot: make(chan struct{}, 1), ctx: ctx, cancel: cancel,
+		sizes: map[string]int64{}}
 	reg.OnManifestChange(func(ctx context.Context, repo, tag string) {
 		if err := s.syncTags(ctx, repo, tag); err != nil {
 			s.log.Error("record a manifest pushed to the registry", "repository", repo, "err", err)
@@ -134,13 +141,111 @@ func (s *Service) Resume(ctx context.Context) error {
 // Conversions counts conversions started since the server started.
 func (s *Service) Conversions() int64 { return s.conv.Conversions() }
 
-// List returns every name pr may pull.
-func (s *Service) List(ctx context.Context, pr auth.Principal) ([]store.Image, error) {
+// ListOptions selects the names List returns.
+type ListOptions struct {
+	// Filter keeps names starting with it, or matching it as a glob
+	// (see Match); empty keeps all.
+	Filter string
+	// NoBuilds leaves out the per-build names builds/<id>:latest.
+	NoBuilds bool
+}
+
+// List returns every name pr may pull that opts selects, by name, each
+// with its compressed size (Names and RootFS are not filled in).
+func (s *Service) List(ctx context.Context, pr auth.Principal, opts ListOptions) ([]Image, error) {
+	if err := ValidFilter(opts.Filter); err != nil {
+		return nil, err
+	}
 	all, err := store.ListImages(ctx, s.db.SQL, "")
 	if err != nil {
 		return nil, err
 	}
-	return s.visible(ctx, pr, all)
+	tenant := ""
+	if !pr.Has(auth.ScopeBuildAdmin) {
+		tenant = pr.Tenant
+	}
+	var picked []store.Image
+	for _, im := range all {
+		if opts.NoBuilds && s.policy.Classify(im.Repository).Class == access.ClassBuild {
+			continue
+		}
+		if !Match(opts.Filter, tenant, im.Repository, im.Tag) {
+			continue
+		}
+		picked = append(picked, im)
+	}
+	visible, err := s.visible(ctx, pr, picked)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Image, 0, len(visible))
+	for _, im := range visible {
+		out = append(out, Image{Image: im, Size: s.size(ctx, im.Repository, im.Digest)})
+	}
+	return out, nil
+}
+
+// size is digest's compressed size (config and layers), read from its
+// manifest in repo the first time and cached: a digest never changes. A
+// manifest that cannot be read counts 0 and is read again next time.
+func (s *Service) size(ctx context.Context, repo, digest string) int64 {
+	s.sizeMu.Lock()
+	n, ok := s.sizes[digest]
+	s.sizeMu.Unlock()
+	if ok {
+		return n
+	}
+	_, body, _, err := s.reg.Manifest(ctx, repo, digest)
+	if err != nil {
+		return 0
+	}
+	n = manifestSize(body)
+	s.sizeMu.Lock()
+	s.sizes[digest] = n
+	s.sizeMu.Unlock()
+	return n
+}
+
+// ValidFilter checks a name filter: a glob must be well-formed.
+func ValidFilter(filter string) error {
+	if _, err := path.Match(filter, ""); err != nil {
+		return errdefs.Invalid("invalid image filter %s: %v (use a repository prefix such as team-a/ or a glob such as 'team-a/*')", errdefs.Quote(filter), err)
+	}
+	return nil
+}
+
+// Match reports whether the name repo:tag passes filter. An empty filter
+// passes everything; a filter without glob characters passes names that
+// start with it (team-a/, team-a/app, app:1); a glob (team-a/*, app:v1.*)
+// is matched against the repository, or against the whole name when it
+// holds a ':'. For a tenant, a filter with no '/' is also tried below the
+// tenant's namespace, as the tenant's names are given (app means
+// <tenant>/app).
+func Match(filter, tenant, repo, tag string) bool {
+	if filter == "" {
+		return true
+	}
+	try := []string{filter}
+	if tenant != "" && !strings.Contains(filter, "/") {
+		try = append(try, tenant+"/"+filter)
+	}
+	name := repo + ":" + tag
+	for _, f := range try {
+		if !strings.ContainsAny(f, `*?[\`) {
+			if strings.HasPrefix(name, f) {
+				return true
+			}
+			continue
+		}
+		subject := repo
+		if strings.Contains(f, ":") {
+			subject = name
+		}
+		if ok, _ := path.Match(f, subject); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // visible keeps the names pr may pull.
@@ -207,9 +312,7 @@ func (s *Service) withNames(ctx context.Context, pr auth.Principal, im store.Ima
 	if a, ok := s.conv.Get(im.Digest); ok {
 		out.RootFS.Size, out.RootFS.Format = a.Size, string(a.Format)
 	}
-	if _, body, _, err := s.reg.Manifest(ctx, im.Repository, im.Digest); err == nil {
-		out.Size = manifestSize(body)
-	}
+	out.Size = s.size(ctx, im.Repository, im.Digest)
 	return out, nil
 }
 

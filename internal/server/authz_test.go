@@ -194,6 +194,7 @@ func apiCases(m *matrix) []apiCase {
 			}},
 
 		{route: "GET /v1/whoami", what: "self", allow: all, ok: 200, req: get("/v1/whoami")},
+		{route: "GET /v1/version", what: "versions", allow: all, ok: 200, req: get("/v1/version")},
 		{route: "POST /v1/tokens", what: "mint", allow: []string{admin}, ok: 201,
 			req: func(*matrix, string) (string, string, io.Reader, string) {
 				return "POST", "/v1/tokens", jsonBody(map[string]any{"subject": "x", "scopes": []string{"build:read"}, "namespace": "tenant-a"}), "application/json"

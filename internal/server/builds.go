@@ -241,7 +241,6 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 		Tenant:         &b.Tenant,
 		CacheScope:     b.CacheScope,
 		Tags:           b.Tags,
-		Image:          builds.CanonicalName(b.ID),
 		StepsTotal:     b.StepsTotal,
 		StepsCached:    b.StepsCached,
 		Runtime:        b.Runtime,
@@ -272,6 +271,11 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	if b.ImageDigest != "" {
 		out.ImageDigest = &b.ImageDigest
 	}
+	// builds/<id> names the result only once there is one: a failed or
+	// canceled build, or one still running, has no image to point at.
+	if b.Status == store.StatusSucceeded && b.ImageDigest != "" {
+		out.Image = builds.CanonicalName(b.ID)
+	}
 	if b.DedupOf != "" {
 		out.DedupOf = &b.DedupOf
 	}
@@ -297,7 +301,11 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 
 func (s *Server) listBuilds(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := store.ListFilter{Status: q.Get("status"), InputHash: q.Get("input_hash"), Limit: 50}
+	f := store.ListFilter{Status: q.Get("status"), InputHash: q.Get("input_hash"), IDPrefix: q.Get("id_prefix"), Limit: 50}
+	if q.Has("id_prefix") && !validIDPrefix(f.IDPrefix) {
+		writeError(w, http.StatusBadRequest, "bad_request", "id_prefix must be the start of a build id: 1 to 27 lower-case letters and digits, such as b0k3")
+		return
+	}
 	if v := q.Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 || n > 500 {
@@ -328,6 +336,20 @@ func (s *Server) listBuilds(w http.ResponseWriter, r *http.Request) {
 		out.NextCursor = &c
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// validIDPrefix reports whether p could start a build id (lower-case
+// base32, at most 27 characters).
+func validIDPrefix(p string) bool {
+	if p == "" || len(p) > 27 {
+		return false
+	}
+	for _, c := range p {
+		if !strings.ContainsRune("0123456789abcdefghjkmnpqrstvwxyz", c) {
+			return false
+		}
+	}
+	return true
 }
 
 func (s *Server) getBuild(w http.ResponseWriter, r *http.Request) {

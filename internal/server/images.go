@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -45,14 +46,26 @@ func (s *Server) apiImage(im store.Image, names []string) api.Image {
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) {
-	list, err := s.images.List(r.Context(), principal(r))
+	q := r.URL.Query()
+	opts := images.ListOptions{Filter: q.Get("filter")}
+	if v := q.Get("include_builds"); v != "" {
+		include, err := strconv.ParseBool(v)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", "include_builds must be true or false")
+			return
+		}
+		opts.NoBuilds = !include
+	}
+	list, err := s.images.List(r.Context(), principal(r), opts)
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
 	out := api.ImageList{Images: []api.Image{}}
 	for _, im := range list {
-		out.Images = append(out.Images, s.apiImage(im, nil))
+		a := s.apiImage(im.Image, nil)
+		a.Size = &im.Size
+		out.Images = append(out.Images, a)
 	}
 	writeJSON(w, http.StatusOK, out)
 }

@@ -51,6 +51,9 @@ type Server struct {
 	// gc serializes registry collections: two would each hold part of
 	// the build slots and wait for the rest forever.
 	gc sync.Mutex
+	// builderImage is the digest of the builder VM image builds boot, for
+	// GET /v1/version ("" for runtimes without one).
+	builderImage string
 }
 
 // Deps are what the server exposes.
@@ -76,13 +79,16 @@ type Deps struct {
 	MinUploadRate int64
 	UploadWindow  time.Duration
 	Logger        *slog.Logger
+	// BuilderImage is the digest of the builder VM image the vm runtime
+	// boots ("" for other runtimes), reported by GET /v1/version.
+	BuilderImage string
 }
 
 // New builds the router.
 func New(d Deps) *Server {
 	s := &Server{auth: d.Auth, policy: d.Policy, tokens: d.Tokens, builds: d.Builds, images: d.Images, volumes: d.Volumes, builders: d.Builders,
 		registry: d.Registry, log: d.Logger, registryHost: d.RegistryHost, heartbeat: d.Heartbeat, mux: http.NewServeMux(),
-		uploads: newUploadSlots(d.UploadsGlobal, d.UploadsPerTenant)}
+		uploads: newUploadSlots(d.UploadsGlobal, d.UploadsPerTenant), builderImage: d.BuilderImage}
 	if s.heartbeat <= 0 {
 		s.heartbeat = 15 * time.Second
 	}
@@ -150,6 +156,7 @@ func (s *Server) table(metrics http.Handler) []route {
 		{"POST /v1/builders/stop", auth.ScopeBuildAdmin, http.HandlerFunc(s.stopBuilder)},
 
 		{"GET /v1/whoami", anyScope, http.HandlerFunc(s.whoami)},
+		{"GET /v1/version", anyScope, http.HandlerFunc(s.version)},
 		{"POST /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.createToken)},
 		{"GET /v1/tokens", auth.ScopeBuildAdmin, http.HandlerFunc(s.listTokens)},
 		{"POST /v1/tokens/{id}/revoke", auth.ScopeBuildAdmin, http.HandlerFunc(s.revokeToken)},
