@@ -214,8 +214,14 @@ type BuildList struct {
 
 // BuildRequest defines model for BuildRequest.
 type BuildRequest struct {
+	// AddHosts host:ip lines added to /etc/hosts of RUN steps (--add-host); repeat the field.
+	AddHosts *[]string `json:"add_hosts,omitempty"`
+
 	// AllowedDomains With egress, the only domains reachable ("example.com", "*.example.com"); repeat the field.
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
+
+	// Annotations JSON object of image manifest annotations (--annotation).
+	Annotations *string `json:"annotations,omitempty"`
 
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`
@@ -240,7 +246,10 @@ type BuildRequest struct {
 
 	// GlobalCacheKey Import the global cache tier cache/global/<key> read-only.
 	GlobalCacheKey *string `json:"global_cache_key,omitempty"`
-	MemoryMb       *int    `json:"memory_mb,omitempty"`
+
+	// Labels JSON object of image labels (docker build --label).
+	Labels   *string `json:"labels,omitempty"`
+	MemoryMb *int    `json:"memory_mb,omitempty"`
 
 	// Network What RUN steps can reach. egress (default): the internet, or
 	// with allowed_domains only those domains through a filtering
@@ -255,10 +264,16 @@ type BuildRequest struct {
 	// Kept in memory only.
 	Secret *[]string `json:"secret,omitempty"`
 
+	// ShmSize Bytes of /dev/shm for RUN steps (--shm-size).
+	ShmSize *int64 `json:"shm_size,omitempty"`
+
 	// Tags Image names (repo[:tag]) to push the result to, besides builds/<id>.
 	Tags           *[]string `json:"tags,omitempty"`
 	Target         *string   `json:"target,omitempty"`
 	TimeoutSeconds *int      `json:"timeout_seconds,omitempty"`
+
+	// Ulimits NAME=SOFT[:HARD] limits for RUN steps, e.g. nofile=1024:2048 (--ulimit); repeat the field.
+	Ulimits *[]string `json:"ulimits,omitempty"`
 }
 
 // BuildRequestNetwork What RUN steps can reach. egress (default): the internet, or

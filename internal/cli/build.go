@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-build/kiln/api"
+	"github.com/kiln-build/kiln/internal/config"
 )
 
 // buildFlags are the flags of `kiln build`.
@@ -39,6 +40,12 @@ type buildFlags struct {
 	network        string
 	allowDomains   []string
 	outputs        []string
+	labels         []string
+	annotations    []string
+	addHosts       []string
+	shmSize        string
+	ulimits        []string
+	load           bool
 	contextUpload  string
 	quiet          bool
 	iidFile        string
@@ -148,6 +155,12 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.timeout, "timeout", "", "build time limit in seconds, or a duration like 30m (default: the server's)")
 	fl.StringVar(&f.network, "network", "", "network for RUN steps: egress (internet, the default) or isolated (only kiln's registry); the server decides which are allowed")
 	fl.StringArrayVar(&f.allowDomains, "allow-domain", nil, "with egress: allow only these domains (example.com, *.example.com) through a filtering proxy; repeatable")
+	fl.StringArrayVar(&f.labels, "label", nil, "set an image label KEY=VALUE; repeatable")
+	fl.StringArrayVar(&f.annotations, "annotation", nil, "add an annotation KEY=VALUE to the image manifest; repeatable")
+	fl.StringArrayVar(&f.addHosts, "add-host", nil, "add HOST:IP to /etc/hosts of RUN steps; repeatable")
+	fl.StringVar(&f.shmSize, "shm-size", "", "size of /dev/shm for RUN steps, e.g. 128m")
+	fl.StringArrayVar(&f.ulimits, "ulimit", nil, "ulimit for RUN steps, NAME=SOFT[:HARD] (e.g. nofile=1024:2048); repeatable")
+	fl.BoolVar(&f.load, "load", false, "not supported: kiln has no local docker engine to load into")
 	fl.StringVar(&f.contextUpload, "context-upload", contextUploadAuto, "how the context is sent: manifest (only files the server does not have yet, found by content hash), tar (all of it, every time) or auto (manifest, or tar if the server has no context store)")
 	fl.StringArrayVarP(&f.outputs, "output", "o", nil, "also write the result: type=local,dest=DIR (its files; DIR alone means this), type=tar,dest=FILE|- (\"-\" alone means this), type=oci|docker,dest=FILE (an image tarball), type=image,name=NAME (another tag); repeatable")
 
@@ -334,6 +347,41 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	}
 	for _, d := range f.allowDomains {
 		add("allowed_domains", d)
+	}
+
+	if f.load {
+		return nil, usageError(cmd, "--load is not supported: kiln has no local docker engine; the image is in kiln's registry (docker pull it from there), or write it as a tarball with -o type=docker,dest=FILE and `docker load -i FILE`")
+	}
+	for _, kv := range []struct {
+		flag, field string
+		vals        []string
+	}{{"label", "labels", f.labels}, {"annotation", "annotations", f.annotations}} {
+		if len(kv.vals) == 0 {
+			continue
+		}
+		m := map[string]string{}
+		for _, v := range kv.vals {
+			k, val, ok := strings.Cut(v, "=")
+			if !ok || k == "" {
+				return nil, usageError(cmd, "--%s %q: use KEY=VALUE", kv.flag, v)
+			}
+			m[k] = val
+		}
+		b, _ := json.Marshal(m)
+		add(kv.field, string(b))
+	}
+	for _, h := range f.addHosts {
+		add("add_hosts", h)
+	}
+	if f.shmSize != "" {
+		n, err := config.ParseBytes(f.shmSize)
+		if err != nil || n <= 0 {
+			return nil, usageError(cmd, "--shm-size %q: give a size such as 64m or 1g", f.shmSize)
+		}
+		add("shm_size", strconv.FormatInt(n, 10))
+	}
+	for _, u := range f.ulimits {
+		add("ulimits", u)
 	}
 
 	form.secrets, err = readSecrets(f.secrets, lookupEnv)

@@ -50,6 +50,11 @@ var fieldLimits = map[string]struct {
 	"global_cache":     {16, 1},
 	"network":          {32, 1},
 	"allowed_domains":  {512, 256},
+	"labels":           {64 << 10, 1},
+	"annotations":      {64 << 10, 1},
+	"add_hosts":        {512, 64},
+	"shm_size":         {32, 1},
+	"ulimits":          {128, 32},
 }
 
 // uploadSlot takes one of the caller's upload slots, or answers 429.
@@ -229,6 +234,24 @@ func setField(req *builds.Request, name, v string) error {
 		req.Network = v
 	case "allowed_domains":
 		req.AllowedDomains = append(req.AllowedDomains, v)
+	case "labels", "annotations":
+		m := &req.Labels
+		if name == "annotations" {
+			m = &req.Annotations
+		}
+		if e := json.Unmarshal([]byte(v), m); e != nil {
+			return fmt.Errorf("field %s must be a JSON object of strings, like {\"org.opencontainers.image.source\":\"https://…\"}: %v", name, e)
+		}
+	case "add_hosts":
+		req.AddHosts = append(req.AddHosts, v)
+	case "shm_size":
+		n, e := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		if e != nil {
+			return fmt.Errorf("field shm_size: %s is not a number of bytes", errdefs.Quote(v))
+		}
+		req.ShmSize = n
+	case "ulimits":
+		req.Ulimits = append(req.Ulimits, v)
 	}
 	return err
 }
