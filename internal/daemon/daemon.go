@@ -193,7 +193,6 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		}
 	}
 
-
 	pool := builders.New(builders.Config{IdleTimeout: cfg.BuildersIdleTimeout, MaxWarm: cfg.MaxWarm(hostMemory()),
 		Logger: log.With("part", "builders")}, rt, vols)
 	vols.SetIdleHolder(pool)
