@@ -293,7 +293,7 @@ far, then what follows).`,
 		f := &follower{
 			c: cl, s: g.settings, id: id,
 			onEvent: func(ev api.Event, _ []byte) {
-				text := logLines(ev)
+				text := ev.LogLine()
 				for skip > 0 && text != "" {
 					_, text, _ = strings.Cut(text, "\n")
 					skip--

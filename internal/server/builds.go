@@ -502,7 +502,6 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	var after int64
-	names := map[string]string{}
 	for {
 		evs, err := s.builds.Events(r.Context(), id, after, 1000)
 		if err != nil || len(evs) == 0 {
@@ -510,7 +509,7 @@ func (s *Server) buildLogs(w http.ResponseWriter, r *http.Request) {
 		}
 		for _, e := range evs {
 			after = e.Seq
-			if line := logLine(e.Event, names); line != "" {
+			if line := apiEvent(e).LogLine(); line != "" {
 				io.WriteString(w, line)
 			}
 		}
@@ -560,39 +559,3 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func logLine(e builds.Event, names map[string]string) string {
-	ts := e.Time.UTC().Format("15:04:05")
-	switch e.Kind {
-	case "phase":
-		return fmt.Sprintf("%s [phase] %s\n", ts, e.Phase)
-	case "status", "end":
-		if e.Kind == "end" {
-			return ""
-		}
-		return fmt.Sprintf("%s [status] %s\n", ts, e.Status)
-	case "message":
-		return fmt.Sprintf("%s [kiln] %s\n", ts, e.Message)
-	case "vertex.started":
-		names[e.Vertex] = e.Name
-		return fmt.Sprintf("%s %s\n", ts, e.Name)
-	case "vertex.cached":
-		return fmt.Sprintf("%s CACHED %s\n", ts, e.Name)
-	case "vertex.completed":
-		return ""
-	case "vertex.errored":
-		return fmt.Sprintf("%s ERROR %s: %s\n", ts, e.Name, e.Error)
-	case "log":
-		var b strings.Builder
-		for _, l := range strings.SplitAfter(e.Data, "\n") {
-			if l == "" {
-				continue
-			}
-			if !strings.HasSuffix(l, "\n") {
-				l += "\n"
-			}
-			b.WriteString(ts + " | " + l)
-		}
-		return b.String()
-	}
-	return ""
-}
