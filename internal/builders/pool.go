@@ -208,12 +208,17 @@ func (l *Lease) Run(ctx context.Context, job runtime.Job, sink progress.Sink) (s
 			}
 		} else if attempt == 1 {
 			rep.Reused = true
+			p.mu.Lock()
+			builds := l.warm.builds
+			p.mu.Unlock()
 			sink.Emit(progress.Event{Kind: progress.Message, Time: time.Now(),
-				Message: fmt.Sprintf("reusing the scope's warm builder (up %s, %d builds so far)", time.Since(l.warm.started).Round(time.Second), l.warm.builds)})
+				Message: fmt.Sprintf("reusing the scope's warm builder (up %s, %d builds so far)", time.Since(l.warm.started).Round(time.Second), builds)})
 		}
 		res, err := l.warm.b.Run(ctx, job, sink)
+		p.mu.Lock() // List reads these
 		l.warm.builds++
 		l.warm.lastUsed = time.Now()
+		p.mu.Unlock()
 		if err == nil || !errors.Is(err, runtime.ErrBuilderLost) || ctx.Err() != nil || attempt == 2 {
 			return res, rep, err
 		}

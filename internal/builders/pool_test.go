@@ -369,3 +369,23 @@ func TestStopAndClose(t *testing.T) {
 		t.Error("Acquire after Close succeeded")
 	}
 }
+
+// List may be called while builds run (GET /v1/builders, /metrics).
+func TestListWhileBuilding(t *testing.T) {
+	p, _, _ := newPool(t, Config{}, cachevol.Config{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 20 {
+			build(t, p, "team-a", fmt.Sprintf("b%d", i), nil)
+		}
+	}()
+	for {
+		select {
+		case <-done:
+			return
+		default:
+			p.List()
+		}
+	}
+}
