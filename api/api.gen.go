@@ -223,6 +223,9 @@ type BuildRequest struct {
 	// Annotations JSON object of image manifest annotations (--annotation).
 	Annotations *string `json:"annotations,omitempty"`
 
+	// Attach The client follows this build and wants it canceled when it goes away, as buildx cancels a build whose session closed (kiln build sends it unless --detach). An attached build that has had no event stream (GET /v1/builds/{id}/events) open for longer than the server's builds.client_gone_after (default 60s; the window starts at submission, so reconnecting within it keeps the build) while it is queued or running is canceled with the error "the client that submitted this build went away …". Without it the build runs regardless of watchers.
+	Attach *bool `json:"attach,omitempty"`
+
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`
 
@@ -234,8 +237,11 @@ type BuildRequest struct {
 
 	// ContextManifest The context described by content instead (JSON, see buildcontext.Manifest: entries of path, type, mode, size, digest, target), materialized from your tenant's context store. Content the store lacks gets 409 with code missing_blobs: upload it (POST /v1/contexts/blobs) and submit again. Both ways give the same context hash, so they deduplicate against each other.
 	ContextManifest *openapi_types.File `json:"context_manifest,omitempty"`
-	Cpus            *int                `json:"cpus,omitempty"`
-	DiskGb          *int                `json:"disk_gb,omitempty"`
+
+	// ContextUrl A git URL used as the build context instead of a context or context_manifest part (send exactly one of the three), as docker buildx takes it: https://host/org/repo.git#ref:subdir, git@host:org/repo.git, ssh://…, git://… (http:// is accepted). The server resolves the ref (branch, tag or commit; default HEAD) to a commit with git ls-remote at submission (400 if the repository or ref cannot be reached); the builder fetches the repository at that commit. dockerfile_path is relative to the subdirectory; an inline dockerfile replaces the repository's. Only a build whose Dockerfile is sent inline deduplicates (the repository's Dockerfile is read by the builder, so its base images are not pinned): its input hash covers the commit and the subdirectory. Refused with network isolated, when the host is not among allowed_domains, and on the vm runtime.
+	ContextUrl *string `json:"context_url,omitempty"`
+	Cpus       *int    `json:"cpus,omitempty"`
+	DiskGb     *int    `json:"disk_gb,omitempty"`
 
 	// Dockerfile Inline Dockerfile text; overrides dockerfile_path.
 	Dockerfile     *string `json:"dockerfile,omitempty"`

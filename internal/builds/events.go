@@ -3,6 +3,7 @@ package builds
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -34,12 +35,23 @@ type StoredEvent struct {
 // hub wakes event-stream readers when a build gets a new event. Readers
 // always read from the database; the hub only says "look again", so a
 // slow reader can never miss or duplicate an event.
+//
+// The hub also knows, for attached builds, since when nobody has been
+// watching: a build's subscribers are its open event streams (and
+// identical builds waiting for its result), so a build with none has lost
+// its client.
 type hub struct {
 	mu   sync.Mutex
 	subs map[string]map[chan struct{}]struct{}
+	// attached maps an attached build to the time it was last seen
+	// watched: its submission, or when its last subscriber left.
+	attached map[string]time.Time
+	now      func() time.Time
 }
 
-func newHub() *hub { return &hub{subs: map[string]map[chan struct{}]struct{}{}} }
+func newHub() *hub {
+	return &hub{subs: map[string]map[chan struct{}]struct{}{}, attached: map[string]time.Time{}, now: time.Now}
+}
 
 func (h *hub) subscribe(id string) (<-chan struct{}, func()) {
 	ch := make(chan struct{}, 1)
@@ -49,14 +61,54 @@ func (h *hub) subscribe(id string) (<-chan struct{}, func()) {
 	}
 	h.subs[id][ch] = struct{}{}
 	h.mu.Unlock()
+	var once sync.Once
 	return ch, func() {
-		h.mu.Lock()
-		delete(h.subs[id], ch)
-		if len(h.subs[id]) == 0 {
-			delete(h.subs, id)
-		}
-		h.mu.Unlock()
+		once.Do(func() {
+			h.mu.Lock()
+			delete(h.subs[id], ch)
+			if len(h.subs[id]) == 0 {
+				delete(h.subs, id)
+				if _, ok := h.attached[id]; ok {
+					h.attached[id] = h.now()
+				}
+			}
+			h.mu.Unlock()
+		})
 	}
+}
+
+// attach starts watching build id for its client going away; the window
+// starts now.
+func (h *hub) attach(id string) {
+	h.mu.Lock()
+	h.attached[id] = h.now()
+	h.mu.Unlock()
+}
+
+// detach stops watching build id (it finished).
+func (h *hub) detach(id string) {
+	h.mu.Lock()
+	delete(h.attached, id)
+	h.mu.Unlock()
+}
+
+// unwatched returns the attached builds that have had no subscriber for
+// longer than window, and forgets them.
+func (h *hub) unwatched(window time.Duration) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	now := h.now()
+	var out []string
+	for id, seen := range h.attached {
+		if len(h.subs[id]) > 0 {
+			continue
+		}
+		if now.Sub(seen) > window {
+			out = append(out, id)
+			delete(h.attached, id)
+		}
+	}
+	return out
 }
 
 func (h *hub) notify(id string) {
@@ -117,7 +169,62 @@ func (s *Service) Events(ctx context.Context, id string, after int64, limit int)
 }
 
 // Watch returns a channel that receives a value whenever build id gets a
-// new event, and a function to stop watching.
+// new event, and a function to stop watching. An open Watch is what keeps
+// an attached build alive: the server's event stream holds one.
 func (s *Service) Watch(id string) (<-chan struct{}, func()) { return s.hub.subscribe(id) }
+
+// Attach marks a just-submitted build as attached to its client: when no
+// event stream has been open for it for longer than Config.ClientGoneAfter
+// while it is queued or running, it is canceled, as buildx cancels a build
+// whose session closed. The window starts now, so the client has that
+// long to open its first stream. Attachment lives in memory only: a build
+// requeued after a server restart runs regardless of watchers. Does
+// nothing when ClientGoneAfter is 0.
+func (s *Service) Attach(id string) {
+	if s.cfg.ClientGoneAfter <= 0 {
+		return
+	}
+	s.hub.attach(id)
+}
+
+// clientGoneError is the error of a build canceled because its client
+// went away.
+func clientGoneError(window time.Duration) string {
+	return fmt.Sprintf("the client that submitted this build went away (no event stream for %s); use --detach to let builds outlive their client", window)
+}
+
+// watchClients cancels attached builds whose client went away, until
+// stop is closed.
+func (s *Service) watchClients(stop <-chan struct{}) {
+	window := s.cfg.ClientGoneAfter
+	every := min(max(window/10, 20*time.Millisecond), 5*time.Second)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		for _, id := range s.hub.unwatched(window) {
+			go s.clientGone(id, window)
+		}
+	}
+}
+
+// clientGone cancels build id, which lost its client, unless it already
+// finished.
+func (s *Service) clientGone(id string, window time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.CancelGrace+10*time.Second)
+	defer cancel()
+	b, err := s.load(ctx, id)
+	if err != nil || store.Terminal(b.Status) {
+		return
+	}
+	s.log.Info("canceling build: its client went away", "build", id, "window", window)
+	if _, err := s.stop(ctx, b, store.Outcome{Status: store.StatusCanceled, Phase: "canceled", Error: clientGoneError(window)}); err != nil && !errors.Is(err, ErrFinished) {
+		s.log.Warn("cancel build whose client went away", "build", id, "err", err)
+	}
+}
 
 func eventOfKind(k progress.Kind) progress.Event { return progress.Event{Kind: k} }

@@ -79,6 +79,9 @@ type Config struct {
 	NetworkAllowed []string
 	// CancelGrace is how long a cancel waits for the runtime to stop.
 	CancelGrace time.Duration
+	// ClientGoneAfter: an attached build (see Attach) with no event
+	// stream open for this long is canceled; 0 turns that off.
+	ClientGoneAfter time.Duration
 }
 
 // Service runs builds.
@@ -103,6 +106,8 @@ type Service struct {
 	activeMu sync.Mutex
 	active   map[string]*activeBuild
 	stopping atomic.Bool
+	// watchStop ends watchClients; closed by Stop.
+	watchStop chan struct{}
 }
 
 type activeBuild struct {
@@ -163,6 +168,8 @@ func New(cfg Config, d Deps) (*Service, error) {
 		hub:      newHub(),
 		slots:    make(chan struct{}, cfg.MaxConcurrent),
 		active:   map[string]*activeBuild{},
+
+		watchStop: make(chan struct{}),
 	}
 	if s.builders == nil {
 		s.builders = builders.New(builders.Config{Logger: d.Logger}, d.Runtime, d.Volumes)
@@ -245,10 +252,17 @@ func (s *Service) Cancel(ctx context.Context, pr auth.Principal, id string) (Bui
 	if err != nil {
 		return Build{}, err
 	}
+	return s.stop(ctx, b, store.Outcome{Status: store.StatusCanceled, Error: "canceled by request", Phase: "canceled"})
+}
+
+// stop records outcome o (canceled) for build b and stops its runtime,
+// waiting at most CancelGrace.
+func (s *Service) stop(ctx context.Context, b Build, o store.Outcome) (Build, error) {
+	id := b.ID
 	if store.Terminal(b.Status) {
 		return b, ErrFinished
 	}
-	won, err := s.finish(b.ID, store.Outcome{Status: store.StatusCanceled, Error: "canceled by request", Phase: "canceled"})
+	won, err := s.finish(b.ID, o)
 	if err != nil {
 		return Build{}, err
 	}
@@ -286,6 +300,7 @@ func (s *Service) finish(id string, o store.Outcome) (bool, error) {
 		return won, err
 	}
 	s.secrets.Delete(id)
+	s.hub.detach(id)
 	if o.Error != "" && o.Status != store.StatusSucceeded {
 		s.message(id, "%s: %s", o.Status, o.Error)
 	}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path"
@@ -39,6 +40,9 @@ type Upload struct {
 	ID      string
 	dir     string
 	context *buildcontext.Info
+	// git is a git context (context_url): the builder fetches it at
+	// git.Commit; there is no context directory.
+	git *buildcontext.GitContext
 }
 
 // NewUpload starts a submission.
@@ -148,7 +152,14 @@ type Request struct {
 	AddHosts    []string
 	ShmSize     int64
 	Ulimits     []string
+	// ContextURL is a git URL the builder fetches as the context instead
+	// of an uploaded one (https://host/org/repo.git#ref:subdir).
+	ContextURL string
 }
+
+// gitResolveTimeout bounds the host-side git ls-remote that pins a git
+// context's ref to a commit.
+const gitResolveTimeout = 20 * time.Second
 
 // MaxTags is how many names one build may give its result.
 const MaxTags = 32
@@ -175,14 +186,31 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if err != nil {
 		return Build{}, forbidden("cache_scope %q is not yours: your token's cache scope is %q; omit cache_scope or send your own", req.CacheScope, p.CacheScope)
 	}
-	if u.context == nil {
+	if req.ContextURL != "" {
+		if u.context != nil {
+			return Build{}, badRequest("the request has both a context part and context_url: send one of them")
+		}
+		if s.runtime.Name() == "vm" {
+			return Build{}, badRequest("context_url: the vm runtime does not fetch git contexts yet; send the context as a tar (git archive --format=tar.gz HEAD | kiln build -)")
+		}
+		g, err := buildcontext.ParseGitContext(req.ContextURL)
+		if err != nil {
+			return Build{}, badRequest("context_url: %v", err)
+		}
+		u.git = &g
+	}
+	if u.context == nil && u.git == nil {
 		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\" (or a manifest in \"context_manifest\")")
 	}
 	opts, dockerfile, err := s.validate(ctx, p, u, &req)
 	if err != nil {
 		return Build{}, err
 	}
-	if !opts.InlineDockerfile {
+	if u.git != nil {
+		if err := s.resolveGit(ctx, u, &opts); err != nil {
+			return Build{}, err
+		}
+	} else if !opts.InlineDockerfile {
 		// BuildKit honours "<Dockerfile>.dockerignore" over .dockerignore.
 		info, err := u.context.ForDockerfile(opts.DockerfilePath)
 		if err != nil {
@@ -190,7 +218,9 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		}
 		u.context = &info
 	}
-	opts.ContextKey = contextKey(scope, opts)
+	if u.git == nil {
+		opts.ContextKey = contextKey(scope, opts)
+	}
 	tags, err := s.nameTags(ctx, p, req.Tags)
 	if err != nil {
 		return Build{}, err
@@ -204,14 +234,19 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		CacheScope:   scope,
 		Tags:         tags,
 		Options:      opts,
-		ContextBytes: u.context.Bytes,
+		ContextBytes: u.contextBytes(),
 		Attempt:      1,
 		Runtime:      s.runtime.Name(),
 		CreatedAt:    time.Now().UTC(),
 	}
-	bases, err := s.pinBases(ctx, p, dockerfile, opts)
-	if err != nil {
-		return Build{}, err
+	// A Dockerfile in a git context is read by the builder: its bases are
+	// resolved there, not pinned here.
+	var bases []pinnedBase
+	if dockerfile != nil {
+		bases, err = s.pinBases(ctx, p, dockerfile, opts)
+		if err != nil {
+			return Build{}, err
+		}
 	}
 	var notes []string
 	for _, pb := range bases {
@@ -219,8 +254,10 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		b.Options.Bases = append(b.Options.Bases, pb.pin)
 	}
 	basesNote := strings.Join(notes, ", ")
-	if dedupEligible(opts) {
-		b.InputHash = s.inputHash(u.context.Hash, dockerfile, opts, bases)
+	// A git context whose Dockerfile the builder reads has unpinned
+	// bases, so its hash could not say what it builds on: no dedup.
+	if dedupEligible(opts) && dockerfile != nil {
+		b.InputHash = s.inputHash(u.contextHash(opts), dockerfile, opts, bases)
 		orig, hit, err := s.findDedup(ctx, b.InputHash, b.Tenant, opts.CacheMounts)
 		if err != nil {
 			return Build{}, err
@@ -260,7 +297,11 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		return Build{}, fmt.Errorf("record build: %w", err)
 	}
 	s.emit(b.ID, Event{Status: store.StatusQueued, Event: progress.Event{Kind: KindStatus}})
-	s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
+	if u.git != nil {
+		s.message(b.ID, "context: git %s at commit %s%s", u.git.Remote, u.git.Commit, gitSubdirNote(*u.git))
+	} else {
+		s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
+	}
 	if basesNote != "" {
 		s.message(b.ID, "base images: %s", basesNote)
 	}
@@ -355,6 +396,13 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 			return o, nil, badRequest("dockerfile_path %q must be a relative path inside the context, like \"Dockerfile\" or \"docker/app.Dockerfile\"", rel)
 		}
 		o.DockerfilePath = clean
+		if u.git != nil {
+			// In the repository, which only the builder fetches: BuildKit
+			// parses it there, and it may use cache mounts for all kiln
+			// can tell.
+			o.CacheMounts = true
+			return o, nil, nil
+		}
 		full := filepath.Join(u.dir, filepath.FromSlash(clean))
 		fi, err := os.Lstat(full)
 		if err != nil || !fi.Mode().IsRegular() {
@@ -490,6 +538,100 @@ func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Buil
 	s.metrics.submitted()
 	s.dedupAnswered(b, orig)
 	return b, nil
+}
+
+// resolveGit pins a git context's ref to a commit, with the host's git
+// and a short timeout, so the input hash names exactly what the builder
+// will fetch. The builder fetches over the network: an isolated build
+// cannot have one, and with allowed_domains the repository's host must
+// be among them.
+func (s *Service) resolveGit(ctx context.Context, u *Upload, o *store.BuildOptions) error {
+	if o.Network == "isolated" {
+		return badRequest("context_url: a git context is fetched by the builder over the network, and an isolated build reaches nothing but kiln's registry; use network egress, or send the context as a tar")
+	}
+	if len(o.AllowedDomains) > 0 {
+		host := gitHost(u.git.Remote)
+		if !domainAllowed(host, o.AllowedDomains) {
+			return badRequest("context_url: the git host %s is not among allowed_domains (%s); add it", errdefs.Quote(host), strings.Join(o.AllowedDomains, ", "))
+		}
+	}
+	g, err := buildcontext.ResolveGit(ctx, *u.git, gitResolveTimeout)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return badRequest("context_url: %v; check the URL and the ref, and that the kiln server can reach the repository", err)
+	}
+	u.git = &g
+	o.ContextURL = g.Pinned()
+	return nil
+}
+
+// gitHost is the host of a git remote (https://host/..., user@host:path).
+func gitHost(remote string) string {
+	if i := strings.Index(remote, "://"); i >= 0 {
+		rest := remote[i+3:]
+		rest, _, _ = strings.Cut(rest, "/")
+		if _, h, ok := strings.Cut(rest, "@"); ok {
+			rest = h
+		}
+		if h, _, err := net.SplitHostPort(rest); err == nil {
+			return h
+		}
+		return rest
+	}
+	_, rest, _ := strings.Cut(remote, "@")
+	h, _, _ := strings.Cut(rest, ":")
+	return h
+}
+
+// domainAllowed matches host against allowed_domains entries
+// (example.com, *.example.com).
+func domainAllowed(host string, allowed []string) bool {
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	for _, a := range allowed {
+		a = strings.ToLower(a)
+		if suffix, ok := strings.CutPrefix(a, "*."); ok {
+			if strings.HasSuffix(host, "."+suffix) {
+				return true
+			}
+		} else if host == a {
+			return true
+		}
+	}
+	return false
+}
+
+func gitSubdirNote(g buildcontext.GitContext) string {
+	note := ""
+	if g.Ref != "" {
+		note = " (" + g.Ref + ")"
+	}
+	if g.SubDir != "" {
+		note += ", directory " + g.SubDir
+	}
+	return note
+}
+
+// contextBytes is what the client uploaded for the context.
+func (u *Upload) contextBytes() int64 {
+	if u.context == nil {
+		return 0
+	}
+	return u.context.Bytes
+}
+
+// contextHash is the context's part of the input hash. A git context's
+// Dockerfile lies in the commit too, so its path is part of it.
+func (u *Upload) contextHash(o store.BuildOptions) string {
+	if u.git == nil {
+		return u.context.Hash
+	}
+	h := u.git.Hash()
+	if !o.InlineDockerfile {
+		h += "\x00" + o.DockerfilePath
+	}
+	return h
 }
 
 // validateNetwork applies the operator's network policy: the default

@@ -92,13 +92,18 @@ func (s *Service) Start(ctx context.Context) error {
 	if err := s.river.Start(ctx); err != nil {
 		return fmt.Errorf("start queue: %w", err)
 	}
+	if s.cfg.ClientGoneAfter > 0 {
+		go s.watchClients(s.watchStop)
+	}
 	return nil
 }
 
 // Stop stops taking builds and cancels running ones; they are requeued
 // when the server starts again.
 func (s *Service) Stop(ctx context.Context) error {
-	s.stopping.Store(true)
+	if s.stopping.CompareAndSwap(false, true) {
+		close(s.watchStop)
+	}
 	return s.river.StopAndCancel(ctx)
 }
 
@@ -346,6 +351,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 		DockerfileDir:  s.contextDir(b.ID),
 		DockerfileName: b.Options.DockerfilePath,
 		ContextKey:     b.Options.ContextKey,
+		ContextURL:     b.Options.ContextURL,
 		BuildArgs:      b.Options.BuildArgs,
 		Target:         b.Options.Target,
 		NoCache:        b.Options.NoCache,
@@ -359,6 +365,15 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 	}
 	if b.Options.InlineDockerfile {
 		req.DockerfileDir = s.contextDir(b.ID) + ".dockerfile"
+	}
+	if b.Options.ContextURL != "" {
+		// The builder fetches the context; only an inline Dockerfile
+		// travels from here.
+		req.ContextDir = ""
+		req.InlineDockerfile = b.Options.InlineDockerfile
+		if !b.Options.InlineDockerfile {
+			req.DockerfileDir = ""
+		}
 	}
 	if m, ok := secrets.(map[string][]byte); ok {
 		req.Secrets = m

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -74,6 +75,11 @@ type buildForm struct {
 	iidFile, metadataFile string
 	// detach: print the build id and return once the build is submitted.
 	detach bool
+	// kind is the context's kind (contextDir, contextStdin, ...). Only a
+	// directory is packed by kiln; raw is sent as it is, and a git URL
+	// travels in the context_url field with no context part.
+	kind string
+	raw  *rawContext
 }
 
 // hasTag reports whether the user gave name as a tag, with or without
@@ -99,7 +105,7 @@ type secret struct {
 func buildCommand(g *globals) *cobra.Command {
 	var f buildFlags
 	c := &cobra.Command{
-		Use:   "build [flags] CONTEXT",
+		Use:   "build [flags] CONTEXT|-|TAR|GIT-URL",
 		Short: "Build an image from a context directory and a Dockerfile",
 		Long: `Build an image on the kiln server.
 
@@ -110,6 +116,16 @@ in ~/.cache/kiln (or $XDG_CACHE_HOME/kiln), and asks the server which
 contents it lacks. --context-upload=tar sends the whole context instead. The Dockerfile is CONTEXT/Dockerfile
 unless -f names another; a Dockerfile outside CONTEXT (or -f -, stdin) is
 sent inline.
+
+As with docker buildx, CONTEXT may also be:
+  -        standard input: a Dockerfile (the build has an empty context),
+           or a tar, tar.gz or tar.zst of the context (told apart by its
+           first bytes)
+  TAR      a tar, tar.gz or tar.zst file, sent as it is
+  GIT-URL  https://host/org/repo.git#ref:subdir, git@host:org/repo.git:
+           never fetched by kiln build; the server pins the ref to a commit
+           and its builder fetches the repository (network egress only)
+With a tar or a git context, -f names the Dockerfile inside it.
 
 Progress follows the build until it ends, on standard error as with docker
 buildx; standard output carries only what was asked for: the image digest
@@ -130,7 +146,10 @@ be written), 2 for a usage error and 130 if interrupted.`,
   kiln build -o type=docker,dest=app.tar -t app:1 .  # an image tarball for docker load
   ID=$(kiln build -q .)                            # the image digest
   kiln build --metadata-file meta.json -t app:1 .
-  kiln build --detach .                            # prints the build id, does not wait`,
+  kiln build --detach .                            # prints the build id, does not wait
+  kiln build - < Dockerfile                        # no context
+  kiln build - < ctx.tar.gz                        # the context from stdin
+  kiln build https://github.com/org/repo.git#v1.2:app`,
 		Args: exactArgs("CONTEXT"),
 	}
 	fl := c.Flags()
@@ -218,14 +237,37 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	default:
 		return nil, usageError(cmd, "invalid --context-upload %q: use auto, manifest or tar", f.contextUpload)
 	}
-	st, err := os.Stat(dir)
-	if err != nil {
-		return nil, usageError(cmd, "build context %q: %v", dir, err)
+	kind := contextKind(dir)
+	switch kind {
+	case contextHTTP:
+		return nil, usageError(cmd, "build context %q: an HTTP(S) tarball URL as the context is not supported yet; download it and give the file (kiln build ctx.tar.gz), or give a git URL ending in .git", dir)
+	case contextDir:
+		st, err := os.Stat(dir)
+		if err != nil {
+			return nil, usageError(cmd, "build context %q: %v", dir, err)
+		}
+		switch {
+		case st.IsDir():
+		case st.Mode().IsRegular():
+			ok, err := fileIsArchive(dir)
+			if err != nil {
+				return nil, usageError(cmd, "build context %q: %v", dir, err)
+			}
+			if !ok {
+				return nil, usageError(cmd, "build context %q is a file but not a tar (plain, gzip or zstd): give a directory, a tar, a git URL or - (a Dockerfile or a tar on standard input)", dir)
+			}
+			kind = contextTarFile
+		default:
+			return nil, usageError(cmd, "build context %q is not a directory or a tar file", dir)
+		}
 	}
-	if !st.IsDir() {
-		return nil, usageError(cmd, "build context %q is not a directory", dir)
+	if kind != contextDir && f.contextUpload == contextUploadManifest {
+		return nil, usageError(cmd, "--context-upload=manifest sends a context directory by content; %q is not a directory", dir)
 	}
-	form := &buildForm{dir: dir, contextUpload: f.contextUpload}
+	form := &buildForm{contextUpload: f.contextUpload, kind: kind}
+	if kind == contextDir {
+		form.dir = dir
+	}
 	add := func(name, value string) { form.fields = append(form.fields, formField{name, value}) }
 
 	for _, t := range f.tags {
@@ -267,12 +309,18 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 		}
 	}
 	form.quiet, form.iidFile, form.metadataFile, form.detach = f.quiet, f.iidFile, f.metadataFile, f.detach
-
-	dfPath, inline, err := resolveDockerfile(dir, f.file, stdin)
-	if err != nil {
-		return nil, usageError(cmd, "%v", err)
+	if !f.detach {
+		// The server cancels an attached build whose client went away.
+		add("attach", "true")
 	}
-	if inline != nil {
+
+	if kind != contextDir {
+		if err := f.otherContext(form, dir, stdin, add); err != nil {
+			return nil, usageError(cmd, "%v", err)
+		}
+	} else if dfPath, inline, err := resolveDockerfile(dir, f.file, stdin); err != nil {
+		return nil, usageError(cmd, "%v", err)
+	} else if inline != nil {
 		add("dockerfile", string(inline))
 		// Pack always includes the Dockerfile it is given; an inline one is
 		// not part of the context, so hand it a path outside the context.
@@ -389,6 +437,68 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 		return nil, usageError(cmd, "%v", err)
 	}
 	return form, nil
+}
+
+// otherContext sets up a context kiln does not pack: a Dockerfile or a
+// tar on stdin, a tar file, or a git URL. -f names the Dockerfile inside
+// a tar or a repository, or "-" reads it from stdin.
+func (f *buildFlags) otherContext(form *buildForm, arg string, stdin io.Reader, add func(name, value string)) error {
+	readInline := func(r io.Reader, what string) error {
+		b, err := io.ReadAll(io.LimitReader(r, maxInlineDockerfile+1))
+		if err != nil {
+			return fmt.Errorf("read Dockerfile from %s: %w", what, err)
+		}
+		if len(b) > maxInlineDockerfile {
+			return fmt.Errorf("the Dockerfile on %s is larger than %s", what, humanSize(maxInlineDockerfile))
+		}
+		if len(bytes.TrimSpace(b)) == 0 {
+			return fmt.Errorf("standard input is empty: pipe a Dockerfile (kiln build - < Dockerfile) or a tar of the context (kiln build - < ctx.tar.gz)")
+		}
+		add("dockerfile", string(b))
+		return nil
+	}
+	inside := func() error {
+		if f.file == "" {
+			return nil
+		}
+		p, err := dockerfileInContext(f.file)
+		if err != nil {
+			return err
+		}
+		add("dockerfile_path", p)
+		return nil
+	}
+	switch form.kind {
+	case contextStdin:
+		if f.file == "-" {
+			return errors.New("-f - and the context - both read standard input: give the Dockerfile on stdin with the context -, or the context as a directory, tar file or URL")
+		}
+		br, head, err := peekStdin(stdin)
+		if err != nil {
+			return err
+		}
+		if isArchive(head) {
+			form.raw = &rawContext{name: "standard input", r: br}
+			return inside()
+		}
+		// A Dockerfile and no context, as docker build - does.
+		if f.file != "" {
+			return fmt.Errorf("-f %q: standard input holds the Dockerfile (it is not a tar), so there is no context for -f to look in; drop -f", f.file)
+		}
+		if err := readInline(br, "standard input"); err != nil {
+			return err
+		}
+		form.raw = &rawContext{name: "an empty context", r: bytes.NewReader(emptyTar())}
+		return nil
+	case contextTarFile:
+		form.raw = &rawContext{name: arg, path: arg}
+	case contextGit:
+		add("context_url", arg)
+	}
+	if f.file == "-" {
+		return readInline(stdin, "standard input")
+	}
+	return inside()
 }
 
 // wipe overwrites the secret values once they have been sent.

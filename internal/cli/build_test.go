@@ -114,6 +114,7 @@ func TestBuildUploadsFieldsSecretsAndContext(t *testing.T) {
 		"memory_mb":        {"2048"},
 		"disk_gb":          {"20"},
 		"timeout_seconds":  {"600"},
+		"attach":           {"true"}, // not --detach: the build ends with its client
 	}
 	if !reflect.DeepEqual(up.fields, want) {
 		t.Errorf("fields:\n got  %v\n want %v", up.fields, want)

@@ -86,6 +86,8 @@ type settings struct {
 	// cancelTimeout bounds the cancel request sent after Ctrl-C, when the
 	// command's own context is already gone.
 	cancelTimeout time.Duration
+	// completionTimeout bounds the server request of a shell completion.
+	completionTimeout time.Duration
 }
 
 var defaultSettings = settings{
@@ -96,11 +98,14 @@ var defaultSettings = settings{
 	idleTimeout:    45 * time.Second,
 	redraw:         100 * time.Millisecond,
 	cancelTimeout:  15 * time.Second,
+
+	completionTimeout: 2 * time.Second,
 }
 
 // Commands returns the client commands (build, builds, images, cache,
-// token, whoami, run, registry) for the kiln root command. Each carries the global --addr and
-// --token flags, because the root command belongs to cmd/kiln.
+// token, whoami, run, registry, context) for the kiln root command. Each
+// but context carries the global --addr and --token flags, because the
+// root command belongs to cmd/kiln.
 func Commands() []*cobra.Command { return newCommands(defaultSettings) }
 
 // Run executes a kiln client command line (args without the program name)
@@ -139,6 +144,11 @@ func newCommands(s settings) []*cobra.Command {
 	}
 	for _, c := range cmds {
 		g.addFlags(c)
+	}
+	installCompletions(g, cmds)
+	// context only edits the client config: no --addr or --token.
+	cmds = append(cmds, contextCommand(g))
+	for _, c := range cmds {
 		c.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 			return usageError(cmd, "%v", err)
 		})
@@ -160,8 +170,8 @@ const (
 
 func (g *globals) addFlags(c *cobra.Command) {
 	f := c.PersistentFlags()
-	f.StringVar(&g.addr, "addr", defaultAddr, "kiln server URL (env KILN_ADDR)")
-	f.StringVar(&g.token, "token", "", "kiln API token (env KILN_TOKEN; if neither is set, ./"+adminTokenRel+" is used when it exists)")
+	f.StringVar(&g.addr, "addr", "", "kiln server URL (env KILN_ADDR; default: the current context's, else "+defaultAddr+"; see kiln context)")
+	f.StringVar(&g.token, "token", "", "kiln API token (env KILN_TOKEN; default: the current context's token file, else ./"+adminTokenRel+" when it exists)")
 }
 
 // runE wraps a command body: it gives it a context canceled by SIGINT,
@@ -184,28 +194,46 @@ func (g *globals) runE(body func(ctx context.Context, cmd *cobra.Command, args [
 	}
 }
 
-// client builds an API client from --addr/--token and their fallbacks.
+// client builds an API client from --addr/--token and their fallbacks:
+// KILN_ADDR/KILN_TOKEN, the context (KILN_CONTEXT or the current one, see
+// config.go), the defaults.
 func (g *globals) client(cmd *cobra.Command) (*client, error) {
-	addr := g.addr
-	if !cmd.Flags().Changed("addr") {
-		if v, ok := os.LookupEnv("KILN_ADDR"); ok && v != "" {
-			addr = v
-		}
-	}
-	token, source := g.token, "--token"
-	if !cmd.Flags().Changed("token") || token == "" {
-		token, source = "", ""
-		if v, ok := os.LookupEnv("KILN_TOKEN"); ok && v != "" {
-			token, source = v, "KILN_TOKEN"
-		} else if b, err := os.ReadFile(adminTokenRel); err == nil {
-			token, source = strings.TrimSpace(string(b)), "./"+adminTokenRel
-		}
-	}
-	c, err := newClient(addr, token, source)
+	ep, err := g.endpoint(cmd)
 	if err != nil {
+		return nil, &exitError{code: exitUsage, err: err}
+	}
+	c, err := newClient(ep.Address, ep.Token, ep.TokenSource)
+	if err != nil {
+		if ep.AddressSource != "--addr" && ep.AddressSource != "KILN_ADDR" {
+			err = fmt.Errorf("%v; it comes from %s", err, ep.AddressSource)
+		}
 		return nil, usageError(cmd, "%v", err)
 	}
+	c.context = ep.Context
 	return c, nil
+}
+
+// endpoint resolves where requests go and with which token.
+func (g *globals) endpoint(cmd *cobra.Command) (*endpoint, error) {
+	var addr, token string
+	if f := cmd.Flags().Lookup("addr"); f != nil && f.Changed {
+		addr = g.addr
+	}
+	if f := cmd.Flags().Lookup("token"); f != nil && f.Changed {
+		token = g.token
+	}
+	return resolveEndpoint(addr, token)
+}
+
+// progressDefault is kiln build's --progress when the flag is not given:
+// the context's progress setting, or "" for the built-in default. A
+// broken config file is reported by g.client, not here.
+func (g *globals) progressDefault(cmd *cobra.Command) string {
+	ep, err := g.endpoint(cmd)
+	if err != nil {
+		return ""
+	}
+	return ep.Progress
 }
 
 // exactArgs is cobra.ExactArgs with a usage error and the argument names.

@@ -19,6 +19,7 @@ type client struct {
 	base        string // scheme://host[:port][/prefix], no trailing slash
 	token       string
 	tokenSource string // where the token came from, for error hints; "" if none
+	context     string // the context in use, "default" for none
 	http        *http.Client
 	api         *api.ClientWithResponses
 }
@@ -106,7 +107,11 @@ func (c *client) responseError(status int, body []byte) error {
 	}
 	if status == http.StatusUnauthorized {
 		if c.tokenSource == "" {
-			e.Message += " (no token given: pass --token, set KILN_TOKEN, or run from the directory holding " + adminTokenRel + ")"
+			if c.context != "" && c.context != defaultContext {
+				e.Message += " (no token given: context " + c.context + " has no token file; pass --token, set KILN_TOKEN, or recreate the context with --token-file)"
+			} else {
+				e.Message += " (no token given: pass --token, set KILN_TOKEN, use a context with a token file (kiln context create), or run from the directory holding " + adminTokenRel + ")"
+			}
 		} else {
 			e.Message += " (token from " + c.tokenSource + ")"
 		}

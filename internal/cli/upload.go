@@ -26,6 +26,20 @@ var errUploadStopped = errors.New("upload stopped")
 // form.contextUpload says: by content (only the files the server lacks) or
 // as one tar. In auto mode a server without a content store gets the tar.
 func upload(ctx context.Context, c *client, form *buildForm, mode string, stdout, stderr io.Writer) (*api.Build, error) {
+	switch {
+	case form.raw != nil:
+		return uploadRaw(ctx, c, form, mode, stdout)
+	case form.kind == contextGit:
+		// The server's builder fetches it: nothing to send but the fields.
+		resp, writeErr, doErr := sendForm(ctx, c, form, func(*multipart.Writer) error { return nil })
+		if resp != nil {
+			defer resp.Body.Close()
+		}
+		if err := submitError(ctx, c, "submit build", resp, writeErr, doErr); err != nil {
+			return nil, err
+		}
+		return decodeBuild(resp)
+	}
 	if form.contextUpload == contextUploadTar {
 		return uploadTar(ctx, c, form, mode, stdout, stderr)
 	}
@@ -70,6 +84,54 @@ func uploadTar(ctx context.Context, c *client, form *buildForm, mode string, std
 		fmt.Fprintf(stdout, "#0 sent build context: %d files, %s (%s compressed)\n", stats.Files, humanSize(stats.Bytes), humanSize(stats.Written))
 	}
 	return b, nil
+}
+
+// uploadRaw sends a context the user gave as a tar (on stdin or as a
+// file), or the empty one, in the "context" part as it is: the server
+// reads a tar, tar.gz or tar.zst and checks every entry.
+func uploadRaw(ctx context.Context, c *client, form *buildForm, mode string, stdout io.Writer) (*api.Build, error) {
+	r, closeRaw, err := form.raw.open()
+	if err != nil {
+		return nil, err
+	}
+	defer closeRaw()
+	cr := &rawCounter{r: r}
+	resp, writeErr, doErr := sendForm(ctx, c, form, func(mw *multipart.Writer) error {
+		h := textproto.MIMEHeader{}
+		h.Set("Content-Disposition", `form-data; name="context"; filename="context.tar"`)
+		h.Set("Content-Type", "application/octet-stream")
+		w, err := mw.CreatePart(h)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(w, cr)
+		return err
+	})
+	if resp != nil {
+		defer resp.Body.Close()
+	}
+	if err := submitError(ctx, c, "send build context "+form.raw.name, resp, writeErr, doErr); err != nil {
+		return nil, err
+	}
+	b, err := decodeBuild(resp)
+	if err != nil {
+		return nil, err
+	}
+	if mode == progressPlain {
+		fmt.Fprintf(stdout, "#0 sent build context from %s: %s\n", form.raw.name, humanSize(cr.n.Load()))
+	}
+	return b, nil
+}
+
+type rawCounter struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *rawCounter) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 // sendForm posts the build request as a multipart body produced on the fly:

@@ -94,6 +94,10 @@ type Config struct {
 	NetworkAllowed []string
 	// SSEHeartbeat is how often an idle event stream sends a comment.
 	SSEHeartbeat time.Duration
+	// BuildsClientGoneAfter cancels an attached build (one submitted with
+	// attach=true, as kiln build does without --detach) that has had no
+	// event stream open for this long; 0 disables.
+	BuildsClientGoneAfter time.Duration
 }
 
 type kind int
@@ -152,6 +156,7 @@ func (c *Config) settings() []setting {
 		{"cache.gc_reserved_percent", "10", "share of a cache volume BuildKit's GC always keeps", kInt, &c.GCReservedPercent},
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
+		{"builds.client_gone_after", "60s", "an attached build (submitted with attach=true, as kiln build does unless --detach) is canceled when no event stream has been open for it this long while it is queued or running: its client went away (0s: never; builds then outlive their client)", kDuration, &c.BuildsClientGoneAfter},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
 		{"dedup.trust_groups", "{}", "groups of tenants whose identical builds may answer each other's, e.g. {\"web\":[\"team-a\",\"team-b\"]}; otherwise dedup stays within a tenant, and builds using cache mounts always do", kObject, &c.DedupTrustGroups},
 		{"tenancy.shared", "base", "namespaces every tenant may pull from and only build:admin tokens write (e.g. base for base/busybox), comma-separated", kList, &c.TenancyShared},
@@ -395,6 +400,9 @@ func (c *Config) validate() error {
 	}
 	if c.VMUnresponsive < 5*time.Second {
 		return fmt.Errorf("vm.unresponsive (%s) must be at least 5s: a busy guest needs a moment to answer", c.VMUnresponsive)
+	}
+	if c.BuildsClientGoneAfter < 0 {
+		return fmt.Errorf("builds.client_gone_after must not be negative (0s turns it off)")
 	}
 	if c.DedupTTL < 0 {
 		return fmt.Errorf("dedup.ttl must not be negative")

@@ -221,6 +221,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		DedupTTL:          cfg.DedupTTL,
 		NetworkDefault:    cfg.NetworkDefault,
 		NetworkAllowed:    cfg.NetworkAllowed,
+		ClientGoneAfter:   cfg.BuildsClientGoneAfter,
 	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Contexts: contexts, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {
 		return err

@@ -55,6 +55,8 @@ var fieldLimits = map[string]struct {
 	"add_hosts":        {512, 64},
 	"shm_size":         {32, 1},
 	"ulimits":          {128, 32},
+	"context_url":      {8 << 10, 1},
+	"attach":           {16, 1},
 }
 
 // uploadSlot takes one of the caller's upload slots, or answers 429.
@@ -98,6 +100,10 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	req := builds.Request{Secrets: map[string][]byte{}}
+	// attach: the client follows the build and wants it canceled when it
+	// goes away (see builds.Service.Attach); without it the build runs
+	// regardless of watchers.
+	attach := false
 	counts := map[string]int{}
 	budget := int64(maxFieldsBytes)
 	for {
@@ -157,6 +163,15 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			budget -= int64(len(v))
+			if name == "attach" {
+				b, e := strconv.ParseBool(strings.TrimSpace(string(v)))
+				if e != nil {
+					writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("field attach: %s is not true or false", errdefs.Quote(string(v))))
+					return
+				}
+				attach = b
+				continue
+			}
 			if err := setField(&req, name, string(v)); err != nil {
 				writeError(w, http.StatusBadRequest, "bad_request", err.Error())
 				return
@@ -169,6 +184,9 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	submitted = true
+	if attach && !store.Terminal(b.Status) {
+		s.builds.Attach(b.ID)
+	}
 	writeJSON(w, http.StatusAccepted, s.apiBuild(r, b))
 }
 
@@ -252,6 +270,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.ShmSize = n
 	case "ulimits":
 		req.Ulimits = append(req.Ulimits, v)
+	case "context_url":
+		req.ContextURL = strings.TrimSpace(v)
 	}
 	return err
 }
@@ -558,4 +578,3 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler)
 	}
 }
-

@@ -19,6 +19,14 @@ type Request struct {
 	// contexts whose files' mtimes follow their content (kiln's do, see
 	// buildcontext.ContentTime); empty means a fresh transfer.
 	ContextKey string `json:"context_key,omitempty"`
+	// ContextURL, if set, is a git URL (remote#commit[:subdir]) BuildKit
+	// fetches as the build context in place of ContextDir, which is then
+	// ignored. The Dockerfile is DockerfileName inside it, unless
+	// InlineDockerfile says DockerfileDir holds it.
+	ContextURL string `json:"context_url,omitempty"`
+	// InlineDockerfile: with ContextURL, the Dockerfile is the one in
+	// DockerfileDir rather than the repository's.
+	InlineDockerfile bool `json:"inline_dockerfile,omitempty"`
 
 	BuildArgs map[string]string `json:"build_args,omitempty"`
 	Target    string            `json:"target,omitempty"`

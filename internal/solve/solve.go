@@ -102,7 +102,7 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 
 // solveOpt translates a Request into BuildKit's SolveOpt.
 func solveOpt(req Request) (client.SolveOpt, error) {
-	if req.ContextDir == "" {
+	if req.ContextDir == "" && req.ContextURL == "" {
 		return client.SolveOpt{}, errors.New("solve request: context dir is empty")
 	}
 	dockerfileDir := req.DockerfileDir
@@ -116,16 +116,38 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 	if filepath.IsAbs(dockerfileName) || strings.HasPrefix(filepath.Clean(dockerfileName), "..") {
 		return client.SolveOpt{}, fmt.Errorf("solve request: dockerfile name %q must be a path inside the dockerfile dir", dockerfileName)
 	}
-	contextFS, err := fsutil.NewFS(req.ContextDir)
-	if err != nil {
-		return client.SolveOpt{}, fmt.Errorf("solve request: open build context %s: %w", req.ContextDir, err)
-	}
-	dockerfileFS, err := fsutil.NewFS(dockerfileDir)
-	if err != nil {
-		return client.SolveOpt{}, fmt.Errorf("solve request: open dockerfile dir %s: %w", dockerfileDir, err)
-	}
-
 	attrs := map[string]string{"filename": dockerfileName}
+	locals := map[string]fsutil.FS{}
+	if req.ContextURL != "" {
+		// dockerfile.v0 fetches a git context itself (BuildKit's git
+		// source) and reads the Dockerfile from it, unless dockerfilekey
+		// points it at a local one.
+		if !strings.Contains(req.ContextURL, "#") {
+			return client.SolveOpt{}, fmt.Errorf("solve request: context URL %q is not pinned to a commit", req.ContextURL)
+		}
+		attrs["context"] = req.ContextURL
+		if req.InlineDockerfile {
+			if req.DockerfileDir == "" {
+				return client.SolveOpt{}, errors.New("solve request: an inline Dockerfile with a context URL needs its dockerfile dir")
+			}
+			dockerfileFS, err := fsutil.NewFS(req.DockerfileDir)
+			if err != nil {
+				return client.SolveOpt{}, fmt.Errorf("solve request: open dockerfile dir %s: %w", req.DockerfileDir, err)
+			}
+			locals["dockerfile"] = dockerfileFS
+			attrs["dockerfilekey"] = "dockerfile"
+		}
+	} else {
+		contextFS, err := fsutil.NewFS(req.ContextDir)
+		if err != nil {
+			return client.SolveOpt{}, fmt.Errorf("solve request: open build context %s: %w", req.ContextDir, err)
+		}
+		dockerfileFS, err := fsutil.NewFS(dockerfileDir)
+		if err != nil {
+			return client.SolveOpt{}, fmt.Errorf("solve request: open dockerfile dir %s: %w", dockerfileDir, err)
+		}
+		locals["context"], locals["dockerfile"] = contextFS, dockerfileFS
+	}
 	if req.Target != "" {
 		attrs["target"] = req.Target
 	}
@@ -169,10 +191,7 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		SharedKey:     key,
 		Frontend:      "dockerfile.v0",
 		FrontendAttrs: attrs,
-		LocalMounts: map[string]fsutil.FS{
-			"context":    contextFS,
-			"dockerfile": dockerfileFS,
-		},
+		LocalMounts:   locals,
 		Session: []session.Attachable{
 			secretsprovider.FromMap(req.Secrets),
 			newMemoryAuth(req.RegistryAuth),

@@ -79,6 +79,10 @@ type BuildOptions struct {
 	AddHosts    []string          `json:"add_hosts,omitempty"`
 	ShmSize     int64             `json:"shm_size,omitempty"`
 	Ulimits     []string          `json:"ulimits,omitempty"`
+	// ContextURL is a git context pinned to its commit
+	// (remote#commit[:subdir]); the builder fetches it, and the build has
+	// no context directory.
+	ContextURL string `json:"context_url,omitempty"`
 	// Bases are the build's base images from other registries, pinned
 	// at submission and served from kiln's mirror.
 	Bases []BasePin `json:"bases,omitempty"`

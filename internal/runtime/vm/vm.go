@@ -244,6 +244,11 @@ func (r *Runtime) guestJob(job runtime.Job) (guest.Job, int, error) {
 	if job.Volume == "" {
 		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s has no volume", job.BuildID)
 	}
+	if job.Solve.ContextURL != "" {
+		// A builder VM reaches only kiln's registry (and the egress proxy
+		// for RUN steps); its BuildKit has no route to a git host yet.
+		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s has a git context, which the vm runtime does not fetch yet; send the context as a tar", job.BuildID)
+	}
 	if fi, err := os.Stat(job.Volume); err != nil || !fi.Mode().IsRegular() {
 		return guest.Job{}, 0, fmt.Errorf("vm runtime: volume %s of build %s is not a regular file (an ext4 image)", job.Volume, job.BuildID)
 	}
