@@ -210,13 +210,20 @@ func (s *server) kilnSplit(token string, stdin io.Reader, args ...string) (stdou
 	cmd := exec.Command(kilnBinary(s.t), args...)
 	cmd.Env = append(os.Environ(), "KILN_ADDR=http://"+s.addr, "KILN_TOKEN="+token)
 	cmd.Stdin = stdin
+	return runSplit(s.t, cmd)
+}
+
+// runSplit runs cmd with its stdout and stderr apart and returns its exit
+// code; a command that cannot start fails the test.
+func runSplit(t testing.TB, cmd *exec.Cmd) (stdout, stderr string, code int) {
+	t.Helper()
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
 	err := cmd.Run()
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
 	} else if err != nil {
-		s.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return o.String(), e.String(), code
 }

@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -29,15 +28,7 @@ func kilnIn(t *testing.T, home string, env []string, args ...string) (stdout, st
 	cmd.Env = append(cmd.Env, "HOME="+home)
 	cmd.Env = append(cmd.Env, env...)
 	cmd.Dir = home
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return out.String(), errb.String(), code
+	return runSplit(t, cmd)
 }
 
 // Contexts through the real CLI against two real servers: once created

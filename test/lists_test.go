@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"os"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -13,22 +12,6 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 )
-
-// kilnStd runs the real CLI against s with stdout and stderr apart.
-func (s *server) kilnStd(token string, args ...string) (stdout, stderr string, code int) {
-	s.t.Helper()
-	cmd := exec.Command(kilnBinary(s.t), args...)
-	cmd.Env = append(os.Environ(), "KILN_ADDR=http://"+s.addr, "KILN_TOKEN="+token)
-	var out, errOut bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errOut
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		s.t.Fatal(err)
-	}
-	return out.String(), errOut.String(), code
-}
 
 // jsonLines decodes --format json output: one object per line.
 func jsonLines[T any](t *testing.T, out string) []T {
@@ -64,7 +47,7 @@ func TestListsThroughTheCLI(t *testing.T) {
 	}
 	kiln := func(args ...string) string {
 		t.Helper()
-		out, errOut, code := s.kilnStd(s.admin, args...)
+		out, errOut, code := s.kilnSplit(s.admin, nil, args...)
 		if code != 0 {
 			t.Fatalf("kiln %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
 		}
@@ -204,20 +187,20 @@ func TestListsThroughTheCLI(t *testing.T) {
 			t.Errorf("builds show %s:\n%s", ok.Id[:12], text)
 		}
 		// Every id starts with b: ambiguous, and the candidates are listed.
-		out, errOut, code := s.kilnStd(s.admin, "builds", "show", "b")
+		out, errOut, code := s.kilnSplit(s.admin, nil, "builds", "show", "b")
 		if code != 1 || !strings.Contains(errOut, "ambiguous") || !strings.Contains(errOut, ok.Id) || !strings.Contains(errOut, failed.Id) {
 			t.Errorf("an ambiguous prefix: exit %d\n%s%s", code, out, errOut)
 		}
 		// A tenant resolves only among its own builds.
 		other := s.token("lists-other", "lists-other", "build:read")
-		if _, errOut, code := s.kilnStd(other, "builds", "show", ok.Id[:12]); code != 1 || !strings.Contains(errOut, "no build") {
+		if _, errOut, code := s.kilnSplit(other, nil, "builds", "show", ok.Id[:12]); code != 1 || !strings.Contains(errOut, "no build") {
 			t.Errorf("another tenant resolves the admin's build: exit %d\n%s", code, errOut)
 		}
 	})
 
 	t.Run("logs and logs -f print the same lines; --tail", func(t *testing.T) {
 		plain := kiln("builds", "logs", ok.Id[:12])
-		followed, errOut, code := s.kilnStd(s.admin, "builds", "logs", "-f", ok.Id)
+		followed, errOut, code := s.kilnSplit(s.admin, nil, "builds", "logs", "-f", ok.Id)
 		if code != 0 || followed != plain {
 			t.Errorf("logs -f (exit %d) differs from logs:\n--- logs\n%s--- logs -f\n%s--- stderr\n%s", code, plain, followed, errOut)
 		}
@@ -230,7 +213,7 @@ func TestListsThroughTheCLI(t *testing.T) {
 		if got := kiln("builds", "logs", "--tail", "2", ok.Id); got != want {
 			t.Errorf("logs --tail 2: %q, want %q", got, want)
 		}
-		if got, _, _ := s.kilnStd(s.admin, "builds", "logs", "-f", "--tail", "2", ok.Id); got != want {
+		if got, _, _ := s.kilnSplit(s.admin, nil, "builds", "logs", "-f", "--tail", "2", ok.Id); got != want {
 			t.Errorf("logs -f --tail 2 of a finished build: %q, want %q", got, want)
 		}
 
@@ -244,7 +227,7 @@ func TestListsThroughTheCLI(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		followed, errOut, code = s.kilnStd(s.admin, "builds", "logs", "-f", "--tail", "1", run.Id)
+		followed, errOut, code = s.kilnSplit(s.admin, nil, "builds", "logs", "-f", "--tail", "1", run.Id)
 		final := s.logText(s.admin, run.Id)
 		if code != 0 || !strings.HasSuffix(final, followed) || !strings.Contains(followed, "| after-sleep\n") {
 			t.Errorf("logs -f --tail 1 of a running build (exit %d):\n%s--- stderr\n%s--- the whole log\n%s", code, followed, errOut, final)
@@ -260,7 +243,7 @@ func TestListsThroughTheCLI(t *testing.T) {
 func TestVersionClientAndServer(t *testing.T) {
 	s := startServer(t)
 	tok := s.token("reader", "reader", "build:read")
-	out, errOut, code := s.kilnStd(tok, "version")
+	out, errOut, code := s.kilnSplit(tok, nil, "version")
 	if code != 0 {
 		t.Fatalf("kiln version: exit %d\n%s%s", code, out, errOut)
 	}
@@ -280,7 +263,7 @@ func TestVersionClientAndServer(t *testing.T) {
 		t.Errorf("the server section lacks the runtime:\n%s", out)
 	}
 
-	out, _, code = s.kilnStd(tok, "version", "--format", "json")
+	out, _, code = s.kilnSplit(tok, nil, "version", "--format", "json")
 	var v struct {
 		Client struct{ Version, BuildKit string }
 		Server *api.ServerVersion
@@ -294,7 +277,7 @@ func TestVersionClientAndServer(t *testing.T) {
 	if v.Server.Runtime == "vm" && v.Server.BuilderImage == nil {
 		t.Errorf("the vm runtime reports no builder image: %+v", *v.Server)
 	}
-	if got, _, _ := s.kilnStd(tok, "version", "--format", "{{.server.buildkit}}"); strings.TrimSpace(got) != v.Server.Buildkit {
+	if got, _, _ := s.kilnSplit(tok, nil, "version", "--format", "{{.server.buildkit}}"); strings.TrimSpace(got) != v.Server.Buildkit {
 		t.Errorf("version template: %q", got)
 	}
 
