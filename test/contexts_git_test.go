@@ -1,20 +1,15 @@
 package test
 
 import (
-	"archive/tar"
 	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http/cgi"
-	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -22,28 +17,12 @@ import (
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
-// kilnIO runs the CLI with stdin, keeping stdout and stderr apart.
-func (s *server) kilnIO(token string, stdin io.Reader, args ...string) (stdout, stderr string, code int) {
-	s.t.Helper()
-	cmd := exec.Command(kilnBinary(s.t), args...)
-	cmd.Env = append(os.Environ(), "KILN_ADDR=http://"+s.addr, "KILN_TOKEN="+token)
-	var out, errb bytes.Buffer
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, &out, &errb
-	err := cmd.Run()
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		s.t.Fatal(err)
-	}
-	return out.String(), errb.String(), code
-}
-
 // buildMeta runs kiln build with a metadata file and returns the build.
 func (s *server) buildMeta(token string, stdin io.Reader, args ...string) (api.Build, string) {
 	s.t.Helper()
 	meta := filepath.Join(s.t.TempDir(), "meta.json")
 	args = append([]string{"build", "--progress", "plain", "--metadata-file", meta}, args...)
-	_, stderr, code := s.kilnIO(token, stdin, args...)
+	_, stderr, code := s.kilnSplit(token, stdin, args...)
 	if code != 0 {
 		s.t.Fatalf("kiln %s: exit %d\n%s", strings.Join(args, " "), code, stderr)
 	}
@@ -79,7 +58,7 @@ func TestBuildContextStdinDockerfile(t *testing.T) {
 	// docker build - < Dockerfile: the Dockerfile alone, an empty context.
 	out := t.TempDir()
 	df := fmt.Sprintf("FROM %s\nCOPY . /ctx/\nRUN echo from-stdin > /hello && ls -A /ctx | wc -l > /count\n", base)
-	_, stderr, code := s.kilnIO(tok, strings.NewReader(df), "build", "--progress", "plain", "-o", "type=local,dest="+out, "-")
+	_, stderr, code := s.kilnSplit(tok, strings.NewReader(df), "build", "--progress", "plain", "-o", "type=local,dest="+out, "-")
 	if code != 0 {
 		t.Fatalf("kiln build - < Dockerfile: exit %d\n%s", code, stderr)
 	}
@@ -91,26 +70,12 @@ func TestBuildContextStdinDockerfile(t *testing.T) {
 	}
 
 	// Nothing on stdin, or -f with a Dockerfile on stdin: usage errors.
-	if _, stderr, code := s.kilnIO(tok, strings.NewReader(""), "build", "-"); code != 2 || !strings.Contains(stderr, "standard input is empty") {
+	if _, stderr, code := s.kilnSplit(tok, strings.NewReader(""), "build", "-"); code != 2 || !strings.Contains(stderr, "standard input is empty") {
 		t.Errorf("kiln build - with empty stdin: exit %d, want 2 and a message\n%s", code, stderr)
 	}
-	if _, stderr, code := s.kilnIO(tok, strings.NewReader(df), "build", "-f", "-", "-"); code != 2 || !strings.Contains(stderr, "both read standard input") {
+	if _, stderr, code := s.kilnSplit(tok, strings.NewReader(df), "build", "-f", "-", "-"); code != 2 || !strings.Contains(stderr, "both read standard input") {
 		t.Errorf("kiln build -f - -: exit %d, want 2\n%s", code, stderr)
 	}
-}
-
-func tarBytes(t *testing.T, files map[string]string) []byte {
-	t.Helper()
-	var b bytes.Buffer
-	tw := tar.NewWriter(&b)
-	for name, body := range files {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg, ModTime: time.Unix(1700000000, 0)}); err != nil {
-			t.Fatal(err)
-		}
-		tw.Write([]byte(body))
-	}
-	tw.Close()
-	return b.Bytes()
 }
 
 func TestBuildContextTar(t *testing.T) {
@@ -122,7 +87,7 @@ func TestBuildContextTar(t *testing.T) {
 		"docker/alt.Dockerfile": fmt.Sprintf("FROM %s\nCOPY hello.txt /ctx/\nRUN echo alt > /which\n", base),
 		"hello.txt":             "hello from the tar",
 	}
-	plain := tarBytes(t, files)
+	plain := tarOf(t, files, nil)
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
 	zw.Write(plain)
@@ -148,12 +113,12 @@ func TestBuildContextTar(t *testing.T) {
 		data []byte
 	}{{"tar", plain}, {"tar.gz", gz.Bytes()}, {"tar.zst", zst}} {
 		out := t.TempDir()
-		if _, stderr, code := s.kilnIO(tok, bytes.NewReader(c.data), "build", "--progress", "plain", "-o", "type=local,dest="+out, "-"); code != 0 {
+		if _, stderr, code := s.kilnSplit(tok, bytes.NewReader(c.data), "build", "--progress", "plain", "-o", "type=local,dest="+out, "-"); code != 0 {
 			t.Fatalf("kiln build - < ctx.%s: exit %d\n%s", c.name, code, stderr)
 		}
 		check("stdin "+c.name, out, "main")
 		out = t.TempDir()
-		if _, stderr, code := s.kilnIO(tok, bytes.NewReader(c.data), "build", "--progress", "plain", "-f", "docker/alt.Dockerfile", "-o", "type=local,dest="+out, "-"); code != 0 {
+		if _, stderr, code := s.kilnSplit(tok, bytes.NewReader(c.data), "build", "--progress", "plain", "-f", "docker/alt.Dockerfile", "-o", "type=local,dest="+out, "-"); code != 0 {
 			t.Fatalf("kiln build -f docker/alt.Dockerfile - < ctx.%s: exit %d\n%s", c.name, code, stderr)
 		}
 		check("stdin "+c.name+" -f", out, "alt")
@@ -163,13 +128,13 @@ func TestBuildContextTar(t *testing.T) {
 	file := filepath.Join(t.TempDir(), "ctx.tar.gz")
 	os.WriteFile(file, gz.Bytes(), 0o644)
 	out := t.TempDir()
-	if _, stderr, code := s.kilnIO(tok, nil, "build", "--progress", "plain", "-o", "type=local,dest="+out, file); code != 0 {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", "--progress", "plain", "-o", "type=local,dest="+out, file); code != 0 {
 		t.Fatalf("kiln build ctx.tar.gz: exit %d\n%s", code, stderr)
 	}
 	check("file", out, "main")
 	out = t.TempDir()
 	stdinDF := fmt.Sprintf("FROM %s\nCOPY hello.txt /ctx/\nRUN echo stdin > /which\n", base)
-	if _, stderr, code := s.kilnIO(tok, strings.NewReader(stdinDF), "build", "--progress", "plain", "-f", "-", "-o", "type=local,dest="+out, file); code != 0 {
+	if _, stderr, code := s.kilnSplit(tok, strings.NewReader(stdinDF), "build", "--progress", "plain", "-f", "-", "-o", "type=local,dest="+out, file); code != 0 {
 		t.Fatalf("kiln build -f - ctx.tar.gz: exit %d\n%s", code, stderr)
 	}
 	check("file -f -", out, "stdin")
@@ -177,44 +142,13 @@ func TestBuildContextTar(t *testing.T) {
 	// A file that is not a tar is refused before anything is sent.
 	notTar := filepath.Join(t.TempDir(), "notes.txt")
 	os.WriteFile(notTar, []byte("just text\n"), 0o644)
-	if _, stderr, code := s.kilnIO(tok, nil, "build", notTar); code != 2 || !strings.Contains(stderr, "not a tar") {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", notTar); code != 2 || !strings.Contains(stderr, "not a tar") {
 		t.Errorf("kiln build notes.txt: exit %d, want 2\n%s", code, stderr)
 	}
 	// An -f outside the tar is refused.
-	if _, stderr, code := s.kilnIO(tok, nil, "build", "-f", "../Dockerfile", file); code != 2 {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", "-f", "../Dockerfile", file); code != 2 {
 		t.Errorf("kiln build -f ../Dockerfile ctx.tar.gz: exit %d, want 2\n%s", code, stderr)
 	}
-}
-
-// gitServer serves the repositories under root over git's smart HTTP
-// protocol (git http-backend behind net/http/cgi) on loopback.
-func gitServer(t *testing.T, root string) string {
-	t.Helper()
-	gitPath, err := exec.LookPath("git")
-	if err != nil {
-		t.Skip("git is not installed")
-	}
-	h := &cgi.Handler{
-		Path: gitPath,
-		Args: []string{"http-backend"},
-		Env:  []string{"GIT_PROJECT_ROOT=" + root, "GIT_HTTP_EXPORT_ALL=1"},
-	}
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
-	return srv.URL
-}
-
-func git(t *testing.T, dir string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command("git", args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GIT_AUTHOR_NAME=kiln", "GIT_AUTHOR_EMAIL=kiln@example.com",
-		"GIT_COMMITTER_NAME=kiln", "GIT_COMMITTER_EMAIL=kiln@example.com", "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return strings.TrimSpace(string(out))
 }
 
 func TestBuildContextGit(t *testing.T) {
@@ -224,18 +158,18 @@ func TestBuildContextGit(t *testing.T) {
 
 	root := t.TempDir()
 	repo := filepath.Join(root, "app.git")
-	git(t, root, "init", "-q", "-b", "main", repo)
+	testkit.Git(t, root, "init", "-q", "-b", "main", repo)
 	testkit.WriteFiles(t, repo, map[string]string{
 		"README":                    "not in the context",
 		"svc/Dockerfile":            fmt.Sprintf("FROM %s\nCOPY . /ctx/\nRUN echo git > /which\n", base),
 		"svc/hello.txt":             "v1",
 		"svc/docker/alt.Dockerfile": fmt.Sprintf("FROM %s\nCOPY hello.txt /ctx/\nRUN echo alt > /which\n", base),
 	})
-	git(t, repo, "add", ".")
-	git(t, repo, "commit", "-q", "-m", "v1")
-	git(t, repo, "tag", "-a", "v1", "-m", "v1")
-	c1 := git(t, repo, "rev-parse", "HEAD")
-	url := gitServer(t, root) + "/app.git"
+	testkit.Git(t, repo, "add", ".")
+	testkit.Git(t, repo, "commit", "-q", "-m", "v1")
+	testkit.Git(t, repo, "tag", "-a", "v1", "-m", "v1")
+	c1 := testkit.Git(t, repo, "rev-parse", "HEAD")
+	url := testkit.GitServer(t, root) + "/app.git"
 
 	// The subdirectory of the branch is the context; the CLI fetches
 	// nothing, the builder does.
@@ -286,7 +220,7 @@ func TestBuildContextGit(t *testing.T) {
 
 	// A new commit on main: a new input hash and the new files.
 	testkit.WriteFiles(t, repo, map[string]string{"svc/hello.txt": "v2"})
-	git(t, repo, "commit", "-q", "-am", "v2")
+	testkit.Git(t, repo, "commit", "-q", "-am", "v2")
 	out = t.TempDir()
 	s.buildMeta(tok, nil, "-o", "type=local,dest="+out, url+"#main:svc")
 	if third, _ := s.buildMeta(tok, strings.NewReader(inline), "-f", "-", url+"#main:svc"); third.DedupOf != nil || third.InputHash == nil || *third.InputHash == *pinned.InputHash {
@@ -312,14 +246,14 @@ func TestBuildContextGit(t *testing.T) {
 	}
 
 	// An unknown ref and an unreachable host are refused at submission.
-	if _, stderr, code := s.kilnIO(tok, nil, "build", url+"#no-such-branch"); code != 1 || !strings.Contains(stderr, "no branch or tag") {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", url+"#no-such-branch"); code != 1 || !strings.Contains(stderr, "no branch or tag") {
 		t.Errorf("unknown ref: exit %d\n%s", code, stderr)
 	}
-	if _, stderr, code := s.kilnIO(tok, nil, "build", "http://127.0.0.1:1/nothing.git"); code != 1 || !strings.Contains(stderr, "context_url") {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", "http://127.0.0.1:1/nothing.git"); code != 1 || !strings.Contains(stderr, "context_url") {
 		t.Errorf("unreachable git host: exit %d\n%s", code, stderr)
 	}
 	// An isolated build cannot fetch a git context.
-	if _, stderr, code := s.kilnIO(tok, nil, "build", "--network", "isolated", url+"#main:svc"); code != 1 || !strings.Contains(stderr, "isolated") {
+	if _, stderr, code := s.kilnSplit(tok, nil, "build", "--network", "isolated", url+"#main:svc"); code != 1 || !strings.Contains(stderr, "isolated") {
 		t.Errorf("isolated git build: exit %d\n%s", code, stderr)
 	}
 }

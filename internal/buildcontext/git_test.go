@@ -4,14 +4,14 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"net/http/cgi"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 func TestParseGitContext(t *testing.T) {
@@ -71,44 +71,25 @@ func TestPickRef(t *testing.T) {
 	}
 }
 
-func gitCmd(t *testing.T, dir string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command("git", args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GIT_AUTHOR_NAME=k", "GIT_AUTHOR_EMAIL=k@example.com",
-		"GIT_COMMITTER_NAME=k", "GIT_COMMITTER_EMAIL=k@example.com", "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("git %v: %v\n%s", args, err, out)
-	}
-	return strings.TrimSpace(string(out))
-}
-
 func TestResolveGit(t *testing.T) {
-	gitPath, err := exec.LookPath("git")
-	if err != nil {
-		t.Skip("no git")
-	}
 	root := t.TempDir()
 	repo := filepath.Join(root, "r.git")
-	gitCmd(t, root, "init", "-q", "-b", "main", repo)
+	testkit.Git(t, root, "init", "-q", "-b", "main", repo)
 	os.WriteFile(filepath.Join(repo, "f"), []byte("1"), 0o644)
-	gitCmd(t, repo, "add", ".")
-	gitCmd(t, repo, "commit", "-qm", "1")
-	gitCmd(t, repo, "tag", "-a", "v1", "-m", "v1")
-	c1 := gitCmd(t, repo, "rev-parse", "HEAD")
-	gitCmd(t, repo, "checkout", "-qb", "dev")
+	testkit.Git(t, repo, "add", ".")
+	testkit.Git(t, repo, "commit", "-qm", "1")
+	testkit.Git(t, repo, "tag", "-a", "v1", "-m", "v1")
+	c1 := testkit.Git(t, repo, "rev-parse", "HEAD")
+	testkit.Git(t, repo, "checkout", "-qb", "dev")
 	os.WriteFile(filepath.Join(repo, "f"), []byte("2"), 0o644)
-	gitCmd(t, repo, "commit", "-qam", "2")
-	c2 := gitCmd(t, repo, "rev-parse", "HEAD")
-	gitCmd(t, repo, "checkout", "-q", "main")
+	testkit.Git(t, repo, "commit", "-qam", "2")
+	c2 := testkit.Git(t, repo, "rev-parse", "HEAD")
+	testkit.Git(t, repo, "checkout", "-q", "main")
 
-	srv := httptest.NewServer(&cgi.Handler{Path: gitPath, Args: []string{"http-backend"},
-		Env: []string{"GIT_PROJECT_ROOT=" + root, "GIT_HTTP_EXPORT_ALL=1"}})
-	defer srv.Close()
+	url := testkit.GitServer(t, root)
 	ctx := context.Background()
 	for ref, want := range map[string]string{"": c1, "main": c1, "v1": c1, "dev": c2, c2: c2} {
-		g, err := ParseGitContext(srv.URL + "/r.git#" + ref + ":sub")
+		g, err := ParseGitContext(url + "/r.git#" + ref + ":sub")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -117,7 +98,7 @@ func TestResolveGit(t *testing.T) {
 			t.Errorf("ref %q: commit %q, %v; want %s", ref, g.Commit, err, want)
 		}
 	}
-	g, _ := ParseGitContext(srv.URL + "/r.git#nope")
+	g, _ := ParseGitContext(url + "/r.git#nope")
 	if _, err := ResolveGit(ctx, g, 10*time.Second); !errors.Is(err, ErrGitUnreachable) || !strings.Contains(err.Error(), "no branch or tag") {
 		t.Errorf("unknown ref: %v", err)
 	}
