@@ -164,11 +164,17 @@ type Build struct {
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
 
 	// BuilderReused The build ran on its scope's builder kept up from an earlier build (no boot
-	BuilderReused *bool     `json:"builder_reused,omitempty"`
-	CacheScope    string    `json:"cache_scope"`
-	ContextBytes  *int64    `json:"context_bytes,omitempty"`
-	Cpus          *int      `json:"cpus,omitempty"`
-	CreatedAt     time.Time `json:"created_at"`
+	BuilderReused *bool `json:"builder_reused,omitempty"`
+
+	// CacheFrom Registry caches the build imports.
+	CacheFrom  *[]string `json:"cache_from,omitempty"`
+	CacheScope string    `json:"cache_scope"`
+
+	// CacheTo The registry cache the build exports to.
+	CacheTo      *string   `json:"cache_to,omitempty"`
+	ContextBytes *int64    `json:"context_bytes,omitempty"`
+	Cpus         *int      `json:"cpus,omitempty"`
+	CreatedAt    time.Time `json:"created_at"`
 
 	// DedupOf The build whose result answered this one (identical inputs).
 	DedupOf    *string    `json:"dedup_of"`
@@ -182,12 +188,15 @@ type Build struct {
 	ImageDigest *string `json:"image_digest"`
 
 	// InputHash Hash of everything that determines the result; identical hashes share results. Null for builds that never deduplicate (secrets, no_cache, pull, unpinnable bases).
-	InputHash     *string     `json:"input_hash"`
-	MemoryMb      *int        `json:"memory_mb,omitempty"`
-	Network       *string     `json:"network,omitempty"`
-	NoCache       *bool       `json:"no_cache,omitempty"`
-	Phase         string      `json:"phase"`
-	Pull          *bool       `json:"pull,omitempty"`
+	InputHash *string `json:"input_hash"`
+	MemoryMb  *int    `json:"memory_mb,omitempty"`
+	Network   *string `json:"network,omitempty"`
+	NoCache   *bool   `json:"no_cache,omitempty"`
+	Phase     string  `json:"phase"`
+	Pull      *bool   `json:"pull,omitempty"`
+
+	// Pushed Names on other registries the result is pushed to as well (push).
+	Pushed        *[]string   `json:"pushed,omitempty"`
 	QueuePosition *int        `json:"queue_position"`
 	Runtime       string      `json:"runtime"`
 	StartedAt     *time.Time  `json:"started_at"`
@@ -229,8 +238,14 @@ type BuildRequest struct {
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`
 
+	// CacheFrom A registry cache to import, as buildx takes it: type=registry,ref=NAME or NAME alone; repeat the field (at most 8). NAME without a host (or with kiln's) is in kiln's registry, resolved like a tag, and must be readable by your tenant.
+	CacheFrom *[]string `json:"cache_from,omitempty"`
+
 	// CacheScope Optional; must equal the token's cache scope.
 	CacheScope *string `json:"cache_scope,omitempty"`
+
+	// CacheTo A registry cache to export: type=registry,ref=NAME[,mode=min|max] (mode default min). NAME in kiln's registry must be one your tenant may push to. Other types (inline, local, gha, s3) are refused: each cache scope already keeps its cache on its volume. A build with cache_to or an external push never deduplicates.
+	CacheTo *string `json:"cache_to,omitempty"`
 
 	// Context tar, tar.gz or tar.zst of the build context. Send it, or context_manifest.
 	Context *openapi_types.File `json:"context,omitempty"`
@@ -264,6 +279,12 @@ type BuildRequest struct {
 	Network *BuildRequestNetwork `json:"network,omitempty"`
 	NoCache *bool                `json:"no_cache,omitempty"`
 	Pull    *bool                `json:"pull,omitempty"`
+
+	// Push Lets tags name images on other registries (host[:port]/repo:tag, a host other than kiln's): the result is pushed there too, as with docker buildx build --push. Without it such a tag is refused. The result always lands in kiln's registry as well.
+	Push *bool `json:"push,omitempty"`
+
+	// RegistryAuth Credentials for the other registries the build reaches (push names, caches): a JSON object {"host:port": {"username": "u", "password": "p"}} (an identity token is a password with an empty username). Held in memory only, like secrets, and dropped for hosts the build does not name; a build holding them is not rerun after a server restart. The operator limits which registries builds may reach (registries.allowed); isolated builds reach none, and with allowed_domains the host must be listed.
+	RegistryAuth *openapi_types.File `json:"registry_auth,omitempty"`
 
 	// Secret One part per secret: part name "secret", its filename the secret
 	// id, its body the value (curl: -F 'secret=@token.txt;filename=npm').

@@ -77,3 +77,25 @@ func (p *Policy) Name(ctx context.Context, pr auth.Principal, name string) (repo
 	}
 	return repo, tag, nil
 }
+
+// ExternalHost reports the registry host a name names when it is not
+// kiln's own (ghcr.io/org/app:1, 10.0.0.5:5000/app): the image lives
+// elsewhere, and only a build's --push or cache may reach it. Names
+// without a host, or with kiln's, are kiln's and ok is false.
+func (p *Policy) ExternalHost(name string) (host string, ok bool) {
+	first, _, found := strings.Cut(name, "/")
+	if !found || !strings.ContainsAny(first, ".:") && first != "localhost" {
+		return "", false
+	}
+	if slices.Contains(p.own, first) {
+		return "", false
+	}
+	return first, true
+}
+
+// CanPull checks, by namespace alone, that pr's builds may read repo in
+// kiln's registry (a registry cache a build imports): its tenant's own,
+// the shared namespaces, or anything for an admin.
+func (p *Policy) CanPull(ctx context.Context, pr auth.Principal, repo string) error {
+	return p.namespace(ctx, pr, repo, Pull)
+}

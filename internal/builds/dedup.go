@@ -287,10 +287,11 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 
 // dedupEligible says whether a build may be answered from an earlier one:
 // never with secrets (the result may depend on them), no_cache or pull
-// (the user asked for fresh work), or a global cache export (the export
-// is the point of the build).
+// (the user asked for fresh work), or a cache export or a push to another
+// registry (the export or the push is the point of the build).
 func dedupEligible(o store.BuildOptions) bool {
-	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport
+	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport &&
+		len(o.ExternalPush) == 0 && o.CacheTo == nil
 }
 
 // findDedup returns the succeeded original build with input hash h that

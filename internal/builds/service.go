@@ -79,6 +79,12 @@ type Config struct {
 	NetworkAllowed []string
 	// CancelGrace is how long a cancel waits for the runtime to stop.
 	CancelGrace time.Duration
+	// ExternalRegistries are the registries other than kiln's that builds
+	// may push to and use as caches (host, host:port, *.domain, or *);
+	// InsecureRegistries those of them reached over plain HTTP besides
+	// loopback ones.
+	ExternalRegistries []string
+	InsecureRegistries []string
 	// ClientGoneAfter: an attached build (see Attach) with no event
 	// stream open for this long is canceled; 0 turns that off.
 	ClientGoneAfter time.Duration
@@ -102,7 +108,7 @@ type Service struct {
 	hub      *hub
 	slots    chan struct{}
 	metrics  *metrics
-	secrets  sync.Map // build id → map[string][]byte, memory only
+	secrets  sync.Map // build id → *attachment, memory only
 	activeMu sync.Mutex
 	active   map[string]*activeBuild
 	stopping atomic.Bool

@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
+	"github.com/kiln-build/kiln/internal/solve"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -155,6 +156,16 @@ type Request struct {
 	// ContextURL is a git URL the builder fetches as the context instead
 	// of an uploaded one (https://host/org/repo.git#ref:subdir).
 	ContextURL string
+	// Push lets Tags name images on other registries, which the result
+	// is pushed to as well (kiln build --push).
+	Push bool
+	// CacheFrom and CacheTo are registry caches as buildx takes them
+	// (type=registry,ref=NAME[,mode=max]).
+	CacheFrom []string
+	CacheTo   []string
+	// RegistryAuth are the submitter's credentials per registry host for
+	// the other registries the build reaches. Memory-only.
+	RegistryAuth map[string]solve.Credentials
 }
 
 // gitResolveTimeout bounds the host-side git ls-remote that pins a git
@@ -221,7 +232,11 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if u.git == nil {
 		opts.ContextKey = contextKey(scope, opts)
 	}
-	tags, err := s.nameTags(ctx, p, req.Tags)
+	kilnTags, creds, err := s.registries(ctx, p, &req, &opts)
+	if err != nil {
+		return Build{}, err
+	}
+	tags, err := s.nameTags(ctx, p, kilnTags)
 	if err != nil {
 		return Build{}, err
 	}
@@ -272,8 +287,8 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 			s.log.Info("dedup hit on a build whose image is gone from the registry; building", "original", orig.ID, "input_hash", b.InputHash)
 		}
 	}
-	if len(req.Secrets) > 0 {
-		s.secrets.Store(b.ID, req.Secrets)
+	if len(req.Secrets) > 0 || len(creds) > 0 {
+		s.secrets.Store(b.ID, &attachment{secrets: req.Secrets, registryAuth: creds})
 	}
 	err = s.db.InTx(ctx, func(tx *sql.Tx) error {
 		// Looked up in the transaction that records the build, so of

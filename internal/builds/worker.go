@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,7 +110,8 @@ func (s *Service) Stop(ctx context.Context) error {
 
 // recover makes every build a previous server process left unfinished
 // either queued again (under a new attempt) or failed with the reason.
-// Builds with secrets cannot be rerun: their secrets lived in memory only.
+// Builds with secrets or registry credentials cannot be rerun: those
+// lived in memory only.
 func (s *Service) recover(ctx context.Context) error {
 	builds, err := store.Unfinished(ctx, s.db.SQL)
 	if err != nil {
@@ -118,9 +120,9 @@ func (s *Service) recover(ctx context.Context) error {
 	keep := map[string]bool{}
 	for _, b := range builds {
 		was := b.Status
-		if len(b.Options.SecretIDs) > 0 {
+		if len(b.Options.SecretIDs) > 0 || len(b.Options.RegistryAuthHosts) > 0 {
 			if _, err := s.finish(b.ID, store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
-				Error: "the kiln server restarted before this build finished; its secrets were held only in memory and are gone, so it cannot be rerun: submit it again"}); err != nil {
+				Error: "the kiln server restarted before this build finished; its secrets and registry credentials were held only in memory and are gone, so it cannot be rerun: submit it again"}); err != nil {
 				return err
 			}
 			s.cleanup(b.ID)
@@ -196,10 +198,11 @@ func (s *Service) run(ctx context.Context, id string, attempt int) {
 // race to start).
 func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bool) {
 	id := b.ID
-	secrets, _ := s.secrets.Load(id)
-	if len(b.Options.SecretIDs) > 0 && secrets == nil {
+	att, _ := s.secrets.Load(id)
+	mem, _ := att.(*attachment)
+	if (len(b.Options.SecretIDs) > 0 || len(b.Options.RegistryAuthHosts) > 0) && mem == nil {
 		return store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
-			Error: "this build's secrets were held only in memory and are gone (the server restarted); submit it again"}, false
+			Error: "this build's secrets and registry credentials were held only in memory and are gone (the server restarted); submit it again"}, false
 	}
 
 	if b.Options.Follows != "" && s.awaitLeader(ctx, b) {
@@ -252,7 +255,7 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 		s.message(id, "using warm cache volume of scope %q", b.CacheScope)
 	}
 
-	job, err := s.job(b, vol, secrets)
+	job, err := s.job(b, vol, mem)
 	if err != nil {
 		return store.Outcome{Status: store.StatusFailed, Phase: "failed", Error: err.Error()}, true
 	}
@@ -327,7 +330,7 @@ func (s *Service) lease(ctx context.Context, b Build) (*builders.Lease, error) {
 }
 
 // job assembles the runtime's view of a build.
-func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, error) {
+func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.Job, error) {
 	host := s.cfg.RegistryHost
 	push := []string{host + "/" + canonicalName(b.ID)}
 	access := []auth.Access{
@@ -375,14 +378,34 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 			req.DockerfileDir = ""
 		}
 	}
-	if m, ok := secrets.(map[string][]byte); ok {
-		req.Secrets = m
+	insecure := []string{host}
+	for _, ref := range b.Options.ExternalPush {
+		req.Push = append(req.Push, ref)
+		insecure = s.addPlainHTTP(insecure, ref)
+	}
+	for _, c := range b.Options.CacheFrom {
+		req.CacheImports = append(req.CacheImports, c.Ref)
+		insecure = s.addPlainHTTP(insecure, c.Ref)
+	}
+	if c := b.Options.CacheTo; c != nil {
+		req.CacheExport, req.CacheExportMode = c.Ref, c.Mode
+		insecure = s.addPlainHTTP(insecure, c.Ref)
+		if c.KilnRepo != "" {
+			access = append(access, auth.Access{Repository: c.KilnRepo, Actions: []string{"pull", "push"}})
+		}
+	}
+	req.RegistryAuth = map[string]solve.Credentials{}
+	if mem != nil {
+		req.Secrets = mem.secrets
+		for h, c := range mem.registryAuth {
+			req.RegistryAuth[h] = c
+		}
 	}
 	if k := b.Options.GlobalCacheKey; k != "" {
 		ref := host + "/cache/global/" + k + ":cache"
-		req.CacheImports = []string{ref}
+		req.CacheImports = append(req.CacheImports, ref)
 		if b.Options.GlobalCacheExport && b.Options.Admin {
-			req.CacheExport = ref
+			req.CacheExport, req.CacheExportMode = ref, "max"
 			access = append(access, auth.Access{Repository: "cache/global/" + k, Actions: []string{"pull", "push"}})
 		}
 	}
@@ -392,7 +415,8 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 	if err != nil {
 		return runtime.Job{}, fmt.Errorf("mint the build's registry credentials: %w", err)
 	}
-	req.RegistryAuth = map[string]solve.Credentials{host: {Username: "kiln", Password: token.Token}}
+	// Set last: kiln's own registry only ever gets the build's token.
+	req.RegistryAuth[host] = solve.Credentials{Username: "kiln", Password: token.Token}
 	size := vol.Size()
 	return runtime.Job{
 		BuildID: b.ID,
@@ -402,12 +426,23 @@ func (s *Service) job(b Build, vol *cachevol.Volume, secrets any) (runtime.Job, 
 			ReservedSpace: strconv.FormatInt(size*int64(s.cfg.GCReservedPercent)/100, 10),
 			MaxUsedSpace:  strconv.FormatInt(size*int64(s.cfg.GCMaxUsedPercent)/100, 10),
 		},
-		InsecureRegistries: []string{host},
+		Registry:           host,
+		InsecureRegistries: insecure,
 		CPUs:               b.Options.CPUs,
 		MemoryMB:           b.Options.MemoryMB,
 		Network:            b.Options.Network,
 		AllowedDomains:     b.Options.AllowedDomains,
 	}, nil
+}
+
+// addPlainHTTP adds ref's registry to hosts when the builder reaches it
+// over plain HTTP.
+func (s *Service) addPlainHTTP(hosts []string, ref string) []string {
+	h, ok := s.policy.ExternalHost(ref)
+	if !ok || !s.plainHTTP(h) || slices.Contains(hosts, h) {
+		return hosts
+	}
+	return append(hosts, h)
 }
 
 // canonicalName is the name every build's result gets.

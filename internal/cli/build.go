@@ -19,6 +19,7 @@ import (
 
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/config"
+	"github.com/kiln-build/kiln/internal/dockerconfig"
 )
 
 // buildFlags are the flags of `kiln build`.
@@ -52,6 +53,9 @@ type buildFlags struct {
 	iidFile        string
 	metadataFile   string
 	detach         bool
+	push           bool
+	cacheFrom      []string
+	cacheTo        []string
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -80,6 +84,10 @@ type buildForm struct {
 	// travels in the context_url field with no context part.
 	kind string
 	raw  *rawContext
+	// registryRefs are the names and caches on registries, whose hosts
+	// may need the user's docker credentials (registryAuth, memory-only).
+	registryRefs []string
+	registryAuth map[string]dockerconfig.Credentials
 }
 
 // hasTag reports whether the user gave name as a tag, with or without
@@ -179,6 +187,9 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringArrayVar(&f.addHosts, "add-host", nil, "add HOST:IP to /etc/hosts of RUN steps; repeatable")
 	fl.StringVar(&f.shmSize, "shm-size", "", "size of /dev/shm for RUN steps, e.g. 128m")
 	fl.StringArrayVar(&f.ulimits, "ulimit", nil, "ulimit for RUN steps, NAME=SOFT[:HARD] (e.g. nofile=1024:2048); repeatable")
+	fl.BoolVar(&f.push, "push", false, "also push names on other registries (-t registry.example.com/app:1) there, with the credentials of your docker config (~/.docker/config.json, credential helpers); the result is always in kiln's registry")
+	fl.StringArrayVar(&f.cacheFrom, "cache-from", nil, "import a registry cache: type=registry,ref=NAME or NAME (kiln's registry, or another with your docker credentials); repeatable")
+	fl.StringArrayVar(&f.cacheTo, "cache-to", nil, "export the build cache to a registry: type=registry,ref=NAME[,mode=min|max]")
 	fl.BoolVar(&f.load, "load", false, "not supported: kiln has no local docker engine to load into")
 	fl.StringVar(&f.contextUpload, "context-upload", contextUploadAuto, "how the context is sent: manifest (only files the server does not have yet, found by content hash), tar (all of it, every time) or auto (manifest, or tar if the server has no context store)")
 	fl.StringArrayVarP(&f.outputs, "output", "o", nil, "also write the result: type=local,dest=DIR (its files; DIR alone means this), type=tar,dest=FILE|- (\"-\" alone means this), type=oci|docker,dest=FILE (an image tarball), type=image,name=NAME (another tag); repeatable")
@@ -191,6 +202,9 @@ be written), 2 for a usage error and 130 if interrupted.`,
 		defer form.wipe()
 		cl, err := g.client(cmd)
 		if err != nil {
+			return err
+		}
+		if err := form.loadRegistryAuth(ctx, cl.registryHost()); err != nil {
 			return err
 		}
 		// A write to a reader that went away cancels the build rather than
@@ -270,20 +284,24 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	}
 	add := func(name, value string) { form.fields = append(form.fields, formField{name, value}) }
 
+	push := f.push
 	for _, t := range f.tags {
 		if strings.TrimSpace(t) == "" {
 			return nil, usageError(cmd, "empty -t/--tag: give an image name like myapp:1.0")
 		}
 		add("tags", t)
+		form.registryRefs = append(form.registryRefs, t)
 	}
 	stdouts := 0
 	for _, v := range f.outputs {
-		o, names, err := parseOutput(v)
+		o, names, pushOut, err := parseOutput(v)
 		if err != nil {
 			return nil, usageError(cmd, "%v", err)
 		}
+		push = push || pushOut
 		for _, n := range names {
 			add("tags", n)
+			form.registryRefs = append(form.registryRefs, n)
 		}
 		if o != nil {
 			form.outputs = append(form.outputs, o)
@@ -291,6 +309,20 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 				stdouts++
 			}
 		}
+	}
+	if push {
+		add("push", "true")
+	}
+	for _, c := range f.cacheFrom {
+		add("cache_from", c)
+		form.registryRefs = append(form.registryRefs, cacheRefOf(c))
+	}
+	if len(f.cacheTo) > 1 {
+		return nil, usageError(cmd, "--cache-to is given %d times; a build exports one registry cache", len(f.cacheTo))
+	}
+	for _, c := range f.cacheTo {
+		add("cache_to", c)
+		form.registryRefs = append(form.registryRefs, cacheRefOf(c))
 	}
 	if stdouts > 1 {
 		return nil, usageError(cmd, "only one --output can write to standard output (dest=-)")
@@ -506,6 +538,56 @@ func (form *buildForm) wipe() {
 	for _, s := range form.secrets {
 		clear(s.value)
 	}
+	clear(form.registryAuth)
+}
+
+// cacheRefOf is the ref of a --cache-from/--cache-to value.
+func cacheRefOf(spec string) string {
+	if !strings.Contains(spec, "=") {
+		return spec
+	}
+	for _, kv := range strings.Split(spec, ",") {
+		if ref, ok := strings.CutPrefix(kv, "ref="); ok {
+			return ref
+		}
+	}
+	return ""
+}
+
+// loadRegistryAuth looks up, in the user's docker config, credentials for
+// every registry other than kiln's (at kilnHost) that the build's names
+// and caches are on, as buildx does. Registries without any are reached
+// anonymously; the server says so if that is refused.
+func (form *buildForm) loadRegistryAuth(ctx context.Context, kilnHost string) error {
+	var hosts []string
+	for _, ref := range form.registryRefs {
+		first, _, ok := strings.Cut(ref, "/")
+		if !ok || !strings.ContainsAny(first, ".:") && first != "localhost" || first == kilnHost || slices.Contains(hosts, first) {
+			continue
+		}
+		hosts = append(hosts, first)
+	}
+	if len(hosts) == 0 {
+		return nil
+	}
+	cfg, err := dockerconfig.Load()
+	if err != nil {
+		return fmt.Errorf("read registry credentials: %w", err)
+	}
+	for _, h := range hosts {
+		c, ok, err := cfg.Credentials(ctx, h)
+		if err != nil {
+			return fmt.Errorf("registry credentials for %s: %w", h, err)
+		}
+		if !ok {
+			continue
+		}
+		if form.registryAuth == nil {
+			form.registryAuth = map[string]dockerconfig.Credentials{}
+		}
+		form.registryAuth[h] = c
+	}
+	return nil
 }
 
 // resolveDockerfile decides how the Dockerfile travels: as a path inside

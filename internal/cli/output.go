@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"strconv"
 	"strings"
 
 	"github.com/kiln-build/kiln/api"
@@ -25,19 +26,18 @@ type output struct {
 // "type=image|registry[,name=NAME...]" (names become tags), or a bare DIR
 // (local) or "-" (a tar on stdout). It returns extra tags for image
 // outputs.
-func parseOutput(v string) (*output, []string, error) {
+func parseOutput(v string) (o *output, names []string, push bool, err error) {
 	if v == "-" {
-		return &output{typ: "tar", dest: "-"}, nil, nil
+		return &output{typ: "tar", dest: "-"}, nil, false, nil
 	}
 	if !strings.Contains(v, "=") {
-		return &output{typ: "local", dest: v}, nil, nil
+		return &output{typ: "local", dest: v}, nil, false, nil
 	}
-	o := &output{}
-	var names []string
+	o = &output{}
 	for _, kv := range strings.Split(v, ",") {
 		k, val, ok := strings.Cut(kv, "=")
 		if !ok {
-			return nil, nil, fmt.Errorf("--output %q: %q is not key=value", v, kv)
+			return nil, nil, false, fmt.Errorf("--output %q: %q is not key=value", v, kv)
 		}
 		switch k {
 		case "type":
@@ -47,36 +47,41 @@ func parseOutput(v string) (*output, []string, error) {
 		case "name":
 			names = append(names, val)
 		case "push":
-			// kiln always pushes into its own registry.
+			// kiln always pushes into its own registry; push=true also
+			// pushes names on other registries there.
+			if push, err = strconv.ParseBool(val); err != nil {
+				return nil, nil, false, fmt.Errorf("--output %q: push=%q is not true or false", v, val)
+			}
 		default:
-			return nil, nil, fmt.Errorf("--output %q: unknown key %q (kiln takes type, dest, name)", v, k)
+			return nil, nil, false, fmt.Errorf("--output %q: unknown key %q (kiln takes type, dest, name, push)", v, k)
 		}
 	}
 	switch o.typ {
 	case "image", "registry":
 		if o.dest != "" {
-			return nil, nil, fmt.Errorf("--output %q: an image output goes to kiln's registry and takes name=, not dest=", v)
+			return nil, nil, false, fmt.Errorf("--output %q: an image output goes to kiln's registry and takes name=, not dest=", v)
 		}
-		return nil, names, nil
+		// type=registry is type=image,push=true, as in buildx.
+		return nil, names, push || o.typ == "registry", nil
 	case "local", "tar", "oci", "docker":
 	case "":
-		return nil, nil, fmt.Errorf("--output %q: say which type= (local, tar, oci, docker, image)", v)
+		return nil, nil, false, fmt.Errorf("--output %q: say which type= (local, tar, oci, docker, image)", v)
 	default:
-		return nil, nil, fmt.Errorf("--output %q: type %q is unknown: use local, tar, oci, docker or image", v, o.typ)
+		return nil, nil, false, fmt.Errorf("--output %q: type %q is unknown: use local, tar, oci, docker or image", v, o.typ)
 	}
 	if len(names) > 0 {
-		return nil, nil, fmt.Errorf("--output %q: name= is for type=image", v)
+		return nil, nil, false, fmt.Errorf("--output %q: name= is for type=image", v)
 	}
 	if o.dest == "" {
-		return nil, nil, fmt.Errorf("--output %q: needs dest= (a directory for local, a file or - for the others)", v)
+		return nil, nil, false, fmt.Errorf("--output %q: needs dest= (a directory for local, a file or - for the others)", v)
 	}
 	if o.typ == "local" && o.dest == "-" {
-		return nil, nil, fmt.Errorf("--output %q: a local output needs a directory; use type=tar,dest=- for stdout", v)
+		return nil, nil, false, fmt.Errorf("--output %q: a local output needs a directory; use type=tar,dest=- for stdout", v)
 	}
 	if o.typ == "docker" {
 		o.typ = "oci"
 	}
-	return o, names, nil
+	return o, names, false, nil
 }
 
 // fetchOutput downloads build id's output and writes it where o says.

@@ -114,6 +114,9 @@ func (c *client) imageNames(ctx context.Context, b *api.Build) []string {
 		}
 		out = append(out, full)
 	}
+	if b.Pushed != nil {
+		out = append(out, *b.Pushed...)
+	}
 	return out
 }
 

@@ -218,6 +218,31 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 			return err
 		}
 	}
+	if len(form.registryAuth) > 0 {
+		type cred struct {
+			Username string `json:"username"`
+			Password string `json:"password"`
+		}
+		m := map[string]cred{}
+		for h, c := range form.registryAuth {
+			m[h] = cred{c.Username, c.Password}
+		}
+		b, err := json.Marshal(m)
+		if err != nil {
+			return err
+		}
+		defer clear(b)
+		h := textproto.MIMEHeader{}
+		h.Set("Content-Disposition", `form-data; name="registry_auth"; filename="registry_auth.json"`)
+		h.Set("Content-Type", "application/json")
+		w, err := mw.CreatePart(h)
+		if err != nil {
+			return err
+		}
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -92,6 +92,11 @@ type Config struct {
 
 	NetworkDefault string
 	NetworkAllowed []string
+	// RegistriesAllowed are the registries other than kiln's builds may
+	// push to and use as caches; RegistriesInsecure those reached over
+	// plain HTTP (loopback ones always are).
+	RegistriesAllowed  []string
+	RegistriesInsecure []string
 	// SSEHeartbeat is how often an idle event stream sends a comment.
 	SSEHeartbeat time.Duration
 	// BuildsClientGoneAfter cancels an attached build (one submitted with
@@ -174,6 +179,8 @@ func (c *Config) settings() []setting {
 		{"mirror.endpoints", "{}", "upstream host → URL contacted instead, e.g. {\"docker.io\":\"https://dockerhub-cache.internal\"}", kObject, &c.MirrorEndpoints},
 		{"network.default", "egress", "network mode of builds that ask for none: egress or isolated", kString, &c.NetworkDefault},
 		{"network.allowed", "egress,isolated", "network modes builds may ask for (others get 403), comma-separated", kList, &c.NetworkAllowed},
+		{"registries.allowed", "*", "registries other than kiln's that builds may push to (kiln build --push) and import or export caches from (--cache-from/--cache-to), with the submitter's credentials: host, host:port or *.domain, comma-separated; * for any, empty for none", kList, &c.RegistriesAllowed},
+		{"registries.insecure", "", "registries other than kiln's that builders reach over plain HTTP (loopback ones always are), comma-separated host:port", kList, &c.RegistriesInsecure},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}
 }

@@ -107,6 +107,9 @@ func (s *Service) Convert(digest string) {
 		start := time.Now()
 		a, err := s.conv.Ensure(s.ctx, digest)
 		switch {
+		case errors.Is(err, rootfs.ErrUnconvertible):
+			// A registry cache or another artifact: nothing boots it.
+			s.log.Info("no root filesystem for a manifest that is not a runnable image", "digest", digest, "reason", err)
 		case err != nil && s.ctx.Err() == nil:
 			s.log.Warn("convert image to a root filesystem", "digest", digest, "err", err)
 		case err == nil:

@@ -27,8 +27,16 @@ type Job struct {
 	// GC bounds BuildKit's garbage collection to the volume.
 	GC GCPolicy
 
+	// Registry is kiln's own registry (host:port): bases, build results
+	// and kiln's caches live there. Every other registry host the job
+	// names (a push with --push, a registry cache, a docker-image://
+	// context) is external: the builder reaches it directly, with the
+	// job's RegistryAuth, as the build's network policy allowed at
+	// submission.
+	Registry string
 	// InsecureRegistries are hosts reached over plain HTTP (kiln's own
-	// embedded registry on loopback).
+	// embedded registry on loopback, and those the operator listed in
+	// registries.insecure).
 	InsecureRegistries []string
 
 	CPUs     int

@@ -15,12 +15,15 @@ import (
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/errdefs"
+	"github.com/kiln-build/kiln/internal/solve"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
 const (
 	maxSecretBytes = 64 << 10 // one secret
 	maxSecrets     = 100
+	// maxRegistryAuthBytes bounds the registry_auth part.
+	maxRegistryAuthBytes = 256 << 10
 	// maxFieldsBytes bounds all plain fields of one submission together,
 	// counted as they stream, so no combination of fields can make the
 	// server hold more.
@@ -56,6 +59,9 @@ var fieldLimits = map[string]struct {
 	"shm_size":         {32, 1},
 	"ulimits":          {128, 32},
 	"context_url":      {8 << 10, 1},
+	"push":             {16, 1},
+	"cache_from":       {2048, 8},
+	"cache_to":         {2048, 1},
 	"attach":           {16, 1},
 }
 
@@ -147,6 +153,21 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			req.Secrets[id] = v
+		case "registry_auth":
+			if req.RegistryAuth != nil {
+				writeError(w, http.StatusBadRequest, "bad_request", "registry_auth is sent twice; send one JSON object with every registry")
+				return
+			}
+			v, err := readLimited(part, maxRegistryAuthBytes)
+			if err == nil {
+				req.RegistryAuth, err = parseRegistryAuth(v)
+			}
+			clear(v)
+			if err != nil {
+				// Never the value: it holds passwords.
+				writeError(w, http.StatusBadRequest, "bad_request", "registry_auth: "+err.Error())
+				return
+			}
 		default:
 			lim, ok := fieldLimits[name]
 			if !ok {
@@ -188,6 +209,26 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 		s.builds.Attach(b.ID)
 	}
 	writeJSON(w, http.StatusAccepted, s.apiBuild(r, b))
+}
+
+// parseRegistryAuth reads {"host": {"username": "u", "password": "p"}}.
+// Its errors never quote the input.
+func parseRegistryAuth(v []byte) (map[string]solve.Credentials, error) {
+	var m map[string]struct {
+		Username string `json:"username"`
+		Password string `json:"password"`
+	}
+	if err := json.Unmarshal(v, &m); err != nil {
+		return nil, errors.New(`not a JSON object of {"registry-host": {"username": "...", "password": "..."}}`)
+	}
+	out := make(map[string]solve.Credentials, len(m))
+	for host, c := range m {
+		if host == "" || strings.ContainsAny(host, "/ \n") {
+			return nil, fmt.Errorf("%s is not a registry host[:port]", errdefs.Quote(host))
+		}
+		out[host] = solve.Credentials{Username: c.Username, Password: c.Password}
+	}
+	return out, nil
 }
 
 func readLimited(r io.Reader, limit int64) ([]byte, error) {
@@ -252,6 +293,12 @@ func setField(req *builds.Request, name, v string) error {
 		req.Network = v
 	case "allowed_domains":
 		req.AllowedDomains = append(req.AllowedDomains, v)
+	case "push":
+		req.Push = boolean(name)
+	case "cache_from":
+		req.CacheFrom = append(req.CacheFrom, v)
+	case "cache_to":
+		req.CacheTo = append(req.CacheTo, v)
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {
@@ -301,6 +348,20 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	}
 	if len(b.Options.AllowedDomains) > 0 {
 		out.AllowedDomains = &b.Options.AllowedDomains
+	}
+	if len(b.Options.ExternalPush) > 0 {
+		out.Pushed = &b.Options.ExternalPush
+	}
+	if len(b.Options.CacheFrom) > 0 {
+		refs := make([]string, len(b.Options.CacheFrom))
+		for i, c := range b.Options.CacheFrom {
+			refs[i] = c.Ref
+		}
+		out.CacheFrom = &refs
+	}
+	if c := b.Options.CacheTo; c != nil {
+		ref := "type=registry,ref=" + c.Ref + ",mode=" + c.Mode
+		out.CacheTo = &ref
 	}
 	if b.Status != store.StatusQueued && b.Runtime != "" {
 		out.BuilderReused = &b.BuilderReused

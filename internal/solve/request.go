@@ -58,8 +58,11 @@ type Request struct {
 
 	// CacheImports are registry cache refs imported read-only.
 	CacheImports []string `json:"cache_imports,omitempty"`
-	// CacheExport, if set, is a registry cache ref the solve exports to.
-	CacheExport string `json:"cache_export,omitempty"`
+	// CacheExport, if set, is a registry cache ref the solve exports to,
+	// in CacheExportMode: min (the result's layers) or max (every
+	// stage's; the default).
+	CacheExport     string `json:"cache_export,omitempty"`
+	CacheExportMode string `json:"cache_export_mode,omitempty"`
 
 	// NamedContexts replaces images the Dockerfile names: name → source,
 	// e.g. "node:22" → "docker-image://kiln:5000/mirror/docker.io/library/node@sha256:…".

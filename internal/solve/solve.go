@@ -222,9 +222,17 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		})
 	}
 	if req.CacheExport != "" {
+		mode := req.CacheExportMode
+		switch mode {
+		case "":
+			mode = "max"
+		case "min", "max":
+		default:
+			return client.SolveOpt{}, fmt.Errorf("solve request: cache export mode %q is not min or max", mode)
+		}
 		opt.CacheExports = []client.CacheOptionsEntry{{
 			Type:  "registry",
-			Attrs: map[string]string{"ref": req.CacheExport, "mode": "max"},
+			Attrs: map[string]string{"ref": req.CacheExport, "mode": mode},
 		}}
 	}
 	return opt, nil

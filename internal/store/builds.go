@@ -92,9 +92,30 @@ type BuildOptions struct {
 	// CacheMounts: the Dockerfile may use RUN --mount=type=cache, whose
 	// contents the input hash cannot cover.
 	CacheMounts bool `json:"cache_mounts,omitempty"`
+	// ExternalPush are names on other registries the result is pushed
+	// to as well (kiln build --push), as full references.
+	ExternalPush []string `json:"external_push,omitempty"`
+	// CacheFrom and CacheTo are registry caches the build imports and
+	// exports (--cache-from, --cache-to), next to its scope's volume.
+	CacheFrom []CacheRef `json:"cache_from,omitempty"`
+	CacheTo   *CacheRef  `json:"cache_to,omitempty"`
+	// RegistryAuthHosts are the registries the submitter sent
+	// credentials for; the credentials were held in memory only.
+	RegistryAuthHosts []string `json:"registry_auth_hosts,omitempty"`
 	// Follows is an identical build that was in flight when this one was
 	// submitted: this one waits for it and takes its result.
 	Follows string `json:"follows,omitempty"`
+}
+
+// CacheRef is a registry cache: a full reference, and the repository in
+// kiln's registry when it is kiln's (KilnRepo; the build's registry token
+// is granted it).
+type CacheRef struct {
+	Ref      string `json:"ref"`
+	KilnRepo string `json:"kiln_repo,omitempty"`
+	// Mode is min or max (export only): max also exports the layers of
+	// intermediate stages.
+	Mode string `json:"mode,omitempty"`
 }
 
 // BasePin is a base image pinned to a digest in kiln's registry: in its
