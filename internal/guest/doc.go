@@ -47,7 +47,7 @@
 //	{"kind":"events","seq":N}                       once per setup or job
 //	{"kind":"context","name":"context","seq":N}     the build context as a tar stream
 //	{"kind":"context","name":"dockerfile","seq":N}  the Dockerfile dir, if separate
-//	{"kind":"tunnel","name":"registry","seq":N}     one TCP connection, any number
+//	{"kind":"tunnel","name":"registry","seq":N}     one TCP connection, any number (any tunnel name)
 //
 // seq numbers the session's work: 0 is the setup, jobs are 1, 2, … in the
 // order the host sent them. The host refuses any stream whose seq is not
@@ -117,24 +117,26 @@
 // After the accept reply, raw bytes both ways, half-closes passed on. The
 // agent listens on each Job.Tunnels[i].Listen inside the guest while the
 // job runs and opens one stream per accepted TCP connection; the host
-// connects it with Host.Tunnels[name] (DialTCP for the registry). The name
-// is the tunnel kind, so an HTTP CONNECT egress proxy is one more name and
-// a Dialer, with no protocol change. At most 64 tunnel connections are
+// connects it with Host.Tunnels[name] (DialTCP for a registry). The name
+// is the tunnel kind, so an HTTP CONNECT egress proxy, or a registry other
+// than kiln's, is one more name and a Dialer, with no protocol change. At most 64 tunnel connections are
 // open at once per job. When a job ends (its done arrived, or the host gave
 // up on it) the host closes every tunnel connection and context stream of
 // that job still open, before it acks; the agent closes its listeners and
 // forwarded connections before it sends done.
 //
-// Registry addressing: the guest reaches kiln's registry at the SAME
-// host:port string the push references use, because BuildKit takes the
-// registry host from the reference. The vm runtime therefore sets
-// Tunnel.Listen to exactly the referenced loopback IP:PORT or, for a host
-// name, to a loopback IP of the guest's that Tunnel.Host maps the name to
-// in the guest's /etc/hosts (written per job); the host side dials
-// wherever the registry really listens. Tests make the two differ to
-// prove the push goes through the tunnel. The registry's token realm must
-// be reachable from the guest as well: served on the same host:port, it
-// rides the same tunnel; elsewhere, it needs a tunnel of its own.
+// Registry addressing: the guest reaches a registry at the SAME host:port
+// string the references use, because BuildKit takes the registry host from
+// the reference. The vm runtime therefore sets Tunnel.Listen to exactly
+// the referenced loopback IP:PORT or, for a host name, to a loopback IP of
+// the guest's that Tunnel.Host maps the name to in the guest's /etc/hosts
+// (written per job); the host side dials wherever the registry really
+// listens: kiln's registry's own listener for "registry" (tests make the
+// two differ to prove the push goes through the tunnel), the named
+// host:port itself for "external:<host:port>". A registry's token realm,
+// and any host it redirects blob requests to, must be reachable from the
+// guest as well: on the same host:port, they ride the same tunnel;
+// elsewhere, they need a way of their own (see the vm runtime).
 //
 // # Ending a job
 //

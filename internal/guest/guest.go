@@ -36,8 +36,9 @@ type Job struct {
 	CacheDisk string `json:"cache_disk"`
 	// GC bounds BuildKit's garbage collection to the volume.
 	GC buildkitd.GCPolicy `json:"gc"`
-	// InsecureRegistries are hosts buildkitd reaches over plain HTTP: the
-	// tunnel listen addresses of kiln's own registry.
+	// InsecureRegistries are hosts buildkitd reaches over plain HTTP (it
+	// tries HTTPS first, without verifying): kiln's own registry's, and
+	// external registries the operator listed as such.
 	InsecureRegistries []string `json:"insecure_registries,omitempty"`
 	// Network is the build steps' network mode; "", "host" and "default"
 	// all mean the guest's own network.
@@ -102,12 +103,14 @@ type NIC struct {
 
 // Tunnel is one TCP forward from the guest to the host.
 type Tunnel struct {
-	// Name selects the host-side Dialer ("registry"; later "egress" for
-	// an HTTP CONNECT proxy). It is the kind in every stream header.
+	// Name selects the host-side Dialer: "registry" for kiln's registry,
+	// "external:<host:port>" for another registry the build names,
+	// "egress" for the HTTP CONNECT proxy. It is the name in every stream
+	// header.
 	Name string `json:"name"`
-	// Listen is the guest address (ip:port) the agent listens on. For the
-	// registry it is the same host:port the push references name, so
-	// BuildKit in the guest pushes to the reference as given.
+	// Listen is the guest address (ip:port) the agent listens on. For a
+	// registry it is the same host:port the references name, so BuildKit
+	// in the guest talks to the reference as given.
 	Listen string `json:"listen"`
 	// Host, when set, is a name the guest resolves to Listen's IP (the
 	// agent writes it into /etc/hosts), for references that name the

@@ -69,6 +69,10 @@ type Request struct {
 	// The name is what BuildKit's frontend looks up for a FROM: the
 	// familiar reference without ":latest" (mirror.Pinned.ContextName).
 	NamedContexts map[string]string `json:"named_contexts,omitempty"`
+	// LocalContexts are named contexts from directories (--build-context
+	// NAME=DIR): name → directory, sent to BuildKit like the main
+	// context. A name here must not also be in NamedContexts.
+	LocalContexts map[string]string `json:"local_contexts,omitempty"`
 }
 
 // Credentials for one registry host. Memory-only.

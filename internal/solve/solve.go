@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	bkerrdefs "github.com/moby/buildkit/solver/errdefs"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -181,6 +183,20 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 			return client.SolveOpt{}, fmt.Errorf("solve request: named context %q → %q: name and source must both be set", name, src)
 		}
 		attrs["context:"+name] = src
+	}
+	// Local named contexts travel as BuildKit locals of their own; the
+	// frontend reads each one's .dockerignore itself.
+	for i, name := range slices.Sorted(maps.Keys(req.LocalContexts)) {
+		if _, dup := req.NamedContexts[name]; dup || name == "" {
+			return client.SolveOpt{}, fmt.Errorf("solve request: named context %q is given twice or has no name", name)
+		}
+		fs, err := fsutil.NewFS(req.LocalContexts[name])
+		if err != nil {
+			return client.SolveOpt{}, fmt.Errorf("solve request: open named context %s: %w", name, err)
+		}
+		local := "named-context-" + strconv.Itoa(i)
+		locals[local] = fs
+		attrs["context:"+name] = "local:" + local
 	}
 
 	key := req.ContextKey

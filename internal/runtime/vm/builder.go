@@ -95,18 +95,21 @@ func (r *Runtime) StartBuilder(ctx context.Context, job runtime.Job, sink progre
 
 // builder is one builder VM, taking builds of one shape one at a time.
 type builder struct {
-	r      *Runtime
-	id     string
-	dir    string
-	shape  string
-	memMiB int
-	log    *slog.Logger
-	netw   *network
-	denied *switchSink // egress denials, to the running build's sink
-	vm     Machine
-	killVM context.CancelFunc
-	conn   *guest.Conn
-	state  builderState
+	r     *Runtime
+	id    string
+	dir   string
+	shape string
+	// registry is kiln's registry as the builder's first job named it:
+	// which hosts are kiln's decides the builder's tunnels.
+	registry string
+	memMiB   int
+	log      *slog.Logger
+	netw     *network
+	denied   *switchSink // egress denials, to the running build's sink
+	vm       Machine
+	killVM   context.CancelFunc
+	conn     *guest.Conn
+	state    builderState
 
 	mu      sync.Mutex
 	running bool
@@ -154,22 +157,23 @@ func (r *Runtime) startBuilder(ctx context.Context, job runtime.Job, sink progre
 		return nil, err
 	}
 	b := &builder{
-		r:      r,
-		id:     id,
-		dir:    filepath.Join(r.cfg.StateDir, id),
-		shape:  runtime.ShapeOf(job),
-		memMiB: mem,
-		log:    r.log.With("builder", id),
-		denied: &switchSink{},
-		state:  builderState{Builder: id, Volume: job.Volume},
-		killVM: func() {},
+		r:        r,
+		id:       id,
+		dir:      filepath.Join(r.cfg.StateDir, id),
+		shape:    runtime.ShapeOf(job),
+		registry: job.Registry,
+		memMiB:   mem,
+		log:      r.log.With("builder", id),
+		denied:   &switchSink{},
+		state:    builderState{Builder: id, Volume: job.Volume},
+		killVM:   func() {},
 	}
 	log := b.log.With("build", job.BuildID)
 	if b.netw, err = r.buildNetwork(job, gjob.Tunnels, b.denied, log); err != nil {
 		return nil, err
 	}
 	gjob = b.withNetwork(gjob)
-	tunnels := map[string]guest.Dialer{"registry": guest.DialTCP(r.cfg.RegistryAddr)}
+	tunnels := registryDialers(gjob.Tunnels, r.cfg.RegistryAddr)
 	if b.netw.dialer != nil {
 		tunnels[b.netw.tunnel.Name] = b.netw.dialer
 	}
@@ -294,7 +298,7 @@ func (b *builder) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	}
 	gs := &gatedSink{sink: sink}
 	defer gs.close()
-	if runtime.ShapeOf(job) != b.shape {
+	if runtime.ShapeOf(job) != b.shape || job.Registry != b.registry {
 		return res, fmt.Errorf("vm runtime: build %s does not fit builder %s: its volume, resources, network, GC bounds or registries differ from those the builder was started with; run it on a builder started for it", job.BuildID, b.id)
 	}
 	gjob, _, err := b.r.guestJob(job)

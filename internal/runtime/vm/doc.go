@@ -11,8 +11,8 @@
 // /var/lib/buildkit and starts buildkitd (phases "booting", "starting
 // buildkitd"). Builder.Run then runs one build on it: the build context is
 // streamed over the channel onto the volume, events come back over it, and
-// kiln's registry is reached through a "registry" tunnel, all of it per
-// build. Builder.Run may be called again with builds of the same shape
+// kiln's registry is reached through a "registry" tunnel (other registries
+// the build names through tunnels of their own), all of it per build. Builder.Run may be called again with builds of the same shape
 // (runtime.ShapeOf): nothing but the BuildKit cache on the volume crosses
 // from one build to the next. Builder.Stop has the agent stop buildkitd,
 // unmount the volume and exit, which powers the VM off.
@@ -35,12 +35,31 @@
 // Registry addressing: BuildKit takes the registry from the image
 // reference, so the agent listens inside the guest on exactly the host:port
 // the push references (and InsecureRegistries, cache refs, named contexts)
-// name, and the host side dials Config.RegistryAddr, where the registry
-// really listens. A loopback IP (127.0.0.1:7070) is listened on as is; a
-// host name (kiln.example.com:7070, an operator's registry_host) gets a
+// name. A loopback IP (127.0.0.1:7070) is listened on as is; a host name
+// (kiln.example.com:7070, an operator's registry_host, ghcr.io) gets a
 // loopback IP of its own in 127.0.1.0/24 and a line in the guest's
 // /etc/hosts, so the same references work on the host and in the guest. A
 // non-loopback IP is refused before booting: the guest cannot own it.
+// What the host side dials depends on whose registry it is. kiln's own
+// (runtime.Job.Registry, with localhost:P and 127.0.0.1:P as one; every
+// host when Job.Registry is empty) rides the "registry" tunnel to
+// Config.RegistryAddr, where kiln's registry really listens. Any other
+// (a --push, a registry cache or a docker-image:// context elsewhere) is
+// external: its tunnel, "external:<host:port>", dials that host:port from
+// the host, resolving the name there, with no kiln code in the stream, so
+// TLS runs end to end between BuildKit and the registry under the
+// reference's server name, and BuildKit logs in with the job's
+// memory-only RegistryAuth. An external host without a port is HTTPS on
+// 443, or plain HTTP on 80 when listed in InsecureRegistries, which is
+// also what makes BuildKit speak plain HTTP to one with a port; docker.io
+// is registry-1.docker.io, as BuildKit names it. Whether the build may
+// reach a host at all is the server's decision, at submission. A
+// builder's dialers are fixed when it starts; the hosts are part of its
+// shape, so every build it takes names the same ones. Only the hosts the
+// references name are tunnelled: a token realm or blob redirect on another
+// host (Docker Hub's auth.docker.io, the storage hosts some registries
+// send downloads to) is reached only by an egress build, as its steps
+// would reach it (its NIC, or the egress proxy when allowed).
 //
 // Network (see network.go): an isolated build has no network card and
 // reaches only the registry tunnel. An egress build with allowed domains

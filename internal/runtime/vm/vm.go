@@ -245,8 +245,9 @@ func (r *Runtime) guestJob(job runtime.Job) (guest.Job, int, error) {
 		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s has no volume", job.BuildID)
 	}
 	if job.Solve.ContextURL != "" {
-		// A builder VM reaches only kiln's registry (and the egress proxy
-		// for RUN steps); its BuildKit has no route to a git host yet.
+		// A builder VM reaches only the registries the build names (and
+		// the egress proxy for RUN steps); its BuildKit has no route to a
+		// git host yet.
 		return guest.Job{}, 0, fmt.Errorf("vm runtime: build %s has a git context, which the vm runtime does not fetch yet; send the context as a tar", job.BuildID)
 	}
 	if fi, err := os.Stat(job.Volume); err != nil || !fi.Mode().IsRegular() {
@@ -281,10 +282,24 @@ func (r *Runtime) guestJob(job runtime.Job) (guest.Job, int, error) {
 	}, mem, nil
 }
 
-// registryTunnels lists the registry hosts the build refers to; the agent
-// listens on each inside the guest and forwards to kiln's registry. A
-// builder VM has no other network, so every registry a build names must be
-// kiln's, addressed by a loopback IP the guest can own.
+// externalTunnel starts the name of the tunnel to a registry that is not
+// kiln's; the rest of the name is the host:port the host side dials.
+const externalTunnel = "external:"
+
+// registryTunnels lists the registry hosts the build refers to (pushes,
+// cache imports and export, docker-image:// named contexts, insecure
+// registries); the agent listens on each inside the guest, at the address
+// the reference names, so BuildKit talks to the reference as given. A
+// builder VM has no other way to a registry.
+//
+// kiln's own registry (job.Registry; every host when it is empty, as for
+// callers that predate it) gets a "registry" tunnel, which the host
+// connects to where kiln's registry really listens. Every other host is
+// an external registry: its tunnel is "external:<host:port>", which the
+// host dials as named, resolving it on the host; TLS and credentials stay
+// end to end between BuildKit and that registry. The guest must own the
+// listen address, so a registry is named by a loopback IP:port or by a
+// host name, which the guest maps to a loopback IP of its own.
 func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
 	hosts := map[string]string{} // host → where it came from, for errors
 	add := func(host, from string) {
@@ -292,8 +307,10 @@ func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
 			hosts[host] = from
 		}
 	}
+	insecure := map[string]bool{}
 	for _, h := range job.InsecureRegistries {
 		add(h, "insecure registries")
+		insecure[h] = true
 	}
 	refs := append(append([]string(nil), job.Solve.Push...), job.Solve.CacheImports...)
 	if job.Solve.CacheExport != "" {
@@ -312,36 +329,130 @@ func registryTunnels(job runtime.Job) ([]guest.Tunnel, error) {
 		add(reference.Domain(named), "reference "+ref)
 	}
 	var out []guest.Tunnel
-	names := 0
+	// Host names get a loopback IP each (127.0.1.0/24, clear of the IPs
+	// references name and of the egress proxy's), one per name, so that a
+	// name with registries on two ports resolves to both listeners.
+	nameIPs := map[string]string{}
 	for _, host := range slices.Sorted(maps.Keys(hosts)) {
-		from := hosts[host]
-		name, port, err := net.SplitHostPort(host)
-		if err != nil || port == "" || name == "" {
-			return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), which is not host:port; set registry_host to kiln's registry address, such as 127.0.0.1:7070 or kiln.example.com:7070", host, from)
+		t, err := registryTunnel(host, hosts[host], job.Registry, insecure[host], nameIPs)
+		if err != nil {
+			return nil, err
 		}
-		if name == "localhost" {
-			// Already in the guest's hosts file.
-			out = append(out, guest.Tunnel{Name: "registry", Listen: net.JoinHostPort("127.0.0.1", port)})
-			continue
-		}
-		if addr, err := netip.ParseAddr(name); err == nil {
-			if !addr.IsLoopback() {
-				return nil, fmt.Errorf("vm runtime: the build names registry %q (%s), but a builder VM reaches only kiln's own registry, through a tunnel it listens on inside the guest, which cannot own the IP %s; set registry_host to a loopback IP:port (127.0.0.1:7070) or a host name (kiln.example.com:7070)", host, from, name)
-			}
-			out = append(out, guest.Tunnel{Name: "registry", Listen: host})
-			continue
-		}
-		// A host name: the guest resolves it to a loopback IP of its own
-		// (127.0.1.0/24, clear of the IPs above and the egress proxy's).
-		names++
-		if names > 250 {
-			return nil, fmt.Errorf("vm runtime: the build names more than 250 registry host names")
-		}
-		out = append(out, guest.Tunnel{Name: "registry", Listen: net.JoinHostPort(fmt.Sprintf("127.0.1.%d", names), port), Host: name})
+		out = append(out, t)
 	}
 	slices.SortFunc(out, func(a, b guest.Tunnel) int { return strings.Compare(a.Listen, b.Listen) })
+	for i := 1; i < len(out); i++ {
+		if a, b := out[i-1], out[i]; a.Listen == b.Listen && a != b {
+			return nil, fmt.Errorf("vm runtime: the build names two registries that would share the guest address %s (%s and %s); name them by different hosts or ports", a.Listen, tunnelTarget(a), tunnelTarget(b))
+		}
+	}
 	// localhost:P and 127.0.0.1:P are one listener.
-	return slices.CompactFunc(out, func(a, b guest.Tunnel) bool { return a.Listen == b.Listen }), nil
+	return slices.Compact(out), nil
+}
+
+// registryTunnel is the tunnel of one registry host the build names.
+func registryTunnel(host, from, kilnRegistry string, insecure bool, nameIPs map[string]string) (guest.Tunnel, error) {
+	kiln := isKilnRegistry(host, kilnRegistry)
+	name, port, err := net.SplitHostPort(host)
+	if err != nil || port == "" || name == "" {
+		if kiln {
+			return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names registry %q (%s), which is not host:port; set registry_host to kiln's registry address, such as 127.0.0.1:7070 or kiln.example.com:7070", host, from)
+		}
+		bracketed := strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]")
+		if strings.Contains(host, ":") && !bracketed {
+			return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names registry %q (%s), which is not a registry host[:port]", host, from)
+		}
+		// No port: BuildKit speaks HTTPS on 443 to it, or, to one listed
+		// as insecure, plain HTTP on 80 (after HTTPS on 443 was refused,
+		// which the guest does at once: nothing listens there).
+		name, port = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]"), "443"
+		if insecure {
+			port = "80"
+		}
+		if name == "docker.io" {
+			// BuildKit's name for Docker Hub's registry API.
+			name = "registry-1.docker.io"
+		}
+	}
+	t := guest.Tunnel{Name: "registry"}
+	if name == "localhost" {
+		// Already in the guest's hosts file; the guest listens on
+		// 127.0.0.1, and so does an external registry named so on the
+		// host.
+		name = "127.0.0.1"
+	}
+	if addr, err := netip.ParseAddr(name); err == nil {
+		if !addr.IsLoopback() {
+			if kiln {
+				return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names registry %q (%s), which a builder VM reaches as kiln's own registry, through a tunnel it listens on inside the guest at the address the reference names, and the guest cannot own the IP %s; set registry_host to a loopback IP:port (127.0.0.1:7070) or a host name (kiln.example.com:7070)", host, from, name)
+			}
+			return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names the external registry %q (%s) by the IP %s, which a builder VM cannot reach: it reaches every registry through a tunnel it listens on inside the guest at the address the reference names, and the guest cannot own a non-loopback IP; name that registry by a host name (registry.example.com:%s), which the guest maps to a loopback IP of its own", host, from, name, port)
+		}
+		t.Listen = net.JoinHostPort(name, port)
+	} else {
+		if strings.ContainsAny(name, "/# \t\r\n") {
+			return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names registry %q (%s), which is not a registry host[:port]", host, from)
+		}
+		// DNS names are case-insensitive, and so is the guest's resolver.
+		name = strings.ToLower(name)
+		ip, ok := nameIPs[name]
+		if !ok {
+			if len(nameIPs) == 250 {
+				return guest.Tunnel{}, fmt.Errorf("vm runtime: the build names more than 250 registry host names")
+			}
+			ip = fmt.Sprintf("127.0.1.%d", len(nameIPs)+1)
+			nameIPs[name] = ip
+		}
+		t.Listen, t.Host = net.JoinHostPort(ip, port), name
+	}
+	if !kiln {
+		t.Name = externalTunnel + net.JoinHostPort(name, port)
+	}
+	return t, nil
+}
+
+// isKilnRegistry reports whether the registry host a build names is kiln's
+// own registry, kiln. When kiln is empty (a caller that predates
+// runtime.Job.Registry) every host is. localhost:P and 127.0.0.1:P are one
+// registry, as they are one listener in the guest.
+func isKilnRegistry(host, kiln string) bool {
+	if kiln == "" || strings.EqualFold(host, kiln) {
+		return true
+	}
+	canon := func(h string) string {
+		name, port, err := net.SplitHostPort(h)
+		if err != nil {
+			return strings.ToLower(h)
+		}
+		if strings.EqualFold(name, "localhost") {
+			name = "127.0.0.1"
+		}
+		return strings.ToLower(net.JoinHostPort(name, port))
+	}
+	return canon(host) == canon(kiln)
+}
+
+// tunnelTarget names where a registry tunnel leads, for errors.
+func tunnelTarget(t guest.Tunnel) string {
+	if addr, ok := strings.CutPrefix(t.Name, externalTunnel); ok {
+		return addr
+	}
+	return "kiln's registry"
+}
+
+// registryDialers are the host-side dialers of a builder's tunnels: kiln's
+// registry where it really listens (addr), each external registry at the
+// host:port its tunnel names, resolved and dialed from the host. A
+// builder's set is fixed when it starts; builders are reused only for jobs
+// of the same shape, which names the same registries.
+func registryDialers(tunnels []guest.Tunnel, kiln string) map[string]guest.Dialer {
+	m := map[string]guest.Dialer{"registry": guest.DialTCP(kiln)}
+	for _, t := range tunnels {
+		if addr, ok := strings.CutPrefix(t.Name, externalTunnel); ok {
+			m[t.Name] = guest.DialTCP(addr)
+		}
+	}
+	return m
 }
 
 // helloWatch notes the first bytes from the agent (its hello): the boot is

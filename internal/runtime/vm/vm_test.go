@@ -722,6 +722,10 @@ func TestJobsTheGuestCannotServeAreRefusedBeforeBooting(t *testing.T) {
 		"tiny VM":             {func(j *runtime.Job) { j.MemoryMB = 64 }, "at least 256 MiB"},
 		"bad network":         {func(j *runtime.Job) { j.Network = "bridge" }, "network"},
 		"missing volume":      {func(j *runtime.Job) { j.Volume = "/nonexistent.ext4" }, "not a regular file"},
+		"external registry on the LAN": {func(j *runtime.Job) {
+			j.Registry = guestRegistry
+			j.Solve.Push = append(j.Solve.Push, "10.0.0.5:5000/app:1")
+		}, "by a host name"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			j := job("refused", vol, 512, solve.Request{ContextDir: dir, Push: []string{guestRegistry + "/app/x:1"}})
