@@ -52,11 +52,19 @@ func remoteDigest(t *testing.T, host, user, pass, repo, tag string) string {
 // only; without --push such a name is refused, and without credentials
 // the push fails saying so.
 func TestPushToAnotherRegistryWithDockerConfigCredentials(t *testing.T) {
-	s := startServer(t)
-	base := s.base()
-	tok := s.token("dev", "dev", "build:read", "build:write", "image:read")
 	const user, pass = "ci-bot", "pw-never-logged-7f3a"
 	other := testkit.RegistryWithAuth(t, user, pass)
+	// A registry on loopback is reachable only when listed by host:port.
+	refused := startServer(t)
+	rtok := refused.token("dev", "dev", "build:read", "build:write", "image:read")
+	if _, stderr, code := refused.kilnSplit(rtok, nil, "build", "--push", "-t", other+"/team/app:0", testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch\n"})); code != 1 || !strings.Contains(stderr, "registries.allowed") {
+		t.Errorf("a loopback registry matched by the default *: exit %d\n%s", code, stderr)
+	}
+	refused.stop()
+
+	s := startServer(t, withArgs("--registries-allowed", "*,"+other))
+	base := s.base()
+	tok := s.token("dev", "dev", "build:read", "build:write", "image:read")
 	dir := testkit.ContextDir(t, map[string]string{
 		"Dockerfile": fmt.Sprintf("FROM %s\nRUN echo pushed > /marker\n", base),
 	})
@@ -103,10 +111,10 @@ func TestPushToAnotherRegistryWithDockerConfigCredentials(t *testing.T) {
 // holds a tenant's caches in its namespace, which other tenants cannot
 // read.
 func TestRegistryCacheMovesBetweenScopes(t *testing.T) {
-	s := startServer(t)
-	base := s.base()
 	const user, pass = "cache-bot", "pw-cache-91c2"
 	other := testkit.RegistryWithAuth(t, user, pass)
+	s := startServer(t, withArgs("--registries-allowed", other))
+	base := s.base()
 	dockerConfig(t, other, user, pass)
 	for _, c := range []struct{ name, scope, to, from string }{
 		{"other registry", "other", "type=registry,ref=" + other + "/cache/app:c,mode=max", "type=registry,ref=" + other + "/cache/app:c"},

@@ -213,7 +213,11 @@ func (s *Service) checkExternal(host, what string, o *store.BuildOptions) error 
 		if allowed == "" {
 			allowed = "none"
 		}
-		return forbidden("%s: builds on this server may not reach registry %s (registries.allowed: %s); ask the operator, or use kiln's registry", what, host, allowed)
+		hint := "ask the operator, or use kiln's registry"
+		if localHost(hostName(host)) {
+			hint = "a registry on the server's own networks (localhost, loopback or private IPs) must be listed by host:port, never matched by a wildcard; ask the operator"
+		}
+		return forbidden("%s: builds on this server may not reach registry %s (registries.allowed: %s); %s", what, host, allowed, hint)
 	}
 	if o.Network == "isolated" {
 		return badRequest("%s: the builder reaches registry %s over the network, and an isolated build reaches nothing but kiln's registry; use network egress", what, host)
@@ -228,19 +232,35 @@ func (s *Service) checkExternal(host, what string, o *store.BuildOptions) error 
 }
 
 // registryAllowed matches a registry host[:port] against registries.allowed
-// entries: "*", host, host:port, *.domain.
+// entries: "*", host, host:port, *.domain. Wildcards never match a host on
+// the server's own networks (localhost, loopback, private and link-local
+// IPs): the builder dials from the server, so reaching one of those needs
+// an entry of its own.
 func registryAllowed(host string, allowed []string) bool {
 	host = strings.ToLower(host)
+	local := localHost(hostName(host))
 	for _, a := range allowed {
 		a = strings.ToLower(strings.TrimSpace(a))
 		switch {
-		case a == "*" || a == host:
+		case a == host || a == hostName(host) && !local:
 			return true
-		case !strings.Contains(a, ":") && domainAllowed(hostName(host), []string{a}):
+		case local:
+		case a == "*":
+			return true
+		case !strings.Contains(a, ":") && strings.HasPrefix(a, "*.") && domainAllowed(hostName(host), []string{a}):
 			return true
 		}
 	}
 	return false
+}
+
+// localHost reports a name or IP on the server's own networks.
+func localHost(name string) bool {
+	if name == "localhost" || strings.HasSuffix(name, ".localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(strings.Trim(name, "[]"))
+	return err == nil && (ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsUnspecified())
 }
 
 // hostName is host without its port.

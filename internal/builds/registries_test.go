@@ -22,7 +22,7 @@ var teamA = auth.Principal{Subject: "a", Tenant: "team-a", CacheScope: "team-a",
 	Scopes: []auth.Scope{auth.ScopeBuildWrite, auth.ScopeImageRead}}
 
 func TestRegistriesSplitsKilnNamesFromPushes(t *testing.T) {
-	s := registriesService(t, "*")
+	s := registriesService(t, "*", "localhost:5001")
 	o := store.BuildOptions{Network: "egress"}
 	req := Request{
 		Tags:      []string{"app:1", "ghcr.io/org/app", "localhost:5001/x:2"},
@@ -81,6 +81,8 @@ func TestRegistriesRefusals(t *testing.T) {
 			Request{Push: true, Tags: []string{"ghcr.io/org/app@sha256:" + strings.Repeat("a", 64)}}, "", errdefs.ErrInvalid},
 		{"not allowed by the operator", []string{"*.example.com"}, "egress", nil,
 			Request{Push: true, Tags: []string{"ghcr.io/org/app:1"}}, "registries.allowed", errdefs.ErrForbidden},
+		{"loopback by wildcard", []string{"*"}, "egress", nil,
+			Request{Push: true, Tags: []string{"127.0.0.1:6000/app:1"}}, "must be listed by host:port", errdefs.ErrForbidden},
 		{"none allowed", nil, "egress", nil,
 			Request{CacheFrom: []string{"ghcr.io/org/app:c"}}, "registries.allowed: none", errdefs.ErrForbidden},
 		{"isolated", []string{"*"}, "isolated", nil,
@@ -134,6 +136,14 @@ func TestRegistryAllowedPatterns(t *testing.T) {
 		{"reg.example.com:5000", []string{"*.example.com"}, true},
 		{"reg.example.com:5000", []string{"reg.example.com:5001"}, false},
 		{"example.com.evil.io", []string{"*.example.com"}, false},
+		// The server's own networks only by name, never by wildcard.
+		{"127.0.0.1:5000", []string{"*"}, false},
+		{"localhost:5000", []string{"*"}, false},
+		{"10.0.0.5:5000", []string{"*"}, false},
+		{"[::1]:5000", []string{"*"}, false},
+		{"127.0.0.1:5000", []string{"127.0.0.1:5000"}, true},
+		{"127.0.0.1:5001", []string{"127.0.0.1:5000"}, false},
+		{"127.0.0.1:5001", []string{"127.0.0.1"}, false},
 	} {
 		if got := registryAllowed(c.host, c.allowed); got != c.want {
 			t.Errorf("registryAllowed(%q, %v) = %v", c.host, c.allowed, got)
