@@ -238,6 +238,9 @@ type BuildRequest struct {
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`
 
+	// BuildContexts Named contexts as docker buildx build --build-context takes them, NAME=SOURCE, replacing what FROM NAME and COPY --from=NAME name: docker-image://REF (kiln's registry, resolved like a tag, readable by your tenant and pinned to its digest at submission; or another registry, reached as for push), a git URL (pinned to a commit like context_url) or an http(s):// URL. Repeat the field; at most 16 named contexts with the named_context parts. Git and URL sources are refused on the vm runtime. A build with an unpinned source (an image on another registry by tag, a URL) never deduplicates.
+	BuildContexts *[]string `json:"build_contexts,omitempty"`
+
 	// CacheFrom A registry cache to import, as buildx takes it: type=registry,ref=NAME or NAME alone; repeat the field (at most 8). NAME without a host (or with kiln's) is in kiln's registry, resolved like a tag, and must be readable by your tenant.
 	CacheFrom *[]string `json:"cache_from,omitempty"`
 
@@ -271,6 +274,9 @@ type BuildRequest struct {
 	// Labels JSON object of image labels (docker build --label).
 	Labels   *string `json:"labels,omitempty"`
 	MemoryMb *int    `json:"memory_mb,omitempty"`
+
+	// NamedContext A named context from a directory: one part per context, its filename the context's name, its body a tar (tar.gz, tar.zst) of the directory, honouring the directory's own .dockerignore as the main context does. Pinned by its content hash.
+	NamedContext *openapi_types.File `json:"named_context,omitempty"`
 
 	// Network What RUN steps can reach. egress (default): the internet, or
 	// with allowed_domains only those domains through a filtering

@@ -103,6 +103,15 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 		field("shm_size")
 		field(fmt.Sprint(o.ShmSize))
 	}
+	if len(o.NamedContexts) > 0 {
+		field("named_contexts")
+		field(fmt.Sprint(len(o.NamedContexts)))
+		for _, n := range o.NamedContexts {
+			field(n.Name)
+			field(string(n.Kind))
+			field(n.Hash)
+		}
+	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }
 
@@ -126,10 +135,14 @@ func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []b
 		refs = append([]string{ref}, refs...)
 	}
 	var out []pinnedBase
+	user := userContextNames(o)
 	for _, ref := range refs {
 		named, err := reference.ParseNormalizedNamed(ref)
 		if err != nil {
 			return nil, badRequest("base image %q is not a valid image reference: %v", ref, err)
+		}
+		if user[strings.TrimSuffix(reference.FamiliarString(named), ":latest")] {
+			continue // the build's own named context replaces it
 		}
 		if reference.Domain(named) == s.cfg.RegistryHost {
 			// The build pulls it as its tenant; ask now, so another

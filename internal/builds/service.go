@@ -324,6 +324,9 @@ func (s *Service) cleanup(id string) {
 	if err := os.RemoveAll(s.contextDir(id) + ".dockerfile"); err != nil {
 		s.log.Warn("remove inline Dockerfile", "build", id, "err", err)
 	}
+	if err := os.RemoveAll(s.contextDir(id) + ".named"); err != nil {
+		s.log.Warn("remove named contexts", "build", id, "err", err)
+	}
 }
 
 // Pause takes every build slot, waiting for running builds to finish;

@@ -44,6 +44,8 @@ type Upload struct {
 	// git is a git context (context_url): the builder fetches it at
 	// git.Commit; there is no context directory.
 	git *buildcontext.GitContext
+	// named are the named context directories sent with the submission.
+	named []namedUpload
 }
 
 // NewUpload starts a submission.
@@ -125,6 +127,7 @@ func (s *Service) PutBlobs(ctx context.Context, p auth.Principal, r io.Reader) (
 func (s *Service) Discard(u *Upload) {
 	os.RemoveAll(u.dir)
 	os.RemoveAll(u.dir + ".dockerfile")
+	os.RemoveAll(u.dir + ".named")
 }
 
 // Request is what a client asked for, already decoded from the wire.
@@ -163,6 +166,10 @@ type Request struct {
 	// (type=registry,ref=NAME[,mode=max]).
 	CacheFrom []string
 	CacheTo   []string
+	// BuildContexts are named contexts NAME=SOURCE (docker-image://REF,
+	// a git URL, an http(s) URL); directories arrive through
+	// ReceiveNamedContext.
+	BuildContexts []string
 	// RegistryAuth are the submitter's credentials per registry host for
 	// the other registries the build reaches. Memory-only.
 	RegistryAuth map[string]solve.Credentials
@@ -240,6 +247,9 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if err != nil {
 		return Build{}, err
 	}
+	if err := s.namedContexts(ctx, p, u, &req, &opts); err != nil {
+		return Build{}, err
+	}
 	b = Build{
 		ID:           u.ID,
 		Status:       store.StatusQueued,
@@ -271,7 +281,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	basesNote := strings.Join(notes, ", ")
 	// A git context whose Dockerfile the builder reads has unpinned
 	// bases, so its hash could not say what it builds on: no dedup.
-	if dedupEligible(opts) && dockerfile != nil {
+	if dedupEligible(opts) && dockerfile != nil && namedContextsPinned(opts) {
 		b.InputHash = s.inputHash(u.contextHash(opts), dockerfile, opts, bases)
 		orig, hit, err := s.findDedup(ctx, b.InputHash, b.Tenant, opts.CacheMounts)
 		if err != nil {
@@ -555,31 +565,40 @@ func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Buil
 	return b, nil
 }
 
-// resolveGit pins a git context's ref to a commit, with the host's git
-// and a short timeout, so the input hash names exactly what the builder
-// will fetch. The builder fetches over the network: an isolated build
-// cannot have one, and with allowed_domains the repository's host must
-// be among them.
+// resolveGit pins a git context's ref to a commit (see pinGit).
 func (s *Service) resolveGit(ctx context.Context, u *Upload, o *store.BuildOptions) error {
-	if o.Network == "isolated" {
-		return badRequest("context_url: a git context is fetched by the builder over the network, and an isolated build reaches nothing but kiln's registry; use network egress, or send the context as a tar")
-	}
-	if len(o.AllowedDomains) > 0 {
-		host := gitHost(u.git.Remote)
-		if !domainAllowed(host, o.AllowedDomains) {
-			return badRequest("context_url: the git host %s is not among allowed_domains (%s); add it", errdefs.Quote(host), strings.Join(o.AllowedDomains, ", "))
-		}
-	}
-	g, err := buildcontext.ResolveGit(ctx, *u.git, gitResolveTimeout)
+	g, err := s.pinGit(ctx, *u.git, o, "context_url")
 	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		return badRequest("context_url: %v; check the URL and the ref, and that the kiln server can reach the repository", err)
+		return err
 	}
 	u.git = &g
 	o.ContextURL = g.Pinned()
 	return nil
+}
+
+// pinGit pins a git context's ref to a commit, with the host's git and a
+// short timeout, so the input hash names exactly what the builder will
+// fetch. The builder fetches over the network: an isolated build cannot
+// have one, and with allowed_domains the repository's host must be among
+// them.
+func (s *Service) pinGit(ctx context.Context, g buildcontext.GitContext, o *store.BuildOptions, field string) (buildcontext.GitContext, error) {
+	if o.Network == "isolated" {
+		return g, badRequest("%s: a git context is fetched by the builder over the network, and an isolated build reaches nothing but kiln's registry; use network egress, or send the context as a tar", field)
+	}
+	if len(o.AllowedDomains) > 0 {
+		host := gitHost(g.Remote)
+		if !domainAllowed(host, o.AllowedDomains) {
+			return g, badRequest("%s: the git host %s is not among allowed_domains (%s); add it", field, errdefs.Quote(host), strings.Join(o.AllowedDomains, ", "))
+		}
+	}
+	pinned, err := buildcontext.ResolveGit(ctx, g, gitResolveTimeout)
+	if err != nil {
+		if ctx.Err() != nil {
+			return g, ctx.Err()
+		}
+		return g, badRequest("%s: %v; check the URL and the ref, and that the kiln server can reach the repository", field, err)
+	}
+	return pinned, nil
 }
 
 // gitHost is the host of a git remote (https://host/..., user@host:path).

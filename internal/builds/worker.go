@@ -394,6 +394,26 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 			access = append(access, auth.Access{Repository: c.KilnRepo, Actions: []string{"pull", "push"}})
 		}
 	}
+	for _, n := range b.Options.NamedContexts {
+		if n.Kind == store.NamedLocal {
+			i, err := strconv.Atoi(n.Source)
+			if err != nil {
+				return runtime.Job{}, fmt.Errorf("named context %s: bad directory index %q", n.Name, n.Source)
+			}
+			if req.LocalContexts == nil {
+				req.LocalContexts = map[string]string{}
+			}
+			req.LocalContexts[n.Name] = namedDir(s.contextDir(b.ID), i)
+			continue
+		}
+		if req.NamedContexts == nil {
+			req.NamedContexts = map[string]string{}
+		}
+		req.NamedContexts[n.Name] = n.Source
+		if ref, ok := strings.CutPrefix(n.Source, "docker-image://"); ok {
+			insecure = s.addPlainHTTP(insecure, ref)
+		}
+	}
 	req.RegistryAuth = map[string]solve.Credentials{}
 	if mem != nil {
 		req.Secrets = mem.secrets
@@ -546,7 +566,9 @@ func (s *Service) fetchBases(ctx context.Context, b Build, job *runtime.Job) err
 	if len(b.Options.Bases) == 0 {
 		return nil
 	}
-	job.Solve.NamedContexts = map[string]string{}
+	if job.Solve.NamedContexts == nil {
+		job.Solve.NamedContexts = map[string]string{}
+	}
 	for _, bp := range b.Options.Bases {
 		p := mirror.Pinned{Upstream: bp.Upstream, LocalRepo: bp.LocalRepo, Digest: bp.Digest, FromUpstream: bp.FromUpstream}
 		if bp.Local {

@@ -54,6 +54,7 @@ type buildFlags struct {
 	metadataFile   string
 	detach         bool
 	push           bool
+	buildContexts  []string
 	cacheFrom      []string
 	cacheTo        []string
 }
@@ -88,7 +89,11 @@ type buildForm struct {
 	// may need the user's docker credentials (registryAuth, memory-only).
 	registryRefs []string
 	registryAuth map[string]dockerconfig.Credentials
+	// namedDirs are --build-context NAME=DIR entries, sent as tars.
+	namedDirs []namedDir
 }
+
+type namedDir struct{ name, dir string }
 
 // hasTag reports whether the user gave name as a tag, with or without
 // the :latest a name without a tag means.
@@ -188,6 +193,7 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.shmSize, "shm-size", "", "size of /dev/shm for RUN steps, e.g. 128m")
 	fl.StringArrayVar(&f.ulimits, "ulimit", nil, "ulimit for RUN steps, NAME=SOFT[:HARD] (e.g. nofile=1024:2048); repeatable")
 	fl.BoolVar(&f.push, "push", false, "also push names on other registries (-t registry.example.com/app:1) there, with the credentials of your docker config (~/.docker/config.json, credential helpers); the result is always in kiln's registry")
+	fl.StringArrayVar(&f.buildContexts, "build-context", nil, "a named context for FROM NAME or COPY --from=NAME: NAME=DIR (sent with its own .dockerignore), NAME=docker-image://REF, NAME=GIT-URL or NAME=https://URL; repeatable")
 	fl.StringArrayVar(&f.cacheFrom, "cache-from", nil, "import a registry cache: type=registry,ref=NAME or NAME (kiln's registry, or another with your docker credentials); repeatable")
 	fl.StringArrayVar(&f.cacheTo, "cache-to", nil, "export the build cache to a registry: type=registry,ref=NAME[,mode=min|max]")
 	fl.BoolVar(&f.load, "load", false, "not supported: kiln has no local docker engine to load into")
@@ -312,6 +318,27 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	}
 	if push {
 		add("push", "true")
+	}
+	for _, bc := range f.buildContexts {
+		name, src, ok := strings.Cut(bc, "=")
+		if !ok || name == "" || src == "" {
+			return nil, usageError(cmd, "--build-context %q: use NAME=DIR, NAME=docker-image://REF, NAME=GIT-URL or NAME=https://URL", bc)
+		}
+		switch {
+		case strings.HasPrefix(src, "docker-image://"):
+			add("build_contexts", bc)
+			form.registryRefs = append(form.registryRefs, strings.TrimPrefix(src, "docker-image://"))
+		case strings.Contains(src, "://") || contextKind(src) == contextGit:
+			// git, http(s), and what the server explains it cannot take
+			// (oci-layout://).
+			add("build_contexts", bc)
+		default:
+			st, err := os.Stat(src)
+			if err != nil || !st.IsDir() {
+				return nil, usageError(cmd, "--build-context %s=%s: not a directory (and not docker-image://, a git URL or an https:// URL)", name, src)
+			}
+			form.namedDirs = append(form.namedDirs, namedDir{name, src})
+		}
 	}
 	for _, c := range f.cacheFrom {
 		add("cache_from", c)

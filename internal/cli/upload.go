@@ -147,6 +147,9 @@ func sendForm(ctx context.Context, c *client, form *buildForm, contextPart func(
 	go func() {
 		err := writeFields(mw, form)
 		if err == nil {
+			err = writeNamedContexts(ctx, mw, form)
+		}
+		if err == nil {
 			err = contextPart(mw)
 		}
 		if err == nil {
@@ -241,6 +244,27 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 		}
 		if _, err := w.Write(b); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// writeNamedContexts sends each --build-context directory as a
+// named_context part, a tar chosen by the directory's own .dockerignore.
+func writeNamedContexts(ctx context.Context, mw *multipart.Writer, form *buildForm) error {
+	for _, n := range form.namedDirs {
+		h := textproto.MIMEHeader{}
+		h.Set("Content-Disposition", fmt.Sprintf(`form-data; name="named_context"; filename="%s"`, quoteEscaper.Replace(n.name)))
+		h.Set("Content-Type", "application/zstd")
+		w, err := mw.CreatePart(h)
+		if err != nil {
+			return err
+		}
+		// No Dockerfile lives in a named context: a path outside it
+		// keeps Pack from adding one.
+		opt := buildcontext.PackOptions{Dockerfile: "/dev/null", Compression: buildcontext.Zstd}
+		if _, err := buildcontext.Pack(ctx, n.dir, w, opt); err != nil {
+			return fmt.Errorf("send build context %s (%s): %w", n.name, n.dir, err)
 		}
 	}
 	return nil

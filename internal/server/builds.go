@@ -62,6 +62,7 @@ var fieldLimits = map[string]struct {
 	"push":             {16, 1},
 	"cache_from":       {2048, 8},
 	"cache_to":         {2048, 1},
+	"build_contexts":   {8 << 10, 16},
 	"attach":           {16, 1},
 }
 
@@ -130,6 +131,11 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 			}
 		case "context_manifest":
 			if err := s.builds.ReceiveManifest(r.Context(), principal(r), up, part); err != nil {
+				s.fail(w, r, err)
+				return
+			}
+		case "named_context":
+			if err := s.builds.ReceiveNamedContext(r.Context(), up, part.FileName(), part); err != nil {
 				s.fail(w, r, err)
 				return
 			}
@@ -299,6 +305,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.CacheFrom = append(req.CacheFrom, v)
 	case "cache_to":
 		req.CacheTo = append(req.CacheTo, v)
+	case "build_contexts":
+		req.BuildContexts = append(req.BuildContexts, v)
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {

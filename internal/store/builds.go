@@ -99,6 +99,8 @@ type BuildOptions struct {
 	// exports (--cache-from, --cache-to), next to its scope's volume.
 	CacheFrom []CacheRef `json:"cache_from,omitempty"`
 	CacheTo   *CacheRef  `json:"cache_to,omitempty"`
+	// NamedContexts are the build's --build-context entries, by name.
+	NamedContexts []NamedContext `json:"named_contexts,omitempty"`
 	// RegistryAuthHosts are the registries the submitter sent
 	// credentials for; the credentials were held in memory only.
 	RegistryAuthHosts []string `json:"registry_auth_hosts,omitempty"`
@@ -106,6 +108,29 @@ type BuildOptions struct {
 	// submitted: this one waits for it and takes its result.
 	Follows string `json:"follows,omitempty"`
 }
+
+// NamedContext is one --build-context entry, pinned where it can be.
+type NamedContext struct {
+	Name string           `json:"name"`
+	Kind NamedContextKind `json:"kind"`
+	// Source is what BuildKit is given: docker-image://host/repo@digest,
+	// a git URL at its commit, a URL; for a directory, its index among
+	// the build's uploaded named contexts.
+	Source string `json:"source"`
+	// Hash pins it for the input hash (content hash, digest, commit); ""
+	// when it cannot be pinned.
+	Hash string `json:"hash,omitempty"`
+}
+
+// NamedContextKind is where a named context comes from.
+type NamedContextKind string
+
+const (
+	NamedLocal NamedContextKind = "local"
+	NamedImage NamedContextKind = "image"
+	NamedGit   NamedContextKind = "git"
+	NamedURL   NamedContextKind = "url"
+)
 
 // CacheRef is a registry cache: a full reference, and the repository in
 // kiln's registry when it is kiln's (KilnRepo; the build's registry token
