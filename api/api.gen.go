@@ -18,6 +18,24 @@ import (
 	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
+// Defines values for BuildRequestCall.
+const (
+	BuildRequestCallBuild BuildRequestCall = "build"
+	BuildRequestCallCheck BuildRequestCall = "check"
+)
+
+// Valid indicates whether the value is a known member of the BuildRequestCall enum.
+func (e BuildRequestCall) Valid() bool {
+	switch e {
+	case BuildRequestCallBuild:
+		return true
+	case BuildRequestCallCheck:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for BuildRequestNetwork.
 const (
 	Egress   BuildRequestNetwork = "egress"
@@ -171,10 +189,16 @@ type Build struct {
 	CacheScope string    `json:"cache_scope"`
 
 	// CacheTo The registry cache the build exports to.
-	CacheTo      *string   `json:"cache_to,omitempty"`
-	ContextBytes *int64    `json:"context_bytes,omitempty"`
-	Cpus         *int      `json:"cpus,omitempty"`
-	CreatedAt    time.Time `json:"created_at"`
+	CacheTo *string `json:"cache_to,omitempty"`
+
+	// Call check for a build that ran the Dockerfile's checks only.
+	Call *string `json:"call,omitempty"`
+
+	// Check What the Dockerfile's checks found (call=check), once the build finished.
+	Check        *BuildCheck `json:"check,omitempty"`
+	ContextBytes *int64      `json:"context_bytes,omitempty"`
+	Cpus         *int        `json:"cpus,omitempty"`
+	CreatedAt    time.Time   `json:"created_at"`
 
 	// DedupOf The build whose result answered this one (identical inputs).
 	DedupOf    *string    `json:"dedup_of"`
@@ -215,6 +239,18 @@ type Build struct {
 	Timings *map[string]float64 `json:"timings,omitempty"`
 }
 
+// BuildCheck What the Dockerfile's checks found (call=check), once the build finished.
+type BuildCheck struct {
+	// Error A problem that kept the checks from completing
+	Error *string `json:"error,omitempty"`
+
+	// Report The violations as docker build --check prints them, each with its rule, URL and Dockerfile lines.
+	Report string `json:"report"`
+
+	// Warnings Rule violations found.
+	Warnings int `json:"warnings"`
+}
+
 // BuildList defines model for BuildList.
 type BuildList struct {
 	Builds     []Build `json:"builds"`
@@ -249,6 +285,9 @@ type BuildRequest struct {
 
 	// CacheTo A registry cache to export: type=registry,ref=NAME[,mode=min|max] (mode default min). NAME in kiln's registry must be one your tenant may push to. Other types (inline, local, gha, s3) are refused: each cache scope already keeps its cache on its volume. A build with cache_to or an external push never deduplicates.
 	CacheTo *string `json:"cache_to,omitempty"`
+
+	// Call What to run, as docker buildx build --call: build, or check (the Dockerfile frontend's checks, as docker build --check: nothing is built or pushed; the finished build's check field has the warnings). A check takes no tags, push or cache_to.
+	Call *BuildRequestCall `json:"call,omitempty"`
 
 	// Context tar, tar.gz or tar.zst of the build context. Send it, or context_manifest.
 	Context *openapi_types.File `json:"context,omitempty"`
@@ -308,6 +347,9 @@ type BuildRequest struct {
 	// Ulimits NAME=SOFT[:HARD] limits for RUN steps, e.g. nofile=1024:2048 (--ulimit); repeat the field.
 	Ulimits *[]string `json:"ulimits,omitempty"`
 }
+
+// BuildRequestCall What to run, as docker buildx build --call: build, or check (the Dockerfile frontend's checks, as docker build --check: nothing is built or pushed; the finished build's check field has the warnings). A check takes no tags, push or cache_to.
+type BuildRequestCall string
 
 // BuildRequestNetwork What RUN steps can reach. egress (default): the internet, or
 // with allowed_domains only those domains through a filtering

@@ -304,7 +304,7 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 // registry (the export or the push is the point of the build).
 func dedupEligible(o store.BuildOptions) bool {
 	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport &&
-		len(o.ExternalPush) == 0 && o.CacheTo == nil
+		len(o.ExternalPush) == 0 && o.CacheTo == nil && o.Call == ""
 }
 
 // findDedup returns the succeeded original build with input hash h that

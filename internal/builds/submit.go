@@ -159,6 +159,9 @@ type Request struct {
 	// ContextURL is a git URL the builder fetches as the context instead
 	// of an uploaded one (https://host/org/repo.git#ref:subdir).
 	ContextURL string
+	// Call is "" or "build" (a build) or "check" (docker build --check:
+	// the Dockerfile's checks, no image).
+	Call string
 	// Push lets Tags name images on other registries, which the result
 	// is pushed to as well (kiln build --push).
 	Push bool
@@ -361,6 +364,16 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 	}
 	if err := validateKnobs(req, &o); err != nil {
 		return o, nil, err
+	}
+	switch req.Call {
+	case "", "build":
+	case solve.CallCheck:
+		if len(req.Tags) > 0 || req.Push || len(req.CacheTo) > 0 {
+			return o, nil, badRequest("call=check runs the Dockerfile's checks and builds no image: drop tags, push and cache_to")
+		}
+		o.Call = solve.CallCheck
+	default:
+		return o, nil, badRequest("call %s is not supported: use build (the default) or check", errdefs.Quote(req.Call))
 	}
 	for id := range req.Secrets {
 		if !secretID.MatchString(id) {

@@ -288,6 +288,15 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 		o.Status, o.Phase, o.Error = store.StatusFailed, "failed", err.Error()
 		return o, true
 	}
+	if b.Options.Call == solve.CallCheck {
+		// The checks ran: the build succeeded, whatever they found; the
+		// client decides what warnings mean for it (kiln build exits 1).
+		o.Status, o.Phase = store.StatusSucceeded, "checked"
+		if res.Check != nil {
+			o.Check = &store.Check{Warnings: res.Check.Warnings, Report: res.Check.Report, Error: res.Check.Error}
+		}
+		return o, true
+	}
 	if err := s.recordImages(ctx, b, res.Digest); err != nil {
 		o.Status, o.Phase, o.Error = store.StatusFailed, "failed", err.Error()
 		return o, true
@@ -349,7 +358,11 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 	if b.Options.Admin {
 		scopes = append(scopes, auth.ScopeBuildAdmin)
 	}
+	if b.Options.Call == solve.CallCheck {
+		push = nil // a check builds no image
+	}
 	req := solve.Request{
+		Call:           b.Options.Call,
 		ContextDir:     s.contextDir(b.ID),
 		DockerfileDir:  s.contextDir(b.ID),
 		DockerfileName: b.Options.DockerfilePath,

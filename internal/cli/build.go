@@ -54,6 +54,8 @@ type buildFlags struct {
 	metadataFile   string
 	detach         bool
 	push           bool
+	call           string
+	check          bool
 	buildContexts  []string
 	cacheFrom      []string
 	cacheTo        []string
@@ -91,6 +93,8 @@ type buildForm struct {
 	registryAuth map[string]dockerconfig.Credentials
 	// namedDirs are --build-context NAME=DIR entries, sent as tars.
 	namedDirs []namedDir
+	// check: the build runs the Dockerfile's checks only (--call check).
+	check bool
 }
 
 type namedDir struct{ name, dir string }
@@ -193,6 +197,8 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringVar(&f.shmSize, "shm-size", "", "size of /dev/shm for RUN steps, e.g. 128m")
 	fl.StringArrayVar(&f.ulimits, "ulimit", nil, "ulimit for RUN steps, NAME=SOFT[:HARD] (e.g. nofile=1024:2048); repeatable")
 	fl.BoolVar(&f.push, "push", false, "also push names on other registries (-t registry.example.com/app:1) there, with the credentials of your docker config (~/.docker/config.json, credential helpers); the result is always in kiln's registry")
+	fl.StringVar(&f.call, "call", "build", "what to run: build, or check (the Dockerfile's checks, as docker build --check: warnings on stdout, exit status 1 if there are any; nothing is built)")
+	fl.BoolVar(&f.check, "check", false, "shorthand for --call check")
 	fl.StringArrayVar(&f.buildContexts, "build-context", nil, "a named context for FROM NAME or COPY --from=NAME: NAME=DIR (sent with its own .dockerignore), NAME=docker-image://REF, NAME=GIT-URL or NAME=https://URL; repeatable")
 	fl.StringArrayVar(&f.cacheFrom, "cache-from", nil, "import a registry cache: type=registry,ref=NAME or NAME (kiln's registry, or another with your docker credentials); repeatable")
 	fl.StringArrayVar(&f.cacheTo, "cache-to", nil, "export the build cache to a registry: type=registry,ref=NAME[,mode=min|max]")
@@ -318,6 +324,24 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	}
 	if push {
 		add("push", "true")
+	}
+	switch {
+	case f.check && f.call != "build" && f.call != "check":
+		return nil, usageError(cmd, "--check is --call check; drop --call %s", f.call)
+	case f.check || f.call == "check":
+		form.check = true
+		for _, c := range []struct {
+			set  bool
+			flag string
+		}{{len(f.tags) > 0, "-t"}, {push, "--push"}, {len(f.outputs) > 0, "--output"}, {len(f.cacheTo) > 0, "--cache-to"},
+			{f.quiet, "-q"}, {f.iidFile != "", "--iidfile"}, {f.metadataFile != "", "--metadata-file"}} {
+			if c.set {
+				return nil, usageError(cmd, "--call check runs the Dockerfile's checks and builds no image: drop %s", c.flag)
+			}
+		}
+		add("call", "check")
+	case f.call != "build":
+		return nil, usageError(cmd, "--call %q: kiln takes build and check", f.call)
 	}
 	for _, bc := range f.buildContexts {
 		name, src, ok := strings.Cut(bc, "=")
@@ -871,6 +895,9 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, o bui
 		}
 		return fmt.Errorf("following build %s: %w", b.Id, err)
 	}
+	if form.check {
+		return reportCheck(o.stdout, final)
+	}
 	if err := report(info, final); err != nil {
 		return err
 	}
@@ -921,6 +948,32 @@ func cancelAfterInterrupt(c *client, s settings, id string, w io.Writer) error {
 	}
 	fmt.Fprintf(w, "build %s canceled\n", id)
 	return interrupted("interrupted")
+}
+
+// reportCheck prints what the Dockerfile's checks found on stdout, as
+// docker build --check does, and exits 1 if they found anything.
+func reportCheck(stdout io.Writer, b *api.Build) error {
+	if b.Status != api.BuildStatusSucceeded {
+		return report(io.Discard, b)
+	}
+	if b.Check == nil {
+		return &exitError{code: exitFailure, err: fmt.Errorf("build %s ran its checks but the server reported no result", b.Id)}
+	}
+	c := b.Check
+	if c.Report != "" {
+		fmt.Fprintln(stdout, strings.TrimRight(c.Report, "\n"))
+		fmt.Fprintln(stdout)
+	}
+	switch {
+	case c.Error != nil && *c.Error != "":
+		return &exitError{code: exitFailure, err: fmt.Errorf("the Dockerfile's checks could not complete: %s", *c.Error)}
+	case c.Warnings == 0:
+		fmt.Fprintln(stdout, "Check complete, no warnings found.")
+		return nil
+	case c.Warnings == 1:
+		return &exitError{code: exitFailure, err: errors.New("check complete, 1 warning has been found")}
+	}
+	return &exitError{code: exitFailure, err: fmt.Errorf("check complete, %d warnings have been found", c.Warnings)}
 }
 
 // report prints the outcome and turns a failed build into exit status 1.

@@ -63,6 +63,7 @@ var fieldLimits = map[string]struct {
 	"cache_from":       {2048, 8},
 	"cache_to":         {2048, 1},
 	"build_contexts":   {8 << 10, 16},
+	"call":             {64, 1},
 	"attach":           {16, 1},
 }
 
@@ -307,6 +308,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.CacheTo = append(req.CacheTo, v)
 	case "build_contexts":
 		req.BuildContexts = append(req.BuildContexts, v)
+	case "call":
+		req.Call = strings.TrimSpace(v)
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {
@@ -366,6 +369,15 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 			refs[i] = c.Ref
 		}
 		out.CacheFrom = &refs
+	}
+	if b.Options.Call != "" {
+		out.Call = &b.Options.Call
+	}
+	if c := b.Check; c != nil {
+		out.Check = &api.BuildCheck{Warnings: c.Warnings, Report: c.Report}
+		if c.Error != "" {
+			out.Check.Error = &c.Error
+		}
 	}
 	if c := b.Options.CacheTo; c != nil {
 		ref := "type=registry,ref=" + c.Ref + ",mode=" + c.Mode

@@ -28,6 +28,10 @@ type Request struct {
 	// DockerfileDir rather than the repository's.
 	InlineDockerfile bool `json:"inline_dockerfile,omitempty"`
 
+	// Call is what the frontend is asked for: "" builds, CallCheck runs
+	// the Dockerfile's checks only (docker build --check).
+	Call string `json:"call,omitempty"`
+
 	BuildArgs map[string]string `json:"build_args,omitempty"`
 	Target    string            `json:"target,omitempty"`
 	NoCache   bool              `json:"no_cache,omitempty"`
@@ -93,6 +97,24 @@ type Result struct {
 	// waits on (TimingContext, TimingExport, TimingPush), from
 	// BuildKit's own step and status times.
 	Timings map[string]time.Duration `json:"timings,omitempty"`
+	// Check is the result of a CallCheck request.
+	Check *Check `json:"check,omitempty"`
+}
+
+// CallCheck asks the Dockerfile frontend for its checks (lint rules)
+// instead of a build.
+const CallCheck = "check"
+
+// Check is what the Dockerfile's checks found.
+type Check struct {
+	// Warnings counts the rule violations.
+	Warnings int `json:"warnings"`
+	// Report prints them as docker build --check does: each rule, its
+	// description and the Dockerfile lines it points at.
+	Report string `json:"report,omitempty"`
+	// Error is a problem that kept the checks from completing (a
+	// Dockerfile that does not parse).
+	Error string `json:"error,omitempty"`
 }
 
 // Timing names in Result.Timings.

@@ -1,7 +1,9 @@
 package solve
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	bkerrdefs "github.com/moby/buildkit/solver/errdefs"
@@ -13,6 +15,8 @@ import (
 	"time"
 
 	"github.com/moby/buildkit/client"
+	gateway "github.com/moby/buildkit/frontend/gateway/client"
+	"github.com/moby/buildkit/frontend/subrequests/lint"
 	"github.com/moby/buildkit/identity"
 	"github.com/moby/buildkit/session"
 	"github.com/moby/buildkit/session/secrets/secretsprovider"
@@ -58,7 +62,14 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 		err  error
 	}
 	done := make(chan outcome, 1)
+	var check *Check
 	go func() {
+		if req.Call == CallCheck {
+			resp, chk, err := runCheck(ctx, c, opt, statusCh)
+			check = chk
+			done <- outcome{resp, err}
+			return
+		}
 		resp, err := c.Solve(ctx, nil, opt, statusCh)
 		done <- outcome{resp, err}
 	}()
@@ -92,6 +103,10 @@ func Run(ctx context.Context, c *client.Client, req Request, sink progress.Sink)
 		msg := strings.TrimPrefix(red.apply(out.err.Error()), "failed to solve: ")
 		msg = tr.recap() + red.apply(sourceExcerpt(out.err)) + msg
 		return res, fmt.Errorf("build failed: %w", redactedError{msg, out.err})
+	}
+	if req.Call == CallCheck {
+		res.Check = check
+		return res, nil
 	}
 	if out.resp != nil {
 		res.Digest = out.resp.ExporterResponse["containerimage.digest"]
@@ -252,6 +267,39 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		}}
 	}
 	return opt, nil
+}
+
+// runCheck runs the Dockerfile frontend's lint subrequest (docker build
+// --check) instead of a build: the checks run, nothing is built or pushed.
+func runCheck(ctx context.Context, c *client.Client, opt client.SolveOpt, statusCh chan *client.SolveStatus) (*client.SolveResponse, *Check, error) {
+	attrs := opt.FrontendAttrs
+	attrs["requestid"] = lint.RequestLint
+	opt.Frontend, opt.FrontendAttrs = "", nil
+	opt.Exports, opt.CacheExports = nil, nil
+	var check *Check
+	resp, err := c.Build(ctx, opt, "kiln", func(ctx context.Context, gw gateway.Client) (*gateway.Result, error) {
+		res, err := gw.Solve(ctx, gateway.SolveRequest{Frontend: "dockerfile.v0", FrontendOpt: attrs})
+		if err != nil {
+			return nil, err
+		}
+		var results lint.LintResults
+		if err := json.Unmarshal(res.Metadata["result.json"], &results); err != nil {
+			return nil, fmt.Errorf("read the Dockerfile check's result: %w", err)
+		}
+		var report bytes.Buffer
+		if err := results.PrintTo(&report, nil); err != nil {
+			return nil, fmt.Errorf("print the Dockerfile check's result: %w", err)
+		}
+		if results.Error != nil {
+			results.PrintErrorTo(&report, nil)
+		}
+		check = &Check{Warnings: len(results.Warnings), Report: strings.TrimLeft(report.String(), "\n")}
+		if results.Error != nil {
+			check.Error = results.Error.Message
+		}
+		return gateway.NewResult(), nil
+	}, statusCh)
+	return resp, check, err
 }
 
 // redactedError keeps the original error chain for errors.Is/As while its

@@ -487,3 +487,29 @@ func keys[V any](m map[string]V) []string {
 	}
 	return out
 }
+
+// CallCheck runs the Dockerfile's checks and builds nothing: rule
+// violations come back counted and printed with their Dockerfile lines.
+func TestCheckReportsLintWarningsAndBuildsNothing(t *testing.T) {
+	dir := testkit.ContextDir(t, map[string]string{
+		// FromAsCasing (lower-case "as") and a RUN that would fail if it ran.
+		"Dockerfile": "FROM scratch as base\nCOPY missing.txt /\n",
+	})
+	name := env.registry + "/test/check:latest"
+	res, err := solve.Run(testCtx(t), env.client, solve.Request{ContextDir: dir, Call: solve.CallCheck, Push: []string{name}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Check == nil || res.Check.Warnings != 1 || !strings.Contains(res.Check.Report, "FromAsCasing") || !strings.Contains(res.Check.Report, "FROM scratch as base") {
+		t.Fatalf("check = %+v, want one FromAsCasing warning showing the line", res.Check)
+	}
+	if res.Digest != "" || testkit.ManifestExists(t, name) {
+		t.Error("a check built and pushed an image")
+	}
+
+	clean := testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM scratch AS base\n"})
+	res, err = solve.Run(testCtx(t), env.client, solve.Request{ContextDir: clean, Call: solve.CallCheck}, nil)
+	if err != nil || res.Check == nil || res.Check.Warnings != 0 {
+		t.Fatalf("check of a clean Dockerfile = %+v, %v; want no warnings", res.Check, err)
+	}
+}

@@ -48,10 +48,19 @@ type Build struct {
 	// build of its scope.
 	BuilderReused bool
 	// Timings are seconds per phase (Timing* names).
-	Timings    map[string]float64
+	Timings map[string]float64
+	// Check is what a call=check build's checks found; nil for builds.
+	Check      *Check
 	CreatedAt  time.Time
 	StartedAt  time.Time // zero until running
 	FinishedAt time.Time // zero until terminal
+}
+
+// Check is the result of a build's Dockerfile checks.
+type Check struct {
+	Warnings int    `json:"warnings"`
+	Report   string `json:"report,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 // BuildOptions are the request knobs, stored as JSON. Secrets are never
@@ -79,6 +88,9 @@ type BuildOptions struct {
 	AddHosts    []string          `json:"add_hosts,omitempty"`
 	ShmSize     int64             `json:"shm_size,omitempty"`
 	Ulimits     []string          `json:"ulimits,omitempty"`
+	// Call is what the build asks the frontend for: "" (a build) or
+	// "check" (the Dockerfile's checks only; no image).
+	Call string `json:"call,omitempty"`
 	// ContextURL is a git context pinned to its commit
 	// (remote#commit[:subdir]); the builder fetches it, and the build has
 	// no context directory.
@@ -155,16 +167,16 @@ type BasePin struct {
 
 const buildColumns = `id, seq, status, phase, subject, tenant, cache_scope, tags, options, image_digest,
 	steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
-	created_at, started_at, finished_at, builder_reused, timings`
+	created_at, started_at, finished_at, builder_reused, timings, check_result`
 
 func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
 	var b Build
-	var tags, opts, timings string
+	var tags, opts, timings, check string
 	var created int64
 	var started, finished sql.NullInt64
 	err := row.Scan(&b.ID, &b.Seq, &b.Status, &b.Phase, &b.Subject, &b.Tenant, &b.CacheScope, &tags, &opts,
 		&b.ImageDigest, &b.StepsTotal, &b.StepsCached, &b.DedupOf, &b.InputHash, &b.Error, &b.Runtime,
-		&b.ContextBytes, &b.Attempt, &created, &started, &finished, &b.BuilderReused, &timings)
+		&b.ContextBytes, &b.Attempt, &created, &started, &finished, &b.BuilderReused, &timings, &check)
 	if err != nil {
 		return Build{}, err
 	}
@@ -176,6 +188,11 @@ func scanBuild(row interface{ Scan(...any) error }) (Build, error) {
 	}
 	if err := json.Unmarshal([]byte(timings), &b.Timings); err != nil {
 		return Build{}, fmt.Errorf("build %s: decode timings: %w", b.ID, err)
+	}
+	if check != "" {
+		if err := json.Unmarshal([]byte(check), &b.Check); err != nil {
+			return Build{}, fmt.Errorf("build %s: decode check result: %w", b.ID, err)
+		}
 	}
 	b.CreatedAt = time.UnixMicro(created).UTC()
 	if started.Valid {
@@ -374,9 +391,10 @@ type Outcome struct {
 	StepsTotal  int
 	StepsCached int
 	Phase       string
-	// BuilderReused and Timings: see Build.
+	// BuilderReused, Timings and Check: see Build.
 	BuilderReused bool
 	Timings       map[string]float64
+	Check         *Check
 }
 
 // Phase names in Build.Timings.
@@ -394,11 +412,19 @@ func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.T
 	if err != nil || o.Timings == nil {
 		timings = []byte("{}")
 	}
+	check := ""
+	if o.Check != nil {
+		b, err := json.Marshal(o.Check)
+		if err != nil {
+			return false, fmt.Errorf("finish build %s: encode check result: %w", id, err)
+		}
+		check = string(b)
+	}
 	res, err := q.ExecContext(ctx, `UPDATE builds SET status = ?, error = ?, image_digest = ?,
-		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?, builder_reused = ?, timings = ?
+		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?, builder_reused = ?, timings = ?, check_result = ?
 		WHERE id = ? AND status IN ('queued', 'running')`,
 		o.Status, o.Error, o.ImageDigest, o.StepsTotal, o.StepsCached, o.Phase, at.UnixMicro(),
-		o.BuilderReused, string(timings), id)
+		o.BuilderReused, string(timings), check, id)
 	if err != nil {
 		return false, fmt.Errorf("finish build %s: %w", id, err)
 	}
