@@ -253,6 +253,7 @@ func (b *builder) start(parent context.Context, task *guest.Task) error {
 		// The volume outlives the build; step output may hold secrets.
 		NoHistory: true,
 		Proxy:     setup.Proxy,
+		NoProxy:   setup.NoProxy,
 		Logger:    log,
 	})
 	if err != nil {

@@ -391,7 +391,8 @@ func TestWarmRunOnTheSameVolumeUsesItsCache(t *testing.T) {
 
 // session is one agent session driven job by job: the agent in a goroutine
 // on the guest end of a socketpair, a set-up guest.Conn on the other.
-func session(t *testing.T, f *fixture, setupSink progress.Sink) (*guest.Conn, guest.Job, <-chan outcome) {
+// tweak changes the builder's shape before the setup.
+func session(t *testing.T, f *fixture, setupSink progress.Sink, tweak ...func(*guest.Job)) (*guest.Conn, guest.Job, <-chan outcome) {
 	t.Helper()
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -424,6 +425,9 @@ func session(t *testing.T, f *fixture, setupSink progress.Sink) (*guest.Conn, gu
 		GC:                 buildkitd.GCPolicy{ReservedSpace: "256MB", MaxUsedSpace: "1536MB", MinFreeSpace: "10%"},
 		InsecureRegistries: []string{tunnelAddr},
 		Tunnels:            []guest.Tunnel{{Name: "registry", Listen: tunnelAddr}},
+	}
+	for _, fn := range tweak {
+		fn(&shape)
 	}
 	c, err := h.Connect(context.Background(), hostEnd, shape.Setup(), setupSink)
 	if err != nil {
@@ -492,6 +496,79 @@ func TestTwoJobsOnOneSessionShareBuildkitdAndCache(t *testing.T) {
 	}
 	if err := c.Err(); err != nil {
 		t.Fatalf("the builder is unusable after two good jobs: %v", err)
+	}
+	if err := c.Release(context.Background()); err != nil {
+		t.Fatalf("release: %v", err)
+	}
+	if a := waitFor(t, agentDone, "agent.Run", time.Minute); a.err != nil {
+		t.Errorf("agent after a release: %v", a.err)
+	}
+	assertReleased(t, f)
+}
+
+// TestNamedLocalContextsReachTheSolve: a job's two named local contexts
+// arrive in the guest as trees of their own and BuildKit gets each as the
+// context its name stands for (COPY --from=NAME).
+func TestNamedLocalContextsReachTheSolve(t *testing.T) {
+	f := newFixture(t)
+	res, _ := runBuild(t, f, "named", solve.Request{
+		ContextDir: testkit.ContextDir(t, map[string]string{
+			"Dockerfile": "FROM scratch\nCOPY main.txt /\nCOPY --from=first /file /first\nCOPY --from=second /file /second\nCOPY --from=second /sub /sub\n",
+			"main.txt":   "main context\n",
+		}),
+		LocalContexts: map[string]string{
+			"first":  testkit.ContextDir(t, map[string]string{"file": "from the first named context\n"}),
+			"second": testkit.ContextDir(t, map[string]string{"file": "from the second named context\n", "sub/deep.txt": "deep\n"}),
+		},
+		Push: []string{tunnelAddr + "/app/named:latest"},
+	})
+	img := testkit.FetchImage(t, registry+"/app/named:latest")
+	if img.Digest != res.Digest {
+		t.Errorf("agent reported digest %q, the registry holds %s", res.Digest, img.Digest)
+	}
+	for path, want := range map[string]string{
+		"/main.txt": "main context\n", "/first": "from the first named context\n",
+		"/second": "from the second named context\n", "/sub/deep.txt": "deep\n",
+	} {
+		if got := string(img.Files[path]); got != want {
+			t.Errorf("%s = %q, want %q", path, got, want)
+		}
+	}
+	assertReleased(t, f)
+}
+
+// TestProxySetupReachesBuildkitd: a builder set up with a proxy and
+// no-proxy hosts starts buildkitd with them in its environment, so the
+// registries the guest reaches through tunnels by name bypass the proxy.
+func TestProxySetupReachesBuildkitd(t *testing.T) {
+	f := newFixture(t)
+	const proxy = "http://127.0.0.1:3128"
+	c, _, agentDone := session(t, f, nil, func(j *guest.Job) {
+		j.Proxy = proxy
+		j.NoProxy = []string{"kiln.example.com", "ghcr.io"}
+	})
+	daemons := processesMentioning(f.state)
+	if len(daemons) != 1 {
+		t.Fatalf("buildkitd processes after the setup: %v", daemons)
+	}
+	pid, _, _ := strings.Cut(daemons[0], ":")
+	raw, err := os.ReadFile(filepath.Join("/proc", pid, "environ"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, kv := range strings.Split(string(raw), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			env[k] = v
+		}
+	}
+	if env["HTTPS_PROXY"] != proxy || env["https_proxy"] != proxy {
+		t.Errorf("buildkitd's HTTPS_PROXY = %q, https_proxy = %q; want %s", env["HTTPS_PROXY"], env["https_proxy"], proxy)
+	}
+	for _, k := range []string{"NO_PROXY", "no_proxy"} {
+		if got, want := env[k], "localhost,127.0.0.1,::1,kiln.example.com,ghcr.io"; got != want {
+			t.Errorf("buildkitd's %s = %q, want %q", k, got, want)
+		}
 	}
 	if err := c.Release(context.Background()); err != nil {
 		t.Fatalf("release: %v", err)

@@ -60,8 +60,14 @@ type Config struct {
 	// step that prints a secret would leave it on the cache volume.
 	NoHistory bool
 	// Proxy, when set, is the HTTP(S) proxy the daemon uses for what it
-	// fetches itself (ADD <url>, git sources); loopback stays direct.
+	// fetches itself (ADD <url>, git sources, and registries it reaches by
+	// a name not in NoProxy); loopback stays direct.
 	Proxy string
+	// NoProxy are host names the daemon reaches directly although Proxy
+	// is set: in a builder VM, the registry names its hosts file maps to
+	// tunnels inside the guest. Each also covers the names below it
+	// (NO_PROXY's rule, in Go as in curl). Only with Proxy.
+	NoProxy []string
 	// StartTimeout bounds the wait for the daemon to answer (default 60s).
 	StartTimeout time.Duration
 	Logger       *slog.Logger
@@ -135,12 +141,11 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 		// PATHs do not always carry.
 		"PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin",
 	)
-	if cfg.Proxy != "" {
-		for _, k := range []string{"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} {
-			cmd.Env = append(cmd.Env, k+"="+cfg.Proxy)
-		}
-		cmd.Env = append(cmd.Env, "NO_PROXY=localhost,127.0.0.1,::1", "no_proxy=localhost,127.0.0.1,::1")
+	penv, err := proxyEnv(cfg.Proxy, cfg.NoProxy)
+	if err != nil {
+		return nil, err
 	}
+	cmd.Env = append(cmd.Env, penv...)
 	// No private mount namespace: one would hold a private copy of every
 	// other build's volume mount for this daemon's whole life, keeping
 	// their loop devices busy after they finish. buildkitd's own mounts
@@ -291,6 +296,30 @@ func (d *Daemon) stop(ctx context.Context) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// proxyEnv is the daemon's proxy environment: every proxy variable set to
+// proxy, NO_PROXY to loopback and the noProxy hosts. None without a proxy.
+func proxyEnv(proxy string, noProxy []string) ([]string, error) {
+	if proxy == "" {
+		if len(noProxy) > 0 {
+			return nil, fmt.Errorf("buildkitd: no-proxy hosts %v without a proxy", noProxy)
+		}
+		return nil, nil
+	}
+	skip := []string{"localhost", "127.0.0.1", "::1"}
+	for _, h := range noProxy {
+		if h == "" || strings.ContainsAny(h, ",/ \t\r\n") {
+			return nil, fmt.Errorf("buildkitd: no-proxy host %q must be a bare host name", h)
+		}
+		skip = append(skip, h)
+	}
+	list := strings.Join(skip, ",")
+	var env []string
+	for _, k := range []string{"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} {
+		env = append(env, k+"="+proxy)
+	}
+	return append(env, "NO_PROXY="+list, "no_proxy="+list), nil
 }
 
 func killCgroupIfSet(name string) error {

@@ -2,6 +2,7 @@ package buildkitd
 
 import (
 	"context"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	bkconfig "github.com/moby/buildkit/cmd/buildkitd/config"
+	"golang.org/x/net/http/httpproxy"
 
 	"github.com/kiln-build/kiln/internal/testkit"
 )
@@ -154,5 +156,74 @@ func TestStopAndKillLeftoverLeaveNoDaemon(t *testing.T) {
 	}
 	if err := KillLeftover(filepath.Join(dir, "stop")); err != nil {
 		t.Fatalf("KillLeftover with a recycled pid: %v", err)
+	}
+}
+
+// TestProxyEnvKeepsTunnelledRegistriesDirect: with a proxy, the daemon's
+// environment sends everything through it except loopback and the
+// NoProxy hosts, on any port and scheme, as Go's proxy selection (which
+// BuildKit's registry client uses) reads that environment.
+func TestProxyEnvKeepsTunnelledRegistriesDirect(t *testing.T) {
+	const proxy = "http://127.0.0.1:3128"
+	env, err := proxyEnv(proxy, []string{"kiln.example.com", "ghcr.io", "plain.example.com"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vars := map[string]string{}
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		vars[k] = v
+	}
+	for _, k := range []string{"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} {
+		if vars[k] != proxy {
+			t.Errorf("%s = %q, want %q", k, vars[k], proxy)
+		}
+	}
+	if vars["NO_PROXY"] != vars["no_proxy"] {
+		t.Errorf("NO_PROXY %q and no_proxy %q differ", vars["NO_PROXY"], vars["no_proxy"])
+	}
+	pick := (&httpproxy.Config{HTTPProxy: vars["HTTP_PROXY"], HTTPSProxy: vars["HTTPS_PROXY"], NoProxy: vars["NO_PROXY"]}).ProxyFunc()
+	for raw, direct := range map[string]bool{
+		// Registries the guest reaches through tunnels of their own.
+		"https://kiln.example.com:7070/v2/":       true,
+		"http://kiln.example.com:7070/token":      true,
+		"https://ghcr.io/v2/acme/app/manifests/1": true,
+		"https://GHCR.io/v2/":                     true,
+		"https://plain.example.com/v2/":           true, // the HTTPS probe of an insecure one
+		"http://plain.example.com/v2/":            true,
+		"https://127.0.0.1:5999/v2/":              true,
+		"http://localhost:5999/v2/":               true,
+		"https://[::1]:5999/v2/":                  true,
+		"https://auth.docker.io/token":            false,
+		"https://example.org/file.tar.gz":         false,
+		"http://example.org/file.tar.gz":          false,
+		"https://kiln.example.com.evil.org/":      false,
+		"https://registry-1.docker.io/v2/":        false,
+		"https://127.0.1.1.nip.io/":               false,
+		"https://notghcr.io/v2/":                  false,
+	} {
+		u, err := url.Parse(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := pick(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := p == nil; got != direct {
+			t.Errorf("%s: direct = %t, want %t (proxy %v)", raw, got, direct, p)
+		}
+	}
+
+	if env, err := proxyEnv("", nil); err != nil || len(env) != 0 {
+		t.Errorf("no proxy: env %v, err %v; want nothing", env, err)
+	}
+	for _, bad := range [][]string{{""}, {"a.example.com,b.example.com"}, {"a b"}, {"http://a.example.com"}} {
+		if _, err := proxyEnv(proxy, bad); err == nil {
+			t.Errorf("no-proxy hosts %q were taken", bad)
+		}
+	}
+	if _, err := proxyEnv("", []string{"kiln.example.com"}); err == nil {
+		t.Error("no-proxy hosts without a proxy were taken")
 	}
 }

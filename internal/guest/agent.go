@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -383,12 +386,20 @@ func (t *Task) MarkBroken(why error) {
 }
 
 // FetchContext downloads the job's build context (and its Dockerfile dir,
-// when that is separate) below dir, which must exist, and returns the
-// job's solve request with ContextDir and DockerfileDir pointing there.
+// when that is separate, and each named local context) below dir, which
+// must exist, and returns the job's solve request with ContextDir,
+// DockerfileDir and LocalContexts pointing there: dir/context,
+// dir/dockerfile, dir/named/N.
 func (t *Task) FetchContext(ctx context.Context, dir string) (solve.Request, error) {
 	req := t.job.Solve
 	fetch := func(name string) (string, error) {
-		target := filepath.Join(dir, name)
+		if !validTree(name) {
+			return "", fmt.Errorf("fetch %q: the host named no context tree this agent knows (host and agent from different kilns?)", name)
+		}
+		target := filepath.Join(dir, filepath.FromSlash(name))
+		if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+			return "", fmt.Errorf("fetch %s: %w", name, err)
+		}
 		if err := os.Mkdir(target, 0o755); err != nil {
 			return "", fmt.Errorf("fetch %s: %w", name, err)
 		}
@@ -411,7 +422,39 @@ func (t *Task) FetchContext(ctx context.Context, dir string) (solve.Request, err
 			return req, err
 		}
 	}
+	if len(t.job.Solve.LocalContexts) > 0 {
+		// A map of its own: the job's stays as the host sent it.
+		req.LocalContexts = make(map[string]string, len(t.job.Solve.LocalContexts))
+		for _, name := range slices.Sorted(maps.Keys(t.job.Solve.LocalContexts)) {
+			tree := t.job.Solve.LocalContexts[name]
+			if !strings.HasPrefix(tree, treeNamed) {
+				return req, fmt.Errorf("named local context %s: the host sent %q instead of a context tree name", name, tree)
+			}
+			if req.LocalContexts[name], err = fetch(tree); err != nil {
+				return req, fmt.Errorf("named local context %s: %w", name, err)
+			}
+		}
+	}
 	return req, nil
+}
+
+// validTree reports whether name is a context tree name of this protocol
+// version: context, dockerfile or named/N.
+func validTree(name string) bool {
+	switch name {
+	case treeContext, treeDockerfile:
+		return true
+	}
+	n, ok := strings.CutPrefix(name, treeNamed)
+	if !ok || n == "" || len(n) > 6 {
+		return false
+	}
+	for _, c := range n {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // OpenTunnel opens one connection through the job's tunnel named name;

@@ -25,16 +25,18 @@
 // it has read the agent's hello (guest writes block until the host end is
 // connected, so the hello itself cannot be lost). Both are single JSON lines:
 //
-//	agent → host  {"proto":"kiln-guest","version":2,"agent":"kiln-agent v…"}
-//	host → agent  {"version":2}                      accepted
-//	host → agent  {"version":2,"error":"…"}          refused; host closes
+//	agent → host  {"proto":"kiln-guest","version":3,"agent":"kiln-agent v…"}
+//	host → agent  {"version":3}                      accepted
+//	host → agent  {"version":3,"error":"…"}          refused; host closes
 //
 // The host waits Host.HelloTimeout for the hello (boot time). A different
 // version is refused on both sides with an error wrapping
 // ErrVersionMismatch that says to rebuild the builder image; any other
 // first line (an old placeholder agent, console noise) is refused as not a
 // hello. Version is bumped on any incompatible change below (version 1 ran
-// exactly one job per session and had no setup, seq or release).
+// exactly one job per session and had no setup, seq or release; version 2
+// had no named context trees and no NoProxy, which its agent would drop
+// without a word).
 //
 // # Multiplexing
 //
@@ -47,6 +49,7 @@
 //	{"kind":"events","seq":N}                       once per setup or job
 //	{"kind":"context","name":"context","seq":N}     the build context as a tar stream
 //	{"kind":"context","name":"dockerfile","seq":N}  the Dockerfile dir, if separate
+//	{"kind":"context","name":"named/I","seq":N}     a named local context, one per name
 //	{"kind":"tunnel","name":"registry","seq":N}     one TCP connection, any number (any tunnel name)
 //
 // seq numbers the session's work: 0 is the setup, jobs are 1, 2, … in the
@@ -74,7 +77,9 @@
 //	{"type":"released","error":"…"}                     once, answering release
 //
 // The setup is Setup: the cache disk serial, GC bounds, insecure
-// registries, network mode, parallelism, the NIC and buildkitd's proxy.
+// registries, network mode, parallelism, the NIC, and buildkitd's proxy
+// with the host names it reaches without it (NoProxy: the registry names
+// the job's tunnels map to guest IPs).
 // Every job of the session has the same (Job.Setup; the host refuses a job
 // whose setup differs). The agent answers the setup, like a job, with one
 // done: no error means buildkitd is ready for jobs; an error means the
@@ -109,8 +114,13 @@
 // and a reply line ({} or {"error":"…"}), because a tar cut off between
 // entries reads as a complete smaller context. The agent unpacks it through
 // an os.Root, so no entry can land outside the target. On the wire
-// Job.Solve.ContextDir is "context" and DockerfileDir is "dockerfile" or
-// empty; host paths never reach the guest.
+// Job.Solve.ContextDir is "context", DockerfileDir is "dockerfile" or
+// empty, and each value of LocalContexts (named contexts from
+// directories) is "named/I", I the name's index in the sorted names; host
+// paths never reach the guest. The host serves a job only the trees of
+// its own request; the agent unpacks each into a directory of its own
+// below the job's work dir (context, dockerfile, named/I) and only names
+// of these forms.
 //
 // # Tunnel streams
 //

@@ -16,18 +16,21 @@ import (
 // must speak the same one: the agent ships inside the builder image, so a
 // mismatch means the image was built by a different kiln. Version 2: one
 // session runs a setup and then any number of jobs, until the host
-// releases the builder.
-const Version = 2
+// releases the builder. Version 3: a job's named local contexts
+// (solve.Request.LocalContexts) travel as context trees of their own
+// ("named/N"), and the setup carries buildkitd's NoProxy hosts; an agent
+// of version 2 would drop both without a word.
+const Version = 3
 
 // Job is everything the agent needs for one build. Its setup fields
-// (CacheDisk, GC, InsecureRegistries, Network, MaxParallelism, NIC, Proxy;
-// see Setup) are the builder's: they must equal the setup the session was
+// (CacheDisk, GC, InsecureRegistries, Network, MaxParallelism, NIC, Proxy,
+// NoProxy; see Setup) are the builder's: they must equal the setup the session was
 // connected with, and the agent acts on them once, at setup.
 type Job struct {
 	BuildID string `json:"build_id"`
-	// Solve is the BuildKit request. On the host its ContextDir and
-	// DockerfileDir are host paths that Host.Serve streams to the agent;
-	// Session.FetchContext turns them into guest paths. Its memory-only
+	// Solve is the BuildKit request. On the host its ContextDir,
+	// DockerfileDir and LocalContexts are host paths that the host streams
+	// to the agent; Task.FetchContext turns them into guest paths. Its memory-only
 	// fields (Secrets, RegistryAuth) travel in a separate part of the job
 	// message because their JSON tags keep them out of any encoding.
 	Solve solve.Request `json:"solve"`
@@ -55,6 +58,10 @@ type Job struct {
 	// Proxy is the HTTP(S) proxy URL buildkitd itself uses for what it
 	// fetches on its own (ADD <url>, git sources): the egress tunnel.
 	Proxy string `json:"proxy,omitempty"`
+	// NoProxy are host names buildkitd reaches without Proxy: the registry
+	// host names the guest's hosts file maps to tunnels of its own. Only
+	// with Proxy.
+	NoProxy []string `json:"no_proxy,omitempty"`
 }
 
 // Setup is what a builder is set up with once per session, before its
@@ -68,6 +75,7 @@ type Setup struct {
 	MaxParallelism     int                `json:"max_parallelism,omitempty"`
 	NIC                *NIC               `json:"nic,omitempty"`
 	Proxy              string             `json:"proxy,omitempty"`
+	NoProxy            []string           `json:"no_proxy,omitempty"`
 }
 
 // Setup is the builder setup job needs.
@@ -80,6 +88,7 @@ func (j Job) Setup() Setup {
 		MaxParallelism:     j.MaxParallelism,
 		NIC:                j.NIC,
 		Proxy:              j.Proxy,
+		NoProxy:            j.NoProxy,
 	}
 }
 
@@ -150,10 +159,13 @@ const (
 )
 
 // Context transfer names: on the wire, Job.Solve.ContextDir and
-// DockerfileDir hold these instead of host paths.
+// DockerfileDir hold these instead of host paths, and each value of
+// Job.Solve.LocalContexts holds treeNamed followed by its index in the
+// sorted names (named/0, named/1, …).
 const (
 	treeContext    = "context"
 	treeDockerfile = "dockerfile"
+	treeNamed      = "named/"
 )
 
 // Control message types.

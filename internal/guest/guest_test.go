@@ -419,19 +419,24 @@ func TestEventsArriveWhileTheBuildRuns(t *testing.T) {
 	}
 }
 
+// TestVersionMismatchIsAClearErrorOnBothSides: an agent of the previous
+// version (a builder image built by an older kiln) or a newer one is
+// refused, with a message that says to rebuild the builder image.
 func TestVersionMismatchIsAClearErrorOnBothSides(t *testing.T) {
-	hostEnd, guestEnd := socketpair(t)
-	done := serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)
-	_, agentErr := accept(context.Background(), guestEnd, AgentOptions{Agent: "kiln-agent old"}, Version+1)
-	r := wait(t, done, "Serve")
-	for side, err := range map[string]error{"host": r.err, "agent": agentErr} {
-		if !errors.Is(err, ErrVersionMismatch) {
-			t.Errorf("%s: err = %v, want ErrVersionMismatch", side, err)
-			continue
-		}
-		msg := err.Error()
-		if !strings.Contains(msg, fmt.Sprintf("version %d", Version+1)) || !strings.Contains(msg, "rebuild the builder image") {
-			t.Errorf("%s error does not say what is wrong and what to do: %v", side, err)
+	for _, v := range []int{Version - 1, Version + 1} {
+		hostEnd, guestEnd := socketpair(t)
+		done := serve(context.Background(), &Host{}, hostEnd, testJob(t), nil)
+		_, agentErr := accept(context.Background(), guestEnd, AgentOptions{Agent: "kiln-agent other"}, v)
+		r := wait(t, done, "Serve")
+		for side, err := range map[string]error{"host": r.err, "agent": agentErr} {
+			if !errors.Is(err, ErrVersionMismatch) {
+				t.Errorf("agent version %d: %s: err = %v, want ErrVersionMismatch", v, side, err)
+				continue
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, fmt.Sprintf("version %d", v)) || !strings.Contains(msg, "rebuild the builder image") {
+				t.Errorf("agent version %d: %s error does not say what is wrong and what to do: %v", v, side, err)
+			}
 		}
 	}
 }
@@ -987,6 +992,163 @@ func TestReceiveTreeKeepsEntriesInsideTheTarget(t *testing.T) {
 		}
 		if err == nil {
 			t.Errorf("%s: no error for an escaping entry", name)
+		}
+	}
+}
+
+// TestNamedLocalContextsArriveAsTreesOfTheirOwn: each of a job's named
+// local contexts travels as a tree of its own (named/N in the order of
+// the sorted names; the guest never sees a host path) and lands in a
+// directory of its own, which the fetched request names.
+func TestNamedLocalContextsArriveAsTreesOfTheirOwn(t *testing.T) {
+	alpha, zeta := t.TempDir(), t.TempDir()
+	testkit.WriteFiles(t, alpha, map[string]string{"file": "from alpha\n", "sub/deep.txt": "deep in alpha\n"})
+	testkit.WriteFiles(t, zeta, map[string]string{"file": "from zeta\n"})
+	if err := os.Symlink("file", filepath.Join(zeta, "link")); err != nil {
+		t.Fatal(err)
+	}
+	hostEnd, guestEnd := socketpair(t)
+	job := testJob(t)
+	job.Solve.LocalContexts = map[string]string{"zeta": zeta, "alpha": alpha}
+	done := serve(context.Background(), &Host{}, hostEnd, job, nil)
+	s, task := agentSide(t, guestEnd)
+	wire := task.Job().Solve.LocalContexts
+	if want := map[string]string{"alpha": "named/0", "zeta": "named/1"}; !reflect.DeepEqual(wire, want) {
+		t.Errorf("wire local contexts = %v, want %v", wire, want)
+	}
+	work := t.TempDir()
+	req, err := task.FetchContext(context.Background(), work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	task.Finish(solve.Result{}, nil)
+	releaseWhenAsked(s)
+	if r := wait(t, done, "Serve"); r.err != nil {
+		t.Fatal(r.err)
+	}
+
+	want := map[string]string{"alpha": filepath.Join(work, "named", "0"), "zeta": filepath.Join(work, "named", "1")}
+	if !reflect.DeepEqual(req.LocalContexts, want) {
+		t.Errorf("fetched local contexts = %v, want %v", req.LocalContexts, want)
+	}
+	if req.ContextDir != filepath.Join(work, "context") {
+		t.Errorf("context dir = %q", req.ContextDir)
+	}
+	for name, src := range map[string]string{"alpha": alpha, "zeta": zeta} {
+		if got, sent := snapshot(t, req.LocalContexts[name]), snapshot(t, src); !reflect.DeepEqual(got, sent) {
+			t.Errorf("named context %s arrived as %v, sent %v", name, got, sent)
+		}
+	}
+	if got := task.Job().Solve.LocalContexts; !reflect.DeepEqual(got, wire) {
+		t.Errorf("FetchContext changed the job's own request: %v", got)
+	}
+}
+
+// fetchTree opens the context stream name of seq, as FetchContext does,
+// and unpacks it into a new directory.
+func fetchTree(t *testing.T, s *Session, seq int, name string) (string, error) {
+	t.Helper()
+	stream, err := s.open(kindContext, name, seq)
+	if err != nil {
+		return "", err
+	}
+	defer stream.Close()
+	dir := t.TempDir()
+	return dir, receiveTreeChunked(stream, dir)
+}
+
+// TestJobFetchesOnlyItsOwnTrees: the trees a job may fetch are those of
+// its own request. During job 2 neither job 1's seq nor a tree job 1 had
+// and job 2 has not is served, and job 2's named/0 is its own directory,
+// not job 1's; nor is any name that is not a tree of the job.
+func TestJobFetchesOnlyItsOwnTrees(t *testing.T) {
+	c, s := connect(t, &Host{})
+	dirs := map[string]string{}
+	for _, n := range []string{"1a", "1b", "2a"} {
+		dirs[n] = t.TempDir()
+		testkit.WriteFiles(t, dirs[n], map[string]string{"file": "job " + n + "\n"})
+	}
+	job1 := testJob(t)
+	job1.Solve.LocalContexts = map[string]string{"a": dirs["1a"], "b": dirs["1b"]}
+	done := run(context.Background(), c, job1, nil)
+	task1, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	req1, err := task1.FetchContext(context.Background(), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, d := range map[string]string{"a": "1a", "b": "1b"} {
+		if b, _ := os.ReadFile(filepath.Join(req1.LocalContexts[name], "file")); string(b) != "job "+d+"\n" {
+			t.Errorf("job 1's context %s holds %q", name, b)
+		}
+	}
+	task1.Finish(solve.Result{}, nil)
+	wait(t, done, "Run")
+
+	job2 := testJob(t)
+	job2.BuildID = "b2"
+	job2.Solve.LocalContexts = map[string]string{"a": dirs["2a"]}
+	done = run(context.Background(), c, job2, nil)
+	task2, err := s.Next(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		seq        int
+		name, want string
+	}{
+		{1, "named/0", "job 1 is not running"},
+		{1, "named/1", "job 1 is not running"},
+		{2, "named/1", `no context "named/1" in job 2`},
+		{2, "named/0/../1", `no context "named/0/../1" in job 2`},
+		{2, "../named/1", `no context "../named/1" in job 2`},
+		{2, dirs["1a"], "in job 2"},
+	} {
+		if _, err := fetchTree(t, s, tc.seq, tc.name); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("tree %q of job %d during job 2: err = %v, want %q", tc.name, tc.seq, err, tc.want)
+		}
+	}
+	if _, err := task1.FetchContext(context.Background(), t.TempDir()); err == nil {
+		t.Error("job 1's trees were served during job 2")
+	}
+	got, err := fetchTree(t, s, 2, "named/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(got, "file")); string(b) != "job 2a\n" {
+		t.Errorf("job 2's named/0 holds %q, want its own context", b)
+	}
+	task2.Finish(solve.Result{}, nil)
+	if r := wait(t, done, "Run"); r.err != nil {
+		t.Fatal(r.err)
+	}
+}
+
+func TestLocalContextThatIsNotADirectoryIsRefused(t *testing.T) {
+	c, _ := connect(t, &Host{})
+	job := testJob(t)
+	file := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	job.Solve.LocalContexts = map[string]string{"ok": t.TempDir(), "bad": file}
+	if _, err := c.Run(context.Background(), job, nil); err == nil || !strings.Contains(err.Error(), "named local context bad") {
+		t.Errorf("err = %v", err)
+	}
+}
+
+// The agent unpacks only trees of names this version knows, so a host of
+// another kiln cannot make it write elsewhere below its work dir.
+func TestValidTreeNames(t *testing.T) {
+	for name, want := range map[string]bool{
+		"context": true, "dockerfile": true, "named/0": true, "named/17": true,
+		"": false, "named/": false, "named/x": false, "named/../0": false, "named/0/x": false,
+		"/etc": false, "../context": false, "named/-1": false, "named/1234567": false,
+	} {
+		if got := validTree(name); got != want {
+			t.Errorf("validTree(%q) = %t, want %t", name, got, want)
 		}
 	}
 }

@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -79,10 +82,13 @@ type Conn struct {
 // work is the setup (seq 0) or one job on a Conn: what its streams may
 // fetch and reach, and where its events go.
 type work struct {
-	seq  int
-	job  *Job // host paths; nil for the setup
-	log  *slog.Logger
-	done chan agentMessage
+	seq int
+	job *Job // host paths; nil for the setup
+	// trees maps the job's context tree names (context, dockerfile,
+	// named/N) to the host directories its context streams may fetch.
+	trees map[string]string
+	log   *slog.Logger
+	done  chan agentMessage
 
 	// ctx ends the work's stream handlers (context transfers, tunnel
 	// connections) when the work ends; wg waits for them.
@@ -199,7 +205,7 @@ func (c *Conn) Run(ctx context.Context, job Job, sink progress.Sink) (res solve.
 	if !job.Setup().equal(c.setup) {
 		return res, fmt.Errorf("guest job %s: its builder setup differs from the one the agent was set up with; run it on a builder set up for it", job.BuildID)
 	}
-	wire, memory, err := c.h.prepare(job)
+	wire, memory, trees, err := c.h.prepare(job)
 	if err != nil {
 		return res, err
 	}
@@ -208,6 +214,7 @@ func (c *Conn) Run(ctx context.Context, job Job, sink progress.Sink) (res solve.
 	seq := c.seq
 	c.mu.Unlock()
 	w := c.newWork(seq, &job, sink, log)
+	w.trees = trees
 	m, err := c.exchange(ctx, w, hostMessage{Type: msgJob, Seq: seq, Job: &wire, Memory: memory})
 	if err != nil {
 		return res, err
@@ -460,36 +467,60 @@ func (h *Host) helloTimeout() time.Duration {
 	return 2 * time.Minute
 }
 
-// prepare checks job and splits it into what goes on the wire.
-func (h *Host) prepare(job Job) (Job, *memoryOnly, error) {
+// prepare checks job and splits it into what goes on the wire and the
+// context trees (tree name → host dir) its context streams may fetch.
+func (h *Host) prepare(job Job) (Job, *memoryOnly, map[string]string, error) {
+	fail := func(format string, args ...any) (Job, *memoryOnly, map[string]string, error) {
+		return Job{}, nil, nil, fmt.Errorf("guest job %s: "+format, append([]any{job.BuildID}, args...)...)
+	}
 	for _, t := range job.Tunnels {
 		if h.Tunnels[t.Name] == nil {
-			return Job{}, nil, fmt.Errorf("guest job %s: tunnel %q has no host-side dialer; add it to Host.Tunnels", job.BuildID, t.Name)
+			return fail("tunnel %q has no host-side dialer; add it to Host.Tunnels", t.Name)
 		}
 		if t.Listen == "" {
-			return Job{}, nil, fmt.Errorf("guest job %s: tunnel %q has no listen address", job.BuildID, t.Name)
+			return fail("tunnel %q has no listen address", t.Name)
 		}
 	}
+	isDir := func(dir string) bool {
+		fi, err := os.Stat(dir)
+		return err == nil && fi.IsDir()
+	}
 	for _, d := range []struct{ what, dir string }{{"context", job.Solve.ContextDir}, {"dockerfile", job.Solve.DockerfileDir}} {
-		if d.dir == "" {
-			continue
-		}
-		if fi, err := os.Stat(d.dir); err != nil || !fi.IsDir() {
-			return Job{}, nil, fmt.Errorf("guest job %s: %s dir %s is not a directory", job.BuildID, d.what, d.dir)
+		if d.dir != "" && !isDir(d.dir) {
+			return fail("%s dir %s is not a directory", d.what, d.dir)
 		}
 	}
 	if job.Solve.ContextDir == "" {
-		return Job{}, nil, fmt.Errorf("guest job %s: solve request has no context dir", job.BuildID)
+		return fail("solve request has no context dir")
 	}
 	req, memory := splitMemory(job.Solve)
+	trees := map[string]string{treeContext: job.Solve.ContextDir}
 	req.ContextDir = treeContext
 	if req.DockerfileDir != "" && req.DockerfileDir != job.Solve.ContextDir {
+		trees[treeDockerfile] = job.Solve.DockerfileDir
 		req.DockerfileDir = treeDockerfile
 	} else {
 		req.DockerfileDir = ""
 	}
+	// Each named local context is a tree of its own, numbered in the
+	// order of the sorted names; the guest sees only the tree names.
+	if len(job.Solve.LocalContexts) > 0 {
+		req.LocalContexts = make(map[string]string, len(job.Solve.LocalContexts))
+		for i, name := range slices.Sorted(maps.Keys(job.Solve.LocalContexts)) {
+			dir := job.Solve.LocalContexts[name]
+			if name == "" || dir == "" {
+				return fail("named local context %q has no name or no dir", name)
+			}
+			if !isDir(dir) {
+				return fail("named local context %s: %s is not a directory", name, dir)
+			}
+			tree := treeNamed + strconv.Itoa(i)
+			trees[tree] = dir
+			req.LocalContexts[name] = tree
+		}
+	}
 	job.Solve = req
-	return job, memory, nil
+	return job, memory, trees, nil
 }
 
 // Serve is the one-shot form: it connects to the agent with job's setup,
@@ -685,16 +716,11 @@ func (w *work) hasTunnel(name string) bool {
 	return false
 }
 
+// tree is the host dir of the work's context tree name: only the trees of
+// this job's own request.
 func (w *work) tree(name string) (string, bool) {
-	switch {
-	case w.job == nil:
-		return "", false
-	case name == treeContext:
-		return w.job.Solve.ContextDir, true
-	case name == treeDockerfile && w.job.Solve.DockerfileDir != "":
-		return w.job.Solve.DockerfileDir, true
-	}
-	return "", false
+	dir, ok := w.trees[name]
+	return dir, ok
 }
 
 func (w *work) sendTree(stream net.Conn, name, dir string) {

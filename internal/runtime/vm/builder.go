@@ -279,6 +279,10 @@ func (r *Runtime) startBuilder(ctx context.Context, job runtime.Job, sink progre
 // egress proxy tunnel and proxy settings, or the user-mode NIC.
 func (b *builder) withNetwork(gjob guest.Job) guest.Job {
 	if b.netw.dialer != nil {
+		// buildkitd reaches the registries it has tunnels for by name
+		// directly, not through the proxy (which would take them to the
+		// real host, if it let them through at all).
+		gjob.NoProxy = noProxyHosts(gjob.Tunnels)
 		gjob.Tunnels = append(gjob.Tunnels, b.netw.tunnel)
 		gjob.Solve = withProxy(gjob.Solve, b.netw.tunnel.Listen)
 		gjob.Proxy = "http://" + b.netw.tunnel.Listen

@@ -9,8 +9,9 @@
 // and CPUs, and the virtio-serial port kiln.0, and connects to kiln-agent
 // over that port with internal/guest: the agent mounts the volume at
 // /var/lib/buildkit and starts buildkitd (phases "booting", "starting
-// buildkitd"). Builder.Run then runs one build on it: the build context is
-// streamed over the channel onto the volume, events come back over it, and
+// buildkitd"). Builder.Run then runs one build on it: the build context
+// (and each named local context, --build-context NAME=DIR) is streamed
+// over the channel onto the volume, events come back over it, and
 // kiln's registry is reached through a "registry" tunnel (other registries
 // the build names through tunnels of their own), all of it per build. Builder.Run may be called again with builds of the same shape
 // (runtime.ShapeOf): nothing but the BuildKit cache on the volume crosses
@@ -59,16 +60,21 @@
 // references name are tunnelled: a token realm or blob redirect on another
 // host (Docker Hub's auth.docker.io, the storage hosts some registries
 // send downloads to) is reached only by an egress build, as its steps
-// would reach it (its NIC, or the egress proxy when allowed).
+// would reach it (its NIC, or the egress proxy when allowed). Not through
+// the proxy, though, when it lies below a tunnelled host name
+// (cdn01.quay.io below quay.io): buildkitd's NO_PROXY holds the tunnelled
+// names, and a NO_PROXY entry covers the names below it.
 //
 // Network (see network.go): an isolated build has no network card and
-// reaches only the registry tunnel. An egress build with allowed domains
+// reaches only the registry tunnels. An egress build with allowed domains
 // has no card either and gets an HTTP proxy inside the guest
 // (HTTP_PROXY/HTTPS_PROXY, set as BuildKit's proxy build args, which stay
-// out of the image and the cache key; buildkitd uses it too), served on the
-// host by internal/egress through an "egress" tunnel. An egress build
-// without a list gets QEMU's user-mode NIC, configured statically by the
-// agent, with the host-loopback alias routed nowhere.
+// out of the image and the cache key; buildkitd uses it too, except for
+// the registry host names it has tunnels for, which are in its NO_PROXY so
+// that they reach their tunnels), served on the host by internal/egress
+// through an "egress" tunnel. An egress build without a list gets QEMU's
+// user-mode NIC, configured statically by the agent, with the
+// host-loopback alias routed nowhere.
 //
 // The egress proxy and the user-mode NIC are the builder's, set up with it;
 // the proxy's denials go to the running build's events, and every tunnel

@@ -21,7 +21,9 @@ import (
 // insecure), and BuildKit logs in with the build's memory-only
 // credentials: the image lands in both registries. The next build on the
 // same builder, without credentials, is refused by the external registry,
-// and says so.
+// and says so. A third one, with credentials again, copies a file from a
+// named local context (--build-context mynamed=DIR), which travels to the
+// guest as a tree of its own.
 func TestExternalRegistryIsReachedWithTheBuildsCredentials(t *testing.T) {
 	r := newRuntime(t)
 	const user, pass = "pusher", "kiln-ext-secret-4711"
@@ -86,6 +88,31 @@ func TestExternalRegistryIsReachedWithTheBuildsCredentials(t *testing.T) {
 	}
 	if status, _ := getManifest(t, ext, "team/app", "ext2", user, pass); status != http.StatusNotFound {
 		t.Errorf("team/app:ext2 answered %d in the external registry, want 404", status)
+	}
+
+	// Same builder, a named local context.
+	named := mk("ext3", map[string]solve.Credentials{ext: {Username: user, Password: pass}})
+	named.Solve.ContextDir = testkit.ContextDir(t, map[string]string{
+		"hello.txt":  "hello, external registry\n",
+		"Dockerfile": "FROM scratch\nCOPY hello.txt /\nCOPY --from=mynamed /file /file\n",
+	})
+	named.Solve.LocalContexts = map[string]string{"mynamed": testkit.ContextDir(t, map[string]string{"file": "from the named context\n"})}
+	rec3 := &testkit.Recorder{}
+	start = time.Now()
+	res3, err := bi.Run(ctx(t, 3*time.Minute), named, rec3)
+	if err != nil {
+		t.Fatalf("build with a named local context: %v\nlogs:\n%s", err, rec3.Logs())
+	}
+	t.Logf("build with a named local context took %s", time.Since(start).Round(time.Millisecond))
+	img := testkit.FetchImage(t, onHost(guestRegistry+"/builds/ext3:latest"))
+	if img.Digest != res3.Digest {
+		t.Errorf("build reported %s, kiln's registry holds %s", res3.Digest, img.Digest)
+	}
+	if got := string(img.Files["/file"]); got != "from the named context\n" {
+		t.Errorf("/file from the named context = %q", got)
+	}
+	if got := string(img.Files["/hello.txt"]); got != "hello, external registry\n" {
+		t.Errorf("/hello.txt from the main context = %q", got)
 	}
 
 	if err := bi.Stop(ctx(t, time.Minute)); err != nil {

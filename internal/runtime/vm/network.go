@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -19,7 +20,7 @@ import (
 
 // What a builder VM's RUN steps reach is decided here, per job:
 //
-//   - isolated: nothing but kiln's registry tunnel.
+//   - isolated: nothing but the registry tunnels.
 //   - egress with allowed domains: additionally an HTTP proxy inside the
 //     guest (the "egress" tunnel), served on the host by internal/egress,
 //     which lets through only those domains. Steps find it through
@@ -28,7 +29,9 @@ import (
 //     of the image, its history and the cache key. Tools that ignore proxy
 //     variables reach nothing.
 //     The daemon itself uses the same proxy for ADD <url> and git
-//     sources.
+//     sources, but not for the registries it reaches through tunnels:
+//     their host names are in its NO_PROXY (noProxyHosts); their
+//     loopback IPs bypass any proxy anyway.
 //   - egress without allowed domains: a user-mode NIC (QEMU's slirp), the
 //     only case with a network card. QEMU opens the guest's connections
 //     as its own sockets, so steps reach what the kiln host reaches, like
@@ -110,6 +113,25 @@ func (r *Runtime) buildNetwork(job runtime.Job, registry []guest.Tunnel, sink pr
 	n.dialer = p.Dialer(ctx)
 	n.stop = cancel
 	return n, nil
+}
+
+// noProxyHosts are the registry host names that tunnels map to loopback
+// IPs of the guest's own (Tunnel.Host), sorted, each once. buildkitd
+// reaches them directly: the guest's hosts file takes them to their
+// tunnels. NO_PROXY's rule makes an entry cover the names below it too
+// (Go's, curl's), so a token realm or blob host below a tunnelled name
+// (cdn01.quay.io below quay.io) is not reached through the proxy either;
+// the guest has no resolver for it, so it is not reached at all. RUN
+// steps keep the plain NO_PROXY (withProxy).
+func noProxyHosts(tunnels []guest.Tunnel) []string {
+	var out []string
+	for _, t := range tunnels {
+		if t.Host != "" {
+			out = append(out, t.Host)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 // withProxy points the request's proxy build args at the guest's egress

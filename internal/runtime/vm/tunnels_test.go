@@ -1,12 +1,17 @@
 package vm
 
 import (
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/kiln-build/kiln/internal/guest"
+	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/solve"
 )
@@ -180,3 +185,69 @@ func TestRegistryTunnelsRefuseWhatTheGuestCannotOwn(t *testing.T) {
 }
 
 const sha = "0000000000000000000000000000000000000000000000000000000000000000"
+
+// An allow-list builder's buildkitd reaches every registry it has a tunnel
+// for by name without the egress proxy: the host names are its NoProxy,
+// in the setup the agent starts buildkitd with, the same for every build
+// of the shape. Builders without the proxy have none.
+func TestAllowListBuilderSendsTunnelledRegistryNamesAroundTheProxy(t *testing.T) {
+	vol := filepath.Join(t.TempDir(), "vol.ext4")
+	if err := os.WriteFile(vol, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := &Runtime{log: slog.Default()}
+	mk := func(id, network string, allowed ...string) runtime.Job {
+		return runtime.Job{
+			BuildID:            id,
+			Volume:             vol,
+			Network:            network,
+			AllowedDomains:     allowed,
+			Registry:           "kiln.example.com:7070",
+			InsecureRegistries: []string{"kiln.example.com:7070"},
+			Solve: solve.Request{
+				ContextDir:   t.TempDir(),
+				Push:         []string{"kiln.example.com:7070/builds/" + id + ":latest", "ghcr.io/acme/app:1", "127.0.0.1:5000/team/app:1", "kiln.example.com:5000/x:1"},
+				CacheImports: []string{"Cache.Example.com/acme/cache:x"},
+			},
+		}
+	}
+	setupOf := func(j runtime.Job) guest.Setup {
+		t.Helper()
+		gjob, _, err := r.guestJob(j)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := r.buildNetwork(j, gjob.Tunnels, progress.Discard, slog.Default())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(n.stop)
+		gjob = (&builder{netw: n}).withNetwork(gjob)
+		if gjob.Proxy != "" {
+			// Only names: loopback IPs bypass a proxy anyway.
+			for _, h := range gjob.NoProxy {
+				if _, err := netip.ParseAddr(h); err == nil || strings.Contains(h, ":") {
+					t.Errorf("NoProxy holds %q, not a host name", h)
+				}
+			}
+		}
+		return gjob.Setup()
+	}
+
+	s1 := setupOf(mk("b1", "egress", "example.org"))
+	if want := []string{"cache.example.com", "ghcr.io", "kiln.example.com"}; !reflect.DeepEqual(s1.NoProxy, want) {
+		t.Errorf("NoProxy = %v, want %v", s1.NoProxy, want)
+	}
+	if s1.Proxy != "http://"+egressListen {
+		t.Errorf("Proxy = %q", s1.Proxy)
+	}
+	// A builder's next build must present the same setup.
+	if s2 := setupOf(mk("b2", "egress", "example.org")); !reflect.DeepEqual(s1, s2) {
+		t.Errorf("two builds of one shape have different setups:\n%+v\n%+v", s1, s2)
+	}
+	for _, network := range []string{"isolated", "egress"} {
+		if s := setupOf(mk("b3", network)); s.Proxy != "" || s.NoProxy != nil {
+			t.Errorf("%s without allowed domains: proxy %q, no-proxy %v", network, s.Proxy, s.NoProxy)
+		}
+	}
+}

@@ -305,7 +305,9 @@ func TestIsolatedBuildReachesNothingAndFailsWithTheStepError(t *testing.T) {
 // HTTP proxy inside the guest that the host serves through the egress
 // tunnel; an allowed domain answers, any other is refused with 403 and a
 // message in the build's events, and the proxy settings stay out of the
-// image.
+// image. The build pushes to kiln's registry by a host name that is not
+// allowed: buildkitd, which uses the proxy too, must reach that name
+// through its tunnel, not the proxy.
 func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
 	base := busyboxBase(t)
 	r := newRuntime(t)
@@ -334,13 +336,17 @@ func TestEgressReachesOnlyAllowedDomains(t *testing.T) {
 	j := job("egress", vol, 512, solve.Request{
 		ContextDir: testkit.ContextDir(t, map[string]string{"Dockerfile": "FROM " + base + "\n" +
 			"RUN echo \"$HTTP_PROXY\" > /proxy && p=${HTTP_PROXY#http://} && " + fetch("app.test", "/allowed") + " && " + fetch("evil.test", "/denied") + "\n"}),
-		Push: []string{guestRegistry + "/app/egress:latest"},
+		Push: []string{namedRegistry + "/app/egress:latest"},
 	})
 	j.Network, j.AllowedDomains = "egress", []string{"app.test"}
+	j.InsecureRegistries = append(j.InsecureRegistries, namedRegistry)
 	if _, err := r.Run(ctx(t, 3*time.Minute), j, rec); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v\nlogs:\n%s", err, rec.Logs())
 	}
-	img := testkit.FetchImage(t, onHost(guestRegistry+"/app/egress:latest"))
+	if rec.Contains("egress proxy refused registry.kiln.test") {
+		t.Errorf("buildkitd asked the egress proxy for kiln's registry")
+	}
+	img := testkit.FetchImage(t, onHost(namedRegistry+"/app/egress:latest"))
 	if got := string(img.Files["/proxy"]); got != "http://"+egressListen+"\n" {
 		t.Errorf("HTTP_PROXY in the step = %q", got)
 	}
