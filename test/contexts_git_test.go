@@ -152,36 +152,56 @@ func TestBuildContextTar(t *testing.T) {
 }
 
 func TestBuildContextGit(t *testing.T) {
-	s := startServer(t)
-	base := s.base()
-	tok := s.token("dev", "dev", "build:read", "build:write", "image:read")
-
 	root := t.TempDir()
 	repo := filepath.Join(root, "app.git")
 	testkit.Git(t, root, "init", "-q", "-b", "main", repo)
 	testkit.WriteFiles(t, repo, map[string]string{
 		"README":                    "not in the context",
-		"svc/Dockerfile":            fmt.Sprintf("FROM %s\nCOPY . /ctx/\nRUN echo git > /which\n", base),
+		"svc/Dockerfile":            "FROM scratch\n",
 		"svc/hello.txt":             "v1",
-		"svc/docker/alt.Dockerfile": fmt.Sprintf("FROM %s\nCOPY hello.txt /ctx/\nRUN echo alt > /which\n", base),
+		"svc/docker/alt.Dockerfile": "FROM scratch\n",
 	})
 	testkit.Git(t, repo, "add", ".")
 	testkit.Git(t, repo, "commit", "-q", "-m", "v1")
 	testkit.Git(t, repo, "tag", "-a", "v1", "-m", "v1")
 	c1 := testkit.Git(t, repo, "rev-parse", "HEAD")
-	url := testkit.GitServer(t, root) + "/app.git"
+	server := testkit.GitServer(t, root)
+	url := server + "/app.git"
+
+	// The git server is on loopback: the server fetches from there only
+	// when the operator lists it.
+	refused := startServer(t)
+	rtok := refused.token("dev", "dev", "build:read", "build:write", "image:read")
+	if _, stderr, code := refused.kilnSplit(rtok, nil, "build", url+"#main:svc"); code != 1 || !strings.Contains(stderr, "context.url_allowed") {
+		t.Errorf("a git context on loopback with the default context.url_allowed: exit %d\n%s", code, stderr)
+	}
+	refused.stop()
+
+	s := startServer(t, withArgs("--context-url-allowed", strings.TrimPrefix(server, "http://")))
+	base := s.base()
+	tok := s.token("dev", "dev", "build:read", "build:write", "image:read")
+	testkit.WriteFiles(t, repo, map[string]string{
+		"svc/Dockerfile":            fmt.Sprintf("FROM %s\nCOPY . /ctx/\nRUN echo git > /which\n", base),
+		"svc/docker/alt.Dockerfile": fmt.Sprintf("FROM %s\nCOPY hello.txt /ctx/\nRUN echo alt > /which\n", base),
+	})
+	testkit.Git(t, repo, "commit", "-q", "-am", "v1 on this server's base")
+	testkit.Git(t, repo, "tag", "-f", "-a", "v1", "-m", "v1")
+	c1 = testkit.Git(t, repo, "rev-parse", "HEAD")
 
 	// The subdirectory of the branch is the context; the CLI fetches
-	// nothing, the builder does.
+	// nothing, the server does.
 	out := t.TempDir()
 	first, stderr := s.buildMeta(tok, nil, "-o", "type=local,dest="+out, url+"#main:svc")
 	if first.Status != api.BuildStatusSucceeded {
 		t.Fatalf("git build: %s\n%s", first.Status, stderr)
 	}
-	// Its Dockerfile is read by the builder, so its base images are not
-	// pinned on the host: such a build never deduplicates.
-	if first.InputHash != nil {
-		t.Errorf("a git build with the repository's Dockerfile has input hash %s", *first.InputHash)
+	// The server holds the commit's tree, so the repository's Dockerfile
+	// is read and its bases pinned at submission: the build has an input
+	// hash, and the same commit again is answered from it.
+	if first.InputHash == nil {
+		t.Error("a git build with the repository's Dockerfile has no input hash")
+	} else if again, _ := s.buildMeta(tok, nil, url+"#v1:svc"); again.DedupOf == nil || *again.DedupOf != first.Id {
+		t.Errorf("the same commit by its tag: dedup_of %v, want %s", again.DedupOf, first.Id)
 	}
 	if got := readOut(t, filepath.Join(out, "ctx", "hello.txt")); got != "v1" {
 		t.Errorf("ctx/hello.txt = %q, want v1", got)
@@ -230,6 +250,7 @@ func TestBuildContextGit(t *testing.T) {
 		t.Errorf("after the new commit ctx/hello.txt = %q, want v2", got)
 	}
 	// The old commit by its id still builds what it held.
+	c1 = testkit.Git(t, repo, "rev-parse", "v1")
 	out = t.TempDir()
 	if _, stderr := s.buildMeta(tok, nil, "-o", "type=local,dest="+out, url+"#"+c1+":svc"); readOut(t, filepath.Join(out, "ctx", "hello.txt")) != "v1" {
 		t.Errorf("#%s:svc did not build v1\n%s", c1, stderr)

@@ -16,7 +16,17 @@ import (
 // deduplicated answer), a git repository; another tenant's image is not
 // a source.
 func TestNamedContexts(t *testing.T) {
-	s := startServer(t)
+	// A git repository to name, served on loopback, which the server
+	// fetches from because it is listed.
+	root := t.TempDir()
+	repo := filepath.Join(root, "lib.git")
+	testkit.Git(t, root, "init", "-q", "-b", "main", repo)
+	testkit.WriteFiles(t, repo, map[string]string{"src/lib.txt": "from git"})
+	testkit.Git(t, repo, "add", ".")
+	testkit.Git(t, repo, "commit", "-q", "-m", "lib")
+	gitServer := testkit.GitServer(t, root)
+
+	s := startServer(t, withArgs("--context-url-allowed", strings.TrimPrefix(gitServer, "http://")))
 	base := s.base()
 	tok := s.token("dev", "dev", "build:read", "build:write", "image:read", "image:write")
 
@@ -77,14 +87,7 @@ func TestNamedContexts(t *testing.T) {
 	}
 
 	// A git repository as a named context, pinned to its commit.
-	root := t.TempDir()
-	repo := filepath.Join(root, "lib.git")
-	testkit.Git(t, root, "init", "-q", "-b", "main", repo)
-	testkit.WriteFiles(t, repo, map[string]string{"src/lib.txt": "from git"})
-	testkit.Git(t, repo, "add", ".")
-	testkit.Git(t, repo, "commit", "-q", "-m", "lib")
-	testkit.Git(t, repo, "update-server-info")
-	gitURL := testkit.GitServer(t, root) + "/lib.git#main:src"
+	gitURL := gitServer + "/lib.git#main:src"
 	gdir := testkit.ContextDir(t, map[string]string{"Dockerfile": fmt.Sprintf("FROM %s\nCOPY --from=lib lib.txt /lib.txt\n", base)})
 	gout := t.TempDir()
 	if _, stderr, code := s.kilnSplit(tok, nil, "build", "--progress", "plain", "-o", "type=local,dest="+gout, "--build-context", "lib="+gitURL, gdir); code != 0 {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -26,7 +25,8 @@ import (
 // is pinned at submission where it can be (a directory by its content
 // hash, an image in kiln's registry by digest, a git ref by commit), so the
 // input hash still says what the build sees; an image on another registry
-// by tag or a URL cannot be, and such a build never deduplicates.
+// by tag cannot be, and such a build never deduplicates. URLs are
+// downloaded by the server and become directories (see urlcontext.go).
 
 var digestPattern = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
 
@@ -101,7 +101,7 @@ func (s *Service) namedContexts(ctx context.Context, p auth.Principal, u *Upload
 	for _, kv := range req.BuildContexts {
 		raw, src, ok := strings.Cut(kv, "=")
 		if !ok || src == "" {
-			return badRequest("build_contexts %s is not NAME=SOURCE (docker-image://REF, a git URL or an https:// URL; a directory is sent as a named_context part)", errdefs.Quote(kv))
+			return badRequest("build_contexts %s is not NAME=SOURCE (docker-image://REF, a git URL or an http(s):// URL; a directory is sent as a named_context part)", errdefs.Quote(kv))
 		}
 		name, err := contextName(raw)
 		if err != nil {
@@ -111,7 +111,7 @@ func (s *Service) namedContexts(ctx context.Context, p auth.Principal, u *Upload
 			return badRequest("named context %s is given twice", errdefs.Quote(name))
 		}
 		seen[name] = true
-		nc, err := s.namedSource(ctx, p, name, src, o)
+		nc, err := s.namedSource(ctx, p, u, name, src, o)
 		if err != nil {
 			return err
 		}
@@ -122,7 +122,7 @@ func (s *Service) namedContexts(ctx context.Context, p auth.Principal, u *Upload
 }
 
 // namedSource pins one NAME=SOURCE named context.
-func (s *Service) namedSource(ctx context.Context, p auth.Principal, name, src string, o *store.BuildOptions) (store.NamedContext, error) {
+func (s *Service) namedSource(ctx context.Context, p auth.Principal, u *Upload, name, src string, o *store.BuildOptions) (store.NamedContext, error) {
 	field := "build context " + name
 	nc := store.NamedContext{Name: name}
 	switch {
@@ -164,30 +164,26 @@ func (s *Service) namedSource(ctx context.Context, p auth.Principal, name, src s
 	case strings.HasPrefix(src, "target:") || strings.HasPrefix(src, "input:"):
 		return nc, badRequest("%s: %s contexts are for buildx bake; kiln build takes docker-image://, git and https:// sources and directories", field, errdefs.Quote(strings.SplitN(src, ":", 2)[0]))
 	}
-	if g, err := buildcontext.ParseGitContext(src); err == nil && looksLikeGit(src) {
-		if s.runtime.Name() == "vm" {
-			return nc, badRequest("%s: the vm runtime does not fetch git contexts; send the directory instead (--build-context %s=DIR)", field, name)
+	if looksLikeGit(src) {
+		g, err := buildcontext.ParseGitContext(src)
+		if err != nil {
+			return nc, badRequest("%s: %v", field, err)
 		}
-		pinned, err := s.pinGit(ctx, g, o, field)
+		if err := os.MkdirAll(u.dir+".named", 0o700); err != nil {
+			return nc, fmt.Errorf("store named context: %w", err)
+		}
+		index := len(u.named)
+		dir := namedDir(u.dir, index)
+		info, _, err := s.fetchGit(ctx, g, dir, field, o)
 		if err != nil {
 			return nc, err
 		}
-		nc.Kind, nc.Source, nc.Hash = store.NamedGit, pinned.Pinned(), pinned.Hash()
-		return nc, nil
+		u.named = append(u.named, namedUpload{name: name, dir: dir, info: info})
+		return store.NamedContext{Name: name, Kind: store.NamedLocal, Source: strconv.Itoa(index), Hash: info.Hash}, nil
 	}
 	if strings.HasPrefix(src, "https://") || strings.HasPrefix(src, "http://") {
-		u, err := url.Parse(src)
-		if err != nil || u.Host == "" {
-			return nc, badRequest("%s: %s is not a URL", field, errdefs.Quote(src))
-		}
-		if s.runtime.Name() == "vm" {
-			return nc, badRequest("%s: the vm runtime does not fetch URLs; download it and send the directory (--build-context %s=DIR)", field, name)
-		}
-		if err := s.checkFetch(u.Hostname(), field, o); err != nil {
-			return nc, err
-		}
-		nc.Kind, nc.Source = store.NamedURL, src
-		return nc, nil
+		// Downloaded here, like an http(s) main context.
+		return s.namedURL(ctx, u, name, src, o)
 	}
 	return nc, badRequest("%s: source %s is not docker-image://REF, a git URL or an http(s):// URL; a directory is sent by kiln build as a named_context part", field, errdefs.Quote(src))
 }
@@ -197,7 +193,7 @@ func (s *Service) namedSource(ctx context.Context, p auth.Principal, name, src s
 func looksLikeGit(src string) bool {
 	base, _, _ := strings.Cut(src, "#")
 	return strings.HasSuffix(base, ".git") || strings.HasPrefix(src, "git@") ||
-		strings.HasPrefix(src, "ssh://") || strings.HasPrefix(src, "git://")
+		strings.HasPrefix(src, "ssh://") || strings.HasPrefix(src, "git://") || strings.HasPrefix(src, "github.com/")
 }
 
 // resolveKilnImage reads an image reference in kiln's registry as a tag

@@ -85,6 +85,9 @@ type Config struct {
 	// loopback ones.
 	ExternalRegistries []string
 	InsecureRegistries []string
+	// URLContextsAllowed are the hosts the server downloads http(s)
+	// contexts from (patterns as ExternalRegistries).
+	URLContextsAllowed []string
 	// ClientGoneAfter: an attached build (see Attach) with no event
 	// stream open for this long is canceled; 0 turns that off.
 	ClientGoneAfter time.Duration

@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path"
 	"path/filepath"
@@ -41,11 +42,12 @@ type Upload struct {
 	ID      string
 	dir     string
 	context *buildcontext.Info
-	// git is a git context (context_url): the builder fetches it at
-	// git.Commit; there is no context directory.
-	git *buildcontext.GitContext
-	// named are the named context directories sent with the submission.
+	// named are the named context directories sent with the submission
+	// or downloaded for it.
 	named []namedUpload
+	// source is where the context came from when the server fetched it
+	// (a git repository, an http(s) URL), for the build's messages.
+	source string
 }
 
 // NewUpload starts a submission.
@@ -207,31 +209,32 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 	if err != nil {
 		return Build{}, forbidden("cache_scope %q is not yours: your token's cache scope is %q; omit cache_scope or send your own", req.CacheScope, p.CacheScope)
 	}
-	if req.ContextURL != "" {
-		if u.context != nil {
-			return Build{}, badRequest("the request has both a context part and context_url: send one of them")
-		}
-		if s.runtime.Name() == "vm" {
-			return Build{}, badRequest("context_url: the vm runtime does not fetch git contexts yet; send the context as a tar (git archive --format=tar.gz HEAD | kiln build -)")
-		}
-		g, err := buildcontext.ParseGitContext(req.ContextURL)
-		if err != nil {
-			return Build{}, badRequest("context_url: %v", err)
-		}
-		u.git = &g
+	if req.ContextURL != "" && u.context != nil {
+		return Build{}, badRequest("the request has both a context part and context_url: send one of them")
 	}
-	if u.context == nil && u.git == nil {
-		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\" (or a manifest in \"context_manifest\")")
+	// A URL context is fetched here, by the server, and is from then on
+	// what an upload is: its Dockerfile read and its bases pinned now,
+	// its content hashed, the same on every runtime.
+	switch {
+	case req.ContextURL == "":
+	case isHTTPContext(req.ContextURL):
+		if err := s.receiveURLContext(ctx, u, &req); err != nil {
+			return Build{}, err
+		}
+	default:
+		if err := s.receiveGitContext(ctx, u, &req); err != nil {
+			return Build{}, err
+		}
+	}
+	if u.context == nil {
+		return Build{}, badRequest("the request has no context part: send the build context as a tar, tar.gz or tar.zst file in the multipart field \"context\" (or a manifest in \"context_manifest\", or a git or http(s) URL in \"context_url\")")
 	}
 	opts, dockerfile, err := s.validate(ctx, p, u, &req)
 	if err != nil {
 		return Build{}, err
 	}
-	if u.git != nil {
-		if err := s.resolveGit(ctx, u, &opts); err != nil {
-			return Build{}, err
-		}
-	} else if !opts.InlineDockerfile {
+	opts.ContextSource = u.source
+	if !opts.InlineDockerfile {
 		// BuildKit honours "<Dockerfile>.dockerignore" over .dockerignore.
 		info, err := u.context.ForDockerfile(opts.DockerfilePath)
 		if err != nil {
@@ -239,9 +242,7 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		}
 		u.context = &info
 	}
-	if u.git == nil {
-		opts.ContextKey = contextKey(scope, opts)
-	}
+	opts.ContextKey = contextKey(scope, opts)
 	kilnTags, creds, err := s.registries(ctx, p, &req, &opts)
 	if err != nil {
 		return Build{}, err
@@ -325,8 +326,8 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		return Build{}, fmt.Errorf("record build: %w", err)
 	}
 	s.emit(b.ID, Event{Status: store.StatusQueued, Event: progress.Event{Kind: KindStatus}})
-	if u.git != nil {
-		s.message(b.ID, "context: git %s at commit %s%s", u.git.Remote, u.git.Commit, gitSubdirNote(*u.git))
+	if u.source != "" {
+		s.message(b.ID, "context: %s: %d files, %d bytes", u.source, u.context.Entries, u.context.UncompressedBytes)
 	} else {
 		s.message(b.ID, "context received: %d files, %d bytes", u.context.Entries, u.context.UncompressedBytes)
 	}
@@ -434,13 +435,6 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 			return o, nil, badRequest("dockerfile_path %q must be a relative path inside the context, like \"Dockerfile\" or \"docker/app.Dockerfile\"", rel)
 		}
 		o.DockerfilePath = clean
-		if u.git != nil {
-			// In the repository, which only the builder fetches: BuildKit
-			// parses it there, and it may use cache mounts for all kiln
-			// can tell.
-			o.CacheMounts = true
-			return o, nil, nil
-		}
 		full := filepath.Join(u.dir, filepath.FromSlash(clean))
 		fi, err := os.Lstat(full)
 		if err != nil || !fi.Mode().IsRegular() {
@@ -578,15 +572,49 @@ func (s *Service) submitDedup(ctx context.Context, u *Upload, b Build, orig Buil
 	return b, nil
 }
 
-// resolveGit pins a git context's ref to a commit (see pinGit).
-func (s *Service) resolveGit(ctx context.Context, u *Upload, o *store.BuildOptions) error {
-	g, err := s.pinGit(ctx, *u.git, o, "context_url")
+// receiveGitContext makes a git URL the build's context: the ref pinned
+// to a commit (pinGit), and that commit's tree fetched by the server into
+// the upload's directory, as BuildKit's git source would present it.
+func (s *Service) receiveGitContext(ctx context.Context, u *Upload, req *Request) error {
+	g, err := buildcontext.ParseGitContext(req.ContextURL)
+	if err != nil {
+		return badRequest("context_url: %v", err)
+	}
+	var o store.BuildOptions
+	if err := s.validateNetwork(req, &o); err != nil {
+		return err
+	}
+	info, pinned, err := s.fetchGit(ctx, g, u.dir, "context_url", &o)
 	if err != nil {
 		return err
 	}
-	u.git = &g
-	o.ContextURL = g.Pinned()
+	u.context, u.source = &info, "git "+pinned.Remote+" at commit "+pinned.Commit+gitSubdirNote(pinned)
 	return nil
+}
+
+// fetchGit pins g and fetches its tree into dir. Every remote the fetch
+// reaches (submodules' too) must be a host the server may fetch from
+// and, with allowed_domains, one of them.
+func (s *Service) fetchGit(ctx context.Context, g buildcontext.GitContext, dir, field string, o *store.BuildOptions) (buildcontext.Info, buildcontext.GitContext, error) {
+	allow := func(remote string) error {
+		host := gitHostPort(remote)
+		if !registryAllowed(host, s.cfg.URLContextsAllowed) {
+			return forbidden("%s: this server does not fetch contexts from %s (context.url_allowed: %s); hosts on the server's own networks must be listed by host:port", field, host, strings.Join(s.cfg.URLContextsAllowed, ", "))
+		}
+		return s.checkFetch(hostName(host), field, o)
+	}
+	if err := allow(g.Remote); err != nil {
+		return buildcontext.Info{}, g, err
+	}
+	pinned, err := s.pinGit(ctx, g, o, field)
+	if err != nil {
+		return buildcontext.Info{}, g, err
+	}
+	info, err := buildcontext.FetchGit(ctx, pinned, dir, s.cfg.Context, buildcontext.GitFetchOptions{AllowRemote: allow})
+	if err != nil {
+		return buildcontext.Info{}, g, err
+	}
+	return info, pinned, nil
 }
 
 // pinGit pins a git context's ref to a commit, with the host's git and a
@@ -612,6 +640,19 @@ func (s *Service) pinGit(ctx context.Context, g buildcontext.GitContext, o *stor
 		return g, badRequest("%s: %v; check the URL and the ref, and that the kiln server can reach the repository", field, err)
 	}
 	return pinned, nil
+}
+
+// gitHostPort is the host[:port] of a git remote (https://host:8443/...,
+// user@host:path).
+func gitHostPort(remote string) string {
+	if u, err := url.Parse(remote); err == nil && strings.Contains(remote, "://") && u.Host != "" {
+		_, host, ok := strings.Cut(u.Host, "@")
+		if !ok {
+			host = u.Host
+		}
+		return host
+	}
+	return gitHost(remote)
 }
 
 // gitHost is the host of a git remote (https://host/..., user@host:path).
@@ -668,18 +709,8 @@ func (u *Upload) contextBytes() int64 {
 	return u.context.Bytes
 }
 
-// contextHash is the context's part of the input hash. A git context's
-// Dockerfile lies in the commit too, so its path is part of it.
-func (u *Upload) contextHash(o store.BuildOptions) string {
-	if u.git == nil {
-		return u.context.Hash
-	}
-	h := u.git.Hash()
-	if !o.InlineDockerfile {
-		h += "\x00" + o.DockerfilePath
-	}
-	return h
-}
+// contextHash is the context's part of the input hash.
+func (u *Upload) contextHash(store.BuildOptions) string { return u.context.Hash }
 
 // validateNetwork applies the operator's network policy: the default
 // mode, the allowed modes (403 for others) and a valid domain list.

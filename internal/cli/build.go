@@ -122,7 +122,7 @@ type secret struct {
 func buildCommand(g *globals) *cobra.Command {
 	var f buildFlags
 	c := &cobra.Command{
-		Use:   "build [flags] CONTEXT|-|TAR|GIT-URL",
+		Use:   "build [flags] CONTEXT|-|TAR|GIT-URL|URL",
 		Short: "Build an image from a context directory and a Dockerfile",
 		Long: `Build an image on the kiln server.
 
@@ -141,8 +141,11 @@ As with docker buildx, CONTEXT may also be:
   TAR      a tar, tar.gz or tar.zst file, sent as it is
   GIT-URL  https://host/org/repo.git#ref:subdir, git@host:org/repo.git:
            never fetched by kiln build; the server pins the ref to a commit
-           and its builder fetches the repository (network egress only)
-With a tar or a git context, -f names the Dockerfile inside it.
+           and fetches that commit's tree (network egress only)
+  URL      https://host/ctx.tar.gz: a tar (plain, gzip or zstd) the server
+           downloads as the context; a URL of another file is the
+           Dockerfile of an empty context
+With a tar, git or URL context, -f names the Dockerfile inside it.
 
 Progress follows the build until it ends, on standard error as with docker
 buildx; standard output carries only what was asked for: the image digest
@@ -265,8 +268,6 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	}
 	kind := contextKind(dir)
 	switch kind {
-	case contextHTTP:
-		return nil, usageError(cmd, "build context %q: an HTTP(S) tarball URL as the context is not supported yet; download it and give the file (kiln build ctx.tar.gz), or give a git URL ending in .git", dir)
 	case contextDir:
 		st, err := os.Stat(dir)
 		if err != nil {
@@ -575,7 +576,7 @@ func (f *buildFlags) otherContext(form *buildForm, arg string, stdin io.Reader, 
 		return nil
 	case contextTarFile:
 		form.raw = &rawContext{name: arg, path: arg}
-	case contextGit:
+	case contextGit, contextHTTP:
 		add("context_url", arg)
 	}
 	if f.file == "-" {

@@ -16,8 +16,8 @@ const (
 	contextDir     = "dir"     // a local directory, packed by kiln
 	contextStdin   = "stdin"   // "-": a Dockerfile (no context) or a tar on stdin
 	contextTarFile = "tarfile" // a local file holding a tar (plain, gzip or zstd)
-	contextGit     = "git"     // a git URL, fetched by the server's builder
-	contextHTTP    = "http"    // an HTTP(S) URL of a tarball (not yet supported)
+	contextGit     = "git"     // a git URL, fetched by the server
+	contextHTTP    = "http"    // an HTTP(S) URL of a tarball or a Dockerfile, downloaded by the server
 )
 
 // contextKind classifies the CONTEXT argument: "-", a git URL, another

@@ -146,7 +146,6 @@ func TestBuildContextUsageErrors(t *testing.T) {
 		"-f with stdin df":    {"FROM scratch\n", []string{"-f", "x", "-"}, "drop -f"},
 		"file not a tar":      {"", []string{notTar}, "not a tar"},
 		"-f outside the tar":  {"", []string{"-f", "../Dockerfile", tarFile}, "relative path"},
-		"tarball url":         {"", []string{"https://example.com/ctx.tar.gz"}, "not supported yet"},
 		"manifest with a tar": {"", []string{"--context-upload", "manifest", tarFile}, "not a directory"},
 	} {
 		t.Run(name, func(t *testing.T) {

@@ -29,8 +29,8 @@ func upload(ctx context.Context, c *client, form *buildForm, mode string, stdout
 	switch {
 	case form.raw != nil:
 		return uploadRaw(ctx, c, form, mode, stdout)
-	case form.kind == contextGit:
-		// The server's builder fetches it: nothing to send but the fields.
+	case form.kind == contextGit || form.kind == contextHTTP:
+		// The server fetches it: nothing to send but the fields.
 		resp, writeErr, doErr := sendForm(ctx, c, form, func(*multipart.Writer) error { return nil })
 		if resp != nil {
 			defer resp.Body.Close()

@@ -91,6 +91,9 @@ type BuildOptions struct {
 	// Call is what the build asks the frontend for: "" (a build) or
 	// "check" (the Dockerfile's checks only; no image).
 	Call string `json:"call,omitempty"`
+	// ContextSource says where the server fetched the context from (a
+	// git repository at its commit, a URL), for people.
+	ContextSource string `json:"context_source,omitempty"`
 	// ContextURL is a git context pinned to its commit
 	// (remote#commit[:subdir]); the builder fetches it, and the build has
 	// no context directory.
@@ -125,9 +128,9 @@ type BuildOptions struct {
 type NamedContext struct {
 	Name string           `json:"name"`
 	Kind NamedContextKind `json:"kind"`
-	// Source is what BuildKit is given: docker-image://host/repo@digest,
-	// a git URL at its commit, a URL; for a directory, its index among
-	// the build's uploaded named contexts.
+	// Source is what BuildKit is given, docker-image://host/repo@digest;
+	// for a directory (uploaded, or fetched from git or a URL), its index
+	// among the build's named context directories.
 	Source string `json:"source"`
 	// Hash pins it for the input hash (content hash, digest, commit); ""
 	// when it cannot be pinned.
@@ -140,8 +143,6 @@ type NamedContextKind string
 const (
 	NamedLocal NamedContextKind = "local"
 	NamedImage NamedContextKind = "image"
-	NamedGit   NamedContextKind = "git"
-	NamedURL   NamedContextKind = "url"
 )
 
 // CacheRef is a registry cache: a full reference, and the repository in
