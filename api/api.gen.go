@@ -18,6 +18,24 @@ import (
 	openapi_types "github.com/oapi-codegen/runtime/types"
 )
 
+// Defines values for BuildRequestAllow.
+const (
+	NetworkHost      BuildRequestAllow = "network.host"
+	SecurityInsecure BuildRequestAllow = "security.insecure"
+)
+
+// Valid indicates whether the value is a known member of the BuildRequestAllow enum.
+func (e BuildRequestAllow) Valid() bool {
+	switch e {
+	case NetworkHost:
+		return true
+	case SecurityInsecure:
+		return true
+	default:
+		return false
+	}
+}
+
 // Defines values for BuildRequestCall.
 const (
 	BuildRequestCallBuild BuildRequestCall = "build"
@@ -179,6 +197,8 @@ type BlobUploadResult struct {
 
 // Build defines model for Build.
 type Build struct {
+	// Allow The insecure entitlements the build was granted.
+	Allow          *[]string `json:"allow,omitempty"`
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
 
 	// BuilderReused The build ran on its scope's builder kept up from an earlier build (no boot
@@ -261,6 +281,9 @@ type BuildList struct {
 type BuildRequest struct {
 	// AddHosts host:ip lines added to /etc/hosts of RUN steps (--add-host); repeat the field.
 	AddHosts *[]string `json:"add_hosts,omitempty"`
+
+	// Allow Insecure entitlements, as docker buildx build --allow: network.host (RUN --network=host) and security.insecure (RUN --security=insecure, privileged steps); repeat the field. Each must be in the operator's builds.entitlements (403 otherwise); network.host is refused with network isolated or allowed_domains.
+	Allow *[]BuildRequestAllow `json:"allow,omitempty"`
 
 	// AllowedDomains With egress, the only domains reachable ("example.com", "*.example.com"); repeat the field.
 	AllowedDomains *[]string `json:"allowed_domains,omitempty"`
@@ -347,6 +370,9 @@ type BuildRequest struct {
 	// Ulimits NAME=SOFT[:HARD] limits for RUN steps, e.g. nofile=1024:2048 (--ulimit); repeat the field.
 	Ulimits *[]string `json:"ulimits,omitempty"`
 }
+
+// BuildRequestAllow defines model for BuildRequest.Allow.
+type BuildRequestAllow string
 
 // BuildRequestCall What to run, as docker buildx build --call: build, or check (the Dockerfile frontend's checks, as docker build --check: nothing is built or pushed; the finished build's check field has the warnings). A check takes no tags, push or cache_to.
 type BuildRequestCall string

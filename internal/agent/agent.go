@@ -248,6 +248,7 @@ func (b *builder) start(parent context.Context, task *guest.Task) error {
 		Runc:               env.Runc,
 		GC:                 setup.GC,
 		InsecureRegistries: setup.InsecureRegistries,
+		Entitlements:       setup.Entitlements,
 		CgroupParent:       env.CgroupParent,
 		MaxParallelism:     setup.MaxParallelism,
 		// The volume outlives the build; step output may hold secrets.

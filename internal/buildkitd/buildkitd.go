@@ -68,6 +68,10 @@ type Config struct {
 	// tunnels inside the guest. Each also covers the names below it
 	// (NO_PROXY's rule, in Go as in curl). Only with Proxy.
 	NoProxy []string
+	// Entitlements are the insecure entitlements the daemon grants a
+	// solve that asks for them (network.host, security.insecure); none
+	// unless the operator allowed them for the build.
+	Entitlements []string
 	// StartTimeout bounds the wait for the daemon to answer (default 60s).
 	StartTimeout time.Duration
 	Logger       *slog.Logger
@@ -356,8 +360,9 @@ type buildkitdConfig struct {
 			Enabled bool `toml:"enabled"`
 		} `toml:"containerd"`
 	} `toml:"worker"`
-	Registry map[string]registryConfig `toml:"registry,omitempty"`
-	History  *historyConfig            `toml:"history,omitempty"`
+	Registry     map[string]registryConfig `toml:"registry,omitempty"`
+	History      *historyConfig            `toml:"history,omitempty"`
+	Entitlements []string                  `toml:"insecure-entitlements,omitempty"`
 }
 
 // historyConfig with MaxEntries 0 disables recording history at all (not
@@ -382,6 +387,12 @@ func renderConfig(cfg Config) ([]byte, error) {
 	oci.Snapshotter = "overlayfs"
 	oci.Binary = cfg.Runc
 	oci.NetworkMode = "host"
+	for _, e := range cfg.Entitlements {
+		if e != "network.host" && e != "security.insecure" {
+			return nil, fmt.Errorf("entitlement %q is not network.host or security.insecure", e)
+		}
+	}
+	c.Entitlements = cfg.Entitlements
 	oci.GC = true
 	for _, f := range []struct {
 		name, value string

@@ -103,6 +103,10 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 		field("shm_size")
 		field(fmt.Sprint(o.ShmSize))
 	}
+	if len(o.Entitlements) > 0 {
+		field("entitlements")
+		field(strings.Join(o.Entitlements, ","))
+	}
 	if len(o.NamedContexts) > 0 {
 		field("named_contexts")
 		field(fmt.Sprint(len(o.NamedContexts)))

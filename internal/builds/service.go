@@ -88,6 +88,9 @@ type Config struct {
 	// URLContextsAllowed are the hosts the server downloads http(s)
 	// contexts from (patterns as ExternalRegistries).
 	URLContextsAllowed []string
+	// Entitlements are the insecure entitlements builds may ask for
+	// (network.host, security.insecure).
+	Entitlements []string
 	// ClientGoneAfter: an attached build (see Attach) with no event
 	// stream open for this long is canceled; 0 turns that off.
 	ClientGoneAfter time.Duration

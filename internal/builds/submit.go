@@ -161,6 +161,9 @@ type Request struct {
 	// ContextURL is a git URL the builder fetches as the context instead
 	// of an uploaded one (https://host/org/repo.git#ref:subdir).
 	ContextURL string
+	// Allow are insecure entitlements (docker buildx build --allow):
+	// network.host, security.insecure.
+	Allow []string
 	// Call is "" or "build" (a build) or "check" (docker build --check:
 	// the Dockerfile's checks, no image).
 	Call string
@@ -396,6 +399,9 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 		return o, nil, badRequest("global_cache_key %q is invalid: use lower-case letters, digits and single '.', '_' or '-' separators", req.GlobalCacheKey)
 	}
 	if err := s.validateNetwork(req, &o); err != nil {
+		return o, nil, err
+	}
+	if err := s.validateEntitlements(req, &o); err != nil {
 		return o, nil, err
 	}
 	var err error
@@ -743,6 +749,44 @@ func (s *Service) validateNetwork(req *Request, o *store.BuildOptions) error {
 	}
 	o.Network, o.AllowedDomains = mode, req.AllowedDomains
 	return nil
+}
+
+// entitlements are the insecure entitlements BuildKit knows.
+var entitlements = []string{"network.host", "security.insecure"}
+
+// validateEntitlements checks --allow against what BuildKit knows and
+// what the operator allows (builds.entitlements).
+func (s *Service) validateEntitlements(req *Request, o *store.BuildOptions) error {
+	for _, e := range req.Allow {
+		if !slices.Contains(entitlements, e) {
+			return badRequest("allow %s is not an entitlement: use network.host or security.insecure", errdefs.Quote(e))
+		}
+		if !slices.Contains(s.cfg.Entitlements, e) {
+			return forbidden("entitlement %s is not allowed on this server (builds.entitlements: %s); drop --allow %s, or ask the operator", e, orNone(s.cfg.Entitlements), e)
+		}
+		if e == "network.host" && (o.Network == "isolated" || len(o.AllowedDomains) > 0) {
+			return badRequest("allow network.host would let RUN --network=host steps around the build's network policy (%s); drop one of them", networkNote(*o))
+		}
+		if !slices.Contains(o.Entitlements, e) {
+			o.Entitlements = append(o.Entitlements, e)
+		}
+	}
+	slices.Sort(o.Entitlements)
+	return nil
+}
+
+func orNone(l []string) string {
+	if len(l) == 0 {
+		return "none"
+	}
+	return strings.Join(l, ", ")
+}
+
+func networkNote(o store.BuildOptions) string {
+	if o.Network == "isolated" {
+		return "network isolated"
+	}
+	return "allowed_domains " + strings.Join(o.AllowedDomains, ", ")
 }
 
 // contextKey is the build's solve.Request.ContextKey: one per cache scope

@@ -363,6 +363,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 	}
 	req := solve.Request{
 		Call:           b.Options.Call,
+		Entitlements:   b.Options.Entitlements,
 		ContextDir:     s.contextDir(b.ID),
 		DockerfileDir:  s.contextDir(b.ID),
 		DockerfileName: b.Options.DockerfilePath,
@@ -465,6 +466,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 		MemoryMB:           b.Options.MemoryMB,
 		Network:            b.Options.Network,
 		AllowedDomains:     b.Options.AllowedDomains,
+		Entitlements:       b.Options.Entitlements,
 	}, nil
 }
 

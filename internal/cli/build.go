@@ -56,6 +56,7 @@ type buildFlags struct {
 	push           bool
 	call           string
 	check          bool
+	allow          []string
 	buildContexts  []string
 	cacheFrom      []string
 	cacheTo        []string
@@ -202,6 +203,7 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.BoolVar(&f.push, "push", false, "also push names on other registries (-t registry.example.com/app:1) there, with the credentials of your docker config (~/.docker/config.json, credential helpers); the result is always in kiln's registry")
 	fl.StringVar(&f.call, "call", "build", "what to run: build, or check (the Dockerfile's checks, as docker build --check: warnings on stdout, exit status 1 if there are any; nothing is built)")
 	fl.BoolVar(&f.check, "check", false, "shorthand for --call check")
+	fl.StringArrayVar(&f.allow, "allow", nil, "grant an insecure entitlement to RUN steps: network.host or security.insecure; the server refuses those its operator does not allow; repeatable")
 	fl.StringArrayVar(&f.buildContexts, "build-context", nil, "a named context for FROM NAME or COPY --from=NAME: NAME=DIR (sent with its own .dockerignore), NAME=docker-image://REF, NAME=GIT-URL or NAME=https://URL; repeatable")
 	fl.StringArrayVar(&f.cacheFrom, "cache-from", nil, "import a registry cache: type=registry,ref=NAME or NAME (kiln's registry, or another with your docker credentials); repeatable")
 	fl.StringArrayVar(&f.cacheTo, "cache-to", nil, "export the build cache to a registry: type=registry,ref=NAME[,mode=min|max]")
@@ -343,6 +345,14 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 		add("call", "check")
 	case f.call != "build":
 		return nil, usageError(cmd, "--call %q: kiln takes build and check", f.call)
+	}
+	for _, a := range f.allow {
+		for _, e := range strings.Split(a, ",") {
+			if e = strings.TrimSpace(e); e != "network.host" && e != "security.insecure" {
+				return nil, usageError(cmd, "--allow %q: use network.host or security.insecure", e)
+			}
+			add("allow", e)
+		}
 	}
 	for _, bc := range f.buildContexts {
 		name, src, ok := strings.Cut(bc, "=")

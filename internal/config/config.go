@@ -97,6 +97,9 @@ type Config struct {
 	// plain HTTP (loopback ones always are).
 	RegistriesAllowed  []string
 	RegistriesInsecure []string
+	// BuildsEntitlements are the insecure entitlements builds may ask
+	// for with --allow.
+	BuildsEntitlements []string
 	// ContextURLAllowed are the hosts kiln downloads http(s) contexts
 	// from.
 	ContextURLAllowed []string
@@ -166,6 +169,7 @@ func (c *Config) settings() []setting {
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"builds.client_gone_after", "60s", "an attached build (submitted with attach=true, as kiln build does unless --detach) is canceled when no event stream has been open for it this long while it is queued or running: its client went away (0s: never; builds then outlive their client)", kDuration, &c.BuildsClientGoneAfter},
+		{"builds.entitlements", "", "insecure entitlements builds may ask for with kiln build --allow: network.host (RUN --network=host), security.insecure (RUN --security=insecure: privileged steps; on the process runtime, root on this host), comma-separated; builds asking for others are refused (403)", kList, &c.BuildsEntitlements},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
 		{"dedup.trust_groups", "{}", "groups of tenants whose identical builds may answer each other's, e.g. {\"web\":[\"team-a\",\"team-b\"]}; otherwise dedup stays within a tenant, and builds using cache mounts always do", kObject, &c.DedupTrustGroups},
 		{"tenancy.shared", "base", "namespaces every tenant may pull from and only build:admin tokens write (e.g. base for base/busybox), comma-separated", kList, &c.TenancyShared},

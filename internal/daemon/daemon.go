@@ -224,6 +224,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		ExternalRegistries: cfg.RegistriesAllowed,
 		InsecureRegistries: cfg.RegistriesInsecure,
 		URLContextsAllowed: cfg.ContextURLAllowed,
+		Entitlements:       cfg.BuildsEntitlements,
 		ClientGoneAfter:    cfg.BuildsClientGoneAfter,
 	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Contexts: contexts, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {

@@ -62,6 +62,9 @@ type Job struct {
 	// host names the guest's hosts file maps to tunnels of its own. Only
 	// with Proxy.
 	NoProxy []string `json:"no_proxy,omitempty"`
+	// Entitlements are the insecure entitlements buildkitd grants
+	// (network.host, security.insecure).
+	Entitlements []string `json:"entitlements,omitempty"`
 }
 
 // Setup is what a builder is set up with once per session, before its
@@ -76,6 +79,7 @@ type Setup struct {
 	NIC                *NIC               `json:"nic,omitempty"`
 	Proxy              string             `json:"proxy,omitempty"`
 	NoProxy            []string           `json:"no_proxy,omitempty"`
+	Entitlements       []string           `json:"entitlements,omitempty"`
 }
 
 // Setup is the builder setup job needs.
@@ -89,6 +93,7 @@ func (j Job) Setup() Setup {
 		NIC:                j.NIC,
 		Proxy:              j.Proxy,
 		NoProxy:            j.NoProxy,
+		Entitlements:       j.Entitlements,
 	}
 }
 

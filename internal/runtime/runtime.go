@@ -46,6 +46,9 @@ type Job struct {
 	// refuse the job rather than run it with more access.
 	Network        string
 	AllowedDomains []string
+	// Entitlements are the insecure entitlements the build's steps may
+	// use (network.host, security.insecure), as the operator allowed.
+	Entitlements []string
 }
 
 // GCPolicy holds quoted BuildKit size strings ("18GB", "2GiB"); a bare
@@ -128,8 +131,15 @@ func ShapeOf(job Job) string {
 		Allowed    []string
 		GC         GCPolicy
 		Registries []string
-	}{job.Volume, job.CPUs, job.MemoryMB, network, allowed, job.GC, registries})
+		Allow      []string `json:",omitempty"`
+	}{job.Volume, job.CPUs, job.MemoryMB, network, allowed, job.GC, registries, sortedCopy(job.Entitlements)})
 	return string(data)
+}
+
+func sortedCopy(s []string) []string {
+	c := slices.Clone(s)
+	slices.Sort(c)
+	return c
 }
 
 // registryHost is the host part of an image reference, as BuildKit reads

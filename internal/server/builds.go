@@ -64,6 +64,7 @@ var fieldLimits = map[string]struct {
 	"cache_to":         {2048, 1},
 	"build_contexts":   {8 << 10, 16},
 	"call":             {64, 1},
+	"allow":            {64, 4},
 	"attach":           {16, 1},
 }
 
@@ -310,6 +311,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.BuildContexts = append(req.BuildContexts, v)
 	case "call":
 		req.Call = strings.TrimSpace(v)
+	case "allow":
+		req.Allow = append(req.Allow, strings.TrimSpace(v))
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {
@@ -369,6 +372,9 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 			refs[i] = c.Ref
 		}
 		out.CacheFrom = &refs
+	}
+	if len(b.Options.Entitlements) > 0 {
+		out.Allow = &b.Options.Entitlements
 	}
 	if b.Options.Call != "" {
 		out.Call = &b.Options.Call

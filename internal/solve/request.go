@@ -47,6 +47,10 @@ type Request struct {
 	ShmSize     int64             `json:"shm_size,omitempty"`
 	Ulimits     []string          `json:"ulimits,omitempty"`
 
+	// Entitlements the solve asks for (network.host,
+	// security.insecure); the daemon must grant them too.
+	Entitlements []string `json:"entitlements,omitempty"`
+
 	// Secrets are served to RUN --mount=type=secret through the session.
 	// Memory-only.
 	Secrets map[string][]byte `json:"-"`

@@ -219,10 +219,11 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		key = identity.NewID()
 	}
 	opt := client.SolveOpt{
-		SharedKey:     key,
-		Frontend:      "dockerfile.v0",
-		FrontendAttrs: attrs,
-		LocalMounts:   locals,
+		AllowedEntitlements: slices.Clone(req.Entitlements),
+		SharedKey:           key,
+		Frontend:            "dockerfile.v0",
+		FrontendAttrs:       attrs,
+		LocalMounts:         locals,
 		Session: []session.Attachable{
 			secretsprovider.FromMap(req.Secrets),
 			newMemoryAuth(req.RegistryAuth),

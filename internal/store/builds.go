@@ -91,6 +91,9 @@ type BuildOptions struct {
 	// Call is what the build asks the frontend for: "" (a build) or
 	// "check" (the Dockerfile's checks only; no image).
 	Call string `json:"call,omitempty"`
+	// Entitlements are the insecure entitlements the build asked for and
+	// the operator allows (--allow).
+	Entitlements []string `json:"entitlements,omitempty"`
 	// ContextSource says where the server fetched the context from (a
 	// git repository at its commit, a URL), for people.
 	ContextSource string `json:"context_source,omitempty"`

@@ -212,6 +212,7 @@ func (r *Runtime) start(ctx context.Context, job runtime.Job, sink progress.Sink
 		Runc:               r.cfg.RuncPath,
 		GC:                 buildkitd.GCPolicy(job.GC),
 		InsecureRegistries: job.InsecureRegistries,
+		Entitlements:       job.Entitlements,
 		CgroupParent:       cgroupName(r.cfg.StateDir, id),
 		StepMemoryBytes:    int64(job.MemoryMB) << 20,
 		MaxParallelism:     job.CPUs,

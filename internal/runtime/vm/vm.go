@@ -274,6 +274,7 @@ func (r *Runtime) guestJob(job runtime.Job) (guest.Job, int, error) {
 		CacheDisk:          builderimage.CacheSerial,
 		GC:                 buildkitd.GCPolicy(job.GC),
 		InsecureRegistries: job.InsecureRegistries,
+		Entitlements:       job.Entitlements,
 		// Steps share the guest's own network; what it reaches is decided
 		// by the tunnels (see network.go).
 		Network:        "",
