@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"math/rand/v2"
@@ -628,5 +629,59 @@ func TestParseBuildArgs(t *testing.T) {
 		if _, err := parseBuildArgs([]string{bad}, lookup); err == nil {
 			t.Errorf("%q accepted", bad)
 		}
+	}
+}
+
+// Names and caches on other registries travel as fields, with the
+// credentials the user's docker config has for those registries (and for
+// no other, kiln's own included) in one memory-only registry_auth part.
+func TestBuildSendsRegistryFieldsAndDockerCredentials(t *testing.T) {
+	s := succeededServer(t)
+	dir := t.TempDir()
+	writeTree(t, dir, map[string]string{"Dockerfile": "FROM scratch\n"})
+	kilnHost := strings.TrimPrefix(s.srv.URL, "http://")
+	cfg := t.TempDir()
+	writeTree(t, cfg, map[string]string{"config.json": `{"auths":{
+		"https://ghcr.io/v1/": {"auth":"` + base64.StdEncoding.EncodeToString([]byte("u:ghcr-pw")) + `"},
+		"cache.example.com:5000": {"username":"c","password":"cache-pw"},
+		"unrelated.io": {"username":"x","password":"never-sent"},
+		"` + kilnHost + `": {"username":"k","password":"kiln-pw"}}}`})
+	t.Setenv("DOCKER_CONFIG", cfg)
+
+	res := s.kiln(context.Background(), "build", "--progress", "plain",
+		"-t", "ghcr.io/org/app:1", "-t", kilnHost+"/app:1", "-o", "type=image,name=other.io/x:2,push=true",
+		"--cache-from", "type=registry,ref=cache.example.com:5000/c:1", "--cache-to", "cache.example.com:5000/c:1",
+		"--build-context", "base=docker-image://img.io/base:1", "--build-context", "src=https://example.com/src.git#main",
+		dir)
+	if res.code != 0 {
+		t.Fatalf("build failed:\n%s", res)
+	}
+	up := s.upload(t, 0)
+	for field, want := range map[string][]string{
+		"push":           {"true"},
+		"tags":           {"ghcr.io/org/app:1", kilnHost + "/app:1", "other.io/x:2"},
+		"cache_from":     {"type=registry,ref=cache.example.com:5000/c:1"},
+		"cache_to":       {"cache.example.com:5000/c:1"},
+		"build_contexts": {"base=docker-image://img.io/base:1", "src=https://example.com/src.git#main"},
+	} {
+		if !reflect.DeepEqual(up.fields[field], want) {
+			t.Errorf("field %s = %v, want %v", field, up.fields[field], want)
+		}
+	}
+	var auth map[string]map[string]string
+	if raw := up.fields["registry_auth"]; len(raw) != 1 || json.Unmarshal([]byte(raw[0]), &auth) != nil {
+		t.Fatalf("registry_auth parts: %v", up.fields["registry_auth"])
+	}
+	if auth["ghcr.io"]["password"] != "ghcr-pw" || auth["cache.example.com:5000"]["password"] != "cache-pw" || len(auth) != 2 {
+		t.Errorf("registry_auth = %v, want ghcr.io and cache.example.com:5000 only", auth)
+	}
+
+	// Without --push, type=image,push=true alone asks for the push.
+	s2 := succeededServer(t)
+	if res := s2.kiln(context.Background(), "build", "--progress", "plain", "-o", "type=registry,name=ghcr.io/org/app:2", dir); res.code != 0 {
+		t.Fatalf("build failed:\n%s", res)
+	}
+	if got := s2.upload(t, 0).fields["push"]; !reflect.DeepEqual(got, []string{"true"}) {
+		t.Errorf("-o type=registry: push field %v, want true", got)
 	}
 }
