@@ -217,8 +217,11 @@ type Build struct {
 	// Check What the Dockerfile's checks found (call=check), once the build finished.
 	Check        *BuildCheck `json:"check,omitempty"`
 	ContextBytes *int64      `json:"context_bytes,omitempty"`
-	Cpus         *int        `json:"cpus,omitempty"`
-	CreatedAt    time.Time   `json:"created_at"`
+
+	// ContextSource Where the server fetched the context from: a git repository at its commit, or a URL.
+	ContextSource *string   `json:"context_source,omitempty"`
+	Cpus          *int      `json:"cpus,omitempty"`
+	CreatedAt     time.Time `json:"created_at"`
 
 	// DedupOf The build whose result answered this one (identical inputs).
 	DedupOf    *string    `json:"dedup_of"`

@@ -911,37 +911,16 @@ func checkGitPath(p string) error {
 // finish hashes the tree exactly as Receive does (minus its refusal of
 // symlinks that leave the context) and applies directory modes.
 func (f *gitFetcher) finish() (Info, error) {
-	x := f.x
 	excludes, err := f.readIgnoreFile()
 	if err != nil {
 		return Info{}, err
 	}
-	ignoreFile := ""
-	if excludes != nil {
-		ignoreFile = ignoreFileName
-	}
-	ig, err := newIgnorer(excludes)
+	info, err := f.x.seal(excludes)
 	if err != nil {
-		return Info{}, badInput("%v; fix the context's %s", err, ignoreFileName)
-	}
-	hash, err := contextHash(x.nodes, ig)
-	if err != nil {
-		return Info{}, badInput("applying the context's %s failed: %v; fix the pattern", ignoreFileName, err)
-	}
-	if err := x.finishDirs(); err != nil {
 		return Info{}, err
 	}
-	return Info{
-		Bytes:             f.download,
-		UncompressedBytes: f.stream,
-		Entries:           f.entries,
-		Format:            FormatGit,
-		Hash:              hash,
-		Excludes:          excludes,
-		IgnoreFile:        ignoreFile,
-		nodes:             x.nodes,
-		dir:               x.root.Name(),
-	}, nil
+	info.Bytes, info.UncompressedBytes, info.Entries, info.Format = f.download, f.stream, f.entries, FormatGit
+	return info, nil
 }
 
 // readIgnoreFile reads .dockerignore as Receive does; but a symlink to

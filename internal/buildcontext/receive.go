@@ -266,6 +266,12 @@ func (x *extractor) finish() (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
+	return x.seal(excludes)
+}
+
+// seal hashes the complete tree honouring excludes (the context's
+// .dockerignore patterns, nil without one) and applies directory modes.
+func (x *extractor) seal(excludes []string) (Info, error) {
 	ignoreFile := ""
 	if excludes != nil {
 		ignoreFile = ignoreFileName

@@ -189,6 +189,11 @@ func printBuild(w io.Writer, b *api.Build) {
 	row("subject", str(b.Subject))
 	row("image", b.Image) // only a succeeded build has one
 	row("tags", strings.Join(b.Tags, ", "))
+	row("pushed", strings.Join(deref(b.Pushed), ", "))
+	row("call", str(b.Call))
+	if c := b.Check; c != nil {
+		row("check", fmt.Sprintf("%d warnings", c.Warnings))
+	}
 	row("digest", str(b.ImageDigest))
 	row("steps cached", fmt.Sprintf("%d/%d", b.StepsCached, b.StepsTotal))
 	row("dedup of", str(b.DedupOf))
@@ -211,6 +216,10 @@ func printBuild(w io.Writer, b *api.Build) {
 	if b.ContextBytes != nil {
 		row("context", humanSize(*b.ContextBytes))
 	}
+	row("context source", str(b.ContextSource))
+	row("cache from", strings.Join(deref(b.CacheFrom), ", "))
+	row("cache to", str(b.CacheTo))
+	row("allow", strings.Join(deref(b.Allow), ", "))
 	row("created", tm(&b.CreatedAt))
 	row("started", tm(b.StartedAt))
 	row("finished", tm(b.FinishedAt))

@@ -9,7 +9,6 @@ import (
 	"io"
 	"mime/multipart"
 	"net/http"
-	"net/textproto"
 	"os"
 	"time"
 
@@ -225,10 +224,7 @@ func blobBatches(digests []string, src buildcontext.Sources, limit int64) [][]st
 // submit posts the build with the manifest in place of the context.
 func (u *manifestUpload) submit(ctx context.Context) (*api.Build, error) {
 	resp, writeErr, doErr := sendForm(ctx, u.c, u.form, func(mw *multipart.Writer) error {
-		h := textproto.MIMEHeader{}
-		h.Set("Content-Disposition", `form-data; name="context_manifest"; filename="manifest.json"`)
-		h.Set("Content-Type", "application/json")
-		w, err := mw.CreatePart(h)
+		w, err := createFilePart(mw, "context_manifest", "manifest.json", "application/json")
 		if err != nil {
 			return err
 		}

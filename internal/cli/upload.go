@@ -97,10 +97,7 @@ func uploadRaw(ctx context.Context, c *client, form *buildForm, mode string, std
 	defer closeRaw()
 	cr := &rawCounter{r: r}
 	resp, writeErr, doErr := sendForm(ctx, c, form, func(mw *multipart.Writer) error {
-		h := textproto.MIMEHeader{}
-		h.Set("Content-Disposition", `form-data; name="context"; filename="context.tar"`)
-		h.Set("Content-Type", "application/octet-stream")
-		w, err := mw.CreatePart(h)
+		w, err := createFilePart(mw, "context", "context.tar", "application/octet-stream")
 		if err != nil {
 			return err
 		}
@@ -210,10 +207,7 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 		}
 	}
 	for _, s := range form.secrets {
-		h := textproto.MIMEHeader{}
-		h.Set("Content-Disposition", fmt.Sprintf(`form-data; name="secret"; filename="%s"`, quoteEscaper.Replace(s.id)))
-		h.Set("Content-Type", "application/octet-stream")
-		w, err := mw.CreatePart(h)
+		w, err := createFilePart(mw, "secret", s.id, "application/octet-stream")
 		if err != nil {
 			return err
 		}
@@ -235,10 +229,7 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 			return err
 		}
 		defer clear(b)
-		h := textproto.MIMEHeader{}
-		h.Set("Content-Disposition", `form-data; name="registry_auth"; filename="registry_auth.json"`)
-		h.Set("Content-Type", "application/json")
-		w, err := mw.CreatePart(h)
+		w, err := createFilePart(mw, "registry_auth", "registry_auth.json", "application/json")
 		if err != nil {
 			return err
 		}
@@ -249,14 +240,20 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 	return nil
 }
 
+// createFilePart starts a multipart part with a filename, which the API
+// uses as a secret's id or a named context's name.
+func createFilePart(mw *multipart.Writer, name, filename, contentType string) (io.Writer, error) {
+	h := textproto.MIMEHeader{}
+	h.Set("Content-Disposition", fmt.Sprintf(`form-data; name="%s"; filename="%s"`, name, quoteEscaper.Replace(filename)))
+	h.Set("Content-Type", contentType)
+	return mw.CreatePart(h)
+}
+
 // writeNamedContexts sends each --build-context directory as a
 // named_context part, a tar chosen by the directory's own .dockerignore.
 func writeNamedContexts(ctx context.Context, mw *multipart.Writer, form *buildForm) error {
 	for _, n := range form.namedDirs {
-		h := textproto.MIMEHeader{}
-		h.Set("Content-Disposition", fmt.Sprintf(`form-data; name="named_context"; filename="%s"`, quoteEscaper.Replace(n.name)))
-		h.Set("Content-Type", "application/zstd")
-		w, err := mw.CreatePart(h)
+		w, err := createFilePart(mw, "named_context", n.name, "application/zstd")
 		if err != nil {
 			return err
 		}
@@ -271,10 +268,7 @@ func writeNamedContexts(ctx context.Context, mw *multipart.Writer, form *buildFo
 }
 
 func writeContextTar(ctx context.Context, mw *multipart.Writer, form *buildForm, bar *uploadBar, stderr io.Writer) (buildcontext.PackStats, error) {
-	h := textproto.MIMEHeader{}
-	h.Set("Content-Disposition", `form-data; name="context"; filename="context.tar.zst"`)
-	h.Set("Content-Type", "application/zstd")
-	w, err := mw.CreatePart(h)
+	w, err := createFilePart(mw, "context", "context.tar.zst", "application/zstd")
 	if err != nil {
 		return buildcontext.PackStats{}, err
 	}

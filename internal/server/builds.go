@@ -373,6 +373,9 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 		}
 		out.CacheFrom = &refs
 	}
+	if b.Options.ContextSource != "" {
+		out.ContextSource = &b.Options.ContextSource
+	}
 	if len(b.Options.Entitlements) > 0 {
 		out.Allow = &b.Options.Entitlements
 	}
