@@ -277,3 +277,39 @@ func BenchmarkContextRebuildOverNativeBuildkitd(b *testing.B) {
 	b.ReportMetric(0, "ns/op")
 	b.Logf("last rebuild: %s", strings.TrimSpace(sentLine))
 }
+
+// BenchmarkRegistryCacheImport measures what --cache-from buys a fresh
+// cache scope: the same build in a new scope, once cold and once
+// importing the registry cache another scope exported (--cache-to, kiln's
+// registry, mode=max). The ratio imported/cold is the goal; the slow
+// step (a second of work and a 32 MiB layer) is what the import skips.
+func BenchmarkRegistryCacheImport(b *testing.B) {
+	s := startServer(b)
+	base := s.base()
+	df := fmt.Sprintf("FROM %s\nRUN sleep 1 && head -c 33554432 /dev/urandom > /blob\nARG N\nRUN echo $N > /n\n", base)
+	exporter := s.token("dev", "bench.exporter", "build:read", "build:write", "image:read")
+	files := map[string]string{"Dockerfile": df}
+	mustSucceed(b, s, exporter, s.build(exporter, submission{files: files,
+		fields: [][2]string{{"cache_to", "type=registry,ref=bench-cache:main,mode=max"}, {"build_args", `{"N":"export"}`}}}))
+	var cold, imported time.Duration
+	for i := 0; i < b.N; i++ {
+		arg := fmt.Sprintf(`{"N":"run-%d-%d"}`, i, time.Now().UnixNano())
+		tok := s.token("dev", fmt.Sprintf("bench.cold%d", i), "build:read", "build:write", "image:read")
+		start := time.Now()
+		mustSucceed(b, s, tok, s.build(tok, submission{files: files, fields: [][2]string{{"build_args", arg}}}))
+		cold += time.Since(start)
+
+		tok = s.token("dev", fmt.Sprintf("bench.imported%d", i), "build:read", "build:write", "image:read")
+		start = time.Now()
+		got := mustSucceed(b, s, tok, s.build(tok, submission{files: files,
+			fields: [][2]string{{"cache_from", "bench-cache:main"}, {"build_args", fmt.Sprintf(`{"N":"imported-%d-%d"}`, i, time.Now().UnixNano())}}}))
+		imported += time.Since(start)
+		if got.StepsCached == 0 {
+			b.Fatalf("the build importing the registry cache had no cached step")
+		}
+	}
+	n := float64(b.N)
+	b.ReportMetric(cold.Seconds()/n, "cold-s/op")
+	b.ReportMetric(imported.Seconds()/n, "imported-s/op")
+	b.ReportMetric(imported.Seconds()/cold.Seconds(), "imported/cold")
+}
