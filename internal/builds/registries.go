@@ -94,6 +94,16 @@ func (s *Service) registries(ctx context.Context, p auth.Principal, req *Request
 		return nil, nil, badRequest("%d cache_to entries; a build exports one registry cache", len(req.CacheTo))
 	}
 
+	// Images named contexts take from other registries are pulled with
+	// the submitter's credentials too (namedSource checks them again).
+	for _, kv := range req.BuildContexts {
+		_, src, _ := strings.Cut(kv, "=")
+		if ref, ok := strings.CutPrefix(src, "docker-image://"); ok {
+			if host, ok := s.policy.ExternalHost(ref); ok {
+				external[host] = "build context " + kv
+			}
+		}
+	}
 	for host, what := range external {
 		if err := s.checkExternal(host, what, o); err != nil {
 			return nil, nil, err

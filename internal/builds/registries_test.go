@@ -25,12 +25,14 @@ func TestRegistriesSplitsKilnNamesFromPushes(t *testing.T) {
 	s := registriesService(t, "*", "localhost:5001")
 	o := store.BuildOptions{Network: "egress"}
 	req := Request{
-		Tags:      []string{"app:1", "ghcr.io/org/app", "localhost:5001/x:2"},
-		Push:      true,
-		CacheFrom: []string{"type=registry,ref=ghcr.io/org/app:cache", "app:cache"},
-		CacheTo:   []string{"type=registry,ref=app:cache,mode=max"},
+		Tags:          []string{"app:1", "ghcr.io/org/app", "localhost:5001/x:2"},
+		Push:          true,
+		BuildContexts: []string{"base=docker-image://quay.io/org/base:1"},
+		CacheFrom:     []string{"type=registry,ref=ghcr.io/org/app:cache", "app:cache"},
+		CacheTo:       []string{"type=registry,ref=app:cache,mode=max"},
 		RegistryAuth: map[string]solve.Credentials{
 			"ghcr.io":        {Username: "u", Password: "p"},
+			"quay.io":        {Username: "q", Password: "qp"},
 			"unused.io":      {Username: "u", Password: "p"},
 			"127.0.0.1:7070": {Username: "u", Password: "p"},
 		},
@@ -54,7 +56,7 @@ func TestRegistriesSplitsKilnNamesFromPushes(t *testing.T) {
 	}
 	// Only the credentials of registries the build reaches are kept;
 	// never any for kiln's own.
-	if len(creds) != 1 || creds["ghcr.io"].Password != "p" || strings.Join(o.RegistryAuthHosts, ",") != "ghcr.io" {
+	if len(creds) != 2 || creds["ghcr.io"].Password != "p" || creds["quay.io"].Password != "qp" || strings.Join(o.RegistryAuthHosts, ",") != "ghcr.io,quay.io" {
 		t.Errorf("kept credentials for %v (hosts %v)", creds, o.RegistryAuthHosts)
 	}
 	if dedupEligible(o) {
