@@ -181,8 +181,8 @@ func (s *Service) receiveURLContext(ctx context.Context, u *Upload, req *Request
 		u.context = f.info
 		return nil
 	}
-	if req.Dockerfile != "" {
-		return badRequest("context_url %s is a single file, not a tar, so it is the Dockerfile; drop the dockerfile field", errdefs.Quote(req.ContextURL))
+	if req.Dockerfile != "" || req.DockerfilePath != "" {
+		return badRequest("context_url %s is a single file, not a tar, so it is the Dockerfile of an empty context; drop -f (the dockerfile and dockerfile_path fields)", errdefs.Quote(redactURL(req.ContextURL)))
 	}
 	info, err := s.receiveFile(ctx, u.dir, "", nil)
 	if err != nil {
@@ -190,7 +190,6 @@ func (s *Service) receiveURLContext(ctx context.Context, u *Upload, req *Request
 	}
 	u.context = &info
 	req.Dockerfile = string(f.file)
-	req.DockerfilePath = ""
 	return nil
 }
 
