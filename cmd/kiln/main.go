@@ -19,6 +19,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(serveCommand())
+	root.AddCommand(migrateDBCommand())
 	root.AddCommand(builderImageCommand())
 	root.AddCommand(cli.Commands()...)
 	root.AddCommand(cli.VersionCommand())

@@ -21,6 +21,8 @@ import (
 
 	"github.com/distribution/reference"
 	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // Issuer is the iss claim of every token kiln signs.
@@ -30,14 +32,14 @@ const Issuer = "kiln"
 // LoadOrCreate.
 const KeyFile = "signing.key"
 
-// Errors callers map to HTTP statuses: ErrExpired, ErrRevoked and
-// ErrInvalid to 401, ErrForbidden to 403. Returned errors wrap them with
-// the reason.
+// Errors callers branch on: ErrExpired, ErrRevoked and ErrInvalid are
+// errdefs.ErrUnauthenticated, ErrForbidden is errdefs.ErrForbidden itself.
+// Returned errors wrap them with the reason.
 var (
-	ErrExpired   = errors.New("token expired")
-	ErrRevoked   = errors.New("token revoked")
-	ErrInvalid   = errors.New("invalid token")
-	ErrForbidden = errors.New("forbidden")
+	ErrExpired   = errdefs.Sentinel(errdefs.ErrUnauthenticated, "token expired")
+	ErrRevoked   = errdefs.Sentinel(errdefs.ErrUnauthenticated, "token revoked")
+	ErrInvalid   = errdefs.Sentinel(errdefs.ErrUnauthenticated, "invalid token")
+	ErrForbidden = errdefs.ErrForbidden
 )
 
 // Revocations tells whether a token id was revoked. The Authority asks it

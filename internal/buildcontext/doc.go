@@ -10,8 +10,8 @@
 // single streaming pass, extracts it into a fresh directory without ever
 // following a symlink, enforces size and entry limits as the bytes arrive,
 // and computes the canonical context hash (see Info.Hash) in the same pass.
-// Anything it does not like is refused with an *Error that carries the HTTP
-// status to answer with and a message meant for the person who ran the build;
+// Anything it does not like is refused with an *Error that carries its
+// errdefs class and a message meant for the person who ran the build;
 // the target directory is then removed, so a failed upload leaves nothing
 // behind.
 package buildcontext

@@ -4,53 +4,63 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
-// Error is what Receive returns for every failure. Status is the HTTP status
-// the server should answer with; Msg is safe to show to the client verbatim:
-// it says what was wrong with the upload and what to do about it.
+// Error is what Receive returns for every failure. Class is the errdefs
+// class of the failure (internal/server maps it to a status); Msg is safe
+// to show to the client verbatim: it says what was wrong with the upload
+// and what to do about it.
 //
-// Statuses: 400 the upload is not an acceptable context, 413 it exceeds a
-// limit, 408/499 the upload was cut short by a deadline or cancellation, 500
-// the server failed to store it (disk full, bad target directory).
+// Classes: errdefs.ErrInvalid the upload is not an acceptable context,
+// errdefs.ErrTooLarge it exceeds a limit, errdefs.ErrMissingContent a
+// manifest names content the server lacks, errdefs.ErrUpstream (and
+// ErrUpstreamTimeout) a git remote failed, errdefs.ErrTimeout and
+// errdefs.ErrCanceled the upload was cut short by a deadline or
+// cancellation, and nil the server failed to store it (disk full, bad
+// target directory): kiln's own fault.
 type Error struct {
-	Status int
-	Msg    string
-	err    error // cause, for errors.Is/As (e.g. context.Canceled); never shown
+	Class error
+	Msg   string
+	err   error // cause, for errors.Is/As (e.g. context.Canceled); never shown
 }
 
 func (e *Error) Error() string { return e.Msg }
 
-// Unwrap exposes the cause so callers can test for context.Canceled and
-// friends without parsing the message.
-func (e *Error) Unwrap() error { return e.err }
-
-// statusClientClosedRequest is nginx's convention for "the client went away";
-// net/http accepts any three-digit code.
-const statusClientClosedRequest = 499
+// Unwrap exposes the class and the cause so callers can test for
+// errdefs.ErrInvalid, context.Canceled and friends without parsing the
+// message.
+func (e *Error) Unwrap() []error {
+	var out []error
+	for _, err := range []error{e.Class, e.err} {
+		if err != nil {
+			out = append(out, err)
+		}
+	}
+	return out
+}
 
 func badInput(format string, args ...any) *Error {
-	return &Error{Status: http.StatusBadRequest, Msg: fmt.Sprintf(format, args...)}
+	return &Error{Class: errdefs.ErrInvalid, Msg: fmt.Sprintf(format, args...)}
 }
 
 func tooLarge(format string, args ...any) *Error {
-	return &Error{Status: http.StatusRequestEntityTooLarge, Msg: fmt.Sprintf(format, args...)}
+	return &Error{Class: errdefs.ErrTooLarge, Msg: fmt.Sprintf(format, args...)}
 }
 
 func serverFault(err error, format string, args ...any) *Error {
 	return &Error{
-		Status: http.StatusInternalServerError,
-		Msg:    fmt.Sprintf(format, args...) + ": " + err.Error(),
-		err:    err,
+		Msg: fmt.Sprintf(format, args...) + ": " + err.Error(),
+		err: err,
 	}
 }
 
 func canceled(err error) *Error {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return &Error{Status: http.StatusRequestTimeout, Msg: "receiving the build context took too long and was stopped; retry, or send a smaller context", err: err}
+		return &Error{Class: errdefs.ErrTimeout, Msg: "receiving the build context took too long and was stopped; retry, or send a smaller context", err: err}
 	}
-	return &Error{Status: statusClientClosedRequest, Msg: "receiving the build context was canceled", err: err}
+	return &Error{Class: errdefs.ErrCanceled, Msg: "receiving the build context was canceled", err: err}
 }
 
 // formatBytes renders a limit the way an operator wrote it in the config:

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 var updateFuzzCorpus = flag.Bool("update-fuzz-corpus", false, "rewrite testdata/fuzz/FuzzReceive from fuzzSeeds")
@@ -96,8 +98,8 @@ func FuzzReceive(f *testing.F) {
 			if !errors.As(err, &e) {
 				t.Fatalf("error %v is %T, want *Error", err, err)
 			}
-			if e.Status != 400 && e.Status != 413 {
-				t.Fatalf("status %d for arbitrary input (%s): only 400 and 413 are the client's fault", e.Status, e.Msg)
+			if !errors.Is(e, errdefs.ErrInvalid) {
+				t.Fatalf("class %v for arbitrary input (%s): only invalid and too large are the client's fault", e.Class, e.Msg)
 			}
 			return
 		}

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -19,6 +18,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // FormatGit is Info.Format for a context FetchGit wrote.
@@ -83,14 +84,15 @@ type GitFetchOptions struct {
 // remotes; opt.AllowRemote may narrow that down.
 //
 // On any error dir is removed (unless it already existed and was not
-// empty: then nothing is touched), and the error is an *Error: 400 for a
-// context that cannot be used (a missing SubDir, a broken submodule), 413
-// over a limit, 502 (wrapping ErrGitUnreachable) when the remote fails,
-// 504 on the timeout, 408/499 when ctx ends, 500 for the server's own
-// failures.
+// empty: then nothing is touched), and the error is an *Error of class
+// errdefs.ErrInvalid for a context that cannot be used (a missing SubDir,
+// a broken submodule), ErrTooLarge over a limit, ErrUpstream (wrapping
+// ErrGitUnreachable) when the remote fails, ErrUpstreamTimeout on the
+// timeout, ErrTimeout/ErrCanceled when ctx ends, and no class for the
+// server's own failures.
 func FetchGit(ctx context.Context, g GitContext, dir string, lim Limits, opt GitFetchOptions) (info Info, err error) {
 	if !commitPattern.MatchString(g.Commit) {
-		return Info{}, &Error{Status: http.StatusInternalServerError, Msg: fmt.Sprintf("the git context %s has no pinned commit; this is a kiln bug (ResolveGit was not run), report it", redactURL(g.Remote))}
+		return Info{}, &Error{Msg: fmt.Sprintf("the git context %s has no pinned commit; this is a kiln bug (ResolveGit was not run), report it", redactURL(g.Remote))}
 	}
 	if err := checkFetchURL(g.Remote); err != nil {
 		return Info{}, badInput("the git context's remote %q cannot be fetched: %v", redactURL(g.Remote), err)
@@ -340,12 +342,12 @@ func (f *gitFetcher) fetch(remote, commit string) error {
 		if byID != nil {
 			what = byID.Error() + "; fetching all branches and tags: " + what
 		}
-		return &Error{Status: http.StatusBadGateway,
+		return &Error{Class: errdefs.ErrUpstream,
 			Msg: fmt.Sprintf("fetching commit %s from %s failed: %s; check that the kiln server can reach the repository", commit, redactURL(remote), what),
 			err: fmt.Errorf("%w: %w", ErrGitUnreachable, all)}
 	}
 	if !f.has(commit) {
-		return &Error{Status: http.StatusBadGateway,
+		return &Error{Class: errdefs.ErrUpstream,
 			Msg: fmt.Sprintf("commit %s is not on any branch or tag of %s (and the server does not serve commits by id); push it to a branch, or build a ref that has it", commit, redactURL(remote)),
 			err: ErrGitUnreachable}
 	}
@@ -590,7 +592,7 @@ func (f *gitFetcher) submodule(remote, commit, p, oid, shown string) (string, er
 	}
 	if err := f.fetch(subURL, oid); err != nil {
 		var e *Error
-		if errors.As(err, &e) && e.Status == http.StatusBadGateway {
+		if errors.As(err, &e) && e.Class == errdefs.ErrUpstream {
 			e.Msg = fmt.Sprintf("the git context's submodule %q: %s", shown, e.Msg)
 		}
 		return "", err
@@ -943,7 +945,7 @@ func (f *gitFetcher) gitFault(err error, format string, args ...any) error {
 	if f.ctx.Err() != nil {
 		return f.ctx.Err()
 	}
-	return &Error{Status: http.StatusBadGateway,
+	return &Error{Class: errdefs.ErrUpstream,
 		Msg: fmt.Sprintf(format, args...) + " failed: " + err.Error() + "; retry, and if it persists the repository cannot be used as a context",
 		err: fmt.Errorf("%w: %w", ErrGitUnreachable, err)}
 }
@@ -954,7 +956,7 @@ func (f *gitFetcher) classify(err error) *Error {
 		return gitCanceled(ctxErr)
 	}
 	if errors.Is(f.ctx.Err(), context.DeadlineExceeded) {
-		return &Error{Status: http.StatusGatewayTimeout,
+		return &Error{Class: errdefs.ErrUpstreamTimeout,
 			Msg: fmt.Sprintf("fetching the git context %s at %s did not finish within %s; retry, send the context as a tar, or ask the kiln operator about the git fetch timeout", redactURL(f.g.Remote), f.g.Commit, f.timeout),
 			err: context.DeadlineExceeded}
 	}
@@ -969,14 +971,14 @@ func (f *gitFetcher) classify(err error) *Error {
 	if errors.As(err, &e) {
 		return e
 	}
-	return &Error{Status: http.StatusInternalServerError,
+	return &Error{
 		Msg: fmt.Sprintf("fetching the git context %s at %s failed: %v; retry later or contact the kiln operator", redactURL(f.g.Remote), f.g.Commit, err),
 		err: err}
 }
 
 func gitCanceled(err error) *Error {
 	if errors.Is(err, context.DeadlineExceeded) {
-		return &Error{Status: http.StatusRequestTimeout, Msg: "fetching the git context took too long and was stopped; retry, or send the context as a tar", err: err}
+		return &Error{Class: errdefs.ErrTimeout, Msg: "fetching the git context took too long and was stopped; retry, or send the context as a tar", err: err}
 	}
-	return &Error{Status: statusClientClosedRequest, Msg: "fetching the git context was canceled", err: err}
+	return &Error{Class: errdefs.ErrCanceled, Msg: "fetching the git context was canceled", err: err}
 }

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/testkit"
 )
 
@@ -305,7 +306,7 @@ func TestFetchGitSubdir(t *testing.T) {
 		"app/data.txt": {`"app/data.txt" is a file`},
 	} {
 		dst, _, err := fetchGit(t, fx.url+"/r.git#v1:"+sub, Limits{})
-		wantError(t, err, dst, http.StatusBadRequest, frag...)
+		wantError(t, err, dst, errdefs.ErrInvalid, frag...)
 	}
 }
 
@@ -487,9 +488,9 @@ func TestFetchGitSubmodules(t *testing.T) {
 		t.Errorf("mods/sub: %v", keys(got))
 	}
 	dst, _, err = fetch("mods/sub/nope")
-	wantError(t, err, dst, http.StatusBadRequest, `"mods/sub/nope" does not exist`)
+	wantError(t, err, dst, errdefs.ErrInvalid, `"mods/sub/nope" does not exist`)
 	dst, _, err = fetch("mods/off")
-	wantError(t, err, dst, http.StatusBadRequest, "update = none")
+	wantError(t, err, dst, errdefs.ErrInvalid, "update = none")
 
 	// The caller's policy sees every remote, submodules' included.
 	var asked []string
@@ -502,7 +503,7 @@ func TestFetchGitSubmodules(t *testing.T) {
 	}
 	dst = filepath.Join(t.TempDir(), "ctx")
 	_, err = FetchGit(context.Background(), GitContext{Remote: url + "/top.git", Commit: top}, dst, Limits{}, GitFetchOptions{AllowRemote: allow})
-	wantError(t, err, dst, http.StatusBadRequest, `submodule "mods/sub/nested" at `+url+`/deep.git is not allowed: only top and sub are allowed`)
+	wantError(t, err, dst, errdefs.ErrInvalid, `submodule "mods/sub/nested" at `+url+`/deep.git is not allowed: only top and sub are allowed`)
 	if strings.Join(asked, " ") != "/top.git /sub.git /deep.git" {
 		t.Errorf("AllowRemote was asked about %q", asked)
 	}
@@ -511,13 +512,13 @@ func TestFetchGitSubmodules(t *testing.T) {
 	bad := repo("bad.git", map[string]string{"f": "f\n"}, map[string]string{"lost": deep}, "")
 	dst = filepath.Join(t.TempDir(), "ctx")
 	_, err = FetchGit(context.Background(), GitContext{Remote: url + "/bad.git", Commit: bad}, dst, Limits{}, GitFetchOptions{Timeout: 30 * time.Second})
-	wantError(t, err, dst, http.StatusBadRequest, `submodule at "lost" with no URL`)
+	wantError(t, err, dst, errdefs.ErrInvalid, `submodule at "lost" with no URL`)
 	// A submodule kiln must not fetch.
 	local := repo("local.git", map[string]string{"f": "f\n"}, map[string]string{"l": deep},
 		"[submodule \"l\"]\n\tpath = l\n\turl = file:///etc\n")
 	dst = filepath.Join(t.TempDir(), "ctx")
 	_, err = FetchGit(context.Background(), GitContext{Remote: url + "/local.git", Commit: local}, dst, Limits{}, GitFetchOptions{Timeout: 30 * time.Second})
-	wantError(t, err, dst, http.StatusBadRequest, `submodule "l" has the URL "file:///etc"`)
+	wantError(t, err, dst, errdefs.ErrInvalid, `submodule "l" has the URL "file:///etc"`)
 }
 
 func TestResolveSubmoduleURL(t *testing.T) {
@@ -558,7 +559,7 @@ func TestFetchGitLimits(t *testing.T) {
 		"download, tiny": {Limits{MaxBytes: 1}, "context.max_bytes"},
 	} {
 		dst, _, err := fetchGit(t, fx.url+"/r.git#v1:app", tc.lim)
-		if e := wantError(t, err, dst, http.StatusRequestEntityTooLarge, tc.frag); e != nil && t.Failed() {
+		if e := wantError(t, err, dst, errdefs.ErrTooLarge, tc.frag); e != nil && t.Failed() {
 			t.Logf("%s: %s", name, e.Msg)
 		}
 	}
@@ -584,7 +585,7 @@ func TestFetchGitStopsLargeDownload(t *testing.T) {
 	dst := filepath.Join(t.TempDir(), "ctx")
 	start := time.Now()
 	_, err := FetchGit(context.Background(), GitContext{Remote: url + "/big.git", Commit: commit}, dst, Limits{MaxBytes: 256 << 10}, GitFetchOptions{})
-	wantError(t, err, dst, http.StatusRequestEntityTooLarge, "context.max_bytes", "256 KiB")
+	wantError(t, err, dst, errdefs.ErrTooLarge, "context.max_bytes", "256 KiB")
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("the download was stopped after %s", d)
 	}
@@ -602,7 +603,7 @@ func TestFetchGitCancelAndTimeout(t *testing.T) {
 	dst := filepath.Join(t.TempDir(), "ctx")
 	start := time.Now()
 	_, err := FetchGit(ctx, g, dst, Limits{}, GitFetchOptions{Timeout: time.Minute})
-	wantError(t, err, dst, statusClientClosedRequest, "canceled")
+	wantError(t, err, dst, errdefs.ErrCanceled, "canceled")
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("err = %v, want context.Canceled", err)
 	}
@@ -613,7 +614,7 @@ func TestFetchGitCancelAndTimeout(t *testing.T) {
 	dst = filepath.Join(t.TempDir(), "ctx")
 	start = time.Now()
 	_, err = FetchGit(context.Background(), g, dst, Limits{}, GitFetchOptions{Timeout: 300 * time.Millisecond})
-	wantError(t, err, dst, http.StatusGatewayTimeout, "did not finish within 300ms")
+	wantError(t, err, dst, errdefs.ErrUpstreamTimeout, "did not finish within 300ms")
 	if d := time.Since(start); d > 5*time.Second {
 		t.Errorf("the timeout took %s", d)
 	}
@@ -622,7 +623,7 @@ func TestFetchGitCancelAndTimeout(t *testing.T) {
 	cancel()
 	dst = filepath.Join(t.TempDir(), "ctx")
 	_, err = FetchGit(done, g, dst, Limits{}, GitFetchOptions{Timeout: time.Minute})
-	wantError(t, err, dst, statusClientClosedRequest)
+	wantError(t, err, dst, errdefs.ErrCanceled)
 }
 
 func TestFetchGitErrors(t *testing.T) {
@@ -631,7 +632,7 @@ func TestFetchGitErrors(t *testing.T) {
 
 	dst := filepath.Join(t.TempDir(), "ctx")
 	_, err := FetchGit(ctx, GitContext{Remote: "http://127.0.0.1:1/r.git", Commit: fx.c0}, dst, Limits{}, GitFetchOptions{Timeout: 10 * time.Second})
-	wantError(t, err, dst, http.StatusBadGateway, "fetching commit "+fx.c0, "127.0.0.1:1")
+	wantError(t, err, dst, errdefs.ErrUpstream, "fetching commit "+fx.c0, "127.0.0.1:1")
 	if !errors.Is(err, ErrGitUnreachable) {
 		t.Errorf("unreachable: %v does not wrap ErrGitUnreachable", err)
 	}
@@ -639,18 +640,18 @@ func TestFetchGitErrors(t *testing.T) {
 	dst = filepath.Join(t.TempDir(), "ctx")
 	missing := strings.Repeat("0123456789", 4)
 	_, err = FetchGit(ctx, GitContext{Remote: fx.url + "/r.git", Commit: missing}, dst, Limits{}, GitFetchOptions{Timeout: 10 * time.Second})
-	wantError(t, err, dst, http.StatusBadGateway, "commit "+missing+" is not on any branch or tag")
+	wantError(t, err, dst, errdefs.ErrUpstream, "commit "+missing+" is not on any branch or tag")
 
 	dst = filepath.Join(t.TempDir(), "ctx")
 	_, err = FetchGit(ctx, GitContext{Remote: fx.url + "/r.git", Ref: "main"}, dst, Limits{}, GitFetchOptions{Timeout: 10 * time.Second})
-	wantError(t, err, dst, http.StatusInternalServerError, "no pinned commit")
+	wantError(t, err, dst, nil, "no pinned commit")
 
 	// A target that is not empty is refused and left alone.
 	dst = filepath.Join(t.TempDir(), "ctx")
 	mustDo(t, os.MkdirAll(filepath.Join(dst, "keep"), 0o755))
 	_, err = FetchGit(ctx, GitContext{Remote: fx.url + "/r.git", Commit: fx.c0}, dst, Limits{}, GitFetchOptions{Timeout: 10 * time.Second})
 	var e *Error
-	if !errors.As(err, &e) || e.Status != http.StatusInternalServerError {
+	if !errors.As(err, &e) || e.Class != nil {
 		t.Errorf("non-empty target: %v", err)
 	}
 	if _, err := os.Stat(filepath.Join(dst, "keep")); err != nil {

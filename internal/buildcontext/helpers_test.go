@@ -158,16 +158,20 @@ func hashOf(t testing.TB, data []byte) string {
 	return info.Hash
 }
 
-// wantError asserts err is an *Error with the status and a message
-// containing every fragment, and that dir is gone.
-func wantError(t testing.TB, err error, dir string, status int, fragments ...string) *Error {
+// wantError asserts err is an *Error of the errdefs class (nil: the
+// server's own fault) and a message containing every fragment, and that
+// dir is gone.
+func wantError(t testing.TB, err error, dir string, class error, fragments ...string) *Error {
 	t.Helper()
 	var e *Error
 	if !errors.As(err, &e) {
 		t.Fatalf("got error %v (%T), want *Error", err, err)
 	}
-	if e.Status != status {
-		t.Errorf("status = %d, want %d (message: %s)", e.Status, status, e.Msg)
+	if e.Class != class {
+		t.Errorf("class = %v, want %v (message: %s)", e.Class, class, e.Msg)
+	}
+	if class != nil && !errors.Is(err, class) {
+		t.Errorf("errors.Is(err, %v) = false", class)
 	}
 	for _, f := range fragments {
 		if !bytes.Contains([]byte(e.Msg), []byte(f)) {

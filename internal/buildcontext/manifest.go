@@ -7,11 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"os"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // Manifest describes a build context by content instead of by bytes: the
@@ -78,7 +79,7 @@ type BlobSource interface {
 
 // ErrMissingBlobs means a manifest names content the store does not hold
 // (never sent, or evicted since the client asked): send it and retry.
-var ErrMissingBlobs = errors.New("the context names blobs the kiln server does not have")
+var ErrMissingBlobs = errdefs.Sentinel(errdefs.ErrMissingContent, "the context names blobs the kiln server does not have")
 
 // Materialize builds the context m describes in dir from blobs, under the
 // same rules, limits and errors as Receive, and returns the same Info a tar
@@ -160,7 +161,7 @@ func (x *extractor) linkBlob(dirRoot *os.Root, base, name string, hdr *tar.Heade
 	}
 	src, size, err := x.blobs.BlobFile(x.digest, mode)
 	if errors.Is(err, ErrMissingBlobs) {
-		return &Error{Status: http.StatusConflict, Msg: fmt.Sprintf("the kiln server does not have the content of %q (%s): upload it and submit again (kiln build does this by itself)", hdr.Name, x.digest), err: err}
+		return &Error{Class: errdefs.ErrMissingContent, Msg: fmt.Sprintf("the kiln server does not have the content of %q (%s): upload it and submit again (kiln build does this by itself)", hdr.Name, x.digest), err: err}
 	}
 	if err != nil {
 		return x.fsFault(err, hdr.Name)

@@ -6,12 +6,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
 	"syscall"
 	"testing"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // blobDir is a BlobSource over a directory, the way internal/ctxstore
@@ -129,38 +130,38 @@ func TestManifestAndTarOfOneTreeAreOneContext(t *testing.T) {
 func TestManifestRefusesWhatATarWouldBeRefusedFor(t *testing.T) {
 	blobs := newBlobDir(t, "x")
 	cases := []struct {
-		name   string
-		e      []ManifestEntry
-		status int
-		want   string
+		name  string
+		e     []ManifestEntry
+		class error
+		want  string
 	}{
-		{"escape", []ManifestEntry{fileEntry("../x", "x", 0o644)}, http.StatusBadRequest, "escapes the context root"},
-		{"absolute", []ManifestEntry{fileEntry("/etc/x", "x", 0o644)}, http.StatusBadRequest, "absolute path"},
-		{"symlink out", []ManifestEntry{{Path: "l", Type: EntrySymlink, Target: "../../etc"}}, http.StatusBadRequest, "outside the context"},
-		{"beneath a symlink", []ManifestEntry{{Path: "l", Type: EntrySymlink, Target: "d"}, {Path: "d", Type: EntryDir, Mode: 0o755}, fileEntry("l/x", "x", 0o644)}, http.StatusBadRequest, "through the symlink"},
-		{"bad type", []ManifestEntry{{Path: "p", Type: "fifo"}}, http.StatusBadRequest, "type \"fifo\""},
-		{"bad digest", []ManifestEntry{{Path: "f", Type: EntryFile, Size: 1, Digest: "md5:abc"}}, http.StatusBadRequest, "sha256:<64 hex digits>"},
-		{"size lies", []ManifestEntry{{Path: "f", Type: EntryFile, Size: 5, Digest: dg("x")}}, http.StatusBadRequest, "says 5 bytes"},
-		{"hard link to nothing", []ManifestEntry{{Path: "h", Type: EntryHardlink, Target: "nope"}}, http.StatusBadRequest, "hard link"},
-		{"missing blob", []ManifestEntry{fileEntry("f", "never sent", 0o644)}, http.StatusConflict, "does not have the content"},
+		{"escape", []ManifestEntry{fileEntry("../x", "x", 0o644)}, errdefs.ErrInvalid, "escapes the context root"},
+		{"absolute", []ManifestEntry{fileEntry("/etc/x", "x", 0o644)}, errdefs.ErrInvalid, "absolute path"},
+		{"symlink out", []ManifestEntry{{Path: "l", Type: EntrySymlink, Target: "../../etc"}}, errdefs.ErrInvalid, "outside the context"},
+		{"beneath a symlink", []ManifestEntry{{Path: "l", Type: EntrySymlink, Target: "d"}, {Path: "d", Type: EntryDir, Mode: 0o755}, fileEntry("l/x", "x", 0o644)}, errdefs.ErrInvalid, "through the symlink"},
+		{"bad type", []ManifestEntry{{Path: "p", Type: "fifo"}}, errdefs.ErrInvalid, "type \"fifo\""},
+		{"bad digest", []ManifestEntry{{Path: "f", Type: EntryFile, Size: 1, Digest: "md5:abc"}}, errdefs.ErrInvalid, "sha256:<64 hex digits>"},
+		{"size lies", []ManifestEntry{{Path: "f", Type: EntryFile, Size: 5, Digest: dg("x")}}, errdefs.ErrInvalid, "says 5 bytes"},
+		{"hard link to nothing", []ManifestEntry{{Path: "h", Type: EntryHardlink, Target: "nope"}}, errdefs.ErrInvalid, "hard link"},
+		{"missing blob", []ManifestEntry{fileEntry("f", "never sent", 0o644)}, errdefs.ErrMissingContent, "does not have the content"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			dst, _, err := materialize(t, Manifest{Version: ManifestVersion, Entries: c.e}, blobs, Limits{})
-			wantError(t, err, dst, c.status, c.want)
-			if c.status == http.StatusConflict && !errors.Is(err, ErrMissingBlobs) {
+			wantError(t, err, dst, c.class, c.want)
+			if c.class == errdefs.ErrMissingContent && !errors.Is(err, ErrMissingBlobs) {
 				t.Errorf("err %v does not wrap ErrMissingBlobs", err)
 			}
 		})
 	}
 	dst, _, err := materialize(t, Manifest{Version: 2}, blobs, Limits{})
-	wantError(t, err, dst, http.StatusBadRequest, "version 2")
+	wantError(t, err, dst, errdefs.ErrInvalid, "version 2")
 	many := Manifest{Version: ManifestVersion}
 	for i := range 5 {
 		many.Entries = append(many.Entries, fileEntry(fmt.Sprintf("f%d", i), "x", 0o644))
 	}
 	dst, _, err = materialize(t, many, blobs, Limits{MaxEntries: 3})
-	wantError(t, err, dst, http.StatusRequestEntityTooLarge, "context.max_entries")
+	wantError(t, err, dst, errdefs.ErrTooLarge, "context.max_entries")
 	dst, _, err = materialize(t, many, blobs, Limits{MaxUncompressedBytes: 3})
-	wantError(t, err, dst, http.StatusRequestEntityTooLarge)
+	wantError(t, err, dst, errdefs.ErrTooLarge)
 }

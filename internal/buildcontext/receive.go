@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net/http"
 	"os"
 	"path"
 	"path/filepath"
@@ -20,6 +19,8 @@ import (
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // Limits bound what Receive accepts. A zero field means "no limit"; the
@@ -367,16 +368,16 @@ func (x *extractor) classify(err error) *Error {
 		return e
 	}
 	if x.src != nil && x.src.srcErr != nil {
-		return &Error{Status: http.StatusBadRequest, Msg: fmt.Sprintf("reading the build context upload failed (%v); retry the upload", x.src.srcErr), err: x.src.srcErr}
+		return &Error{Class: errdefs.ErrInvalid, Msg: fmt.Sprintf("reading the build context upload failed (%v); retry the upload", x.src.srcErr), err: x.src.srcErr}
 	}
 	format := x.format
 	if format == "" {
 		format = "tar, tar.gz or tar.zst"
 	}
 	if errors.Is(err, io.ErrUnexpectedEOF) {
-		return &Error{Status: http.StatusBadRequest, Msg: fmt.Sprintf("the build context ends unexpectedly: the upload is truncated or is not a valid %s archive; re-send the complete archive", format), err: err}
+		return &Error{Class: errdefs.ErrInvalid, Msg: fmt.Sprintf("the build context ends unexpectedly: the upload is truncated or is not a valid %s archive; re-send the complete archive", format), err: err}
 	}
-	return &Error{Status: http.StatusBadRequest, Msg: fmt.Sprintf("the build context is not a valid %s archive (%v); send a tar, tar.gz or tar.zst of the context directory", format, err), err: err}
+	return &Error{Class: errdefs.ErrInvalid, Msg: fmt.Sprintf("the build context is not a valid %s archive (%v); send a tar, tar.gz or tar.zst of the context directory", format, err), err: err}
 }
 
 func (x *extractor) tooLargeUncompressed() *Error {
@@ -879,9 +880,8 @@ func (x *extractor) fsFault(err error, entry string) *Error {
 		cause = le.Err
 	}
 	return &Error{
-		Status: http.StatusInternalServerError,
-		Msg:    fmt.Sprintf("storing context entry %q on the kiln server failed (%v); retry later or contact the kiln operator", entry, cause),
-		err:    err,
+		Msg: fmt.Sprintf("storing context entry %q on the kiln server failed (%v); retry later or contact the kiln operator", entry, cause),
+		err: err,
 	}
 }
 
@@ -900,7 +900,7 @@ func makeTargetDir(dir string) error {
 	}
 	if len(entries) > 0 {
 		// Not ours to delete: report and leave it alone.
-		return &Error{Status: http.StatusInternalServerError, Msg: fmt.Sprintf("the build context directory %s already exists and is not empty; this is a kiln bug, report it", filepath.Base(dir))}
+		return &Error{Msg: fmt.Sprintf("the build context directory %s already exists and is not empty; this is a kiln bug, report it", filepath.Base(dir))}
 	}
 	return nil
 }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // frag is one data fragment of a sparse test file; the rest is holes.
@@ -242,7 +244,7 @@ func TestReceiveSparseDeclaredSizeCountsAgainstLimit(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dst, _, err := receive(t, tc.data, Limits{MaxUncompressedBytes: 1 << 30})
-			wantError(t, err, dst, 413, "1 GiB limit when uncompressed", "context.max_uncompressed_bytes")
+			wantError(t, err, dst, errdefs.ErrTooLarge, "1 GiB limit when uncompressed", "context.max_uncompressed_bytes")
 		})
 	}
 }
@@ -261,7 +263,7 @@ func TestReceiveSparseCancel(t *testing.T) {
 	}()
 	select {
 	case err := <-done:
-		e := wantError(t, err, dst, 408, "took too long")
+		e := wantError(t, err, dst, errdefs.ErrTimeout, "took too long")
 		if !errors.Is(e, context.DeadlineExceeded) {
 			t.Error("error does not wrap context.DeadlineExceeded")
 		}

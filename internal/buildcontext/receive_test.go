@@ -8,13 +8,14 @@ import (
 	"errors"
 	"io"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 func sampleTar(t testing.TB) []byte {
@@ -111,79 +112,79 @@ func TestReceiveRejectsBadContexts(t *testing.T) {
 	badCRC[len(badCRC)-6] ^= 0xff
 
 	cases := []struct {
-		name   string
-		data   []byte
-		lim    Limits
-		status int
-		msg    []string
+		name  string
+		data  []byte
+		lim   Limits
+		class error
+		msg   []string
 	}{
-		{"absolute path", mkTar(t, file("/etc/passwd", "root")), Limits{}, 400,
+		{"absolute path", mkTar(t, file("/etc/passwd", "root")), Limits{}, errdefs.ErrInvalid,
 			[]string{`context entry "/etc/passwd" has an absolute path`}},
-		{"dot-dot", mkTar(t, file("../etc/passwd", "root")), Limits{}, 400,
+		{"dot-dot", mkTar(t, file("../etc/passwd", "root")), Limits{}, errdefs.ErrInvalid,
 			[]string{`context entry "../etc/passwd" escapes the context root`}},
-		{"dot-dot in the middle", mkTar(t, dir("a/"), file("a/../../x", "x")), Limits{}, 400,
+		{"dot-dot in the middle", mkTar(t, dir("a/"), file("a/../../x", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{`context entry "a/../../x" escapes the context root`}},
-		{"hard link outside", mkTar(t, hardlink("pw", "../../etc/passwd")), Limits{}, 400,
+		{"hard link outside", mkTar(t, hardlink("pw", "../../etc/passwd")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"pw" is a hard link to "../../etc/passwd", which is outside the context`}},
-		{"hard link absolute", mkTar(t, hardlink("pw", "/etc/passwd")), Limits{}, 400,
+		{"hard link absolute", mkTar(t, hardlink("pw", "/etc/passwd")), Limits{}, errdefs.ErrInvalid,
 			[]string{`which is outside the context`}},
-		{"hard link before its target", mkTar(t, hardlink("early", "late"), file("late", "x")), Limits{}, 400,
+		{"hard link before its target", mkTar(t, hardlink("early", "late"), file("late", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"early" is a hard link to "late", which is not a regular file that appears earlier`}},
-		{"hard link to a directory", mkTar(t, dir("d/"), hardlink("l", "d")), Limits{}, 400,
+		{"hard link to a directory", mkTar(t, dir("d/"), hardlink("l", "d")), Limits{}, errdefs.ErrInvalid,
 			[]string{`not a regular file`}},
-		{"symlink absolute", mkTar(t, symlink("etc", "/etc")), Limits{}, 400,
+		{"symlink absolute", mkTar(t, symlink("etc", "/etc")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"etc" is a symlink to the absolute path "/etc", which escapes the context root`}},
-		{"symlink relative escape", mkTar(t, dir("a/"), symlink("a/up", "../../secret")), Limits{}, 400,
+		{"symlink relative escape", mkTar(t, dir("a/"), symlink("a/up", "../../secret")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"a/up" is a symlink to "../../secret", which points outside the context root`}},
-		{"symlink escape through a chain", mkTar(t, dir("x/"), symlink("x/up", ".."), symlink("y", "x/up/..")), Limits{}, 400,
+		{"symlink escape through a chain", mkTar(t, dir("x/"), symlink("x/up", ".."), symlink("y", "x/up/..")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"y" is a symlink to "x/up/..", which resolves outside the context root through other symlinks`}},
-		{"write through a symlink", mkTar(t, dir("real/"), symlink("l", "real"), file("l/evil", "x")), Limits{}, 400,
+		{"write through a symlink", mkTar(t, dir("real/"), symlink("l", "real"), file("l/evil", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{`context entry "l/evil" would be written through the symlink "l"`}},
-		{"write through a symlink to the root", mkTar(t, symlink("l", "."), file("l/l/evil", "x")), Limits{}, 400,
+		{"write through a symlink to the root", mkTar(t, symlink("l", "."), file("l/l/evil", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{`would be written through the symlink "l"`}},
-		{"directory replaced by a symlink", mkTar(t, dir("d/"), file("d/f", "x"), symlink("d", "elsewhere")), Limits{}, 400,
+		{"directory replaced by a symlink", mkTar(t, dir("d/"), file("d/f", "x"), symlink("d", "elsewhere")), Limits{}, errdefs.ErrInvalid,
 			[]string{`"d" would replace a directory with a symlink`}},
-		{"character device", mkTar(t, ent{name: "null", typ: tar.TypeChar}), Limits{}, 400,
+		{"character device", mkTar(t, ent{name: "null", typ: tar.TypeChar}), Limits{}, errdefs.ErrInvalid,
 			[]string{`context entry "null" is a device node`, "remove it"}},
-		{"block device", mkTar(t, ent{name: "sda", typ: tar.TypeBlock}), Limits{}, 400,
+		{"block device", mkTar(t, ent{name: "sda", typ: tar.TypeBlock}), Limits{}, errdefs.ErrInvalid,
 			[]string{`"sda" is a device node`}},
-		{"fifo", mkTar(t, ent{name: "pipe", typ: tar.TypeFifo}), Limits{}, 400,
+		{"fifo", mkTar(t, ent{name: "pipe", typ: tar.TypeFifo}), Limits{}, errdefs.ErrInvalid,
 			[]string{`"pipe" is a named pipe`}},
-		{"over max bytes", gz(t, big), Limits{MaxBytes: 32 << 10}, 413,
+		{"over max bytes", gz(t, big), Limits{MaxBytes: 32 << 10}, errdefs.ErrTooLarge,
 			[]string{"context is larger than the 32 KiB limit (context.max_bytes)", ".dockerignore"}},
-		{"over max uncompressed bytes", gz(t, zeros), Limits{MaxUncompressedBytes: 1 << 20}, 413,
+		{"over max uncompressed bytes", gz(t, zeros), Limits{MaxUncompressedBytes: 1 << 20}, errdefs.ErrTooLarge,
 			[]string{"context is larger than the 1 MiB limit when uncompressed (context.max_uncompressed_bytes)"}},
-		{"sparse file bomb", sparseBomb(t), Limits{MaxUncompressedBytes: 1 << 30}, 413,
+		{"sparse file bomb", sparseBomb(t), Limits{MaxUncompressedBytes: 1 << 30}, errdefs.ErrTooLarge,
 			[]string{"1 GiB limit when uncompressed"}},
-		{"over max entries", mkTar(t, many...), Limits{MaxEntries: 10}, 413,
+		{"over max entries", mkTar(t, many...), Limits{MaxEntries: 10}, errdefs.ErrTooLarge,
 			[]string{"more than 10 files and directories", "context.max_entries"}},
-		{"implied directories count as entries", mkTar(t, file("a/b/c/d/e/f/g/h/i/j/k/l", "x")), Limits{MaxEntries: 5}, 413,
+		{"implied directories count as entries", mkTar(t, file("a/b/c/d/e/f/g/h/i/j/k/l", "x")), Limits{MaxEntries: 5}, errdefs.ErrTooLarge,
 			[]string{"more than 5 files and directories"}},
-		{"garbage", random[:4096], Limits{}, 400,
+		{"garbage", random[:4096], Limits{}, errdefs.ErrInvalid,
 			[]string{"is not a valid tar archive", "send a tar, tar.gz or tar.zst"}},
-		{"truncated gzip", truncated, Limits{}, 400,
+		{"truncated gzip", truncated, Limits{}, errdefs.ErrInvalid,
 			[]string{"ends unexpectedly", "re-send the complete archive"}},
-		{"gzip with a bad checksum", badCRC, Limits{}, 400,
+		{"gzip with a bad checksum", badCRC, Limits{}, errdefs.ErrInvalid,
 			[]string{"not a valid tar.gz archive"}},
-		{"empty upload", nil, Limits{}, 400,
+		{"empty upload", nil, Limits{}, errdefs.ErrInvalid,
 			[]string{"upload is empty"}},
-		{"xz", append([]byte{0xfd, '7', 'z', 'X', 'Z', 0}, random[:100]...), Limits{}, 400,
+		{"xz", append([]byte{0xfd, '7', 'z', 'X', 'Z', 0}, random[:100]...), Limits{}, errdefs.ErrInvalid,
 			[]string{"compressed with xz"}},
-		{"too deep", mkTar(t, file(strings.Repeat("d/", 300)+"f", "x")), Limits{}, 400,
+		{"too deep", mkTar(t, file(strings.Repeat("d/", 300)+"f", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{"nested more than 256 directories deep"}},
-		{"symlink escape through a long chain", mkTar(t, append([]ent{dir("x/"), symlink("x/up", ".."), symlink("l0", "x/up")}, chain(200)...)...), Limits{}, 400,
+		{"symlink escape through a long chain", mkTar(t, append([]ent{dir("x/"), symlink("x/up", ".."), symlink("l0", "x/up")}, chain(200)...)...), Limits{}, errdefs.ErrInvalid,
 			[]string{"through other symlinks"}},
-		{"invalid .dockerignore pattern", mkTar(t, file(".dockerignore", "a[\n"), file("a", "x")), Limits{}, 400,
+		{"invalid .dockerignore pattern", mkTar(t, file(".dockerignore", "a[\n"), file("a", "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{"invalid pattern in .dockerignore", "fix the context's .dockerignore"}},
-		{".dockerignore is a directory", mkTar(t, dir(".dockerignore/")), Limits{}, 400,
+		{".dockerignore is a directory", mkTar(t, dir(".dockerignore/")), Limits{}, errdefs.ErrInvalid,
 			[]string{".dockerignore is a directory"}},
-		{"long path component", mkTar(t, file(strings.Repeat("a", 300), "x")), Limits{}, 400,
+		{"long path component", mkTar(t, file(strings.Repeat("a", 300), "x")), Limits{}, errdefs.ErrInvalid,
 			[]string{"path component longer than 255 bytes"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			dst, _, err := receive(t, tc.data, tc.lim)
-			wantError(t, err, dst, tc.status, tc.msg...)
+			wantError(t, err, dst, tc.class, tc.msg...)
 		})
 	}
 }
@@ -313,7 +314,7 @@ func TestReceiveTargetDirectory(t *testing.T) {
 		}
 		_, err := Receive(context.Background(), bytes.NewReader(sampleTar(t)), dst, Limits{})
 		var e *Error
-		if !errors.As(err, &e) || e.Status != http.StatusInternalServerError {
+		if !errors.As(err, &e) || e.Class != nil {
 			t.Fatalf("err = %v, want a 500 *Error", err)
 		}
 		if b, err := os.ReadFile(keep); err != nil || string(b) != "precious" {
@@ -326,7 +327,7 @@ func TestReceiveTargetDirectory(t *testing.T) {
 			t.Fatal(err)
 		}
 		_, err := Receive(context.Background(), bytes.NewReader(mkTar(t, file("../x", ""))), dst, Limits{})
-		wantError(t, err, dst, 400)
+		wantError(t, err, dst, errdefs.ErrInvalid)
 	})
 }
 
@@ -376,7 +377,7 @@ func TestReceiveCancel(t *testing.T) {
 	cancel()
 	select {
 	case err := <-done:
-		e := wantError(t, err, dst, statusClientClosedRequest, "canceled")
+		e := wantError(t, err, dst, errdefs.ErrCanceled, "canceled")
 		if !errors.Is(e, context.Canceled) {
 			t.Error("error does not wrap context.Canceled")
 		}
@@ -392,7 +393,7 @@ func TestReceiveDeadline(t *testing.T) {
 	defer cancel()
 	dst := filepath.Join(t.TempDir(), "ctx")
 	_, err := Receive(ctx, src, dst, Limits{})
-	e := wantError(t, err, dst, http.StatusRequestTimeout, "took too long")
+	e := wantError(t, err, dst, errdefs.ErrTimeout, "took too long")
 	if !errors.Is(e, context.DeadlineExceeded) {
 		t.Error("error does not wrap context.DeadlineExceeded")
 	}
@@ -413,5 +414,5 @@ func TestReceiveUploadError(t *testing.T) {
 	data := gz(t, sampleTar(t))
 	dst := filepath.Join(t.TempDir(), "ctx")
 	_, err := Receive(context.Background(), &failingReader{data: data[:len(data)/2]}, dst, Limits{})
-	wantError(t, err, dst, 400, "reading the build context upload failed (connection reset by peer)")
+	wantError(t, err, dst, errdefs.ErrInvalid, "reading the build context upload failed (connection reset by peer)")
 }

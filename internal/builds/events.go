@@ -47,10 +47,46 @@ type hub struct {
 	// watched: its submission, or when its last subscriber left.
 	attached map[string]time.Time
 	now      func() time.Time
+	// logs closes each build's event log at its end event (see emit).
+	logs map[string]*eventLog
 }
 
+// eventLog serializes one build's appends; final is set once its
+// terminal status landed (only the end event may follow), ended when its
+// end event did (zero: not yet).
+type eventLog struct {
+	mu    sync.Mutex
+	final bool
+	ended time.Time
+}
+
+// endedKept is how long an ended build's log stays closed in memory: far
+// longer than a run takes to stop once its build was ended.
+const endedKept = 10 * time.Minute
+
 func newHub() *hub {
-	return &hub{subs: map[string]map[chan struct{}]struct{}{}, attached: map[string]time.Time{}, now: time.Now}
+	return &hub{subs: map[string]map[chan struct{}]struct{}{}, attached: map[string]time.Time{}, now: time.Now,
+		logs: map[string]*eventLog{}}
+}
+
+// log returns build id's event log, forgetting logs long ended.
+func (h *hub) log(id string) *eventLog {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	l := h.logs[id]
+	if l == nil {
+		for other, ol := range h.logs {
+			if ol.mu.TryLock() {
+				if !ol.ended.IsZero() && h.now().Sub(ol.ended) > endedKept {
+					delete(h.logs, other)
+				}
+				ol.mu.Unlock()
+			}
+		}
+		l = &eventLog{}
+		h.logs[id] = l
+	}
+	return l
 }
 
 func (h *hub) subscribe(id string) (<-chan struct{}, func()) {
@@ -124,6 +160,9 @@ func (h *hub) notify(id string) {
 
 // emit persists an event and wakes readers. Persisting must not depend on
 // the build's own context: the events of a canceled build still land.
+// The end event is the last: a run still stopping after a cancel ended
+// its build (a status or message it was about to write, its runtime's
+// last logs) appends nothing after it.
 func (s *Service) emit(id string, e Event) {
 	if e.Time.IsZero() {
 		e.Time = time.Now().UTC()
@@ -133,9 +172,21 @@ func (s *Service) emit(id string, e Event) {
 		s.log.Error("encode build event", "build", id, "err", err)
 		return
 	}
+	l := s.hub.log(id)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.ended.IsZero() || l.final && e.Kind != KindEnd {
+		return
+	}
 	if _, err := store.AppendEvent(context.Background(), s.db.SQL, id, string(e.Kind), data); err != nil {
 		s.log.Error("persist build event", "build", id, "kind", e.Kind, "err", err)
 		return
+	}
+	switch {
+	case e.Kind == KindEnd:
+		l.ended = s.hub.now()
+	case e.Kind == KindStatus && store.Terminal(e.Status):
+		l.final = true
 	}
 	s.hub.notify(id)
 }

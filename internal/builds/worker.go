@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/riverdriver/riversqlite"
 	"github.com/riverqueue/river/rivermigrate"
 
 	"github.com/kiln-build/kiln/internal/auth"
@@ -61,7 +60,7 @@ const maxWaiting = 1000
 func newRiver(s *Service) (*river.Client[*sql.Tx], error) {
 	workers := river.NewWorkers()
 	river.AddWorker(workers, &worker{s: s})
-	return river.NewClient(riversqlite.New(s.db.SQL), &river.Config{
+	return river.NewClient(s.db.RiverDriver(), &river.Config{
 		Queues:            map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: maxWaiting}},
 		Workers:           workers,
 		FetchCooldown:     50 * time.Millisecond,
@@ -80,7 +79,7 @@ func (s *Service) enqueue(ctx context.Context, tx *sql.Tx, id string, attempt in
 // Start migrates the queue tables, recovers builds a previous server left
 // unfinished, and starts working the queue.
 func (s *Service) Start(ctx context.Context) error {
-	migrator, err := rivermigrate.New(riversqlite.New(s.db.SQL), nil)
+	migrator, err := rivermigrate.New(s.db.RiverDriver(), nil)
 	if err != nil {
 		return fmt.Errorf("prepare queue migrations: %w", err)
 	}

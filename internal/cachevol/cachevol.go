@@ -18,16 +18,19 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/ext4"
 )
 
 var (
-	// ErrInUse means a build holds the volume.
-	ErrInUse = errors.New("cache volume is in use")
-	// ErrNotFound means the scope has no cache volume.
-	ErrNotFound = errors.New("cache volume not found")
-	// ErrInvalidScope means the scope string cannot name a cache volume.
-	ErrInvalidScope = errors.New("invalid cache scope")
+	// ErrInUse means a build holds the volume (an errdefs.ErrInUse).
+	ErrInUse = errdefs.Sentinel(errdefs.ErrInUse, "cache volume is in use")
+	// ErrNotFound means the scope has no cache volume (an
+	// errdefs.ErrNotFound).
+	ErrNotFound = errdefs.Sentinel(errdefs.ErrNotFound, "cache volume not found")
+	// ErrInvalidScope means the scope string cannot name a cache volume
+	// (an errdefs.ErrInvalid).
+	ErrInvalidScope = errdefs.Sentinel(errdefs.ErrInvalid, "invalid cache scope")
 )
 
 const (

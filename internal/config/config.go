@@ -23,6 +23,7 @@ import (
 type Config struct {
 	ConfigFile string
 	DataDir    string
+	Database   string // records and queue: "" or a file for SQLite (relative to DataDir), or a postgres:// URL; may hold a password: never log it
 	Listen     string
 	Runtime    string
 	// BuilderImage is the builder VM image directory; empty means
@@ -32,6 +33,21 @@ type Config struct {
 	// RegistryHost is how builders reach kiln's registry; empty means the
 	// listen address.
 	RegistryHost string
+	// RegistryStorage is the registry's storage driver: filesystem (under
+	// the data directory) or s3 (the RegistryS3* settings).
+	RegistryStorage          string
+	RegistryS3Bucket         string
+	RegistryS3Region         string
+	RegistryS3RegionEndpoint string
+	RegistryS3ForcePathStyle bool
+	registryS3PathStyle      string // as given; validate parses it into RegistryS3ForcePathStyle
+	// RegistryS3AccessKey and RegistryS3SecretKey are static S3
+	// credentials (memory only; never logged); empty means the AWS
+	// environment's.
+	RegistryS3AccessKey string
+	RegistryS3SecretKey string
+	RegistryS3RootDir   string
+	RegistryS3Redirect  string
 
 	MaxConcurrent int
 
@@ -143,12 +159,22 @@ func Flag(key string) string { return strings.ReplaceAll(strings.ReplaceAll(key,
 func (c *Config) settings() []setting {
 	return []setting{
 		{"data", "./kiln-data", "data directory: database, registry storage, cache volumes, keys", kString, &c.DataDir},
+		{"database", "", "where records and the build queue live: empty for SQLite at <data>/kiln.db, a SQLite file path (relative to the data directory), or postgres://user@host:5432/dbname?sslmode=... for PostgreSQL (see docs/deploy.md). Put a password in the config file, env or PGPASSWORD/~/.pgpass rather than the flag: flags show in ps; kiln logs only host and database name", kString, &c.Database},
 		{"listen", "127.0.0.1:7070", "address the API and registry listen on", kString, &c.Listen},
 		{"runtime", "auto", "builder runtime: process (buildkitd on the host), vm (one microVM per build), or auto (vm when a builder image exists and QEMU runs, else process)", kString, &c.Runtime},
 		{"builder_image", "", "directory of the builder VM image the vm runtime boots (default: <data>/builder; make it with kiln builder-image build)", kString, &c.BuilderImage},
 		{"vm.unresponsive", "60s", "how long a builder VM may leave the host's pings unanswered before it counts as frozen: it is killed and the build runs again in a new VM, once", kDuration, &c.VMUnresponsive},
 		{"log_level", "info", "log level: debug, info, warn, error", kString, &c.LogLevel},
 		{"registry_host", "", "host:port builders use to reach kiln's registry (default: the listen address)", kString, &c.RegistryHost},
+		{"registry.storage", "filesystem", "where the registry keeps images: filesystem (<data>/registry) or s3 (the registry.s3.* settings; see docs/deploy.md)", kString, &c.RegistryStorage},
+		{"registry.s3.bucket", "", "S3 bucket the registry keeps images in (it must exist)", kString, &c.RegistryS3Bucket},
+		{"registry.s3.region", "", "the bucket's region, e.g. eu-west-1 (may stay empty with registry.s3.regionendpoint)", kString, &c.RegistryS3Region},
+		{"registry.s3.regionendpoint", "", "URL of an S3-compatible server, e.g. http://minio:9000 (empty: AWS)", kString, &c.RegistryS3RegionEndpoint},
+		{"registry.s3.forcepathstyle", "false", "address the bucket as <endpoint>/<bucket> rather than <bucket>.<endpoint>; most S3-compatible servers need true", kString, &c.registryS3PathStyle},
+		{"registry.s3.accesskey", "", "S3 access key id (empty: the AWS environment, ~/.aws/credentials or the instance role)", kString, &c.RegistryS3AccessKey},
+		{"registry.s3.secretkey", "", "S3 secret access key, with registry.s3.accesskey (prefer the config file or env over the flag: flags show in ps)", kString, &c.RegistryS3SecretKey},
+		{"registry.s3.rootdirectory", "", "key prefix the registry keeps everything under in the bucket (empty: the bucket's root)", kString, &c.RegistryS3RootDir},
+		{"registry.s3.redirect", "disable", "disable: kiln serves every blob itself; presigned: clients other than builds are redirected to presigned S3 URLs for blob downloads and must reach the S3 endpoint themselves; or an https://host URL naming the store's public endpoint for those redirects", kString, &c.RegistryS3Redirect},
 		{"max_concurrent_builds", "2", "builds running at once across all cache scopes", kInt, &c.MaxConcurrent},
 		{"context.max_bytes", "2GiB", "largest build context upload (as sent, possibly compressed)", kBytes, &c.ContextMaxBytes},
 		{"context.max_uncompressed_bytes", "8GiB", "largest build context once uncompressed", kBytes, &c.ContextMaxUncompressedBytes},
@@ -376,6 +402,13 @@ func (c *Config) validate() error {
 	default:
 		return fmt.Errorf("runtime %q is unknown: use process, vm or auto", c.Runtime)
 	}
+	if err := c.validateRegistryStorage(); err != nil {
+		return err
+	}
+	if i := strings.Index(c.Database, "://"); i > 0 && !strings.HasPrefix(c.Database, "postgres://") && !strings.HasPrefix(c.Database, "postgresql://") {
+		// Only the scheme is shown: the rest may hold a password.
+		return fmt.Errorf("database: %s:// databases are not supported: use a SQLite file path or a postgres:// URL", c.Database[:i])
+	}
 	if c.MaxConcurrent < 1 {
 		return fmt.Errorf("max_concurrent_builds must be at least 1")
 	}
@@ -435,6 +468,38 @@ func (c *Config) validate() error {
 	}
 	if c.ContextMaxBytes < 1 || c.ContextMaxUncompressedBytes < 1 || c.ContextMaxEntries < 1 {
 		return fmt.Errorf("context limits must be positive")
+	}
+	return nil
+}
+
+// validateRegistryStorage checks the registry.storage settings; the
+// registry checks the bucket itself when it starts.
+func (c *Config) validateRegistryStorage() error {
+	if c.registryS3PathStyle != "" {
+		b, err := strconv.ParseBool(strings.TrimSpace(c.registryS3PathStyle))
+		if err != nil {
+			return fmt.Errorf("registry.s3.forcepathstyle %q is not true or false", c.registryS3PathStyle)
+		}
+		c.RegistryS3ForcePathStyle = b
+	}
+	switch c.RegistryStorage {
+	case "filesystem":
+	case "s3":
+		if c.RegistryS3Bucket == "" {
+			return fmt.Errorf("registry.storage is s3 but registry.s3.bucket is empty: name the bucket kiln keeps its images in")
+		}
+		if (c.RegistryS3AccessKey == "") != (c.RegistryS3SecretKey == "") {
+			return fmt.Errorf("set both registry.s3.accesskey and registry.s3.secretkey, or neither to use the AWS environment")
+		}
+		switch c.RegistryS3Redirect {
+		case "disable", "presigned":
+		default:
+			if !strings.HasPrefix(c.RegistryS3Redirect, "https://") && !strings.HasPrefix(c.RegistryS3Redirect, "http://") {
+				return fmt.Errorf("registry.s3.redirect %q is unknown: use disable, presigned, or the store's public URL (https://host)", c.RegistryS3Redirect)
+			}
+		}
+	default:
+		return fmt.Errorf("registry.storage %q is unknown: use filesystem or s3", c.RegistryStorage)
 	}
 	return nil
 }

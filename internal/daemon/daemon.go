@@ -113,10 +113,11 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	if created {
 		log.Info("created the server signing key", "path", filepath.Join(data, "keys"))
 	}
-	db, err := store.Open(ctx, filepath.Join(data, "kiln.db"))
+	db, err := store.Open(ctx, store.Location(cfg.Database, data))
 	if err != nil {
 		return err
 	}
+	log.Info("database open", "database", db.String()) // host and name only, never credentials
 	defer db.Close()
 
 	registryHost := cfg.RegistryHost
@@ -137,6 +138,11 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	}
 
 	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority,
+		Storage: registry.StorageConfig{Driver: cfg.RegistryStorage, S3: registry.S3Config{
+			Bucket: cfg.RegistryS3Bucket, Region: cfg.RegistryS3Region, RegionEndpoint: cfg.RegistryS3RegionEndpoint,
+			ForcePathStyle: cfg.RegistryS3ForcePathStyle, AccessKey: cfg.RegistryS3AccessKey, SecretKey: cfg.RegistryS3SecretKey,
+			RootDirectory: cfg.RegistryS3RootDir, Redirect: cfg.RegistryS3Redirect,
+		}},
 		Grant: policy.GrantRegistry, Logger: log.With("part", "registry")})
 	if err != nil {
 		return err

@@ -13,15 +13,59 @@ import (
 
 // The classes. Test with errors.Is; wrap with the constructors below, or
 // with fmt.Errorf("...: %w", ErrNotFound) where the message is built up.
+// A narrower class wraps its broader one (ErrInUse is an ErrConflict), so
+// a caller that only knows the broad class still recognizes it.
 var (
-	ErrInvalid     = errors.New("invalid request")
-	ErrForbidden   = errors.New("forbidden")
-	ErrNotFound    = errors.New("not found")
-	ErrConflict    = errors.New("conflict")
-	ErrLimit       = errors.New("over a limit")
+	ErrInvalid = errors.New("invalid request")
+	// ErrTooLarge is input over a size or count limit that time does not
+	// lift: make it smaller.
+	ErrTooLarge = Sentinel(ErrInvalid, "too large")
+	// ErrUnauthenticated is a request without valid credentials: a token
+	// missing, malformed, expired or revoked.
+	ErrUnauthenticated = errors.New("unauthenticated")
+	ErrForbidden       = errors.New("forbidden")
+	ErrNotFound        = errors.New("not found")
+	ErrConflict        = errors.New("conflict")
+	// ErrInUse is a resource something else holds; it frees up when that
+	// ends.
+	ErrInUse = Sentinel(ErrConflict, "in use")
+	// ErrMissingContent is a request naming content the server does not
+	// hold (never sent, or evicted since): send it and retry.
+	ErrMissingContent = Sentinel(ErrConflict, "missing content")
+	ErrLimit          = errors.New("over a limit")
+	// ErrTimeout is a request stopped because it took too long.
+	ErrTimeout = errors.New("timed out")
+	// ErrCanceled is a request its caller gave up on.
+	ErrCanceled    = errors.New("canceled")
 	ErrUnavailable = errors.New("unavailable")
 	ErrUpstream    = errors.New("upstream failed")
+	// ErrUpstreamTimeout is a system kiln depends on that did not answer
+	// in time.
+	ErrUpstreamTimeout = Sentinel(ErrUpstream, "upstream timed out")
 )
+
+// Classes lists every class, narrower ones before the classes they wrap,
+// so the first that errors.Is matches is the most precise.
+func Classes() []error {
+	return []error{
+		ErrTooLarge, ErrInvalid, ErrUnauthenticated, ErrForbidden, ErrNotFound,
+		ErrInUse, ErrMissingContent, ErrConflict, ErrLimit, ErrTimeout, ErrCanceled,
+		ErrUnavailable, ErrUpstreamTimeout, ErrUpstream,
+	}
+}
+
+// Sentinel returns a new named error of class whose text is text: a
+// package's own sentinel (cachevol.ErrInUse) that errors.Is also matches
+// to class, without the class's name in its text.
+func Sentinel(class error, text string) error { return &sentinel{text: text, class: class} }
+
+type sentinel struct {
+	text  string
+	class error
+}
+
+func (s *sentinel) Error() string { return s.text }
+func (s *sentinel) Unwrap() error { return s.class }
 
 // Error is a classified error whose message is written for the user: it
 // says what was wrong and what to do.

@@ -8,7 +8,12 @@
 // kiln token there for a registry token, and the registry's "kiln" access
 // controller checks that token on every request.
 //
-// The helpers (Resolve, Tag, DeleteTag, Manifest, Catalog, Tags) work on the
-// same storage directly, for the rest of kiln, without going through HTTP
-// auth.
+// The helpers (Resolve, Tag, DeleteTag, Manifest, Catalog, Tags, Blob, the
+// ingest calls and GC) work on the same storage directly, for the rest of
+// kiln, without going through HTTP auth.
+//
+// Storage is one distribution storage driver, built once from
+// Config.Storage (the filesystem under Config.RootDir, or an S3 bucket)
+// and shared by the HTTP API and the helpers. Nothing here reads the
+// registry through OS paths, so everything works the same on S3.
 package registry

@@ -4,13 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net/http"
-	"os"
-	"path/filepath"
+	"path"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/storage"
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 )
 
 // GCStats is what one garbage collection did.
@@ -41,7 +40,7 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 	start := time.Now()
 	var st GCStats
 	var err error
-	if st.BlobsBefore, st.BytesBefore, err = r.blobUsage(); err != nil {
+	if st.BlobsBefore, st.BytesBefore, err = r.blobUsage(ctx); err != nil {
 		return st, err
 	}
 	// An upload that cannot be purged does not hold up collecting blobs;
@@ -50,14 +49,14 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 	st.UploadsRemoved = removed
 	// Mark and sweep fails on a registry that never stored a blob; such a
 	// registry has nothing to sweep.
-	if _, err := os.Stat(r.storageDir("blobs")); err == nil {
+	if ok, err := r.exists(ctx, storageDir("blobs")); err != nil {
+		return st, fmt.Errorf("registry garbage collection: %w", err)
+	} else if ok {
 		if err := storage.MarkAndSweep(ctx, r.driver, r.ns, storage.GCOpts{Quiet: true}); err != nil {
 			return st, fmt.Errorf("registry garbage collection: %w", err)
 		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return st, fmt.Errorf("registry garbage collection: %w", err)
 	}
-	if st.BlobsAfter, st.BytesAfter, err = r.blobUsage(); err != nil {
+	if st.BlobsAfter, st.BytesAfter, err = r.blobUsage(ctx); err != nil {
 		return st, err
 	}
 	st.Took = time.Since(start)
@@ -70,7 +69,9 @@ func (r *Registry) GC(ctx context.Context) (GCStats, error) {
 func (r *Registry) purgeUploads(ctx context.Context, now time.Time) (int, error) {
 	// PurgeUploads walks the repositories, and fails on a registry that
 	// has none yet.
-	if _, err := os.Stat(r.storageDir("repositories")); errors.Is(err, fs.ErrNotExist) {
+	if ok, err := r.exists(ctx, storageDir("repositories")); err != nil {
+		return 0, fmt.Errorf("registry garbage collection: %w", err)
+	} else if !ok {
 		return 0, nil
 	}
 	cutoff := now.Add(-uploadMaxAge)
@@ -87,32 +88,40 @@ func (r *Registry) purgeUploads(ctx context.Context, now time.Time) (int, error)
 	return len(removed), nil
 }
 
-// storageDir is a top-level directory of distribution's filesystem
-// layout: "blobs" or "repositories".
-func (r *Registry) storageDir(name string) string {
-	return filepath.Join(r.root, "docker", "registry", "v2", name)
+// storageDir is a top-level directory of distribution's storage layout,
+// "blobs" or "repositories", as a storage driver path.
+func storageDir(name string) string {
+	return "/docker/registry/v2/" + name
 }
 
-// blobUsage counts the blobs on disk and their bytes.
-func (r *Registry) blobUsage() (n int, bytes int64, err error) {
-	root := r.storageDir("blobs")
-	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if p == root && errors.Is(err, fs.ErrNotExist) {
-				return fs.SkipDir
-			}
-			return err
-		}
-		if d.Type().IsRegular() && d.Name() == "data" {
-			info, err := d.Info()
-			if err != nil {
-				return err
-			}
+// exists reports whether p is in storage: a file, or on the filesystem a
+// directory, or on S3 a prefix of at least one object.
+func (r *Registry) exists(ctx context.Context, p string) (bool, error) {
+	_, err := r.driver.Stat(ctx, p)
+	var missing storagedriver.PathNotFoundError
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.As(err, &missing):
+		return false, nil
+	}
+	return false, err
+}
+
+// blobUsage counts the stored blobs and their bytes, with one listing of
+// the blob store (on S3, a few list requests per thousand blobs).
+func (r *Registry) blobUsage(ctx context.Context) (n int, bytes int64, err error) {
+	err = r.driver.Walk(ctx, storageDir("blobs"), func(fi storagedriver.FileInfo) error {
+		if !fi.IsDir() && path.Base(fi.Path()) == "data" {
 			n++
-			bytes += info.Size()
+			bytes += fi.Size()
 		}
 		return nil
 	})
+	var missing storagedriver.PathNotFoundError
+	if errors.As(err, &missing) {
+		return 0, 0, nil
+	}
 	if err != nil {
 		return 0, 0, fmt.Errorf("measure registry blobs: %w", err)
 	}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -17,47 +15,51 @@ import (
 // TestGCRemovesUploadsOfEarlierProcess leaves a partial upload behind as a
 // crash would, restarts the registry over the same storage and checks that
 // GC deletes it, while an upload begun after the restart survives GC and
-// can still be finished.
+// can still be finished; on every storage driver.
 func TestGCRemovesUploadsOfEarlierProcess(t *testing.T) {
 	const repo = "gc/partial"
-	before := testkit.StartKilnRegistry(t)
-	startUpload(t, before, repo, []byte("abandoned "))
-	uploads := filepath.Join(before.Root, "docker", "registry", "v2", "repositories", repo, "_uploads")
-	if got := dirNames(t, uploads); len(got) != 1 {
-		t.Fatalf("_uploads holds %v after one started upload, want one session", got)
-	}
-	// Uploads record their start in whole seconds: restart in a later
-	// second, as a real restart would be.
-	time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
+	forEachStorage(t, func(t *testing.T, b backend) {
+		before := b.start(t)
+		startUpload(t, before, repo, []byte("abandoned "))
+		if got := uploads(t, before, repo); len(got) != 1 {
+			t.Fatalf("_uploads holds %v after one started upload, want one session", got)
+		}
+		// Uploads record their start in whole seconds: restart in a later
+		// second, as a real restart would be.
+		time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
 
-	after := restart(t, before)
-	st, err := after.Registry.GC(context.Background())
-	if err != nil {
-		t.Fatalf("GC: %v", err)
-	}
-	if st.UploadsRemoved < 1 {
-		t.Errorf("GC removed %d uploads, want the abandoned one", st.UploadsRemoved)
-	}
-	if got := dirNames(t, uploads); len(got) != 0 {
-		t.Errorf("_uploads holds %v after GC, want the abandoned session gone", got)
-	}
+		after := b.restart(t, before)
+		st, err := after.Registry.GC(context.Background())
+		if err != nil {
+			t.Fatalf("GC: %v", err)
+		}
+		if st.UploadsRemoved < 1 {
+			t.Errorf("GC removed %d uploads, want the abandoned one", st.UploadsRemoved)
+		}
+		if got := uploads(t, after, repo); len(got) != 0 {
+			t.Errorf("_uploads holds %v after GC, want the abandoned session gone", got)
+		}
 
-	// An upload of the running registry is left alone, and finishes.
-	loc := startUpload(t, after, repo, []byte("hello "))
-	st, err = after.Registry.GC(context.Background())
-	if err != nil {
-		t.Fatalf("second GC: %v", err)
-	}
-	if st.UploadsRemoved != 0 {
-		t.Errorf("second GC removed %d uploads, want 0", st.UploadsRemoved)
-	}
-	if got := dirNames(t, uploads); len(got) != 1 {
-		t.Errorf("_uploads holds %v after the second GC, want the live session", got)
-	}
-	q := loc.Query()
-	q.Set("digest", digest.FromString("hello world").String())
-	loc.RawQuery = q.Encode()
-	after.Do(t, repo, http.MethodPut, loc.String(), "application/octet-stream", []byte("world"), http.StatusCreated)
+		// An upload of the running registry is left alone, and finishes.
+		loc := startUpload(t, after, repo, []byte("hello "))
+		st, err = after.Registry.GC(context.Background())
+		if err != nil {
+			t.Fatalf("second GC: %v", err)
+		}
+		if st.UploadsRemoved != 0 {
+			t.Errorf("second GC removed %d uploads, want 0", st.UploadsRemoved)
+		}
+		if got := uploads(t, after, repo); len(got) != 1 {
+			t.Errorf("_uploads holds %v after the second GC, want the live session", got)
+		}
+		q := loc.Query()
+		q.Set("digest", digest.FromString("hello world").String())
+		loc.RawQuery = q.Encode()
+		after.Do(t, repo, http.MethodPut, loc.String(), "application/octet-stream", []byte("world"), http.StatusCreated)
+		if !b.stored(t, blobData(digest.FromString("hello world"))) {
+			t.Errorf("the finished upload's blob is not in the %s store", b.name)
+		}
+	})
 }
 
 // startUpload begins a blob upload to repo, sends data and leaves the
@@ -81,24 +83,4 @@ func location(t *testing.T, r *testkit.KilnRegistry, resp *http.Response) *url.U
 		t.Fatal(err)
 	}
 	return base.ResolveReference(loc)
-}
-
-// restart serves a new Registry over the storage of r, with a new upload
-// secret, as kiln does after a crash or restart.
-func restart(t *testing.T, r *testkit.KilnRegistry) *testkit.KilnRegistry {
-	t.Helper()
-	return testkit.ServeKilnRegistry(t, r.Root, r.Authority)
-}
-
-func dirNames(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
 }

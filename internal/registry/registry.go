@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
 	"path"
 	"regexp"
 	"strings"
@@ -20,15 +19,18 @@ import (
 	"github.com/distribution/distribution/v3/registry/handlers"
 	"github.com/distribution/distribution/v3/registry/storage"
 	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
-	"github.com/distribution/distribution/v3/registry/storage/driver/filesystem"
 
 	"github.com/kiln-build/kiln/internal/auth"
 )
 
 // Config configures the embedded registry.
 type Config struct {
-	// RootDir holds all registry content (blobs, manifests, tags).
+	// RootDir holds all registry content (blobs, manifests, tags) when
+	// Storage is the filesystem; unused otherwise.
 	RootDir string
+	// Storage selects the storage driver; the zero value is the
+	// filesystem under RootDir.
+	Storage StorageConfig
 	// Authority verifies registry tokens and backs the token endpoint.
 	Authority *auth.Authority
 	// Grant decides what a token may have of the access it asks for
@@ -45,14 +47,20 @@ type Config struct {
 // Registry is an OCI distribution registry with kiln token auth. It is an
 // http.Handler for /v2/... and Config.TokenPath.
 type Registry struct {
-	app       *handlers.App
+	app *handlers.App
+	// direct is nil, or when app redirects blob downloads to the store,
+	// an app over the same driver that never does: builds get their
+	// blobs through kiln (see servesDirect).
+	direct    *handlers.App
+	authority *auth.Authority
+	service   string
 	tokens    http.Handler
 	tokenPath string
 	// ns is a second view of the same storage for the helpers; it shares
-	// no cache with app, so both always see what is on disk.
-	ns     distribution.Namespace
+	// no cache with app, so both always see what is stored.
+	ns distribution.Namespace
+	// driver is the one storage driver app, direct and ns all use.
 	driver storagedriver.StorageDriver
-	root   string
 	// started is when New made this Registry; GC purges uploads begun
 	// before it, which no client can resume (see the upload secret).
 	started time.Time
@@ -74,16 +82,15 @@ func (r *Registry) OnManifestChange(fn func(ctx context.Context, repo, tag strin
 // resume an upload that old.
 var uploadPurging = map[any]any{"enabled": true, "age": "24h", "interval": "6h", "dryrun": false}
 
-// New creates the registry over cfg.RootDir. ctx bounds background work
-// (the upload purger); Close stops it too.
+// New creates the registry over cfg.Storage (by default the filesystem
+// under cfg.RootDir). ctx bounds background work (the upload purger);
+// Close stops it too. An S3 bucket is checked here: New fails, saying what
+// to check, unless kiln can write, read and delete an object in it.
 //
 // The distribution library logs through the process-wide logrus standard
 // logger; New routes that logger into cfg.Logger (its Info chatter at Debug)
 // and silences logrus's own output. The last New wins.
 func New(ctx context.Context, cfg Config) (*Registry, error) {
-	if cfg.RootDir == "" {
-		return nil, errors.New("create registry: no root directory configured")
-	}
 	if cfg.Authority == nil || cfg.Grant == nil {
 		return nil, errors.New("create registry: no token authority or access rules configured")
 	}
@@ -99,8 +106,18 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	if err := os.MkdirAll(cfg.RootDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create registry root %s: %w", cfg.RootDir, err)
+	if cfg.Storage.Driver == "" {
+		cfg.Storage.Driver = DriverFilesystem
+	}
+	driver, err := newDriver(ctx, cfg.RootDir, cfg.Storage)
+	if err != nil {
+		return nil, err
+	}
+	where := cfg.RootDir
+	if cfg.Storage.Driver != DriverFilesystem {
+		where = cfg.Storage.String()
+		cfg.Logger.Info("registry storage", "driver", cfg.Storage.Driver, "location", where,
+			"redirect", cfg.Storage.redirects())
 	}
 	routeLogrus(cfg.Logger.With("component", "registry"))
 
@@ -110,31 +127,43 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	if _, err := rand.Read(secret[:]); err != nil {
 		return nil, fmt.Errorf("create registry: generate upload secret: %w", err)
 	}
-
-	dc := &configuration.Configuration{
-		Storage: configuration.Storage{
-			"filesystem":  configuration.Parameters{"rootdirectory": cfg.RootDir},
-			"delete":      configuration.Parameters{"enabled": true},
-			"redirect":    configuration.Parameters{"disable": true},
-			"maintenance": configuration.Parameters{"uploadpurging": uploadPurging},
-		},
-		Auth: configuration.Auth{
-			accessControllerName: configuration.Parameters{
-				optAuthority: cfg.Authority,
-				optService:   cfg.Service,
-				optTokenPath: cfg.TokenPath,
+	appConfig := func(redirect, purge bool) *configuration.Configuration {
+		maintenance := configuration.Parameters{"uploadpurging": map[any]any{"enabled": false}}
+		if purge {
+			maintenance = configuration.Parameters{"uploadpurging": uploadPurging}
+		}
+		dc := &configuration.Configuration{
+			Storage: configuration.Storage{
+				prebuiltDriver: configuration.Parameters{optDriver: driver},
+				"delete":       configuration.Parameters{"enabled": true},
+				"redirect":     configuration.Parameters{"disable": !redirect},
+				"maintenance":  maintenance,
 			},
-		},
+			Auth: configuration.Auth{
+				accessControllerName: configuration.Parameters{
+					optAuthority: cfg.Authority,
+					optService:   cfg.Service,
+					optTokenPath: cfg.TokenPath,
+				},
+			},
+		}
+		dc.HTTP.Secret = hex.EncodeToString(secret[:])
+		dc.Log.AccessLog.Disabled = true
+		return dc
 	}
-	dc.HTTP.Secret = hex.EncodeToString(secret[:])
-	dc.Log.AccessLog.Disabled = true
 
-	app, err := newApp(ctx, dc)
+	app, err := newApp(ctx, appConfig(cfg.Storage.redirects(), true))
 	if err != nil {
-		return nil, fmt.Errorf("create registry over %s: %w", cfg.RootDir, err)
+		return nil, fmt.Errorf("create registry over %s: %w", where, err)
+	}
+	var direct *handlers.App
+	if cfg.Storage.redirects() {
+		if direct, err = newApp(ctx, appConfig(false, false)); err != nil {
+			_ = app.Shutdown()
+			return nil, fmt.Errorf("create registry over %s: %w", where, err)
+		}
 	}
 
-	driver := filesystem.New(filesystem.DriverParameters{RootDirectory: cfg.RootDir, MaxThreads: 100})
 	// Same rules as the app applies to pushes (handlers.NewApp defaults),
 	// so a manifest Tag copies is held to what a client push would be.
 	ns, err := storage.NewRegistry(ctx, driver,
@@ -144,19 +173,29 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	)
 	if err != nil {
 		_ = app.Shutdown()
-		return nil, fmt.Errorf("open registry storage %s: %w", cfg.RootDir, err)
+		if direct != nil {
+			_ = direct.Shutdown()
+		}
+		return nil, fmt.Errorf("open registry storage %s: %w", where, err)
 	}
 
 	return &Registry{
 		app:       app,
+		direct:    direct,
+		authority: cfg.Authority,
+		service:   cfg.Service,
 		tokens:    cfg.Authority.TokenHandler(cfg.Service, cfg.Grant),
 		tokenPath: cfg.TokenPath,
 		ns:        ns,
 		driver:    driver,
-		root:      cfg.RootDir,
 		started:   time.Now(),
 	}, nil
 }
+
+// Driver is the storage driver the registry keeps its content through,
+// shared by the HTTP API and the helpers. It is for tests and tools that
+// inspect storage; write content only through the registry.
+func (r *Registry) Driver() storagedriver.StorageDriver { return r.driver }
 
 // newApp turns handlers.NewApp's panics on bad configuration into errors.
 func newApp(ctx context.Context, dc *configuration.Configuration) (app *handlers.App, err error) {
@@ -183,13 +222,17 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		}
 		defer r.writes.RUnlock()
 	}
+	app := r.app
+	if r.direct != nil && r.servesDirect(req) {
+		app = r.direct
+	}
 	repo, tag, ok := manifestWrite(req)
 	if !ok || r.onChange == nil {
-		r.app.ServeHTTP(w, req)
+		app.ServeHTTP(w, req)
 		return
 	}
 	rec := &statusRecorder{ResponseWriter: w}
-	r.app.ServeHTTP(rec, req)
+	app.ServeHTTP(rec, req)
 	if rec.status >= 200 && rec.status < 300 {
 		r.onChange(req.Context(), repo, tag)
 	}
@@ -234,8 +277,32 @@ func (s *statusRecorder) Write(b []byte) (int, error) {
 	return s.ResponseWriter.Write(b)
 }
 
+// servesDirect reports whether req, a request to a registry that
+// redirects blob downloads to the store, must be answered by kiln instead:
+// blob reads by a build. Builders reach kiln's registry through their
+// tunnel or allow-listed network only, never the store.
+func (r *Registry) servesDirect(req *http.Request) bool {
+	if req.Method != http.MethodGet && req.Method != http.MethodHead {
+		return false
+	}
+	if !strings.Contains(req.URL.Path, "/blobs/") {
+		return false
+	}
+	scheme, raw, ok := strings.Cut(req.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "bearer") {
+		return false
+	}
+	g, err := r.authority.VerifyRegistryToken(strings.TrimSpace(raw), r.service)
+	// Build tokens are issued to subject build:<id> (internal/builds).
+	return err == nil && strings.HasPrefix(g.Subject, "build:")
+}
+
 // Close stops the registry's background work. In-flight requests are the
 // HTTP server's to drain.
 func (r *Registry) Close() error {
-	return r.app.Shutdown()
+	err := r.app.Shutdown()
+	if r.direct != nil {
+		err = errors.Join(err, r.direct.Shutdown())
+	}
+	return err
 }

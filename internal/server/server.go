@@ -21,7 +21,6 @@ import (
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
-	"github.com/kiln-build/kiln/internal/buildcontext"
 	"github.com/kiln-build/kiln/internal/builders"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/cachevol"
@@ -243,47 +242,84 @@ func writeError(w http.ResponseWriter, status int, code, msg string) {
 	writeJSON(w, status, api.Error{Error: msg, Code: &code})
 }
 
-// fail maps a part's error to an HTTP answer: errdefs' classes to
-// statuses, here and nowhere else.
-func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
-	var ce *buildcontext.Error
-	var de *errdefs.Error
+// answer is the HTTP status and error code of one errdefs class.
+type answer struct {
+	class  error
+	status int
+	code   string
+}
+
+// answers maps every errdefs class to its status and code: the one place
+// kiln's error vocabulary meets HTTP. Narrower classes come before the
+// ones they wrap (errdefs.Classes' order), so the first match is the most
+// precise. Clients branch on the codes; keep them stable.
+var answers = []answer{
+	{errdefs.ErrTooLarge, http.StatusRequestEntityTooLarge, "too_large"},
+	{errdefs.ErrInvalid, http.StatusBadRequest, "bad_request"},
+	{errdefs.ErrUnauthenticated, http.StatusUnauthorized, "invalid_token"},
+	{errdefs.ErrForbidden, http.StatusForbidden, "forbidden"},
+	{errdefs.ErrNotFound, http.StatusNotFound, "not_found"},
+	{errdefs.ErrInUse, http.StatusConflict, "in_use"},
+	// kiln build uploads what is missing and submits again.
+	{errdefs.ErrMissingContent, http.StatusConflict, "missing_blobs"},
+	{errdefs.ErrConflict, http.StatusConflict, "conflict"},
+	{errdefs.ErrLimit, http.StatusTooManyRequests, "too_many"},
+	{errdefs.ErrTimeout, http.StatusRequestTimeout, "too_slow"},
+	{errdefs.ErrCanceled, statusClientClosedRequest, "canceled"},
+	{errdefs.ErrUnavailable, http.StatusServiceUnavailable, "unavailable"},
+	{errdefs.ErrUpstreamTimeout, http.StatusGatewayTimeout, "upstream_timeout"},
+	{errdefs.ErrUpstream, http.StatusBadGateway, "upstream"},
+}
+
+// statusClientClosedRequest is nginx's convention for "the client went
+// away"; net/http accepts any three-digit code.
+const statusClientClosedRequest = 499
+
+// answerFor returns the answer of err's class; ok is false for an
+// unclassified error, kiln's own failure.
+func answerFor(err error) (a answer, ok bool) {
 	var slow *slowUploadError
-	msg := err.Error()
-	if errors.As(err, &de) && de.Class != nil && errors.Is(err, de.Class) {
-		msg = de.Msg
+	if errors.As(err, &slow) && !classified(err) {
+		// The body-rate guard's own error: the client was too slow.
+		err = &errdefs.Error{Class: errdefs.ErrTimeout, Msg: slow.Error()}
 	}
-	switch {
-	case errors.Is(err, buildcontext.ErrMissingBlobs):
-		// kiln build uploads what is missing and submits again.
-		writeError(w, http.StatusConflict, "missing_blobs", msg)
-	case errors.As(err, &ce):
-		writeError(w, ce.Status, "bad_context", ce.Msg)
-	case errors.As(err, &slow):
-		writeError(w, http.StatusRequestTimeout, "too_slow", slow.Error())
-	case errors.Is(err, errdefs.ErrInvalid):
-		writeError(w, http.StatusBadRequest, "bad_request", msg)
-	case errors.Is(err, errdefs.ErrForbidden), errors.Is(err, auth.ErrForbidden):
-		writeError(w, http.StatusForbidden, "forbidden", msg)
-	case errors.Is(err, errdefs.ErrNotFound), errors.Is(err, cachevol.ErrNotFound):
-		writeError(w, http.StatusNotFound, "not_found", msg)
-	case errors.Is(err, cachevol.ErrInUse):
-		writeError(w, http.StatusConflict, "in_use", msg)
-	case errors.Is(err, errdefs.ErrConflict):
-		writeError(w, http.StatusConflict, "conflict", msg)
-	case errors.Is(err, errdefs.ErrLimit):
-		if de != nil && de.RetryAfter > 0 {
-			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(de.RetryAfter)))
+	for _, a := range answers {
+		if errors.Is(err, a.class) {
+			return a, true
 		}
-		writeError(w, http.StatusTooManyRequests, "too_many", msg)
-	case errors.Is(err, errdefs.ErrUpstream):
-		writeError(w, http.StatusBadGateway, "upstream", msg)
-	case errors.Is(err, errdefs.ErrUnavailable):
-		writeError(w, http.StatusServiceUnavailable, "unavailable", msg)
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
-		// The client went away; nobody reads the answer.
-	default:
+	}
+	return answer{}, false
+}
+
+func classified(err error) bool {
+	for _, c := range errdefs.Classes() {
+		if errors.Is(err, c) {
+			return true
+		}
+	}
+	return false
+}
+
+// fail answers a part's error: its errdefs class picks the status and
+// code (answers), its message is the user's. An unclassified error is
+// kiln's own failure: 500 "internal", and logged.
+func (s *Server) fail(w http.ResponseWriter, r *http.Request, err error) {
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		return // the client went away; nobody reads the answer
+	}
+	a, ok := answerFor(err)
+	if !ok {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeError(w, http.StatusInternalServerError, "internal", "kiln failed to handle this request: "+err.Error())
+		return
 	}
+	msg := err.Error()
+	var de *errdefs.Error
+	if errors.As(err, &de) && de.Class != nil && errors.Is(err, de.Class) {
+		msg = de.Msg
+		if de.RetryAfter > 0 && a.class == errdefs.ErrLimit {
+			w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(de.RetryAfter)))
+		}
+	}
+	writeError(w, a.status, a.code, msg)
 }

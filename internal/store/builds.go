@@ -216,21 +216,45 @@ func micros(t time.Time) any {
 }
 
 // CreateBuild inserts b, assigning b.Seq.
+//
+// seq is the next after the highest. SQLite's single writer makes that
+// exact; on Postgres a concurrent insert outside InTx may take the same
+// number first, and then this insert does nothing (ON CONFLICT waits for
+// the other transaction and yields no row) and tries the next number.
 func CreateBuild(ctx context.Context, q Querier, b *Build) error {
+	q = bind(q)
 	tags, _ := json.Marshal(nonNil(b.Tags))
 	opts, _ := json.Marshal(b.Options)
-	err := q.QueryRowContext(ctx, `INSERT INTO builds (id, seq, status, phase, subject, tenant, cache_scope, tags, options,
+	for try := 0; ; try++ {
+		err := q.QueryRowContext(ctx, `INSERT INTO builds (id, seq, status, phase, subject, tenant, cache_scope, tags, options,
 		image_digest, steps_total, steps_cached, dedup_of, input_hash, error, runtime, context_bytes, attempt,
 		created_at, started_at, finished_at)
 		VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM builds), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		ON CONFLICT (seq) DO NOTHING
 		RETURNING seq`,
-		b.ID, b.Status, b.Phase, b.Subject, b.Tenant, b.CacheScope, string(tags), string(opts), b.ImageDigest,
-		b.StepsTotal, b.StepsCached, b.DedupOf, b.InputHash, b.Error, b.Runtime, b.ContextBytes, b.Attempt,
-		b.CreatedAt.UnixMicro(), micros(b.StartedAt), micros(b.FinishedAt)).Scan(&b.Seq)
-	if err != nil {
-		return fmt.Errorf("insert build %s: %w", b.ID, err)
+			b.ID, b.Status, b.Phase, b.Subject, b.Tenant, b.CacheScope, string(tags), string(opts), b.ImageDigest,
+			b.StepsTotal, b.StepsCached, b.DedupOf, b.InputHash, b.Error, b.Runtime, b.ContextBytes, b.Attempt,
+			b.CreatedAt.UnixMicro(), micros(b.StartedAt), micros(b.FinishedAt)).Scan(&b.Seq)
+		if errors.Is(err, sql.ErrNoRows) && try < maxNumberingTries {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("insert build %s: %w", b.ID, err)
+		}
+		return nil
 	}
-	return nil
+}
+
+// maxNumberingTries bounds the retries of an insert whose number a
+// concurrent insert took; each retry sees that insert committed.
+const maxNumberingTries = 100
+
+// boolInt is a bool as the 0/1 INTEGER both dialects store it as.
+func boolInt(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
 }
 
 func nonNil(s []string) []string {
@@ -242,6 +266,7 @@ func nonNil(s []string) []string {
 
 // GetBuild loads one build.
 func GetBuild(ctx context.Context, q Querier, id string) (Build, error) {
+	q = bind(q)
 	b, err := scanBuild(q.QueryRowContext(ctx, `SELECT `+buildColumns+` FROM builds WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Build{}, ErrNotFound
@@ -268,6 +293,7 @@ type ListFilter struct {
 
 // ListBuilds returns builds matching f, newest first.
 func ListBuilds(ctx context.Context, q Querier, f ListFilter) ([]Build, error) {
+	q = bind(q)
 	var where []string
 	var args []any
 	if f.Tenant != "" {
@@ -306,10 +332,12 @@ func ListBuilds(ctx context.Context, q Querier, f ListFilter) ([]Build, error) {
 
 // Unfinished returns every queued or running build, oldest first.
 func Unfinished(ctx context.Context, q Querier) ([]Build, error) {
+	q = bind(q)
 	return queryBuilds(ctx, q, `SELECT `+buildColumns+` FROM builds WHERE status IN ('queued', 'running') ORDER BY seq`)
 }
 
 func queryBuilds(ctx context.Context, q Querier, query string, args ...any) ([]Build, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("list builds: %w", err)
@@ -332,9 +360,10 @@ func queryBuilds(ctx context.Context, q Querier, query string, args ...any) ([]B
 // submission order. One statement reads the status and ranks every
 // queued build, so no two builds ever get the same place.
 func QueuePosition(ctx context.Context, q Querier, id string) (int, error) {
+	q = bind(q)
 	var pos int
 	err := q.QueryRowContext(ctx, `SELECT pos FROM (SELECT id, ROW_NUMBER() OVER
-		(ORDER BY line_seq IS NULL, line_seq, seq) AS pos FROM builds WHERE status = 'queued') WHERE id = ?`, id).Scan(&pos)
+		(ORDER BY line_seq IS NULL, line_seq, seq) AS pos FROM builds WHERE status = 'queued') AS line WHERE id = ?`, id).Scan(&pos)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}
@@ -345,8 +374,11 @@ func QueuePosition(ctx context.Context, q Querier, id string) (int, error) {
 }
 
 // EnterSlotLine records that a queued build holds its cache volume and
-// now waits for a build slot.
+// now waits for a build slot. On Postgres two builds entering at the same
+// moment may draw the same line_seq; QueuePosition breaks the tie by seq,
+// so positions stay unique.
 func EnterSlotLine(ctx context.Context, q Querier, id string, attempt int) error {
+	q = bind(q)
 	_, err := q.ExecContext(ctx, `UPDATE builds SET line_seq = (SELECT COALESCE(MAX(line_seq), 0) + 1 FROM builds)
 		WHERE id = ? AND status = 'queued' AND attempt = ? AND line_seq IS NULL`, id, attempt)
 	if err != nil {
@@ -357,6 +389,7 @@ func EnterSlotLine(ctx context.Context, q Querier, id string, attempt int) error
 
 // CountByStatus returns the number of builds in each status.
 func CountByStatus(ctx context.Context, q Querier) (map[string]int, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, `SELECT status, COUNT(*) FROM builds GROUP BY status`)
 	if err != nil {
 		return nil, fmt.Errorf("count builds: %w", err)
@@ -378,6 +411,7 @@ func CountByStatus(ctx context.Context, q Querier) (map[string]int, error) {
 // reports false if the build is no longer queued at that attempt (it was
 // canceled, or a newer attempt owns it).
 func StartBuild(ctx context.Context, q Querier, id string, attempt int, runtime string, at time.Time) (bool, error) {
+	q = bind(q)
 	res, err := q.ExecContext(ctx, `UPDATE builds SET status = 'running', runtime = ?, started_at = ?
 		WHERE id = ? AND status = 'queued' AND attempt = ?`, runtime, at.UnixMicro(), id, attempt)
 	if err != nil {
@@ -412,6 +446,7 @@ const (
 // false, changing nothing, if the build was already terminal — so a cancel
 // racing a success has exactly one winner.
 func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.Time) (bool, error) {
+	q = bind(q)
 	timings, err := json.Marshal(o.Timings)
 	if err != nil || o.Timings == nil {
 		timings = []byte("{}")
@@ -428,7 +463,7 @@ func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.T
 		steps_total = ?, steps_cached = ?, phase = ?, finished_at = ?, builder_reused = ?, timings = ?, check_result = ?
 		WHERE id = ? AND status IN ('queued', 'running')`,
 		o.Status, o.Error, o.ImageDigest, o.StepsTotal, o.StepsCached, o.Phase, at.UnixMicro(),
-		o.BuilderReused, string(timings), check, id)
+		boolInt(o.BuilderReused), string(timings), check, id)
 	if err != nil {
 		return false, fmt.Errorf("finish build %s: %w", id, err)
 	}
@@ -439,6 +474,7 @@ func FinishBuild(ctx context.Context, q Querier, id string, o Outcome, at time.T
 // Requeue puts an unfinished build back in the queue under a new attempt
 // number, so jobs of older attempts become no-ops.
 func Requeue(ctx context.Context, q Querier, id string) (int, error) {
+	q = bind(q)
 	var attempt int
 	err := q.QueryRowContext(ctx, `UPDATE builds SET status = 'queued', phase = 'queued', started_at = NULL,
 		attempt = attempt + 1, steps_total = 0, steps_cached = 0, line_seq = NULL
@@ -454,6 +490,7 @@ func Requeue(ctx context.Context, q Querier, id string) (int, error) {
 
 // SetPhase records the build's current phase.
 func SetPhase(ctx context.Context, q Querier, id, phase string) error {
+	q = bind(q)
 	_, err := q.ExecContext(ctx, `UPDATE builds SET phase = ? WHERE id = ? AND status IN ('queued', 'running')`, phase, id)
 	if err != nil {
 		return fmt.Errorf("set phase of build %s: %w", id, err)
@@ -463,6 +500,7 @@ func SetPhase(ctx context.Context, q Querier, id, phase string) error {
 
 // SetSteps records live step counts.
 func SetSteps(ctx context.Context, q Querier, id string, total, cached int) error {
+	q = bind(q)
 	_, err := q.ExecContext(ctx, `UPDATE builds SET steps_total = ?, steps_cached = ? WHERE id = ? AND status = 'running'`, total, cached, id)
 	if err != nil {
 		return fmt.Errorf("set steps of build %s: %w", id, err)
@@ -473,6 +511,7 @@ func SetSteps(ctx context.Context, q Querier, id string, total, cached int) erro
 // FindOriginal returns the newest succeeded, non-deduplicated build of
 // one of tenants with input hash h that finished at or after since.
 func FindOriginal(ctx context.Context, q Querier, h string, since time.Time, tenants []string) (Build, error) {
+	q = bind(q)
 	if len(tenants) == 0 {
 		return Build{}, ErrNotFound
 	}
@@ -502,6 +541,7 @@ func tenantIn(tenants []string) (string, []any) {
 // BuildOwner returns the tenant build id belongs to, and whether it is
 // still queued or running.
 func BuildOwner(ctx context.Context, q Querier, id string) (tenant string, active bool, err error) {
+	q = bind(q)
 	var status string
 	err = q.QueryRowContext(ctx, `SELECT tenant, status FROM builds WHERE id = ?`, id).Scan(&tenant, &status)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -516,6 +556,7 @@ func BuildOwner(ctx context.Context, q Querier, id string) (tenant string, activ
 // FindInFlight returns the oldest queued or running build of one of
 // tenants with input hash h, other than except.
 func FindInFlight(ctx context.Context, q Querier, h string, tenants []string, except string) (Build, error) {
+	q = bind(q)
 	if len(tenants) == 0 {
 		return Build{}, ErrNotFound
 	}
@@ -537,6 +578,7 @@ func FindInFlight(ctx context.Context, q Querier, h string, tenants []string, ex
 // counts, times). It reports false, changing nothing, if the build was
 // already terminal.
 func FinishDeduped(ctx context.Context, q Querier, b Build) (bool, error) {
+	q = bind(q)
 	res, err := q.ExecContext(ctx, `UPDATE builds SET status = 'succeeded', phase = 'done', dedup_of = ?, image_digest = ?,
 		steps_total = ?, steps_cached = ?, started_at = ?, finished_at = ?
 		WHERE id = ? AND status IN ('queued', 'running')`,

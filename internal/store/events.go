@@ -2,6 +2,8 @@ package store
 
 import (
 	"context"
+	"database/sql"
+	"errors"
 	"fmt"
 )
 
@@ -14,20 +16,32 @@ type Event struct {
 	Data []byte
 }
 
-// AppendEvent stores an event and returns its sequence number.
+// AppendEvent stores an event and returns its sequence number: the next
+// after the build's highest. Events of one build may be appended
+// concurrently (a cancel while the build reports): on Postgres the loser
+// of a race for a number gets no row (ON CONFLICT waits for the winner's
+// transaction) and takes the next one; SQLite's single writer never races.
 func AppendEvent(ctx context.Context, q Querier, buildID, kind string, data []byte) (int64, error) {
-	var seq int64
-	err := q.QueryRowContext(ctx, `INSERT INTO build_events (build_id, seq, kind, data)
+	q = bind(q)
+	for try := 0; ; try++ {
+		var seq int64
+		err := q.QueryRowContext(ctx, `INSERT INTO build_events (build_id, seq, kind, data)
 		VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM build_events WHERE build_id = ?), ?, ?)
+		ON CONFLICT (build_id, seq) DO NOTHING
 		RETURNING seq`, buildID, buildID, kind, string(data)).Scan(&seq)
-	if err != nil {
-		return 0, fmt.Errorf("append event to build %s: %w", buildID, err)
+		if errors.Is(err, sql.ErrNoRows) && try < maxNumberingTries {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("append event to build %s: %w", buildID, err)
+		}
+		return seq, nil
 	}
-	return seq, nil
 }
 
 // Events returns up to limit events of a build with seq > after.
 func Events(ctx context.Context, q Querier, buildID string, after int64, limit int) ([]Event, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, `SELECT seq, kind, data FROM build_events
 		WHERE build_id = ? AND seq > ? ORDER BY seq LIMIT ?`, buildID, after, limit)
 	if err != nil {

@@ -20,6 +20,7 @@ type Image struct {
 
 // PutImage points a name at a digest, replacing what it pointed at.
 func PutImage(ctx context.Context, q Querier, im Image) error {
+	q = bind(q)
 	_, err := q.ExecContext(ctx, `INSERT INTO images (name, repository, tag, digest, build_id, created_at)
 		VALUES (?, ?, ?, ?, ?, ?)
 		ON CONFLICT (name) DO UPDATE SET digest = excluded.digest, build_id = excluded.build_id, created_at = excluded.created_at`,
@@ -44,6 +45,7 @@ func scanImage(row interface{ Scan(...any) error }) (Image, error) {
 
 // GetImage loads one name.
 func GetImage(ctx context.Context, q Querier, name string) (Image, error) {
+	q = bind(q)
 	im, err := scanImage(q.QueryRowContext(ctx, `SELECT `+imageColumns+` FROM images WHERE name = ?`, name))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Image{}, ErrNotFound
@@ -56,6 +58,7 @@ func GetImage(ctx context.Context, q Querier, name string) (Image, error) {
 
 // ListImages returns all names, or those of one digest when digest != "".
 func ListImages(ctx context.Context, q Querier, digest string) ([]Image, error) {
+	q = bind(q)
 	query := `SELECT ` + imageColumns + ` FROM images`
 	var args []any
 	if digest != "" {
@@ -66,6 +69,7 @@ func ListImages(ctx context.Context, q Querier, digest string) ([]Image, error) 
 }
 
 func queryImages(ctx context.Context, q Querier, query string, args ...any) ([]Image, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("list images: %w", err)
@@ -84,6 +88,7 @@ func queryImages(ctx context.Context, q Querier, query string, args ...any) ([]I
 
 // DeleteImage removes a name.
 func DeleteImage(ctx context.Context, q Querier, name string) error {
+	q = bind(q)
 	res, err := q.ExecContext(ctx, `DELETE FROM images WHERE name = ?`, name)
 	if err != nil {
 		return fmt.Errorf("delete image %s: %w", name, err)
@@ -96,5 +101,6 @@ func DeleteImage(ctx context.Context, q Querier, name string) error {
 
 // ListImagesInRepo returns the names of one repository.
 func ListImagesInRepo(ctx context.Context, q Querier, repo string) ([]Image, error) {
+	q = bind(q)
 	return queryImages(ctx, q, `SELECT `+imageColumns+` FROM images WHERE repository = ? ORDER BY name`, repo)
 }

@@ -23,6 +23,7 @@ type Token struct {
 
 // PutToken records an issued token; recording it twice is a no-op.
 func PutToken(ctx context.Context, q Querier, t Token) error {
+	q = bind(q)
 	_, err := q.ExecContext(ctx, `INSERT INTO tokens (id, subject, tenant, cache_scope, scopes, created_at, expires_at)
 		VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING`,
 		t.ID, t.Subject, t.Tenant, t.CacheScope, strings.Join(t.Scopes, ","), t.CreatedAt.UnixMicro(), t.ExpiresAt.UnixMicro())
@@ -35,6 +36,7 @@ func PutToken(ctx context.Context, q Querier, t Token) error {
 // ListTokens returns the recorded tokens, newest first, expired ones
 // included (they show why an old token stopped working).
 func ListTokens(ctx context.Context, q Querier) ([]Token, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, `SELECT `+tokenColumns+` FROM tokens ORDER BY created_at DESC, id`)
 	if err != nil {
 		return nil, fmt.Errorf("list tokens: %w", err)
@@ -72,6 +74,7 @@ func scanToken(row interface{ Scan(...any) error }) (Token, error) {
 // RevokeToken marks a token revoked and returns it; revoking twice keeps
 // the first time. An unknown id is ErrNotFound.
 func RevokeToken(ctx context.Context, q Querier, id string, at time.Time) (Token, error) {
+	q = bind(q)
 	if _, err := q.ExecContext(ctx, `UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?`, at.UnixMicro(), id); err != nil {
 		return Token{}, fmt.Errorf("revoke token %s: %w", id, err)
 	}
@@ -88,6 +91,7 @@ func RevokeToken(ctx context.Context, q Querier, id string, at time.Time) (Token
 // RevokedTokenIDs lists every revoked token id that has not expired yet;
 // an expired token fails verification anyway.
 func RevokedTokenIDs(ctx context.Context, q Querier, now time.Time) ([]string, error) {
+	q = bind(q)
 	rows, err := q.QueryContext(ctx, `SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ?`, now.UnixMicro())
 	if err != nil {
 		return nil, fmt.Errorf("list revoked tokens: %w", err)

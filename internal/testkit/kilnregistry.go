@@ -22,8 +22,11 @@ import (
 // KilnRegistry is kiln's own embedded registry (token auth and all)
 // served over HTTP for a test, with helpers to push images written in Go.
 type KilnRegistry struct {
-	Registry  *kilnregistry.Registry
-	Root      string // storage root directory
+	Registry *kilnregistry.Registry
+	Root     string // storage root directory (filesystem storage)
+	// Storage is the registry's storage; the zero value is the
+	// filesystem under Root.
+	Storage   kilnregistry.StorageConfig
 	URL       string // http://127.0.0.1:port
 	Authority *auth.Authority
 }
@@ -42,10 +45,19 @@ func StartKilnRegistry(t testing.TB) *KilnRegistry {
 // (an earlier one's, to play a restart) until the test ends.
 func ServeKilnRegistry(t testing.TB, root string, a *auth.Authority) *KilnRegistry {
 	t.Helper()
+	return ServeKilnRegistryOn(t, root, kilnregistry.StorageConfig{}, a)
+}
+
+// ServeKilnRegistryOn serves a new kiln registry over storage (the
+// filesystem under root when storage is the zero value) until the test
+// ends.
+func ServeKilnRegistryOn(t testing.TB, root string, storage kilnregistry.StorageConfig, a *auth.Authority) *KilnRegistry {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	reg, err := kilnregistry.New(ctx, kilnregistry.Config{
 		RootDir:   root,
+		Storage:   storage,
 		Authority: a,
 		Grant:     Policy(t).GrantRegistry,
 		Logger:    slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
@@ -56,7 +68,7 @@ func ServeKilnRegistry(t testing.TB, root string, a *auth.Authority) *KilnRegist
 	t.Cleanup(func() { reg.Close() })
 	srv := httptest.NewServer(reg)
 	t.Cleanup(srv.Close)
-	return &KilnRegistry{Registry: reg, Root: root, URL: srv.URL, Authority: a}
+	return &KilnRegistry{Registry: reg, Root: root, Storage: storage, URL: srv.URL, Authority: a}
 }
 
 // Do sends one registry API request with a push token for repo and fails
