@@ -2,17 +2,17 @@ package images
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builderimage"
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/runner"
 )
 
 // ErrNoBuilderImage means kiln has no builder VM image to boot images with.
-var ErrNoBuilderImage = errors.New("no builder image")
+var ErrNoBuilderImage = errdefs.Sentinel(errdefs.ErrUnavailable, "no builder image")
 
 // RunSpec is what a caller may choose about one run of an image.
 type RunSpec struct {

@@ -16,6 +16,7 @@ import (
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/registry"
 )
 
@@ -96,9 +97,9 @@ func (p Pinned) ContextName() string {
 // do about it.
 var (
 	// ErrNotFound: the upstream registry has no such image (or tag).
-	ErrNotFound = errors.New("image not found upstream")
+	ErrNotFound = errdefs.Sentinel(errdefs.ErrUpstream, "image not found upstream")
 	// ErrUnauthorized: the upstream registry refused access.
-	ErrUnauthorized = errors.New("upstream registry refused access")
+	ErrUnauthorized = errdefs.Sentinel(errdefs.ErrUpstream, "upstream registry refused access")
 	// ErrDigestMismatch: upstream content did not match its digest.
 	ErrDigestMismatch = registry.ErrDigestMismatch
 )

@@ -15,11 +15,13 @@ import (
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/kiln-build/kiln/internal/errdefs"
 )
 
 // ErrNotFound is wrapped by every helper error about a repository, tag,
 // manifest or blob that does not exist.
-var ErrNotFound = errors.New("not found")
+var ErrNotFound = errdefs.Sentinel(errdefs.ErrNotFound, "not found")
 
 // maxIndexDepth bounds index-in-index nesting when copying, so a hostile
 // manifest cannot make Tag recurse without end.
