@@ -426,6 +426,7 @@ type CacheVolumeList struct {
 
 // Error defines model for Error.
 type Error struct {
+	// Code What kind of error, for programs; internal/server maps every error class to one status and code: bad_request 400, too_large 413, unauthenticated and invalid_token 401, forbidden 403, not_found 404, conflict, in_use, missing_blobs and not_succeeded 409, too_slow 408, too_many and too_many_uploads 429, canceled 499, internal 500, upstream 502, unavailable and no_builder_image 503, upstream_timeout 504.
 	Code *string `json:"code,omitempty"`
 
 	// Error What was wrong and what to do about it.
