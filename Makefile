@@ -66,7 +66,7 @@ test-slow: build
 	KILN_SLOW_TESTS=1 go test -count=1 -timeout 60m -run 'TestImageLargerThanVMMemory' ./internal/runtime/vm/
 
 bench: build
-	go test -run '^$$' -bench . -benchtime 3x -timeout 60m ./test/ ./internal/microvm/ ./internal/runtime/vm/ ./internal/buildcontext/
+	go test -run '^$$' -bench . -benchtime 3x -timeout 60m ./test/ ./internal/microvm/ ./internal/runtime/vm/ ./internal/buildcontext/ ./internal/registry/ ./internal/builds/ ./internal/store/
 
 run: build
 	@scripts/run-example.sh "$(KILN_ADDR)" "$(KILN_DATA)"
