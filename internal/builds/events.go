@@ -147,6 +147,21 @@ func (h *hub) unwatched(window time.Duration) []string {
 	return out
 }
 
+// notifyAll wakes every subscriber once: wakes may have been missed (a
+// notification connection was lost).
+func (h *hub) notifyAll() {
+	h.mu.Lock()
+	for _, subs := range h.subs {
+		for ch := range subs {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}
+	h.mu.Unlock()
+}
+
 func (h *hub) notify(id string) {
 	h.mu.Lock()
 	for ch := range h.subs[id] {
@@ -158,7 +173,7 @@ func (h *hub) notify(id string) {
 	h.mu.Unlock()
 }
 
-// emit persists an event and wakes readers. Persisting must not depend on
+// emit persists an event and wakes readers, on every node. Persisting must not depend on
 // the build's own context: the events of a canceled build still land.
 // The end event is the last: a run still stopping after a cancel ended
 // its build (a status or message it was about to write, its runtime's
@@ -188,7 +203,7 @@ func (s *Service) emit(id string, e Event) {
 	case e.Kind == KindStatus && store.Terminal(e.Status):
 		l.final = true
 	}
-	s.hub.notify(id)
+	s.fanout.Wake(id)
 }
 
 func (s *Service) message(id, format string, args ...any) {

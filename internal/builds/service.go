@@ -112,13 +112,14 @@ type Service struct {
 	policy   *access.Policy
 	log      *slog.Logger
 	hub      *hub
-	slots    chan struct{}
+	fanout   Fanout
+	slots    Slots
 	metrics  *metrics
 	secrets  sync.Map // build id → *attachment, memory only
 	activeMu sync.Mutex
 	active   map[string]*activeBuild
 	stopping atomic.Bool
-	// watchStop ends watchClients; closed by Stop.
+	// watchStop ends watchClients and the fanout; closed by Stop.
 	watchStop chan struct{}
 }
 
@@ -178,11 +179,12 @@ func New(cfg Config, d Deps) (*Service, error) {
 		policy:   d.Policy,
 		log:      d.Logger,
 		hub:      newHub(),
-		slots:    make(chan struct{}, cfg.MaxConcurrent),
+		slots:    newSlots(d.DB, cfg.MaxConcurrent, d.Logger.With("part", "slots")),
 		active:   map[string]*activeBuild{},
 
 		watchStop: make(chan struct{}),
 	}
+	s.fanout = newFanout(d.DB, s.hub, d.Logger.With("part", "events"))
 	if s.builders == nil {
 		s.builders = builders.New(builders.Config{Logger: d.Logger}, d.Runtime, d.Volumes)
 	}
@@ -335,25 +337,15 @@ func (s *Service) cleanup(id string) {
 	}
 }
 
-// Pause takes every build slot, waiting for running builds to finish;
-// queued builds wait until resume is called. Registry garbage collection
-// runs paused: a running build may have pushed layers whose manifest is
-// not there yet, and a collection would take them.
+// Pause takes every build slot — on PostgreSQL every node's — waiting
+// for running builds to finish; queued builds wait until resume is
+// called. Registry garbage collection runs paused: a running build may
+// have pushed layers whose manifest is not there yet, and a collection
+// would take them.
 func (s *Service) Pause(ctx context.Context) (resume func(), err error) {
-	held := 0
-	release := func() {
-		for range held {
-			<-s.slots
-		}
-	}
-	for held < cap(s.slots) {
-		select {
-		case s.slots <- struct{}{}:
-			held++
-		case <-ctx.Done():
-			release()
-			return nil, fmt.Errorf("wait for running builds to finish: %w", context.Cause(ctx))
-		}
+	release, err := s.slots.AcquireAll(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("wait for running builds to finish: %w", err)
 	}
 	return release, nil
 }

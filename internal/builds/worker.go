@@ -95,6 +95,12 @@ func (s *Service) Start(ctx context.Context) error {
 	if s.cfg.ClientGoneAfter > 0 {
 		go s.watchClients(s.watchStop)
 	}
+	fanoutCtx, stopFanout := context.WithCancel(context.Background())
+	go func() {
+		<-s.watchStop
+		stopFanout()
+	}()
+	go s.fanout.Serve(fanoutCtx)
 	return nil
 }
 
@@ -104,7 +110,11 @@ func (s *Service) Stop(ctx context.Context) error {
 	if s.stopping.CompareAndSwap(false, true) {
 		close(s.watchStop)
 	}
-	return s.river.StopAndCancel(ctx)
+	err := s.river.StopAndCancel(ctx)
+	if c, ok := s.slots.(interface{ Close() }); ok {
+		c.Close() // idle connections of shared slots
+	}
+	return err
 }
 
 // recover makes every build a previous server process left unfinished
@@ -223,17 +233,11 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	if err := store.EnterSlotLine(ctx, s.db.SQL, id, b.Attempt); err != nil {
 		s.log.Warn("record the build's place in line", "build", id, "err", err)
 	}
-	select {
-	case s.slots <- struct{}{}:
-	default:
-		s.phase(id, "waiting for a build slot")
-		select {
-		case s.slots <- struct{}{}:
-		case <-ctx.Done():
-			return store.Outcome{}, false
-		}
+	releaseSlot, err := s.slots.Acquire(ctx, func() { s.phase(id, "waiting for a build slot") })
+	if err != nil {
+		return store.Outcome{}, false
 	}
-	defer func() { <-s.slots }()
+	defer releaseSlot()
 
 	started := time.Now().UTC()
 	ok, err := store.StartBuild(ctx, s.db.SQL, id, b.Attempt, s.runtime.Name(), started)

@@ -137,7 +137,15 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		return err
 	}
 
-	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority,
+	// Registry GC and writes exclude each other across every node on a
+	// PostgreSQL database; a SQLite database has one node.
+	var gate registry.Gate
+	if db.Dialect() == store.Postgres {
+		pg := db.RegistryGate()
+		defer pg.Close()
+		gate = pg
+	}
+	reg, err := registry.New(ctx, registry.Config{RootDir: filepath.Join(data, "registry"), Authority: authority, Gate: gate,
 		Storage: registry.StorageConfig{Driver: cfg.RegistryStorage, S3: registry.S3Config{
 			Bucket: cfg.RegistryS3Bucket, Region: cfg.RegistryS3Region, RegionEndpoint: cfg.RegistryS3RegionEndpoint,
 			ForcePathStyle: cfg.RegistryS3ForcePathStyle, AccessKey: cfg.RegistryS3AccessKey, SecretKey: cfg.RegistryS3SecretKey,

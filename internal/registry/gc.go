@@ -35,11 +35,13 @@ const uploadMaxAge = 24 * time.Hour
 // is between uploading its blobs and its manifest, which this process's
 // own pushes are (see builds.Service.Pause).
 func (r *Registry) GC(ctx context.Context) (GCStats, error) {
-	r.writes.Lock()
-	defer r.writes.Unlock()
+	release, err := r.writes.Exclusive(ctx)
+	if err != nil {
+		return GCStats{}, fmt.Errorf("registry garbage collection: wait for writes to finish: %w", err)
+	}
+	defer release()
 	start := time.Now()
 	var st GCStats
-	var err error
 	if st.BlobsBefore, st.BytesBefore, err = r.blobUsage(ctx); err != nil {
 		return st, err
 	}

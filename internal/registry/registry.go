@@ -11,7 +11,6 @@ import (
 	"path"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/distribution/distribution/v3"
@@ -42,6 +41,9 @@ type Config struct {
 	TokenPath string
 	// Logger receives the registry's own logs; default slog.Default().
 	Logger *slog.Logger
+	// Gate keeps GC apart from writes; nil: a LocalGate, for a registry
+	// only this process writes to.
+	Gate Gate
 }
 
 // Registry is an OCI distribution registry with kiln token auth. It is an
@@ -66,7 +68,7 @@ type Registry struct {
 	started time.Time
 	// writes is held shared by every mutating API request and exclusively
 	// by GC.
-	writes sync.RWMutex
+	writes Gate
 	// onChange hears of every manifest pushed or deleted over HTTP.
 	onChange func(ctx context.Context, repo, tag string)
 }
@@ -105,6 +107,9 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if cfg.Gate == nil {
+		cfg.Gate = &LocalGate{}
 	}
 	if cfg.Storage.Driver == "" {
 		cfg.Storage.Driver = DriverFilesystem
@@ -189,6 +194,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 		ns:        ns,
 		driver:    driver,
 		started:   time.Now(),
+		writes:    cfg.Gate,
 	}, nil
 }
 
@@ -215,12 +221,17 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	if mutating(req) {
-		if !r.writes.TryRLock() {
+		release, ok, err := r.writes.TryShared(req.Context())
+		if err != nil || !ok {
+			msg := "kiln's registry is collecting garbage; retry the push in a few seconds"
+			if err != nil {
+				msg = "kiln's registry cannot reach its database to admit the write; retry in a few seconds"
+			}
 			w.Header().Set("Retry-After", "5")
-			http.Error(w, "kiln's registry is collecting garbage; retry the push in a few seconds", http.StatusServiceUnavailable)
+			http.Error(w, msg, http.StatusServiceUnavailable)
 			return
 		}
-		defer r.writes.RUnlock()
+		defer release()
 	}
 	app := r.app
 	if r.direct != nil && r.servesDirect(req) {
