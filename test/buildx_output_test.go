@@ -322,38 +322,12 @@ func waitExit(t *testing.T, cmd *exec.Cmd) int {
 	}
 }
 
-var realmRE = regexp.MustCompile(`realm="([^"]+)",service="([^"]+)"`)
-
 // manifest fetches repo@digest from kiln's registry as any OCI client
 // does (challenge, token exchange) and returns its media type and bytes.
 func (s *server) manifest(token, repo, digest string) (string, []byte) {
 	s.t.Helper()
-	u := s.url("/v2/" + repo + "/manifests/" + digest)
-	resp, err := http.Get(u)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	resp.Body.Close()
-	m := realmRE.FindStringSubmatch(resp.Header.Get("WWW-Authenticate"))
-	if m == nil {
-		s.t.Fatalf("registry challenge %q", resp.Header.Get("WWW-Authenticate"))
-	}
-	req, _ := http.NewRequest("GET", m[1]+"?service="+m[2]+"&scope=repository:"+repo+":pull", nil)
-	req.SetBasicAuth("kiln", token)
-	resp, err = http.DefaultClient.Do(req)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	var tr struct{ Token string }
-	json.NewDecoder(resp.Body).Decode(&tr)
-	resp.Body.Close()
-	req, _ = http.NewRequest("GET", u, nil)
-	req.Header.Set("Authorization", "Bearer "+tr.Token)
-	req.Header.Set("Accept", "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json")
-	resp, err = http.DefaultClient.Do(req)
-	if err != nil {
-		s.t.Fatal(err)
-	}
+	resp := s.registryGet(token, repo, "manifests/"+digest,
+		"application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json")
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	sum := sha256.Sum256(body)

@@ -73,6 +73,18 @@ type serverOpt func(*[]string)
 
 func withArgs(a ...string) serverOpt { return func(args *[]string) { *args = append(*args, a...) } }
 
+// withPostgresAndS3 puts kiln's records and queue in a fresh PostgreSQL
+// database and its registry in a fresh S3 bucket (versitygw), both
+// started for t and stopped when it ends.
+func withPostgresAndS3(t testing.TB) serverOpt {
+	t.Helper()
+	s3 := testkit.StartS3(t)
+	return withArgs("--database", testkit.Postgres(t),
+		"--registry-storage", "s3", "--registry-s3-bucket", s3.Bucket,
+		"--registry-s3-regionendpoint", s3.Endpoint, "--registry-s3-forcepathstyle", "true",
+		"--registry-s3-accesskey", s3.AccessKey, "--registry-s3-secretkey", s3.SecretKey)
+}
+
 // startServer runs kiln serve on a fresh data dir and a free port.
 func startServer(t testing.TB, opts ...serverOpt) *server {
 	t.Helper()
@@ -411,4 +423,42 @@ func ctxTimeout(t testing.TB, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+var realmRE = regexp.MustCompile(`realm="([^"]+)",service="([^"]+)"`)
+
+// registryGet GETs /v2/<repo>/<path> from kiln's registry as any OCI
+// client does: it meets the challenge, trades token for a pull token of
+// repo, and asks again with it (and accept, if not "").
+func (s *server) registryGet(token, repo, path, accept string) *http.Response {
+	s.t.Helper()
+	u := s.url("/v2/" + repo + "/" + path)
+	resp, err := http.Get(u)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	resp.Body.Close()
+	m := realmRE.FindStringSubmatch(resp.Header.Get("WWW-Authenticate"))
+	if m == nil {
+		s.t.Fatalf("registry challenge %q", resp.Header.Get("WWW-Authenticate"))
+	}
+	req, _ := http.NewRequest("GET", m[1]+"?service="+m[2]+"&scope=repository:"+repo+":pull", nil)
+	req.SetBasicAuth("kiln", token)
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	var tr struct{ Token string }
+	json.NewDecoder(resp.Body).Decode(&tr)
+	resp.Body.Close()
+	req, _ = http.NewRequest("GET", u, nil)
+	req.Header.Set("Authorization", "Bearer "+tr.Token)
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return resp
 }
