@@ -9,9 +9,7 @@ package builds
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -35,6 +33,7 @@ import (
 	"github.com/kiln-build/kiln/internal/runtime"
 	"github.com/kiln-build/kiln/internal/solve"
 	"github.com/kiln-build/kiln/internal/store"
+	"github.com/kiln-build/kiln/internal/testkit"
 )
 
 // scriptRuntime is a runtime.Runtime whose builds do what their build
@@ -120,30 +119,15 @@ func (r *scriptRuntime) startOrder() []string {
 	return append([]string(nil), r.started...)
 }
 
-// pushImage stores a one-layer image whose bytes depend on seed.
+// pushImage stores the one-layer image of seed (testkit.NewSeedImage).
 func pushImage(ctx context.Context, reg *registry.Registry, repo, tag, seed string) (string, error) {
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
-	tw.WriteHeader(&tar.Header{Name: "seed", Mode: 0o644, Size: int64(len(seed)), Typeflag: tar.TypeReg})
-	io.WriteString(tw, seed)
-	tw.Close()
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(tb.Bytes())
-	zw.Close()
-	config, _ := json.Marshal(v1.Image{Platform: v1.Platform{OS: "linux", Architecture: "amd64"},
-		RootFS: v1.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(tb.Bytes())}}})
-	m := v1.Manifest{MediaType: v1.MediaTypeImageManifest,
-		Config: v1.Descriptor{MediaType: v1.MediaTypeImageConfig, Digest: digest.FromBytes(config), Size: int64(len(config))},
-		Layers: []v1.Descriptor{{MediaType: v1.MediaTypeImageLayerGzip, Digest: digest.FromBytes(gz.Bytes()), Size: int64(gz.Len())}}}
-	m.SchemaVersion = 2
-	manifest, _ := json.Marshal(m)
-	for _, b := range [][]byte{gz.Bytes(), config} {
+	img := testkit.NewSeedImage(seed)
+	for _, b := range [][]byte{img.Layer, img.Config} {
 		if err := reg.PutBlob(ctx, repo, digest.FromBytes(b).String(), int64(len(b)), bytes.NewReader(b)); err != nil {
 			return "", err
 		}
 	}
-	return reg.PutManifest(ctx, repo, v1.MediaTypeImageManifest, manifest, tag)
+	return reg.PutManifest(ctx, repo, v1.MediaTypeImageManifest, img.Manifest, tag)
 }
 
 // fixture is one data dir's parts; service starts a Service on them, as

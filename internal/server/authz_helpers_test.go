@@ -3,7 +3,6 @@ package server_test
 import (
 	"archive/tar"
 	"bytes"
-	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -121,33 +120,9 @@ func (fakeRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (s
 }
 
 // image is a one-layer OCI image whose bytes depend on seed.
-type image struct {
-	layer, config, manifest []byte
-	layerDigest, digest     string
-}
+type image = testkit.SeedImage
 
-func newImage(seed string) image {
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
-	tw.WriteHeader(&tar.Header{Name: "seed", Mode: 0o644, Size: int64(len(seed)), Typeflag: tar.TypeReg})
-	io.WriteString(tw, seed)
-	tw.Close()
-	var gz bytes.Buffer
-	zw := gzip.NewWriter(&gz)
-	zw.Write(tb.Bytes())
-	zw.Close()
-	img := image{layer: gz.Bytes()}
-	img.config, _ = json.Marshal(v1.Image{Platform: v1.Platform{OS: "linux", Architecture: "amd64"},
-		RootFS: v1.RootFS{Type: "layers", DiffIDs: []digest.Digest{digest.FromBytes(tb.Bytes())}}})
-	m := v1.Manifest{MediaType: v1.MediaTypeImageManifest,
-		Config: v1.Descriptor{MediaType: v1.MediaTypeImageConfig, Digest: digest.FromBytes(img.config), Size: int64(len(img.config))},
-		Layers: []v1.Descriptor{{MediaType: v1.MediaTypeImageLayerGzip, Digest: digest.FromBytes(img.layer), Size: int64(len(img.layer))}}}
-	m.SchemaVersion = 2
-	img.manifest, _ = json.Marshal(m)
-	img.layerDigest = digest.FromBytes(img.layer).String()
-	img.digest = digest.FromBytes(img.manifest).String()
-	return img
-}
+func newImage(seed string) image { return testkit.NewSeedImage(seed) }
 
 // regClient speaks the registry API the way OCI clients do: it trades
 // its kiln token for a registry token at the token endpoint, per scope.
@@ -218,16 +193,16 @@ func (c *regClient) blob(repo string, data []byte) (int, []byte) {
 
 // push uploads img as repo:tag and returns its digest.
 func (c *regClient) push(repo, tag string, img image) (string, error) {
-	for _, b := range [][]byte{img.layer, img.config} {
+	for _, b := range [][]byte{img.Layer, img.Config} {
 		if code, body := c.blob(repo, b); code != http.StatusCreated {
 			return "", fmt.Errorf("blob: %d %s", code, body)
 		}
 	}
-	code, _, body := c.do(http.MethodPut, "/v2/"+repo+"/manifests/"+tag, pushScope(repo), v1.MediaTypeImageManifest, img.manifest)
+	code, _, body := c.do(http.MethodPut, "/v2/"+repo+"/manifests/"+tag, pushScope(repo), v1.MediaTypeImageManifest, img.Manifest)
 	if code != http.StatusCreated {
 		return "", fmt.Errorf("manifest: %d %s", code, body)
 	}
-	return img.digest, nil
+	return img.Digest, nil
 }
 
 // kiln is one in-process kiln server on a fresh data dir with the fake
@@ -259,12 +234,12 @@ func seed(t *testing.T, data string, names ...string) {
 	for _, n := range names {
 		repo, tag, _ := strings.Cut(n, ":")
 		img := newImage(n)
-		for _, b := range [][]byte{img.layer, img.config} {
+		for _, b := range [][]byte{img.Layer, img.Config} {
 			if err := reg.PutBlob(ctx, repo, digest.FromBytes(b).String(), int64(len(b)), bytes.NewReader(b)); err != nil {
 				t.Fatal(err)
 			}
 		}
-		if _, err := reg.PutManifest(ctx, repo, v1.MediaTypeImageManifest, img.manifest, tag); err != nil {
+		if _, err := reg.PutManifest(ctx, repo, v1.MediaTypeImageManifest, img.Manifest, tag); err != nil {
 			t.Fatal(err)
 		}
 	}

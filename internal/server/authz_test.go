@@ -239,12 +239,12 @@ func regOps() []regOp {
 		}},
 		{"push", []string{v2.RouteNameBlobUpload, v2.RouteNameBlobUploadChunk, v2.RouteNameManifest}, 201, func(m *matrix, c *regClient, _, repo, _ string) int {
 			img := newImage(unique("push"))
-			for _, b := range [][]byte{img.layer, img.config} {
+			for _, b := range [][]byte{img.Layer, img.Config} {
 				if code, _ := c.blob(repo, b); code != http.StatusCreated {
 					return code
 				}
 			}
-			code, _, _ := c.do("PUT", "/v2/"+repo+"/manifests/"+unique("t"), pushScope(repo), v1.MediaTypeImageManifest, img.manifest)
+			code, _, _ := c.do("PUT", "/v2/"+repo+"/manifests/"+unique("t"), pushScope(repo), v1.MediaTypeImageManifest, img.Manifest)
 			return code
 		}},
 		{"mount into own repository", []string{v2.RouteNameBlobUpload}, 201, func(m *matrix, c *regClient, actor, repo, tag string) int {
@@ -256,11 +256,11 @@ func regOps() []regOp {
 		}},
 		{"delete manifest and blob", []string{v2.RouteNameManifest, v2.RouteNameBlob}, 202, func(m *matrix, c *regClient, actor, repo, tag string) int {
 			repo, img := m.freshContent(actor, repo)
-			code, _, _ := c.do("DELETE", "/v2/"+repo+"/manifests/"+img.digest, "repository:"+repo+":delete", "", nil)
+			code, _, _ := c.do("DELETE", "/v2/"+repo+"/manifests/"+img.Digest, "repository:"+repo+":delete", "", nil)
 			if code != http.StatusAccepted {
 				return code
 			}
-			code, _, _ = c.do("DELETE", "/v2/"+repo+"/blobs/"+img.layerDigest, "repository:"+repo+":delete", "", nil)
+			code, _, _ = c.do("DELETE", "/v2/"+repo+"/blobs/"+img.LayerDigest, "repository:"+repo+":delete", "", nil)
 			return code
 		}},
 	}
@@ -293,7 +293,7 @@ func (m *matrix) freshContent(actor, repo string) (string, image) {
 		c := &regClient{base: m.url, user: "kiln", pass: m.admin}
 		_, _, body := c.do("GET", "/v2/"+repo+"/manifests/latest", "repository:"+repo+":pull", "", nil)
 		img := newImage(b.Id)
-		if string(body) != string(img.manifest) {
+		if string(body) != string(img.Manifest) {
 			m.t.Fatalf("fresh build %s did not push its own image: %s", b.Id, body)
 		}
 		return repo, img

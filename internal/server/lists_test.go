@@ -104,7 +104,7 @@ func TestListImagesFiltersAndSizes(t *testing.T) {
 			continue
 		}
 		img := newImage(*im.BuildId)
-		want := int64(len(img.config) + len(img.layer))
+		want := int64(len(img.Config) + len(img.Layer))
 		if im.Size == nil || *im.Size != want {
 			t.Errorf("%s has size %v, want %d", im.Name, deref(im.Size), want)
 		}

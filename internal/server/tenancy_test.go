@@ -210,15 +210,15 @@ func TestImageRecordsFollowTheRegistry(t *testing.T) {
 	}
 	var im api.Image
 	k.json(a, "GET", "/v1/images/app:1", nil, http.StatusOK, &im)
-	if im.Digest != img.digest || im.BuildId != nil {
-		t.Errorf("after a direct push: digest %s build %v, want %s and no build (was %s)", im.Digest, im.BuildId, img.digest, *built.ImageDigest)
+	if im.Digest != img.Digest || im.BuildId != nil {
+		t.Errorf("after a direct push: digest %s build %v, want %s and no build (was %s)", im.Digest, im.BuildId, img.Digest, *built.ImageDigest)
 	}
 	// A new name pushed directly is listed, and a deleted one is gone.
 	if _, err := c.push("tenant-a/direct", "v1", newImage("direct")); err != nil {
 		t.Fatal(err)
 	}
 	k.json(a, "GET", "/v1/images/direct:v1", nil, http.StatusOK, nil)
-	code, _, body := c.do("DELETE", "/v2/tenant-a/direct/manifests/"+newImage("direct").digest, "repository:tenant-a/direct:delete", "", nil)
+	code, _, body := c.do("DELETE", "/v2/tenant-a/direct/manifests/"+newImage("direct").Digest, "repository:tenant-a/direct:delete", "", nil)
 	if code != http.StatusAccepted {
 		t.Fatalf("delete: %d %s", code, body)
 	}
@@ -232,7 +232,7 @@ func TestImageRecordsFollowTheRegistry(t *testing.T) {
 	seed(t, data, "tenant-a/offline:1")
 	k = startKilnAt(t, data, nil)
 	k.json(k.admin, "GET", "/v1/images/tenant-a/offline:1", nil, http.StatusOK, &im)
-	if im.Digest != newImage("tenant-a/offline:1").digest {
+	if im.Digest != newImage("tenant-a/offline:1").Digest {
 		t.Errorf("offline push: digest %s", im.Digest)
 	}
 }

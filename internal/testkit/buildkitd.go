@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -38,60 +36,7 @@ func BuildkitdPath() (string, error) {
 }
 
 func findOrBuildBuildkitd() (string, error) {
-	if p := os.Getenv("KILN_BUILDKITD"); p != "" {
-		if err := checkExecutable(p); err != nil {
-			return "", fmt.Errorf("KILN_BUILDKITD=%s: %w", p, err)
-		}
-		return p, nil
-	}
-	root, err := RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	bin := filepath.Join(root, "bin", "buildkitd")
-
-	// Someone may be running `go build -o bin/buildkitd` by hand; its output
-	// is not complete until that command exits.
-	if err := waitForForeignBuild(bin, 30*time.Minute); err != nil {
-		return "", err
-	}
-	if checkExecutable(bin) == nil {
-		return bin, nil
-	}
-
-	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
-		return "", fmt.Errorf("create %s: %w", filepath.Dir(bin), err)
-	}
-	// Test binaries of several packages run in parallel; the lock makes
-	// exactly one of them build while the others wait for the result.
-	lock, err := os.OpenFile(bin+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", fmt.Errorf("open build lock: %w", err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", fmt.Errorf("lock %s: %w", lock.Name(), err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
-	if checkExecutable(bin) == nil {
-		return bin, nil
-	}
-
-	tmp := fmt.Sprintf("%s.tmp-%d", bin, os.Getpid())
-	cmd := exec.Command("go", "build", "-o", tmp, "github.com/moby/buildkit/cmd/buildkitd")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("go build buildkitd (set KILN_BUILDKITD to use a prebuilt one): %w\n%s", err, out.String())
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("install buildkitd: %w", err)
-	}
-	return bin, nil
+	return goTool("KILN_BUILDKITD", "buildkitd", "github.com/moby/buildkit/cmd/buildkitd", nil)
 }
 
 func checkExecutable(p string) error {

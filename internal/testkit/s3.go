@@ -68,51 +68,13 @@ func Versitygw(t testing.TB) string {
 }
 
 func findOrBuildVersitygw() (string, error) {
-	if p := os.Getenv("KILN_VERSITYGW"); p != "" {
-		if err := checkExecutable(p); err != nil {
-			return "", fmt.Errorf("KILN_VERSITYGW=%s: %w", p, err)
-		}
-		return p, nil
-	}
-	root, err := RepoRoot()
-	if err != nil {
-		return "", err
-	}
-	bin := filepath.Join(root, "bin", "versitygw")
-	if err := os.MkdirAll(filepath.Dir(bin), 0o755); err != nil {
-		return "", fmt.Errorf("create %s: %w", filepath.Dir(bin), err)
-	}
-	// Test binaries of several packages run in parallel; the lock makes
-	// exactly one of them build while the others wait for the result.
-	lock, err := os.OpenFile(bin+".lock", os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", fmt.Errorf("open build lock: %w", err)
-	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", fmt.Errorf("lock %s: %w", lock.Name(), err)
-	}
-	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
 	// A binary older than go.mod may be another version of the tool.
-	if fi, err := os.Stat(bin); err == nil && checkExecutable(bin) == nil {
-		if mod, err := os.Stat(filepath.Join(root, "go.mod")); err == nil && !fi.ModTime().Before(mod.ModTime()) {
-			return bin, nil
-		}
+	stale := func(bin, root string) bool {
+		fi, err := os.Stat(bin)
+		mod, merr := os.Stat(filepath.Join(root, "go.mod"))
+		return err != nil || merr != nil || fi.ModTime().Before(mod.ModTime())
 	}
-	tmp := fmt.Sprintf("%s.tmp-%d", bin, os.Getpid())
-	cmd := exec.Command("go", "build", "-o", tmp, "github.com/versity/versitygw/cmd/versitygw")
-	cmd.Dir = root
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Run(); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("go build versitygw (set KILN_VERSITYGW to use a prebuilt one): %w\n%s", err, out.String())
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		os.Remove(tmp)
-		return "", fmt.Errorf("install versitygw: %w", err)
-	}
-	return bin, nil
+	return goTool("KILN_VERSITYGW", "versitygw", "github.com/versity/versitygw/cmd/versitygw", stale)
 }
 
 // StartS3 starts versitygw on a free loopback port over a temporary
