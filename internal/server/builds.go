@@ -661,10 +661,30 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-tar")
-	if err := export(w); err != nil {
+	sw := &startedWriter{w: w}
+	if err := export(sw); err != nil {
+		if !sw.started {
+			// Nothing is sent yet (the export failed preparing the
+			// filesystem): a plain error answer says why.
+			w.Header().Del("Content-Type")
+			s.fail(w, r, fmt.Errorf("export the output of build %s: %w", id, err))
+			return
+		}
 		// The status is sent; abort so the client sees a broken stream,
 		// never a tar that looks complete.
 		s.log.Error("export build output", "build", id, "err", err)
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// startedWriter notes whether anything was written, i.e. whether the
+// response's status is already sent.
+type startedWriter struct {
+	w       io.Writer
+	started bool
+}
+
+func (s *startedWriter) Write(p []byte) (int, error) {
+	s.started = s.started || len(p) > 0
+	return s.w.Write(p)
 }
