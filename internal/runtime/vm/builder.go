@@ -102,14 +102,16 @@ type builder struct {
 	// registry is kiln's registry as the builder's first job named it:
 	// which hosts are kiln's decides the builder's tunnels.
 	registry string
-	memMiB   int
-	log      *slog.Logger
-	netw     *network
-	denied   *switchSink // egress denials, to the running build's sink
-	vm       Machine
-	killVM   context.CancelFunc
-	conn     *guest.Conn
-	state    builderState
+	// cpus are the VM's vCPUs and buildkitd's parallelism, as booted.
+	cpus   int
+	memMiB int
+	log    *slog.Logger
+	netw   *network
+	denied *switchSink // egress denials, to the running build's sink
+	vm     Machine
+	killVM context.CancelFunc
+	conn   *guest.Conn
+	state  builderState
 
 	mu      sync.Mutex
 	running bool
@@ -162,6 +164,7 @@ func (r *Runtime) startBuilder(ctx context.Context, job runtime.Job, sink progre
 		dir:      filepath.Join(r.cfg.StateDir, id),
 		shape:    runtime.ShapeOf(job),
 		registry: job.Registry,
+		cpus:     gjob.MaxParallelism,
 		memMiB:   mem,
 		log:      r.log.With("builder", id),
 		denied:   &switchSink{},
@@ -309,6 +312,9 @@ func (b *builder) Run(ctx context.Context, job runtime.Job, sink progress.Sink) 
 	if err != nil {
 		return res, err
 	}
+	// The VM's vCPUs, as booted: one after a recent freeze under TCG
+	// (StartBuilder), whatever the job asked for.
+	gjob.MaxParallelism = b.cpus
 	gjob = b.withNetwork(gjob)
 
 	b.mu.Lock()
