@@ -46,6 +46,10 @@ type Config struct {
 	Gate Gate
 }
 
+// foreignURLs are the URLs a layer descriptor may name (OCI
+// non-distributable layers): any http(s) URL.
+const foreignURLs = "^https?://"
+
 // Registry is an OCI distribution registry with kiln token auth. It is an
 // http.Handler for /v2/... and Config.TokenPath.
 type Registry struct {
@@ -152,6 +156,9 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 				},
 			},
 		}
+		// Non-distributable (foreign) layers name where they are fetched
+		// from; such layers are not pushed, and their URLs must be http(s).
+		dc.Validation.Manifests.URLs.Allow = []string{foreignURLs}
 		dc.HTTP.Secret = hex.EncodeToString(secret[:])
 		dc.Log.AccessLog.Disabled = true
 		return dc
@@ -174,7 +181,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	ns, err := storage.NewRegistry(ctx, driver,
 		storage.EnableDelete,
 		storage.EnableValidateImageIndexImagesExist,
-		storage.ManifestURLsAllowRegexp(regexp.MustCompile("^$")),
+		storage.ManifestURLsAllowRegexp(regexp.MustCompile(foreignURLs)),
 	)
 	if err != nil {
 		_ = app.Shutdown()
@@ -232,6 +239,10 @@ func (r *Registry) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 		defer release()
+	}
+	w, req, answered := r.oci11(w, req)
+	if answered {
+		return
 	}
 	app := r.app
 	if r.direct != nil && r.servesDirect(req) {

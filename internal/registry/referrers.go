@@ -1,0 +1,440 @@
+package registry
+
+// OCI distribution-spec v1.1 on top of distribution v3.1.2, which has
+// none of it: the referrers API, the OCI-Subject answer to a manifest push
+// with a subject, and sha512 digests for blobs and manifests.
+//
+// The referrers index is kept through the storage driver, per repository,
+// under repositories/<name>/_referrers/<subject alg>/<subject hex>/<alg>/<hex>,
+// one small JSON descriptor per referrer, written when a manifest with a
+// subject is pushed. It is read back through the manifest store: an entry
+// whose manifest is gone (deleted over the API, or its tag deleted by kiln)
+// is left out and removed, so the answer follows deletes without having to
+// hook each one. Registry GC (distribution's mark and sweep) keeps every
+// manifest a repository still links, so a signature or attestation of an
+// image stays as long as it is not deleted itself, whether or not it is
+// tagged; deleting a subject leaves its referrers (the spec leaves that to
+// the registry, and cosign/notation users expect signatures to outlive a
+// re-tag).
+//
+// sha512: distribution stores every blob under its sha256 and links the
+// sha512 name to it, but answers with the sha256. kiln rewrites the
+// answer's Docker-Content-Digest and Location to the digest the client
+// asked by. Manifests pushed by a sha512 digest are stored under their
+// sha256 with an alias, repositories/<name>/_digests/sha512/<hex>, holding
+// the sha256, that GET, HEAD and DELETE by sha512 go through.
+
+import (
+	"bytes"
+	"context"
+	_ "crypto/sha512" // sha512 digests
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+
+	dauth "github.com/distribution/distribution/v3/registry/auth"
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
+	"github.com/opencontainers/go-digest"
+	specs "github.com/opencontainers/image-spec/specs-go"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
+)
+
+// maxManifestBytes is the largest manifest kiln reads to index; the
+// same limit distribution applies to a manifest push.
+const maxManifestBytes = 4 << 20
+
+var (
+	referrersPath = regexp.MustCompile(`^/v2/(.+)/referrers/([^/]+)$`)
+	blobPath      = regexp.MustCompile(`^/v2/(.+)/blobs/([^/]+)$`)
+	uploadPath    = regexp.MustCompile(`^/v2/(.+)/blobs/uploads/([^/]*)$`)
+)
+
+func repoDir(name string) string { return storageDir("repositories") + "/" + name }
+
+func referrersDir(repo string, subject digest.Digest) string {
+	return repoDir(repo) + "/_referrers/" + subject.Algorithm().String() + "/" + subject.Encoded()
+}
+
+// aliasPath is the revision link of manifest d in repo, as distribution
+// lays it out; for a digest other than sha256 it holds the sha256 the
+// manifest is stored under, which distribution follows on reads.
+func aliasPath(repo string, d digest.Digest) string {
+	return repoDir(repo) + "/_manifests/revisions/" + d.Algorithm().String() + "/" + d.Encoded() + "/link"
+}
+
+// blobLinkPath is the link of blob d in repo.
+func blobLinkPath(repo string, d digest.Digest) string {
+	return repoDir(repo) + "/_layers/" + d.Algorithm().String() + "/" + d.Encoded() + "/link"
+}
+
+// oci11 serves what distribution lacks, or adjusts req and w so that
+// distribution's answer is right; it reports whether it answered req.
+func (r *Registry) oci11(w http.ResponseWriter, req *http.Request) (http.ResponseWriter, *http.Request, bool) {
+	p := req.URL.Path
+	if m := referrersPath.FindStringSubmatch(p); m != nil && (req.Method == http.MethodGet || req.Method == http.MethodHead) {
+		r.serveReferrers(w, req, m[1], m[2])
+		return w, req, true
+	}
+	if m := manifestPath.FindStringSubmatch(p); m != nil {
+		return r.manifest11(w, req, m[1], m[2])
+	}
+	// Blobs by sha512: answer with the digest asked for.
+	var asked string
+	if m := blobPath.FindStringSubmatch(p); m != nil && m[2] != "uploads" {
+		asked = m[2]
+	} else if uploadPath.MatchString(p) {
+		asked = req.URL.Query().Get("digest")
+		if asked == "" {
+			asked = req.URL.Query().Get("mount")
+		}
+	}
+	if d, err := digest.Parse(asked); err == nil && d.Algorithm() != digest.SHA256 {
+		rw := &digestRewriter{ResponseWriter: w, want: d}
+		if m := uploadPath.FindStringSubmatch(p); m != nil && req.Method == http.MethodPost {
+			// A mount links only the sha256 into the repository.
+			repo := m[1]
+			rw.before = func() error {
+				ctx := context.WithoutCancel(req.Context())
+				canon, err := digest.Parse(rw.canon)
+				if err != nil || canon == d {
+					// Distribution named the blob as asked: its link in
+					// the source repository says where it is stored.
+					from := req.URL.Query().Get("from")
+					raw, err := r.driver.GetContent(ctx, blobLinkPath(from, d))
+					if from == "" || err != nil {
+						return nil
+					}
+					if canon, err = digest.Parse(strings.TrimSpace(string(raw))); err != nil || canon == d {
+						return nil
+					}
+				}
+				return r.driver.PutContent(ctx, blobLinkPath(repo, d), []byte(canon.String()))
+			}
+		}
+		return rw, req, false
+	}
+	return w, req, false
+}
+
+// authorize checks req's token for access to repo as distribution's
+// handlers would, answering the challenge itself when it falls short.
+func (r *Registry) authorize(w http.ResponseWriter, req *http.Request, repo string, actions ...string) bool {
+	ac := &accessController{authority: r.authority, service: r.service, tokenPath: r.tokenPath}
+	var wanted []dauth.Access
+	for _, a := range actions {
+		wanted = append(wanted, dauth.Access{Resource: dauth.Resource{Type: "repository", Name: repo}, Action: a})
+	}
+	_, err := ac.Authorized(req, wanted...)
+	if err == nil {
+		return true
+	}
+	var ch challenge
+	if errors.As(err, &ch) {
+		ch.SetHeaders(req, w)
+	}
+	writeError(w, http.StatusUnauthorized, "UNAUTHORIZED", "authentication required")
+	return false
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+}
+
+// serveReferrers answers GET /v2/<repo>/referrers/<digest>.
+func (r *Registry) serveReferrers(w http.ResponseWriter, req *http.Request, repo, ref string) {
+	if !r.authorize(w, req, repo, "pull") {
+		return
+	}
+	subject, err := digest.Parse(ref)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "DIGEST_INVALID", "the referrers API takes a digest, not "+ref)
+		return
+	}
+	descs, err := r.Referrers(req.Context(), repo, subject.String())
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		writeError(w, http.StatusInternalServerError, "UNKNOWN", err.Error())
+		return
+	}
+	if at := req.URL.Query().Get("artifactType"); at != "" {
+		kept := descs[:0]
+		for _, d := range descs {
+			if d.ArtifactType == at {
+				kept = append(kept, d)
+			}
+		}
+		descs = kept
+		w.Header().Set("OCI-Filters-Applied", "artifactType")
+	}
+	if descs == nil {
+		descs = []v1.Descriptor{}
+	}
+	body, _ := json.Marshal(v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: descs})
+	w.Header().Set("Content-Type", v1.MediaTypeImageIndex)
+	w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+	w.WriteHeader(http.StatusOK)
+	if req.Method == http.MethodGet {
+		_, _ = w.Write(body)
+	}
+}
+
+// Referrers lists the manifests of repo whose subject is the manifest
+// subjectDigest, as descriptors with their artifactType and annotations.
+// Entries of manifests no longer in repo are dropped from the index.
+func (r *Registry) Referrers(ctx context.Context, repo, subjectDigest string) ([]v1.Descriptor, error) {
+	subject, err := digest.Parse(subjectDigest)
+	if err != nil {
+		return nil, fmt.Errorf("referrers of %s: %w", subjectDigest, err)
+	}
+	rp, err := r.repository(ctx, repo)
+	if err != nil {
+		return nil, fmt.Errorf("referrers of %s in %s: %w", subject, repo, err)
+	}
+	ms, err := rp.Manifests(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dir := referrersDir(repo, subject)
+	var out []v1.Descriptor
+	algs, err := r.driver.List(ctx, dir)
+	var missing storagedriver.PathNotFoundError
+	if errors.As(err, &missing) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("referrers of %s in %s: %w", subject, repo, err)
+	}
+	for _, a := range algs {
+		entries, err := r.driver.List(ctx, a)
+		if err != nil && !errors.As(err, &missing) {
+			return nil, fmt.Errorf("referrers of %s in %s: %w", subject, repo, err)
+		}
+		for _, e := range entries {
+			raw, err := r.driver.GetContent(ctx, e)
+			if errors.As(err, &missing) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("referrers of %s in %s: %w", subject, repo, err)
+			}
+			var d v1.Descriptor
+			if err := json.Unmarshal(raw, &d); err != nil {
+				return nil, fmt.Errorf("referrers of %s in %s: entry %s: %w", subject, repo, e, err)
+			}
+			ok, err := r.manifestExists(ctx, repo, ms, d.Digest)
+			if err != nil {
+				return nil, err
+			}
+			if !ok {
+				// Deleted since it was indexed.
+				_ = r.driver.Delete(ctx, e)
+				continue
+			}
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// manifestExists reports whether repo holds manifest d, by its alias for
+// a digest other than sha256.
+func (r *Registry) manifestExists(ctx context.Context, repo string, ms interface {
+	Exists(context.Context, digest.Digest) (bool, error)
+}, d digest.Digest) (bool, error) {
+	if d.Algorithm() != digest.SHA256 {
+		canon, err := r.alias(ctx, repo, d)
+		if err != nil || canon == "" {
+			return false, err
+		}
+		d = canon
+	}
+	ok, err := ms.Exists(ctx, d)
+	if err != nil && errors.Is(mapNotFound(err), ErrNotFound) {
+		return false, nil
+	}
+	return ok, err
+}
+
+// alias returns the sha256 a manifest pushed by digest d is stored under,
+// or "" if none.
+func (r *Registry) alias(ctx context.Context, repo string, d digest.Digest) (digest.Digest, error) {
+	raw, err := r.driver.GetContent(ctx, aliasPath(repo, d))
+	var missing storagedriver.PathNotFoundError
+	if errors.As(err, &missing) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	return digest.Parse(strings.TrimSpace(string(raw)))
+}
+
+// ociManifest is the part of a manifest or index the referrers index needs.
+type ociManifest struct {
+	MediaType    string            `json:"mediaType"`
+	ArtifactType string            `json:"artifactType"`
+	Config       *v1.Descriptor    `json:"config"`
+	Subject      *v1.Descriptor    `json:"subject"`
+	Annotations  map[string]string `json:"annotations"`
+}
+
+// manifest11 handles manifest requests: sha512 references through their
+// alias, and on a push the subject (indexed, and answered with
+// OCI-Subject).
+func (r *Registry) manifest11(w http.ResponseWriter, req *http.Request, repo, ref string) (http.ResponseWriter, *http.Request, bool) {
+	d, derr := digest.Parse(ref)
+	byOther := derr == nil && d.Algorithm() != digest.SHA256
+	switch req.Method {
+	case http.MethodGet, http.MethodHead:
+		return w, req, false // distribution follows the alias
+	case http.MethodDelete:
+		if !byOther {
+			return w, req, false
+		}
+		canon, err := r.alias(req.Context(), repo, d)
+		if err != nil || canon == "" {
+			return w, req, false // distribution answers: unknown
+		}
+		req = withPath(req, "/v2/"+repo+"/manifests/"+canon.String())
+		rw := &digestRewriter{ResponseWriter: w, want: d}
+		if req.Method == http.MethodDelete {
+			rw.after = func() { _ = r.driver.Delete(context.WithoutCancel(req.Context()), aliasPath(repo, d)) }
+		}
+		return rw, req, false
+	case http.MethodPut:
+	default:
+		return w, req, false
+	}
+	body, err := io.ReadAll(io.LimitReader(req.Body, maxManifestBytes+1))
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "MANIFEST_INVALID", "read manifest: "+err.Error())
+		return w, req, true
+	}
+	if len(body) > maxManifestBytes {
+		writeError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest larger than 4 MiB")
+		return w, req, true
+	}
+	req.Body = io.NopCloser(bytes.NewReader(body))
+	req.ContentLength = int64(len(body))
+	canon := digest.FromBytes(body)
+	self := canon
+	if byOther {
+		if !d.Algorithm().Available() || d.Algorithm().FromBytes(body) != d {
+			writeError(w, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("manifest digest %s does not match its content", d))
+			return w, req, true
+		}
+		self = d
+		req = withPath(req, "/v2/"+repo+"/manifests/"+canon.String())
+	}
+	var m ociManifest
+	_ = json.Unmarshal(body, &m) // distribution judges the manifest
+	rw := &digestRewriter{ResponseWriter: w}
+	if byOther {
+		rw.want = d
+	}
+	rw.before = func() error {
+		ctx := context.WithoutCancel(req.Context())
+		if byOther {
+			if err := r.driver.PutContent(ctx, aliasPath(repo, d), []byte(canon.String())); err != nil {
+				return err
+			}
+		}
+		if m.Subject == nil || m.Subject.Digest.Validate() != nil {
+			return nil
+		}
+		mt := m.MediaType
+		if mt == "" {
+			mt = req.Header.Get("Content-Type")
+		}
+		desc := v1.Descriptor{MediaType: mt, Digest: self, Size: int64(len(body)), ArtifactType: m.ArtifactType, Annotations: m.Annotations}
+		if desc.ArtifactType == "" && m.Config != nil {
+			desc.ArtifactType = m.Config.MediaType
+		}
+		entry, _ := json.Marshal(desc)
+		p := referrersDir(repo, m.Subject.Digest) + "/" + self.Algorithm().String() + "/" + self.Encoded()
+		if err := r.driver.PutContent(ctx, p, entry); err != nil {
+			return err
+		}
+		rw.Header().Set("OCI-Subject", m.Subject.Digest.String())
+		return nil
+	}
+	return rw, req, false
+}
+
+func withPath(req *http.Request, p string) *http.Request {
+	req = req.Clone(req.Context())
+	u := *req.URL
+	u.Path, u.RawPath = p, ""
+	req.URL = &u
+	req.RequestURI = u.RequestURI()
+	return req
+}
+
+// digestRewriter adjusts a successful answer of distribution's: its
+// Docker-Content-Digest and Location name want (the digest the client
+// asked by) instead of the sha256 distribution stores under; before runs
+// first (a failure turns the answer into a 500), after once it is sent.
+type digestRewriter struct {
+	http.ResponseWriter
+	want        digest.Digest
+	before      func() error
+	after       func()
+	wroteHeader bool
+	failed      bool
+	// canon is the digest distribution answered with, when rewritten.
+	canon string
+}
+
+func (d *digestRewriter) WriteHeader(code int) {
+	if d.wroteHeader {
+		return
+	}
+	d.wroteHeader = true
+	if code >= 200 && code < 300 {
+		h := d.Header()
+		if d.want != "" {
+			if old := h.Get("Docker-Content-Digest"); old != "" && old != d.want.String() {
+				d.canon = old
+				h.Set("Docker-Content-Digest", d.want.String())
+				if loc := h.Get("Location"); loc != "" {
+					h.Set("Location", strings.Replace(loc, old, d.want.String(), 1))
+				}
+			}
+		}
+		if d.before != nil {
+			if err := d.before(); err != nil {
+				d.failed = true
+				h.Del("Location")
+				h.Del("Docker-Content-Digest")
+				writeError(d.ResponseWriter, http.StatusInternalServerError, "UNKNOWN", "index the manifest: "+err.Error())
+				return
+			}
+		}
+		if d.after != nil {
+			defer d.after()
+		}
+	}
+	d.ResponseWriter.WriteHeader(code)
+}
+
+func (d *digestRewriter) Write(b []byte) (int, error) {
+	if !d.wroteHeader {
+		d.WriteHeader(http.StatusOK)
+	}
+	if d.failed {
+		return len(b), nil
+	}
+	return d.ResponseWriter.Write(b)
+}
+
+// Flush lets streamed blob answers through.
+func (d *digestRewriter) Flush() {
+	if f, ok := d.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
