@@ -240,12 +240,18 @@ type Build struct {
 	Network   *string `json:"network,omitempty"`
 	NoCache   *bool   `json:"no_cache,omitempty"`
 	Phase     string  `json:"phase"`
-	Pull      *bool   `json:"pull,omitempty"`
+
+	// Provenance The provenance attestation the build asked for: min or max; absent for none.
+	Provenance *string `json:"provenance,omitempty"`
+	Pull       *bool   `json:"pull,omitempty"`
 
 	// Pushed Names on other registries the result is pushed to as well (push).
-	Pushed        *[]string   `json:"pushed,omitempty"`
-	QueuePosition *int        `json:"queue_position"`
-	Runtime       string      `json:"runtime"`
+	Pushed        *[]string `json:"pushed,omitempty"`
+	QueuePosition *int      `json:"queue_position"`
+	Runtime       string    `json:"runtime"`
+
+	// SbomGenerator The SBOM scanner of the build's sbom attestation, as pinned (image@digest); absent for none.
+	SbomGenerator *string     `json:"sbom_generator,omitempty"`
 	StartedAt     *time.Time  `json:"started_at"`
 	Status        BuildStatus `json:"status"`
 	StepsCached   int         `json:"steps_cached"`
@@ -296,6 +302,9 @@ type BuildRequest struct {
 
 	// Attach The client follows this build and wants it canceled when it goes away, as buildx cancels a build whose session closed (kiln build sends it unless --detach). An attached build that has had no event stream (GET /v1/builds/{id}/events) open for longer than the server's builds.client_gone_after (default 60s; the window starts at submission, so reconnecting within it keeps the build) while it is queued or running is canceled with the error "the client that submitted this build went away …". Without it the build runs regardless of watchers.
 	Attach *bool `json:"attach,omitempty"`
+
+	// Attest Attestations, as docker buildx build --attest takes them (its CSV); repeat the field, once per type. type=provenance[,mode=min|max] (SLSA provenance; mode default min; disabled=true drops it) and type=sbom[,generator=IMAGE][,KEY=VALUE…] (an SPDX SBOM made by the scanner image, which gets KEY=VALUE as BUILDKIT_SCAN_KEY; default the operator's attest.sbom_generator). The scanner is pinned to a digest at submission like a base image (kiln's registry, readable by your tenant, or the mirror). With either, the result is an image index holding the image and an attestation manifest (vnd.docker.reference.type: attestation-manifest), and image_digest is the index's. Secrets never appear in provenance (they are mounts, recorded by id at most); build arg values do in mode max. Without attest there are none (kiln build adds provenance mode=min with --push, as buildx does). Attestations are part of the input hash.
+	Attest *[]string `json:"attest,omitempty"`
 
 	// BuildArgs JSON object of build arguments, e.g. {"VERSION":"1.2"}.
 	BuildArgs *string `json:"build_args,omitempty"`

@@ -116,6 +116,21 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 			field(n.Hash)
 		}
 	}
+	// Attestations change the result (an index with attestation
+	// manifests), so they are hashed, only when asked for.
+	if o.Provenance != "" {
+		field("provenance")
+		field(o.Provenance)
+	}
+	if o.SBOM != nil {
+		field("sbom")
+		field(o.SBOM.Generator.Digest)
+		field(fmt.Sprint(len(o.SBOM.Params)))
+		for _, k := range slices.Sorted(maps.Keys(o.SBOM.Params)) {
+			field(k)
+			field(o.SBOM.Params[k])
+		}
+	}
 	return "sha256:" + hex.EncodeToString(h.Sum(nil))
 }
 

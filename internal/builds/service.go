@@ -94,6 +94,9 @@ type Config struct {
 	// ClientGoneAfter: an attached build (see Attach) with no event
 	// stream open for this long is canceled; 0 turns that off.
 	ClientGoneAfter time.Duration
+	// SBOMGenerator is the SBOM scanner image of an sbom attestation
+	// that names none (attest.sbom_generator).
+	SBOMGenerator string
 }
 
 // Service runs builds.

@@ -181,6 +181,10 @@ type Request struct {
 	// RegistryAuth are the submitter's credentials per registry host for
 	// the other registries the build reaches. Memory-only.
 	RegistryAuth map[string]solve.Credentials
+	// Attest are attestations as buildx's --attest takes them
+	// (type=provenance,mode=max; type=sbom,generator=IMAGE); see
+	// attest.go.
+	Attest []string
 }
 
 // gitResolveTimeout bounds the host-side git ls-remote that pins a git
@@ -237,6 +241,9 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 		return Build{}, err
 	}
 	opts.ContextSource = u.source
+	if err := s.attestations(ctx, p, &req, &opts); err != nil {
+		return Build{}, err
+	}
 	if !opts.InlineDockerfile {
 		// BuildKit honours "<Dockerfile>.dockerignore" over .dockerignore.
 		info, err := u.context.ForDockerfile(opts.DockerfilePath)

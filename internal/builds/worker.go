@@ -382,6 +382,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 		AddHosts:       b.Options.AddHosts,
 		ShmSize:        b.Options.ShmSize,
 		Ulimits:        b.Options.Ulimits,
+		Attests:        s.attestAttrs(b.Options),
 	}
 	if b.Options.InlineDockerfile {
 		req.DockerfileDir = s.contextDir(b.ID) + ".dockerfile"
@@ -581,6 +582,9 @@ func (k *buildSink) cached() int { return int(k.nCached.Load()) }
 // override per image, so a tag moved while the build was queued cannot
 // change what it builds on (and what its input hash claims).
 func (s *Service) fetchBases(ctx context.Context, b Build, job *runtime.Job) error {
+	if err := s.ensureGenerator(ctx, b); err != nil {
+		return fmt.Errorf("fetch the sbom scanner %s: %w", b.Options.SBOM.Generator.Upstream, err)
+	}
 	if len(b.Options.Bases) == 0 {
 		return nil
 	}

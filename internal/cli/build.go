@@ -60,6 +60,9 @@ type buildFlags struct {
 	buildContexts  []string
 	cacheFrom      []string
 	cacheTo        []string
+	attest         []string
+	provenance     string
+	sbom           string
 }
 
 // buildForm is a validated build request, ready to upload.
@@ -207,6 +210,9 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringArrayVar(&f.buildContexts, "build-context", nil, "a named context for FROM NAME or COPY --from=NAME: NAME=DIR (sent with its own .dockerignore), NAME=docker-image://REF, NAME=GIT-URL or NAME=https://URL; repeatable")
 	fl.StringArrayVar(&f.cacheFrom, "cache-from", nil, "import a registry cache: type=registry,ref=NAME or NAME (kiln's registry, or another with your docker credentials); repeatable")
 	fl.StringArrayVar(&f.cacheTo, "cache-to", nil, "export the build cache to a registry: type=registry,ref=NAME[,mode=min|max]")
+	fl.StringArrayVar(&f.attest, "attest", nil, "attestation as buildx takes it: type=provenance[,mode=min|max] or type=sbom[,generator=IMAGE]; repeatable, once per type")
+	fl.StringVar(&f.provenance, "provenance", "", "shorthand for --attest type=provenance: true (mode=min), false, or mode=min|max; default mode=min with --push (BUILDX_NO_DEFAULT_ATTESTATIONS=1 turns that off)")
+	fl.StringVar(&f.sbom, "sbom", "", "shorthand for --attest type=sbom: true (the server's scanner), false, or generator=IMAGE")
 	fl.BoolVar(&f.load, "load", false, "not supported: kiln has no local docker engine to load into")
 	fl.StringVar(&f.contextUpload, "context-upload", contextUploadAuto, "how the context is sent: manifest (only files the server does not have yet, found by content hash), tar (all of it, every time) or auto (manifest, or tar if the server has no context store)")
 	fl.StringArrayVarP(&f.outputs, "output", "o", nil, "also write the result: type=local,dest=DIR (its files; DIR alone means this), type=tar,dest=FILE|- (\"-\" alone means this), type=oci|docker,dest=FILE (an image tarball), type=image,name=NAME (another tag); repeatable")
@@ -345,6 +351,19 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 		add("call", "check")
 	case f.call != "build":
 		return nil, usageError(cmd, "--call %q: kiln takes build and check", f.call)
+	}
+	if form.check {
+		if len(f.attest) > 0 || f.provenance != "" || f.sbom != "" {
+			return nil, usageError(cmd, "--call check runs the Dockerfile's checks and builds no image: drop --attest, --provenance and --sbom")
+		}
+	} else {
+		as, err := attests(f.attest, f.provenance, f.sbom, push, lookupEnv)
+		if err != nil {
+			return nil, usageError(cmd, "%v", err)
+		}
+		for _, a := range as {
+			add("attest", a)
+		}
 	}
 	for _, a := range f.allow {
 		for _, e := range strings.Split(a, ",") {

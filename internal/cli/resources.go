@@ -118,7 +118,7 @@ namespace (app) matches as you give it.`,
 		return nil
 	})
 
-	return groupCommand("images", "List, tag and remove images in kiln's registry", ls, tag, rm)
+	return groupCommand("images", "List, show, tag and remove images in kiln's registry", ls, imageShowCommand(g), tag, rm)
 }
 
 // printImages is the table of images ls.

@@ -116,6 +116,10 @@ type Config struct {
 	// BuildsEntitlements are the insecure entitlements builds may ask
 	// for with --allow.
 	BuildsEntitlements []string
+	// AttestSBOMGenerator is the SBOM scanner image of builds that ask
+	// for an SBOM without naming one; pinned through the mirror like a
+	// base image.
+	AttestSBOMGenerator string
 	// ContextURLAllowed are the hosts kiln downloads http(s) contexts
 	// from.
 	ContextURLAllowed []string
@@ -196,6 +200,7 @@ func (c *Config) settings() []setting {
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"builds.client_gone_after", "60s", "an attached build (submitted with attach=true, as kiln build does unless --detach) is canceled when no event stream has been open for it this long while it is queued or running: its client went away (0s: never; builds then outlive their client)", kDuration, &c.BuildsClientGoneAfter},
 		{"builds.entitlements", "", "insecure entitlements builds may ask for with kiln build --allow: network.host (RUN --network=host), security.insecure (RUN --security=insecure: privileged steps; on the process runtime, root on this host), comma-separated; builds asking for others are refused (403)", kList, &c.BuildsEntitlements},
+		{"attest.sbom_generator", "docker/buildkit-syft-scanner", "SBOM scanner image of builds that ask for an SBOM (kiln build --sbom=true) without naming one; pinned to a digest at submission and pulled through kiln's base-image mirror (or from kiln's registry, when it names it)", kString, &c.AttestSBOMGenerator},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
 		{"dedup.trust_groups", "{}", "groups of tenants whose identical builds may answer each other's, e.g. {\"web\":[\"team-a\",\"team-b\"]}; otherwise dedup stays within a tenant, and builds using cache mounts always do", kObject, &c.DedupTrustGroups},
 		{"tenancy.shared", "base", "namespaces every tenant may pull from and only build:admin tokens write (e.g. base for base/busybox), comma-separated", kList, &c.TenancyShared},

@@ -25,9 +25,9 @@
 // it has read the agent's hello (guest writes block until the host end is
 // connected, so the hello itself cannot be lost). Both are single JSON lines:
 //
-//	agent → host  {"proto":"kiln-guest","version":3,"agent":"kiln-agent v…"}
-//	host → agent  {"version":3}                      accepted
-//	host → agent  {"version":3,"error":"…"}          refused; host closes
+//	agent → host  {"proto":"kiln-guest","version":4,"agent":"kiln-agent v…"}
+//	host → agent  {"version":4}                      accepted
+//	host → agent  {"version":4,"error":"…"}          refused; host closes
 //
 // The host waits Host.HelloTimeout for the hello (boot time). A different
 // version is refused on both sides with an error wrapping
@@ -36,7 +36,7 @@
 // hello. Version is bumped on any incompatible change below (version 1 ran
 // exactly one job per session and had no setup, seq or release; version 2
 // had no named context trees and no NoProxy, which its agent would drop
-// without a word).
+// without a word; version 3 had no entitlements, call or attestations).
 //
 // # Multiplexing
 //

@@ -19,8 +19,11 @@ import (
 // releases the builder. Version 3: a job's named local contexts
 // (solve.Request.LocalContexts) travel as context trees of their own
 // ("named/N"), and the setup carries buildkitd's NoProxy hosts; an agent
-// of version 2 would drop both without a word.
-const Version = 3
+// of version 2 would drop both without a word. Version 4: the setup
+// carries buildkitd's entitlements and a job's solve request its call
+// (check) and attestations, which an agent of version 3 would ignore:
+// it would build instead of checking, or leave the attestations out.
+const Version = 4
 
 // Job is everything the agent needs for one build. Its setup fields
 // (CacheDisk, GC, InsecureRegistries, Network, MaxParallelism, NIC, Proxy,

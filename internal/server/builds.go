@@ -66,6 +66,7 @@ var fieldLimits = map[string]struct {
 	"call":             {64, 1},
 	"allow":            {64, 4},
 	"attach":           {16, 1},
+	"attest":           {2048, 8},
 }
 
 // uploadSlot takes one of the caller's upload slots, or answers 429.
@@ -313,6 +314,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.Call = strings.TrimSpace(v)
 	case "allow":
 		req.Allow = append(req.Allow, strings.TrimSpace(v))
+	case "attest":
+		req.Attest = append(req.Attest, strings.TrimSpace(v))
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {
@@ -372,6 +375,16 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 			refs[i] = c.Ref
 		}
 		out.CacheFrom = &refs
+	}
+	if b.Options.Provenance != "" {
+		out.Provenance = &b.Options.Provenance
+	}
+	if g := b.Options.SBOM; g != nil {
+		gen := g.Generator.Upstream + "@" + g.Generator.Digest
+		if g.Generator.Local {
+			gen = g.Generator.LocalRepo + "@" + g.Generator.Digest
+		}
+		out.SbomGenerator = &gen
 	}
 	if b.Options.ContextSource != "" {
 		out.ContextSource = &b.Options.ContextSource

@@ -81,6 +81,14 @@ type Request struct {
 	// NAME=DIR): name → directory, sent to BuildKit like the main
 	// context. A name here must not also be in NamedContexts.
 	LocalContexts map[string]string `json:"local_contexts,omitempty"`
+
+	// Attests are the attestations BuildKit attaches to the image, as
+	// buildx passes them to the frontend: type → its options without
+	// "type=", e.g. "provenance" → "mode=max", "sbom" →
+	// "generator=kiln:5000/mirror/…@sha256:…". With any of them the
+	// result is an image index holding the image and an attestation
+	// manifest (vnd.docker.reference.type: attestation-manifest).
+	Attests map[string]string `json:"attests,omitempty"`
 }
 
 // Credentials for one registry host. Memory-only.

@@ -193,6 +193,12 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 	if req.Pull {
 		attrs["image-resolve-mode"] = "pull"
 	}
+	for typ, v := range req.Attests {
+		if typ != "provenance" && typ != "sbom" {
+			return client.SolveOpt{}, fmt.Errorf("solve request: attestation type %q is not provenance or sbom", typ)
+		}
+		attrs["attest:"+typ] = v
+	}
 	for name, src := range req.NamedContexts {
 		if name == "" || src == "" {
 			return client.SolveOpt{}, fmt.Errorf("solve request: named context %q → %q: name and source must both be set", name, src)

@@ -125,6 +125,20 @@ type BuildOptions struct {
 	// Follows is an identical build that was in flight when this one was
 	// submitted: this one waits for it and takes its result.
 	Follows string `json:"follows,omitempty"`
+	// Provenance is the SLSA provenance attestation asked for: "" (none),
+	// min or max (kiln build --provenance, --attest type=provenance).
+	Provenance string `json:"provenance,omitempty"`
+	// SBOM, when set, asks for an SBOM attestation made by a scanner
+	// image pinned at submission (kiln build --sbom).
+	SBOM *SBOMAttest `json:"sbom,omitempty"`
+}
+
+// SBOMAttest is an SBOM attestation request: the scanner (generator)
+// image, pinned like a base image, and the scanner's extra parameters
+// (BUILDKIT_SCAN_<KEY> in its environment).
+type SBOMAttest struct {
+	Generator BasePin           `json:"generator"`
+	Params    map[string]string `json:"params,omitempty"`
 }
 
 // NamedContext is one --build-context entry, pinned where it can be.
