@@ -269,6 +269,18 @@ RUN --mount=type=secret,id=tok test "$(wc -c < /run/secrets/tok)" -eq %d && echo
 			t.Errorf("kiln images show: exit %d\n%s\n%s", code, out, errOut)
 		}
 		t.Logf("kiln images show attest/app:max:\n%s", out)
+		var shown struct {
+			Type         string `json:"type"`
+			Attestations []struct {
+				Predicates []struct {
+					Type string `json:"type"`
+				} `json:"predicates"`
+			} `json:"attestations"`
+		}
+		if out, errOut, code := s.kilnSplit(tok, nil, "images", "show", "--json", "attest/app:max"); code != 0 || json.Unmarshal([]byte(out), &shown) != nil ||
+			shown.Type != "index" || len(shown.Attestations) != 1 || len(shown.Attestations[0].Predicates) != 2 {
+			t.Errorf("kiln images show --json: exit %d, want an index with one attestation manifest of two predicates\n%s\n%s", code, out, errOut)
+		}
 		// The index converts (kiln run picks the linux/amd64 image).
 		if im := s.waitRootFS("attest%2Fapp:max"); im.Rootfs.Status != api.RootFSStatusReady {
 			t.Errorf("root filesystem of attest/app:max: %+v", im.Rootfs)

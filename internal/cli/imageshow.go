@@ -23,6 +23,8 @@ func imageShowCommand(g *globals) *cobra.Command {
 		Short: "Show an image's digest, platforms and attestations (provenance, SBOM)",
 		Args:  exactArgs("NAME"),
 	}
+	var asJSON bool
+	show.Flags().BoolVar(&asJSON, "json", false, "print the image's digest, platforms and attestations as one JSON object")
 	show.RunE = g.runE(func(ctx context.Context, cmd *cobra.Command, args []string) error {
 		cl, err := g.client(cmd)
 		if err != nil {
@@ -38,9 +40,15 @@ func imageShowCommand(g *globals) *cobra.Command {
 		if r.JSON200 == nil {
 			return fmt.Errorf("show image %s: server answered %d without the image", args[0], r.StatusCode())
 		}
-		im := r.JSON200
-		reg := &registryReader{cl: cl}
-		return showImage(ctx, cmd.OutOrStdout(), reg, *im)
+		info, err := inspectImage(ctx, &registryReader{cl: cl}, *r.JSON200)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(cmd.OutOrStdout(), info)
+		}
+		printImageInfo(cmd.OutOrStdout(), info)
+		return nil
 	})
 	return show
 }
@@ -73,30 +81,64 @@ type manifestDoc struct {
 const manifestAccept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, " +
 	"application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"
 
-func showImage(ctx context.Context, w io.Writer, reg *registryReader, im api.Image) error {
+// imageInfo is what images show prints, as a table or as JSON.
+type imageInfo struct {
+	Name         string          `json:"name"`
+	Digest       string          `json:"digest"`
+	Type         string          `json:"type"` // index or manifest
+	Platforms    []platformEntry `json:"platforms,omitempty"`
+	Attestations []attestation   `json:"attestations"`
+}
+
+type platformEntry struct {
+	Platform string `json:"platform"`
+	Digest   string `json:"digest"`
+}
+
+type attestation struct {
+	Digest     string      `json:"digest"`
+	For        string      `json:"for"`
+	Predicates []predicate `json:"predicates"`
+}
+
+type predicate struct {
+	Type   string `json:"type"`
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
+}
+
+// inspectImage reads im's manifest (and its attestation manifests) from
+// kiln's registry.
+func inspectImage(ctx context.Context, reg *registryReader, im api.Image) (imageInfo, error) {
+	info := imageInfo{Name: im.Name, Digest: im.Digest, Type: "manifest", Attestations: []attestation{}}
 	repo := im.Repository
 	body, err := reg.get(ctx, repo, "manifests/"+im.Digest, manifestAccept)
 	if err != nil {
-		return err
+		return info, err
 	}
 	var doc manifestDoc
 	if err := json.Unmarshal(body, &doc); err != nil {
-		return fmt.Errorf("image %s: its manifest is not JSON: %v", im.Name, err)
+		return info, fmt.Errorf("image %s: its manifest is not JSON: %v", im.Name, err)
 	}
-	fmt.Fprintf(w, "Name:      %s\n", im.Name)
-	fmt.Fprintf(w, "Digest:    %s\n", im.Digest)
 	if len(doc.Manifests) == 0 {
-		fmt.Fprintf(w, "Type:      image manifest\n")
-		fmt.Fprintf(w, "Platforms: %s\n", "(one image; see its config)")
-		fmt.Fprintf(w, "Attestations: none\n")
-		return nil
+		return info, nil
 	}
-	fmt.Fprintf(w, "Type:      image index\n")
-	fmt.Fprintln(w, "Platforms:")
-	var atts []int
-	for i, m := range doc.Manifests {
+	info.Type = "index"
+	for _, m := range doc.Manifests {
 		if m.Annotations["vnd.docker.reference.type"] == "attestation-manifest" {
-			atts = append(atts, i)
+			body, err := reg.get(ctx, repo, "manifests/"+m.Digest, manifestAccept)
+			if err != nil {
+				return info, err
+			}
+			var am manifestDoc
+			if err := json.Unmarshal(body, &am); err != nil {
+				return info, fmt.Errorf("attestation manifest %s is not JSON: %v", m.Digest, err)
+			}
+			a := attestation{Digest: m.Digest, For: m.Annotations["vnd.docker.reference.digest"], Predicates: []predicate{}}
+			for _, l := range am.Layers {
+				a.Predicates = append(a.Predicates, predicate{Type: l.Annotations["in-toto.io/predicate-type"], Digest: l.Digest, Size: l.Size})
+			}
+			info.Attestations = append(info.Attestations, a)
 			continue
 		}
 		p := "unknown"
@@ -106,29 +148,36 @@ func showImage(ctx context.Context, w io.Writer, reg *registryReader, im api.Ima
 				p += "/" + m.Platform.Variant
 			}
 		}
-		fmt.Fprintf(w, "  %-14s %s\n", p, m.Digest)
+		info.Platforms = append(info.Platforms, platformEntry{Platform: p, Digest: m.Digest})
 	}
-	if len(atts) == 0 {
+	return info, nil
+}
+
+func printImageInfo(w io.Writer, info imageInfo) {
+	fmt.Fprintf(w, "Name:      %s\n", info.Name)
+	fmt.Fprintf(w, "Digest:    %s\n", info.Digest)
+	if info.Type == "manifest" {
+		fmt.Fprintf(w, "Type:      image manifest\n")
+		fmt.Fprintf(w, "Platforms: %s\n", "(one image; see its config)")
+		fmt.Fprintf(w, "Attestations: none\n")
+		return
+	}
+	fmt.Fprintf(w, "Type:      image index\n")
+	fmt.Fprintln(w, "Platforms:")
+	for _, p := range info.Platforms {
+		fmt.Fprintf(w, "  %-14s %s\n", p.Platform, p.Digest)
+	}
+	if len(info.Attestations) == 0 {
 		fmt.Fprintln(w, "Attestations: none")
-		return nil
+		return
 	}
 	fmt.Fprintln(w, "Attestations:")
-	for _, i := range atts {
-		m := doc.Manifests[i]
-		fmt.Fprintf(w, "  %s for %s\n", m.Digest, m.Annotations["vnd.docker.reference.digest"])
-		body, err := reg.get(ctx, repo, "manifests/"+m.Digest, manifestAccept)
-		if err != nil {
-			return err
-		}
-		var am manifestDoc
-		if err := json.Unmarshal(body, &am); err != nil {
-			return fmt.Errorf("attestation manifest %s is not JSON: %v", m.Digest, err)
-		}
-		for _, l := range am.Layers {
-			fmt.Fprintf(w, "    %-32s %s (%d bytes)\n", l.Annotations["in-toto.io/predicate-type"], l.Digest, l.Size)
+	for _, a := range info.Attestations {
+		fmt.Fprintf(w, "  %s for %s\n", a.Digest, a.For)
+		for _, p := range a.Predicates {
+			fmt.Fprintf(w, "    %-32s %s (%d bytes)\n", p.Type, p.Digest, p.Size)
 		}
 	}
-	return nil
 }
 
 // registryReader reads kiln's registry as an OCI client: it meets the
