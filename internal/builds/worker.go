@@ -189,15 +189,22 @@ func (s *Service) run(ctx context.Context, id string, attempt int) {
 	outcome, ran := s.execute(ctx, b)
 	switch {
 	case context.Cause(ctx) == errCanceled:
-		// Cancel already recorded the terminal state.
+		// Cancel already recorded the terminal state; it returns once
+		// this run is done, so after the cleanup below.
 	case s.stopping.Load() && ctx.Err() != nil:
-		// Server shutdown: leave it unfinished; recover requeues it.
+		// Server shutdown: leave it unfinished, context and all; recover
+		// requeues it.
 		s.log.Info("build interrupted by shutdown; it will rerun on next start", "build", id)
 		return
 	case ran || outcome.Status != "":
+		// Nothing runs the build any more: what it left on disk goes
+		// before its end is visible, so a client that saw it end finds
+		// nothing left behind.
+		s.cleanup(id)
 		if _, err := s.finish(id, outcome); err != nil {
 			s.log.Error("record build outcome", "build", id, "err", err)
 		}
+		return
 	}
 	s.cleanup(id)
 }
