@@ -230,6 +230,12 @@ func regOps() []regOp {
 			code, _, _ := c.do("HEAD", "/v2/"+repo+"/manifests/"+tag, "repository:"+repo+":pull", "", nil)
 			return code
 		}},
+		// OCI 1.1, served by kiln in front of distribution: an unknown
+		// subject still answers an empty index to whoever may pull.
+		{"list referrers", nil, 200, func(m *matrix, c *regClient, _, repo, _ string) int {
+			code, _, _ := c.do("GET", "/v2/"+repo+"/referrers/sha256:"+strings.Repeat("0", 64), "repository:"+repo+":pull", "", nil)
+			return code
+		}},
 		{"list tags", []string{v2.RouteNameTags}, 200, func(m *matrix, c *regClient, _, repo, _ string) int {
 			code, _, _ := c.do("GET", "/v2/"+repo+"/tags/list", "repository:"+repo+":pull", "", nil)
 			return code
