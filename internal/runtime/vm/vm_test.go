@@ -251,8 +251,14 @@ func TestColdThenWarmBuildAcrossVMs(t *testing.T) {
 	t.Logf("cold build %s: %s", cold.Round(time.Millisecond), breakdown(rec1, cold))
 	t.Logf("warm build %s: %s; %d of %d steps cached", warm.Round(time.Millisecond), breakdown(rec2, warm), res2.StepsCached, res2.StepsTotal)
 
-	if got := strings.Join(phases(rec1), ","); got != "booting,starting buildkitd,solving" {
-		t.Errorf("phases = %s", got)
+	// A guest frozen under TCG is replaced by a new VM, once, and the
+	// build says so: then each VM shows its phases.
+	want := "booting,starting buildkitd,solving"
+	if len(rec1.Find(progress.Message, "builder VM stopped responding")) > 0 {
+		want += "," + want
+	}
+	if got := strings.Join(phases(rec1), ","); got != want {
+		t.Errorf("phases = %s, want %s", got, want)
 	}
 	if res1.StepsCached != 0 {
 		t.Errorf("cold build reported %d cached steps", res1.StepsCached)
