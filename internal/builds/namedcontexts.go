@@ -60,16 +60,37 @@ func (s *Service) ReceiveNamedContext(ctx context.Context, u *Upload, name strin
 			return badRequest("named context %s is sent twice", errdefs.Quote(name))
 		}
 	}
-	if err := os.MkdirAll(u.dir+".named", 0o700); err != nil {
-		return fmt.Errorf("store named context: %w", err)
+	dir, err := u.nextNamedDir()
+	if err != nil {
+		return err
 	}
-	dir := namedDir(u.dir, len(u.named))
 	info, err := buildcontext.Receive(ctx, r, dir, s.cfg.Context)
 	if err != nil {
 		return err
 	}
-	u.named = append(u.named, namedUpload{name: name, dir: dir, info: info})
+	u.addNamed(name, dir, info)
 	return nil
+}
+
+// nextNamedDir is where the upload's next named context directory goes
+// (uploaded, or fetched from git or a URL).
+func (u *Upload) nextNamedDir() (string, error) {
+	if err := os.MkdirAll(u.dir+".named", 0o700); err != nil {
+		return "", fmt.Errorf("store named context: %w", err)
+	}
+	return namedDir(u.dir, len(u.named)), nil
+}
+
+// addNamed records the named context received into dir, the one
+// nextNamedDir gave, and returns its entry.
+func (u *Upload) addNamed(name, dir string, info buildcontext.Info) store.NamedContext {
+	u.named = append(u.named, namedUpload{name: name, dir: dir, info: info})
+	return namedEntry(len(u.named)-1, u.named[len(u.named)-1])
+}
+
+// namedEntry is the build's record of its index'th named directory.
+func namedEntry(index int, n namedUpload) store.NamedContext {
+	return store.NamedContext{Name: n.name, Kind: store.NamedLocal, Source: strconv.Itoa(index), Hash: n.info.Hash}
 }
 
 // contextName is a named context's name as BuildKit's Dockerfile frontend
@@ -92,8 +113,7 @@ func (s *Service) namedContexts(ctx context.Context, p auth.Principal, u *Upload
 	seen := map[string]bool{}
 	for i, n := range u.named {
 		seen[n.name] = true
-		o.NamedContexts = append(o.NamedContexts, store.NamedContext{Name: n.name, Kind: store.NamedLocal,
-			Source: strconv.Itoa(i), Hash: n.info.Hash})
+		o.NamedContexts = append(o.NamedContexts, namedEntry(i, n))
 	}
 	if len(u.named)+len(req.BuildContexts) > maxNamedContexts {
 		return badRequest("%d named contexts; at most %d", len(u.named)+len(req.BuildContexts), maxNamedContexts)
@@ -169,17 +189,15 @@ func (s *Service) namedSource(ctx context.Context, p auth.Principal, u *Upload, 
 		if err != nil {
 			return nc, badRequest("%s: %v", field, err)
 		}
-		if err := os.MkdirAll(u.dir+".named", 0o700); err != nil {
-			return nc, fmt.Errorf("store named context: %w", err)
+		dir, err := u.nextNamedDir()
+		if err != nil {
+			return nc, err
 		}
-		index := len(u.named)
-		dir := namedDir(u.dir, index)
 		info, _, err := s.fetchGit(ctx, g, dir, field, o)
 		if err != nil {
 			return nc, err
 		}
-		u.named = append(u.named, namedUpload{name: name, dir: dir, info: info})
-		return store.NamedContext{Name: name, Kind: store.NamedLocal, Source: strconv.Itoa(index), Hash: info.Hash}, nil
+		return u.addNamed(name, dir, info), nil
 	}
 	if strings.HasPrefix(src, "https://") || strings.HasPrefix(src, "http://") {
 		// Downloaded here, like an http(s) main context.

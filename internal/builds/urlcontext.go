@@ -6,12 +6,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"path"
 	"path/filepath"
 	"strings"
@@ -197,11 +195,10 @@ func (s *Service) receiveURLContext(ctx context.Context, u *Upload, req *Request
 // directory, another file a directory holding it under its URL name.
 func (s *Service) namedURL(ctx context.Context, u *Upload, name, src string, o *store.BuildOptions) (store.NamedContext, error) {
 	field := "build context " + name
-	if err := os.MkdirAll(u.dir+".named", 0o700); err != nil {
-		return store.NamedContext{}, fmt.Errorf("store named context: %w", err)
+	dir, err := u.nextNamedDir()
+	if err != nil {
+		return store.NamedContext{}, err
 	}
-	index := len(u.named)
-	dir := namedDir(u.dir, index)
 	f, err := s.fetchURL(ctx, src, dir, field, o)
 	if err != nil {
 		return store.NamedContext{}, err
@@ -213,8 +210,7 @@ func (s *Service) namedURL(ctx context.Context, u *Upload, name, src string, o *
 		}
 		f.info = &info
 	}
-	u.named = append(u.named, namedUpload{name: name, dir: dir, info: *f.info})
-	return store.NamedContext{Name: name, Kind: store.NamedLocal, Source: fmt.Sprint(index), Hash: f.info.Hash}, nil
+	return u.addNamed(name, dir, *f.info), nil
 }
 
 // isHTTPContext tells an http(s) URL of a tarball or file from a git URL
