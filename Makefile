@@ -8,7 +8,7 @@ export GOFLAGS ?= -mod=mod
 
 KILN_ADDR ?= 127.0.0.1:7070
 KILN_DATA ?= ./kiln-data
-APT_PACKAGES := runc skopeo e2fsprogs erofs-utils busybox-static ca-certificates util-linux qemu-system-x86 linux-image-amd64 curl postgresql
+APT_PACKAGES := runc skopeo e2fsprogs erofs-utils busybox-static ca-certificates util-linux qemu-system-x86 qemu-user-static linux-image-amd64 curl postgresql openssh-client
 
 .PHONY: run test test-slow build deps generate bench clean bin/kiln builder-image
 
@@ -19,6 +19,18 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	@command -v go >/dev/null || { echo "Go is missing: install Go 1.26 at /usr/local/go"; exit 1; }
+	@# Emulated arm64 and arm for the process runtime (and its tests): what
+	@# qemu-user-static's package does on a host with systemd. As root only,
+	@# only what is missing; a host that cannot (a container) still builds
+	@# its own platform.
+	@if [ "$$(id -u)" = 0 ]; then \
+		b=/proc/sys/fs/binfmt_misc; \
+		[ -e $$b/register ] || mount -t binfmt_misc binfmt_misc $$b || echo "warning: cannot mount binfmt_misc; the process runtime builds linux/amd64 only"; \
+		for a in aarch64 arm; do \
+			[ ! -e $$b/register ] || [ -e $$b/qemu-$$a ] || { echo "registering /usr/lib/binfmt.d/qemu-$$a.conf with binfmt_misc"; \
+				grep -v '^#' /usr/lib/binfmt.d/qemu-$$a.conf > $$b/register || echo "warning: could not register qemu-$$a"; }; \
+		done; \
+	fi
 
 build: deps bin/kiln bin/buildkitd builder-image
 
@@ -40,6 +52,16 @@ bin/kiln:
 bin/buildkitd: go.mod go.sum
 	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 go build -trimpath -buildvcs=false -ldflags="-s -w -buildid=" -o bin/buildkitd github.com/moby/buildkit/cmd/buildkitd
 
+# A static arm64 busybox for the multi-platform tests (testkit.BusyboxArm64):
+# Debian's busybox-static for arm64, unpacked here, never installed.
+bin/busybox-arm64:
+	@dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
+	apt-get update -qq
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		(cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root busybox-static:arm64) && \
+		dpkg-deb -x "$$tmp"/busybox-static_*_arm64.deb "$$tmp/root" && \
+		mkdir -p bin && install -m 0755 "$$tmp/root/bin/busybox" $@.tmp && mv $@.tmp $@
+
 generate:
 	go test ./internal/config -run TestConfigurationDocIsCurrent -update >/dev/null
 	cd api && go generate .
@@ -55,7 +77,7 @@ FAST_PKGS := internal/builds internal/server internal/store internal/errdefs int
 	internal/access internal/config internal/cli internal/dockerconfig cmd/kiln
 export KILN_REQUIRE_POSTGRES := 1
 
-test: build
+test: build bin/busybox-arm64
 	go vet ./...
 	go test -count=1 -timeout 10m $(addprefix ./,$(FAST_PKGS))
 	go test -p 1 -count=1 -timeout 25m $$(go list ./... | grep -v -x $(foreach p,$(FAST_PKGS),-e github.com/kiln-build/kiln/$(p)))

@@ -177,6 +177,21 @@ func (e BuildOutputParamsType) Valid() bool {
 	}
 }
 
+// Defines values for BuildSSHParamsUpgrade.
+const (
+	KilnSsh1 BuildSSHParamsUpgrade = "kiln-ssh/1"
+)
+
+// Valid indicates whether the value is a known member of the BuildSSHParamsUpgrade enum.
+func (e BuildSSHParamsUpgrade) Valid() bool {
+	switch e {
+	case KilnSsh1:
+		return true
+	default:
+		return false
+	}
+}
+
 // BlobQuery defines model for BlobQuery.
 type BlobQuery struct {
 	Digests []string `json:"digests"`
@@ -241,6 +256,9 @@ type Build struct {
 	NoCache   *bool   `json:"no_cache,omitempty"`
 	Phase     string  `json:"phase"`
 
+	// Platforms The normalized platforms the build was asked for, in order; absent for the builder's own.
+	Platforms *[]string `json:"platforms,omitempty"`
+
 	// Provenance The provenance attestation the build asked for: min or max; absent for none.
 	Provenance *string `json:"provenance,omitempty"`
 	Pull       *bool   `json:"pull,omitempty"`
@@ -251,14 +269,17 @@ type Build struct {
 	Runtime       string    `json:"runtime"`
 
 	// SbomGenerator The SBOM scanner of the build's sbom attestation, as pinned (image@digest); absent for none.
-	SbomGenerator *string     `json:"sbom_generator,omitempty"`
-	StartedAt     *time.Time  `json:"started_at"`
-	Status        BuildStatus `json:"status"`
-	StepsCached   int         `json:"steps_cached"`
-	StepsTotal    int         `json:"steps_total"`
-	Subject       *string     `json:"subject,omitempty"`
-	Tags          []string    `json:"tags"`
-	Target        *string     `json:"target,omitempty"`
+	SbomGenerator *string `json:"sbom_generator,omitempty"`
+
+	// Ssh The ssh agent ids the build's steps may use (ssh and ssh_key), sorted; never a key or a socket.
+	Ssh         *[]string   `json:"ssh,omitempty"`
+	StartedAt   *time.Time  `json:"started_at"`
+	Status      BuildStatus `json:"status"`
+	StepsCached int         `json:"steps_cached"`
+	StepsTotal  int         `json:"steps_total"`
+	Subject     *string     `json:"subject,omitempty"`
+	Tags        []string    `json:"tags"`
+	Target      *string     `json:"target,omitempty"`
 
 	// Tenant The tenant the build belongs to.
 	Tenant         *string `json:"tenant,omitempty"`
@@ -358,7 +379,10 @@ type BuildRequest struct {
 	// the default and which modes are allowed (403 otherwise).
 	Network *BuildRequestNetwork `json:"network,omitempty"`
 	NoCache *bool                `json:"no_cache,omitempty"`
-	Pull    *bool                `json:"pull,omitempty"`
+
+	// Platform Platforms to build for, as docker buildx build --platform takes them: os/arch[/variant], comma-separated and/or repeated (linux/amd64,linux/arm64); "local" is the builder's own. Default the builder's own (linux/amd64). One platform gives that image; several give one OCI image index with a manifest per platform, pushed under the build's names. Foreign platforms run under QEMU user-mode emulation in the builder; a platform the server cannot build or emulate is a 400 that lists the ones it can. FROM --platform=$BUILDPLATFORM stages run natively. The platform list, in order, is part of the input hash.
+	Platform *[]string `json:"platform,omitempty"`
+	Pull     *bool     `json:"pull,omitempty"`
 
 	// Push Lets tags name images on other registries (host[:port]/repo:tag, a host other than kiln's): the result is pushed there too, as with docker buildx build --push. Without it such a tag is refused. The result always lands in kiln's registry as well.
 	Push *bool `json:"push,omitempty"`
@@ -373,6 +397,18 @@ type BuildRequest struct {
 
 	// ShmSize Bytes of /dev/shm for RUN steps (--shm-size).
 	ShmSize *int64 `json:"shm_size,omitempty"`
+
+	// Ssh SSH agent ids that RUN --mount=type=ssh steps may use (mounts without id= use "default"), forwarded from the client's own ssh-agent, as docker buildx build --ssh does; repeat the field (at most 16 ids with ssh_key). Only the id travels: after submitting, the client opens the build's ssh session (GET /v1/builds/{id}/ssh) and answers each agent connection there. Without a session the build fails after builds.ssh_session_wait (default 60 s), saying so. A build with ssh agents never deduplicates and is not rerun after a server restart.
+	Ssh *[]string `json:"ssh,omitempty"`
+
+	// SshKey SSH private key files served to RUN --mount=type=ssh,id=ID as an
+	// agent (docker buildx build --ssh ID=KEYFILE): one part per file,
+	// part name "ssh_key", its filename the id, its body the key
+	// (unencrypted OpenSSH, PKCS#1, PKCS#8 or EC; at most 64 KiB); repeat
+	// the id for several keys (at most 16 files). Kept in memory only,
+	// like secrets, and served read-only (list and sign); an encrypted
+	// key is a 400: forward an agent holding it instead.
+	SshKey *openapi_types.File `json:"ssh_key,omitempty"`
 
 	// Tags Image names (repo[:tag]) to push the result to, besides builds/<id>.
 	Tags           *[]string `json:"tags,omitempty"`
@@ -435,7 +471,7 @@ type CacheVolumeList struct {
 
 // Error defines model for Error.
 type Error struct {
-	// Code What kind of error, for programs; internal/server maps every error class to one status and code: bad_request 400, too_large 413, unauthenticated and invalid_token 401, forbidden 403, not_found 404, conflict, in_use, missing_blobs and not_succeeded 409, too_slow 408, too_many and too_many_uploads 429, canceled 499, internal 500, upstream 502, unavailable and no_builder_image 503, upstream_timeout 504.
+	// Code What kind of error, for programs; internal/server maps every error class to one status and code: bad_request 400, too_large 413, unauthenticated and invalid_token 401, forbidden 403, not_found 404, conflict, in_use, missing_blobs and not_succeeded 409, too_slow 408, upgrade_required 426, too_many and too_many_uploads 429, canceled 499, internal 500, upstream 502, unavailable and no_builder_image 503, upstream_timeout 504.
 	Code *string `json:"code,omitempty"`
 
 	// Error What was wrong and what to do about it.
@@ -654,10 +690,21 @@ type BuildEventsParams struct {
 // BuildOutputParams defines parameters for BuildOutput.
 type BuildOutputParams struct {
 	Type *BuildOutputParamsType `form:"type,omitempty" json:"type,omitempty"`
+
+	// Platform os/arch[/variant] of the image to export from a multi-platform result.
+	Platform *string `form:"platform,omitempty" json:"platform,omitempty"`
 }
 
 // BuildOutputParamsType defines parameters for BuildOutput.
 type BuildOutputParamsType string
+
+// BuildSSHParams defines parameters for BuildSSH.
+type BuildSSHParams struct {
+	Upgrade BuildSSHParamsUpgrade `json:"Upgrade"`
+}
+
+// BuildSSHParamsUpgrade defines parameters for BuildSSH.
+type BuildSSHParamsUpgrade string
 
 // ListImagesParams defines parameters for ListImages.
 type ListImagesParams struct {
@@ -800,8 +847,8 @@ type ClientInterface interface {
 	//
 	// multipart/form-data, streamed: the `context` part is written to disk
 	// as it arrives and never held in memory. Parts other than `context`
-	// and `secret` should come before `context`; `secret` parts may come
-	// anywhere and are kept in memory only.
+	// and `secret` should come before `context`; `secret` and `ssh_key`
+	// parts may come anywhere and are kept in memory only.
 	//
 	// Takes any type of body and a specified content type.
 	//
@@ -842,10 +889,38 @@ type ClientInterface interface {
 
 	// BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
 	//
-	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
 	//
 	// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
 	BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error)
+
+	// BuildSSH Serve a build's forwarded ssh agents (needs build:write, the build's own tenant)
+	//
+	// The build's ssh session: how the client lends a build that forwards
+	// ssh agents (the ssh field) its own ssh-agent, as docker buildx build
+	// --ssh does; kiln build --ssh opens it right after submitting. Send
+	// `Connection: Upgrade` and `Upgrade: kiln-ssh/1` over HTTP/1.1 (any
+	// proxy on the way must pass Upgrade); the server answers 101
+	// Switching Protocols, and from then on the connection carries yamux
+	// (github.com/hashicorp/yamux), the server as yamux client. The
+	// server opens one stream per agent connection a RUN
+	// --mount=type=ssh step makes, starting with the line
+	// `{"id":"default"}`; the client answers `{}` and relays the raw
+	// ssh-agent protocol to its agent for that id (kiln build serves it
+	// read-only: list and sign), or `{"error":"…"}` and closes. The
+	// private keys never leave the client's agent.
+	//
+	// A build waits (queued, phase "waiting for the client's ssh
+	// session") for its session before it runs, at most the server's
+	// builds.ssh_session_wait (default 60 s), then fails saying so. The
+	// session ends with the build; when it ends first, steps using its
+	// agents fail. One session per build at a time (409 while one is
+	// open; a client may open a new one after its session broke). Only
+	// the build's own tenant may open it: another tenant gets 404, an
+	// admin of another tenant 403.
+	//
+	// Corresponds with GET /v1/builds/{id}/ssh (the `BuildSSH` operationId).
+	BuildSSH(ctx context.Context, id BuildID, params *BuildSSHParams, reqEditors ...RequestEditorFn) (*http.Response, error)
 
 	// ListCache Cache scope volumes (needs cache:admin, or build:read for your own scope)
 	//
@@ -1083,8 +1158,8 @@ func (c *Client) ListBuilds(ctx context.Context, params *ListBuildsParams, reqEd
 //
 // multipart/form-data, streamed: the `context` part is written to disk
 // as it arrives and never held in memory. Parts other than `context`
-// and `secret` should come before `context`; `secret` parts may come
-// anywhere and are kept in memory only.
+// and `secret` should come before `context`; `secret` and `ssh_key`
+// parts may come anywhere and are kept in memory only.
 //
 // Takes any type of body and a specified content type.
 //
@@ -1185,11 +1260,49 @@ func (c *Client) BuildLogs(ctx context.Context, id BuildID, reqEditors ...Reques
 
 // BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
 //
-// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
 //
 // Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
 func (c *Client) BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
 	req, err := NewBuildOutputRequest(c.Server, id, params)
+	if err != nil {
+		return nil, err
+	}
+	req = req.WithContext(ctx)
+	if err := c.applyEditors(ctx, req, reqEditors); err != nil {
+		return nil, err
+	}
+	return c.Client.Do(req)
+}
+
+// BuildSSH Serve a build's forwarded ssh agents (needs build:write, the build's own tenant)
+//
+// The build's ssh session: how the client lends a build that forwards
+// ssh agents (the ssh field) its own ssh-agent, as docker buildx build
+// --ssh does; kiln build --ssh opens it right after submitting. Send
+// `Connection: Upgrade` and `Upgrade: kiln-ssh/1` over HTTP/1.1 (any
+// proxy on the way must pass Upgrade); the server answers 101
+// Switching Protocols, and from then on the connection carries yamux
+// (github.com/hashicorp/yamux), the server as yamux client. The
+// server opens one stream per agent connection a RUN
+// --mount=type=ssh step makes, starting with the line
+// `{"id":"default"}`; the client answers `{}` and relays the raw
+// ssh-agent protocol to its agent for that id (kiln build serves it
+// read-only: list and sign), or `{"error":"…"}` and closes. The
+// private keys never leave the client's agent.
+//
+// A build waits (queued, phase "waiting for the client's ssh
+// session") for its session before it runs, at most the server's
+// builds.ssh_session_wait (default 60 s), then fails saying so. The
+// session ends with the build; when it ends first, steps using its
+// agents fail. One session per build at a time (409 while one is
+// open; a client may open a new one after its session broke). Only
+// the build's own tenant may open it: another tenant gets 404, an
+// admin of another tenant 403.
+//
+// Corresponds with GET /v1/builds/{id}/ssh (the `BuildSSH` operationId).
+func (c *Client) BuildSSH(ctx context.Context, id BuildID, params *BuildSSHParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
+	req, err := NewBuildSSHRequest(c.Server, id, params)
 	if err != nil {
 		return nil, err
 	}
@@ -2036,6 +2149,18 @@ func NewBuildOutputRequest(server string, id BuildID, params *BuildOutputParams)
 
 		}
 
+		if params.Platform != nil {
+
+			if queryFrag, err := runtime.StyleParamWithOptions("form", true, "platform", *params.Platform, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationQuery, Type: "string", Format: ""}); err != nil {
+				return nil, err
+			} else {
+				for _, qp := range strings.Split(queryFrag, "&") {
+					rawQueryFragments = append(rawQueryFragments, qp)
+				}
+			}
+
+		}
+
 		if encoded := queryValues.Encode(); encoded != "" {
 			rawQueryFragments = append(rawQueryFragments, encoded)
 		}
@@ -2045,6 +2170,53 @@ func NewBuildOutputRequest(server string, id BuildID, params *BuildOutputParams)
 	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
 	if err != nil {
 		return nil, err
+	}
+
+	return req, nil
+}
+
+// NewBuildSSHRequest constructs an http.Request for the BuildSSH method
+func NewBuildSSHRequest(server string, id BuildID, params *BuildSSHParams) (*http.Request, error) {
+	var err error
+
+	var pathParam0 string
+
+	pathParam0, err = runtime.StyleParamWithOptions("simple", false, "id", id, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationPath, Type: "string", Format: ""})
+	if err != nil {
+		return nil, err
+	}
+
+	serverURL, err := url.Parse(server)
+	if err != nil {
+		return nil, err
+	}
+
+	operationPath := fmt.Sprintf("/v1/builds/%s/ssh", pathParam0)
+	if operationPath[0] == '/' {
+		operationPath = "." + operationPath
+	}
+
+	queryURL, err := serverURL.Parse(operationPath)
+	if err != nil {
+		return nil, err
+	}
+
+	req, err := http.NewRequest(http.MethodGet, queryURL.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+
+	if params != nil {
+
+		var headerParam0 string
+
+		headerParam0, err = runtime.StyleParamWithOptions("simple", false, "Upgrade", params.Upgrade, runtime.StyleParamOptions{ParamLocation: runtime.ParamLocationHeader, Type: "string", Format: ""})
+		if err != nil {
+			return nil, err
+		}
+
+		req.Header.Set("Upgrade", headerParam0)
+
 	}
 
 	return req, nil
@@ -2682,8 +2854,8 @@ type ClientWithResponsesInterface interface {
 	//
 	// multipart/form-data, streamed: the `context` part is written to disk
 	// as it arrives and never held in memory. Parts other than `context`
-	// and `secret` should come before `context`; `secret` parts may come
-	// anywhere and are kept in memory only.
+	// and `secret` should come before `context`; `secret` and `ssh_key`
+	// parts may come anywhere and are kept in memory only.
 	//
 	// Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 	//
@@ -2734,12 +2906,42 @@ type ClientWithResponsesInterface interface {
 
 	// BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
 	//
-	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
 	// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
 	BuildOutputWithResponse(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*BuildOutputResponse, error)
+
+	// BuildSSHWithResponse Serve a build's forwarded ssh agents (needs build:write, the build's own tenant)
+	//
+	// The build's ssh session: how the client lends a build that forwards
+	// ssh agents (the ssh field) its own ssh-agent, as docker buildx build
+	// --ssh does; kiln build --ssh opens it right after submitting. Send
+	// `Connection: Upgrade` and `Upgrade: kiln-ssh/1` over HTTP/1.1 (any
+	// proxy on the way must pass Upgrade); the server answers 101
+	// Switching Protocols, and from then on the connection carries yamux
+	// (github.com/hashicorp/yamux), the server as yamux client. The
+	// server opens one stream per agent connection a RUN
+	// --mount=type=ssh step makes, starting with the line
+	// `{"id":"default"}`; the client answers `{}` and relays the raw
+	// ssh-agent protocol to its agent for that id (kiln build serves it
+	// read-only: list and sign), or `{"error":"…"}` and closes. The
+	// private keys never leave the client's agent.
+	//
+	// A build waits (queued, phase "waiting for the client's ssh
+	// session") for its session before it runs, at most the server's
+	// builds.ssh_session_wait (default 60 s), then fails saying so. The
+	// session ends with the build; when it ends first, steps using its
+	// agents fail. One session per build at a time (409 while one is
+	// open; a client may open a new one after its session broke). Only
+	// the build's own tenant may open it: another tenant gets 404, an
+	// admin of another tenant 403.
+	//
+	// Returns a wrapper object for the known response body format(s).
+	//
+	// Corresponds with GET /v1/builds/{id}/ssh (the `BuildSSH` operationId).
+	BuildSSHWithResponse(ctx context.Context, id BuildID, params *BuildSSHParams, reqEditors ...RequestEditorFn) (*BuildSSHResponse, error)
 
 	// ListCacheWithResponse Cache scope volumes (needs cache:admin, or build:read for your own scope)
 	//
@@ -3509,6 +3711,75 @@ func (r BuildOutputResponse) StatusCode() int {
 
 // ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
 func (r BuildOutputResponse) ContentType() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Header.Get("Content-Type")
+	}
+	return ""
+}
+
+type BuildSSHResponse struct {
+	Body         []byte
+	HTTPResponse *http.Response
+	// JSON401 the response for an HTTP 401 `application/json` response
+	JSON401 *Error
+	// JSON403 the response for an HTTP 403 `application/json` response
+	JSON403 *Error
+	// JSON404 the response for an HTTP 404 `application/json` response
+	JSON404 *Error
+	// JSON409 the response for an HTTP 409 `application/json` response
+	JSON409 *Error
+	// JSON426 the response for an HTTP 426 `application/json` response
+	JSON426 *Error
+}
+
+// GetJSON401 returns the response for an HTTP 401 `application/json` response
+func (r BuildSSHResponse) GetJSON401() *Error {
+	return r.JSON401
+}
+
+// GetJSON403 returns the response for an HTTP 403 `application/json` response
+func (r BuildSSHResponse) GetJSON403() *Error {
+	return r.JSON403
+}
+
+// GetJSON404 returns the response for an HTTP 404 `application/json` response
+func (r BuildSSHResponse) GetJSON404() *Error {
+	return r.JSON404
+}
+
+// GetJSON409 returns the response for an HTTP 409 `application/json` response
+func (r BuildSSHResponse) GetJSON409() *Error {
+	return r.JSON409
+}
+
+// GetJSON426 returns the response for an HTTP 426 `application/json` response
+func (r BuildSSHResponse) GetJSON426() *Error {
+	return r.JSON426
+}
+
+// GetBody returns the raw response body bytes
+func (r BuildSSHResponse) GetBody() []byte {
+	return r.Body
+}
+
+// Status returns HTTPResponse.Status
+func (r BuildSSHResponse) Status() string {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.Status
+	}
+	return http.StatusText(0)
+}
+
+// StatusCode returns HTTPResponse.StatusCode
+func (r BuildSSHResponse) StatusCode() int {
+	if r.HTTPResponse != nil {
+		return r.HTTPResponse.StatusCode
+	}
+	return 0
+}
+
+// ContentType is a convenience method to retrieve the Content-Type value from the HTTP response headers
+func (r BuildSSHResponse) ContentType() string {
 	if r.HTTPResponse != nil {
 		return r.HTTPResponse.Header.Get("Content-Type")
 	}
@@ -4298,8 +4569,8 @@ func (c *ClientWithResponses) ListBuildsWithResponse(ctx context.Context, params
 //
 // multipart/form-data, streamed: the `context` part is written to disk
 // as it arrives and never held in memory. Parts other than `context`
-// and `secret` should come before `context`; `secret` parts may come
-// anywhere and are kept in memory only.
+// and `secret` should come before `context`; `secret` and `ssh_key`
+// parts may come anywhere and are kept in memory only.
 //
 // Takes any type of body and a specified content type, and returns a wrapper object for the known response body format(s).
 //
@@ -4386,7 +4657,7 @@ func (c *ClientWithResponses) BuildLogsWithResponse(ctx context.Context, id Buil
 
 // BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
 //
-// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway.
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
 //
 // Returns a wrapper object for the known response body format(s).
 //
@@ -4397,6 +4668,42 @@ func (c *ClientWithResponses) BuildOutputWithResponse(ctx context.Context, id Bu
 		return nil, err
 	}
 	return ParseBuildOutputResponse(rsp)
+}
+
+// BuildSSHWithResponse Serve a build's forwarded ssh agents (needs build:write, the build's own tenant)
+//
+// The build's ssh session: how the client lends a build that forwards
+// ssh agents (the ssh field) its own ssh-agent, as docker buildx build
+// --ssh does; kiln build --ssh opens it right after submitting. Send
+// `Connection: Upgrade` and `Upgrade: kiln-ssh/1` over HTTP/1.1 (any
+// proxy on the way must pass Upgrade); the server answers 101
+// Switching Protocols, and from then on the connection carries yamux
+// (github.com/hashicorp/yamux), the server as yamux client. The
+// server opens one stream per agent connection a RUN
+// --mount=type=ssh step makes, starting with the line
+// `{"id":"default"}`; the client answers `{}` and relays the raw
+// ssh-agent protocol to its agent for that id (kiln build serves it
+// read-only: list and sign), or `{"error":"…"}` and closes. The
+// private keys never leave the client's agent.
+//
+// A build waits (queued, phase "waiting for the client's ssh
+// session") for its session before it runs, at most the server's
+// builds.ssh_session_wait (default 60 s), then fails saying so. The
+// session ends with the build; when it ends first, steps using its
+// agents fail. One session per build at a time (409 while one is
+// open; a client may open a new one after its session broke). Only
+// the build's own tenant may open it: another tenant gets 404, an
+// admin of another tenant 403.
+//
+// Returns a wrapper object for the known response body format(s).
+//
+// Corresponds with GET /v1/builds/{id}/ssh (the `BuildSSH` operationId).
+func (c *ClientWithResponses) BuildSSHWithResponse(ctx context.Context, id BuildID, params *BuildSSHParams, reqEditors ...RequestEditorFn) (*BuildSSHResponse, error) {
+	rsp, err := c.BuildSSH(ctx, id, params, reqEditors...)
+	if err != nil {
+		return nil, err
+	}
+	return ParseBuildSSHResponse(rsp)
 }
 
 // ListCacheWithResponse Cache scope volumes (needs cache:admin, or build:read for your own scope)
@@ -5100,6 +5407,63 @@ func ParseBuildOutputResponse(rsp *http.Response) (*BuildOutputResponse, error) 
 			return nil, err
 		}
 		response.JSON409 = &dest
+
+	}
+
+	return response, nil
+}
+
+// ParseBuildSSHResponse parses an HTTP response from a BuildSSHWithResponse call
+func ParseBuildSSHResponse(rsp *http.Response) (*BuildSSHResponse, error) {
+	bodyBytes, err := io.ReadAll(rsp.Body)
+	defer func() { _ = rsp.Body.Close() }()
+	if err != nil {
+		return nil, err
+	}
+
+	response := &BuildSSHResponse{
+		Body:         bodyBytes,
+		HTTPResponse: rsp,
+	}
+
+	switch {
+	case rsp.StatusCode == 101:
+		break // No content-type
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 401:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON401 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 403:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON403 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 404:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON404 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 409:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON409 = &dest
+
+	case strings.Contains(rsp.Header.Get("Content-Type"), "json") && rsp.StatusCode == 426:
+		var dest Error
+		if err := json.Unmarshal(bodyBytes, &dest); err != nil {
+			return nil, err
+		}
+		response.JSON426 = &dest
 
 	}
 

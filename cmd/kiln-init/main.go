@@ -1,9 +1,11 @@
 // Command kiln-init is /init in the builder VM's initramfs. It loads the
 // kernel modules the Debian kernel needs for virtio and the filesystems,
 // mounts the read-only erofs root disk, switches root onto it (runc cannot
-// pivot_root out of an initramfs), then runs /usr/bin/kiln-agent and stays
-// PID 1: it reaps orphans and powers the VM off when the agent exits, so a
-// crashed agent ends the VM cleanly instead of panicking the kernel.
+// pivot_root out of an initramfs), registers the root's QEMU user-mode
+// emulators with binfmt_misc (binfmt.go), then runs /usr/bin/kiln-agent
+// and stays PID 1: it reaps orphans and powers the VM off when the agent
+// exits, so a crashed agent ends the VM cleanly instead of panicking the
+// kernel.
 //
 // The boot contract it implements is documented in internal/builderimage.
 //
@@ -85,6 +87,7 @@ func run() error {
 	if err := loopbackUp(); err != nil {
 		return err
 	}
+	reportBinfmt(registerEmulators())
 	agent := params["kiln.agent"]
 	if agent == "" {
 		agent = defaultAgent

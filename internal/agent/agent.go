@@ -51,6 +51,10 @@ type Env struct {
 	Hosts string
 	// Agent names the agent and its version in the hello.
 	Agent string
+	// BinfmtErrors is the file kiln-init writes failed emulator
+	// registrations to; jobs for foreign platforms are refused with
+	// them (platforms.go). Empty: no check.
+	BinfmtErrors string
 	// Logger is the local log (the VM console). Records also go to the host.
 	Logger *slog.Logger
 }
@@ -66,6 +70,8 @@ func VMEnv(agentVersion string) Env {
 		ResolvConf:  "/run/resolv.conf",
 		Hosts:       "/run/hosts",
 		Agent:       "kiln-agent " + agentVersion,
+		// cmd/kiln-init's binfmtErrors.
+		BinfmtErrors: "/run/kiln-binfmt.err",
 	}
 }
 
@@ -276,6 +282,9 @@ func (b *builder) job(parent context.Context, task *guest.Task) (res solve.Resul
 	stopFollow := context.AfterFunc(task.Context(), func() { cancel(context.Cause(task.Context())) })
 	defer stopFollow()
 	job, env := task.Job(), b.env
+	if err := checkEmulation(env.BinfmtErrors, job.Solve.Platforms); err != nil {
+		return res, err
+	}
 
 	var stopTunnels func()
 	work := filepath.Join(env.Mount, workDirName)

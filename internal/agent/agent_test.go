@@ -20,8 +20,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/kiln-build/kiln/internal/buildkitd"
 	"github.com/kiln-build/kiln/internal/guest"
 	"github.com/kiln-build/kiln/internal/progress"
@@ -614,7 +612,7 @@ func TestSecretReachesTheStepButNotTheEvents(t *testing.T) {
 	assertReleased(t, f)
 	// Not even BuildKit's own records of the step's output may keep it on
 	// the volume, which outlives the build; scanned raw, deleted blocks too.
-	if found, err := fileContains(f.volume, []byte(secret)); err != nil {
+	if found, err := testkit.FileContains(f.volume, []byte(secret)); err != nil {
 		t.Fatal(err)
 	} else if found {
 		t.Error("the secret is stored on the cache volume")
@@ -746,46 +744,6 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
-}
-
-// fileContains scans the data extents of a sparse file for needle.
-func fileContains(path string, needle []byte) (bool, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return false, err
-	}
-	defer f.Close()
-	fd := int(f.Fd())
-	buf := make([]byte, 4<<20)
-	var off int64
-	for {
-		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			return false, nil
-		}
-		if err != nil {
-			return false, fmt.Errorf("seek data in %s: %w", path, err)
-		}
-		hole, err := unix.Seek(fd, data, unix.SEEK_HOLE)
-		if err != nil {
-			return false, fmt.Errorf("seek hole in %s: %w", path, err)
-		}
-		// Chunks overlap by len(needle)-1 so no match is split.
-		for pos := data; pos < hole; {
-			n, err := f.ReadAt(buf[:min(int64(len(buf)), hole-pos)], pos)
-			if n == 0 && err != nil {
-				return false, err
-			}
-			if bytes.Contains(buf[:n], needle) {
-				return true, nil
-			}
-			if pos+int64(n) >= hole {
-				break
-			}
-			pos += int64(max(n-len(needle)+1, 1))
-		}
-		off = hole
-	}
 }
 
 // TestFindDiskBySysfsSerial uses whatever disk of this machine has a

@@ -38,7 +38,10 @@ const (
 
 	// FormatVersion changes whenever the layout or the boot contract
 	// changes in a way the vm runtime must know about.
-	FormatVersion = 1
+	// Version 2: the root carries QEMU user-mode emulators and their
+	// binfmt_misc registrations, which /init registers; the manifest lists
+	// the platforms the image builds (Native, Emulates).
+	FormatVersion = 2
 
 	manifestName  = "manifest.json"
 	kernelName    = "vmlinux"
@@ -72,9 +75,14 @@ type Options struct {
 	// Runc is the runc binary copied into the image (default
 	// /usr/sbin/runc), together with the shared libraries it needs.
 	Runc string
+	// Emulators are the QEMU user-mode targets (qemu-<name>-static from
+	// qemu-user-static) the image carries for foreign platforms; nil
+	// means DefaultEmulators, empty none.
+	Emulators []string
 
 	// InstallPackages lets Build apt-get install the Debian packages it
-	// needs (linux-image-amd64, erofs-utils, runc) when they are missing.
+	// needs (linux-image-amd64, erofs-utils, runc, qemu-user-static) when
+	// they are missing.
 	InstallPackages bool
 
 	Logger *slog.Logger
@@ -105,6 +113,12 @@ type Manifest struct {
 	Cmdline    []string `json:"cmdline"`
 	RootSerial string   `json:"root_serial"`
 	AgentPort  string   `json:"agent_port"`
+	// Native are the platforms the VM runs without emulation (linux/amd64,
+	// and linux/386 when the kernel runs 32-bit x86); Emulates those its
+	// QEMU user-mode emulators run, registered with binfmt_misc at boot.
+	// Both are os/arch[/variant], sorted.
+	Native   []string `json:"native"`
+	Emulates []string `json:"emulates"`
 
 	Components Components `json:"components"`
 
@@ -125,6 +139,7 @@ type Components struct {
 	BuildKit string `json:"buildkit"`
 	Runc     string `json:"runc"`
 	Go       string `json:"go"`
+	QEMU     string `json:"qemu,omitempty"`
 }
 
 // KernelPath, InitramfsPath and RootfsPath are the absolute paths of the
@@ -218,6 +233,9 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if len(opts.Modules) == 0 {
 		opts.Modules = DefaultModules
 	}
+	if opts.Emulators == nil {
+		opts.Emulators = DefaultEmulators
+	}
 	if err := ensurePackages(ctx, opts, log); err != nil {
 		return Manifest{}, err
 	}
@@ -270,6 +288,11 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 	if err != nil {
 		return Manifest{}, err
 	}
+	emu, err := emulatorFiles(ctx, opts.Emulators)
+	if err != nil {
+		return Manifest{}, err
+	}
+	layout = append(layout, emu.files...)
 	rootDir := filepath.Join(work, "root")
 	if err := stageRoot(rootDir, layout); err != nil {
 		return Manifest{}, fmt.Errorf("stage root filesystem: %w", err)
@@ -326,9 +349,12 @@ func Build(ctx context.Context, opts Options) (Manifest, error) {
 		Cmdline:        []string{"kiln.root=" + RootSerial},
 		RootSerial:     RootSerial,
 		AgentPort:      AgentPort,
+		Native:         nativePlatforms("/boot", version),
+		Emulates:       emu.platforms,
 		Components: Components{
 			Runc: commandVersion(ctx, opts.Runc),
 			Go:   goVersion(bins.agent),
+			QEMU: emu.version,
 		},
 		Dir: out,
 	}
@@ -522,6 +548,12 @@ func ensurePackages(ctx context.Context, opts Options, log *slog.Logger) error {
 	}
 	if _, err := os.Stat(opts.Runc); err != nil && opts.Runc == "/usr/sbin/runc" {
 		missing = append(missing, "runc")
+	}
+	for _, name := range opts.Emulators {
+		if _, err := os.Stat(emulatorPath(name)); err != nil {
+			missing = append(missing, qemuUserStatic)
+			break
+		}
 	}
 	if len(missing) == 0 {
 		return nil

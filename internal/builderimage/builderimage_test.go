@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -68,8 +69,17 @@ func TestBuildProducesBootableParts(t *testing.T) {
 	if want := []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk"}; len(m.Modules) < 4 || strings.Join(m.Modules[:4], ",") != strings.Join(want, ",") {
 		t.Fatalf("modules start %v, want %v first", m.Modules, want)
 	}
-	if m.Components.BuildKit == "" || m.Components.Runc == "" || m.Components.Go == "" {
+	if m.Components.BuildKit == "" || m.Components.Runc == "" || m.Components.Go == "" || m.Components.QEMU == "" {
 		t.Fatalf("components not recorded: %+v", m.Components)
+	}
+	if got := strings.Join(m.Native, ","); got != "linux/amd64,linux/386" {
+		t.Errorf("native platforms %s, want linux/amd64,linux/386 (Debian's kernel runs 32-bit x86)", got)
+	}
+	if got, want := strings.Join(m.Emulates, ","), "linux/arm/v6,linux/arm/v7,linux/arm64,linux/ppc64le,linux/riscv64,linux/s390x"; got != want {
+		t.Errorf("emulated platforms %s, want %s", got, want)
+	}
+	if !slices.Contains(m.Modules, "binfmt_misc") {
+		t.Errorf("modules %v lack binfmt_misc: the emulators could not be registered", m.Modules)
 	}
 }
 
@@ -226,7 +236,19 @@ func TestRootfsRunsItsBinaries(t *testing.T) {
 	if !st.ModTime().Equal(time.Unix(0, 0)) {
 		t.Errorf("buildkitd mtime %s, want the fixed epoch", st.ModTime())
 	}
-	for _, c := range [][]string{{"/usr/sbin/runc", "--version"}, {"/usr/bin/buildkitd", "--version"}} {
+	// The emulators run from the root as they are (static), and each has
+	// its registration line naming it, with the fix-binary flag.
+	for _, name := range builderimage.DefaultEmulators {
+		conf, err := os.ReadFile(filepath.Join(root, builderimage.BinfmtDir, "qemu-"+name+".conf"))
+		if err != nil {
+			t.Fatalf("emulator %s has no binfmt_misc registration: %v", name, err)
+		}
+		line := strings.TrimSpace(string(conf))
+		if want := ":/usr/bin/qemu-" + name + "-static:" + builderimage.BinfmtFlags; !strings.HasPrefix(line, ":qemu-"+name+":M::\\x7f\\x45\\x4c\\x46") || !strings.HasSuffix(line, want) {
+			t.Errorf("registration of %s is %q, want an ELF magic entry ending %q", name, line, want)
+		}
+	}
+	for _, c := range [][]string{{"/usr/sbin/runc", "--version"}, {"/usr/bin/buildkitd", "--version"}, {"/usr/bin/qemu-aarch64-static", "--version"}} {
 		out, err := exec.Command("chroot", append([]string{root}, c...)...).CombinedOutput()
 		if err != nil {
 			t.Fatalf("chroot %s: %v\n%s", strings.Join(c, " "), err, out)

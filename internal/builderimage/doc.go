@@ -13,10 +13,18 @@
 //	rootfs.erofs    read-only root: /usr/bin/kiln-agent and /usr/bin/buildkitd
 //	                (both static Go, CGO_ENABLED=0), /usr/sbin/runc with its
 //	                loader and libraries (from its ELF DT_NEEDED closure),
+//	                QEMU user-mode emulators /usr/bin/qemu-<arch>-static
+//	                (Debian's qemu-user-static, static; DefaultEmulators:
+//	                aarch64, arm, riscv64, ppc64le, s390x, ~11 MB each) with
+//	                one binfmt_misc registration line each in
+//	                /usr/lib/binfmt.d/qemu-<arch>.conf (emulate.go),
 //	                merged-/usr symlinks, a minimal /etc, the CA bundle and
 //	                empty mount points.
 //	manifest.json   Manifest: digests, sizes, kernel version, modules,
-//	                component versions, the kernel arguments the image needs.
+//	                component versions, the kernel arguments the image needs,
+//	                the platforms it builds: Native (linux/amd64, linux/386)
+//	                and Emulates (linux/arm64, linux/arm/v6, linux/arm/v7,
+//	                linux/ppc64le, linux/riscv64, linux/s390x).
 //
 // The same inputs give byte-identical files: Go binaries are built with
 // -trimpath, no VCS stamp and an empty build ID; the cpio has fixed
@@ -50,8 +58,8 @@
 // Guest side, done by /init before the agent starts:
 //   - Modules from Manifest.Modules are loaded in order (virtio, virtio_blk,
 //     ext4 and its dependencies, erofs, overlay, virtio_net,
-//     virtio_console). ext4, overlayfs and virtio_net are ready for the
-//     agent; nothing is configured on them.
+//     virtio_console, binfmt_misc). ext4, overlayfs and virtio_net are
+//     ready for the agent; nothing is configured on them.
 //   - The root disk is mounted read-only (erofs) at /, with tmpfs on /run
 //     and /tmp (RAM-backed: they count against the VM's memory), devtmpfs
 //     on /dev, devpts on /dev/pts, tmpfs on /dev/shm, proc, sysfs and
@@ -60,6 +68,16 @@
 //   - Hostname is kiln-builder; lo is up; no other network is configured.
 //     /etc/resolv.conf is a symlink to /run/resolv.conf, /var/tmp to /tmp;
 //     everything else under / is read-only.
+//   - binfmt_misc is mounted at /proc/sys/fs/binfmt_misc and every line of
+//     /usr/lib/binfmt.d/*.conf is registered: Debian's magic and mask, the
+//     emulator's path in the root and flags POCF (BinfmtFlags). F makes
+//     the kernel open the emulator at registration, so foreign binaries
+//     run inside build containers, whose roots have no emulator; this
+//     happens before the agent starts because buildkitd probes binfmt_misc
+//     once, at its start, for the platforms its worker reports. A failed
+//     registration does not stop the boot: /init prints it on the console
+//     and writes it to /run/kiln-binfmt.err, and the agent refuses jobs for
+//     foreign platforms with it; linux/amd64 builds as before.
 //   - /init runs /usr/bin/kiln-agent as root with all capabilities, cwd /,
 //     PATH=/usr/sbin:/usr/bin:/sbin:/bin, HOME=/root, stdin/stdout/stderr
 //     on the serial console, in its own session. /init stays PID 1: it

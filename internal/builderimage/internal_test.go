@@ -143,3 +143,30 @@ func TestFindSourceDir(t *testing.T) {
 		t.Fatal("found a kiln source tree in an empty temp dir")
 	}
 }
+
+// TestRewriteBinfmtKeepsDebiansMagic: every default emulator's line is
+// Debian's with our interpreter and flags, and a line whose magic names
+// another machine than the emulator runs is refused.
+func TestRewriteBinfmtKeepsDebiansMagic(t *testing.T) {
+	for _, name := range DefaultEmulators {
+		line, err := readBinfmtLine(filepath.Join(hostBinfmtDir, "qemu-"+name+".conf"))
+		if err != nil {
+			t.Fatalf("%v (is qemu-user-static installed?)", err)
+		}
+		got, err := rewriteBinfmt(line, "qemu-"+name, emulatorPath(name), qemuTargets[name])
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		f, g := strings.Split(line, ":"), strings.Split(got, ":")
+		if strings.Join(f[:6], ":") != strings.Join(g[:6], ":") || g[6] != "/usr/bin/qemu-"+name+"-static" || g[7] != BinfmtFlags {
+			t.Errorf("%s: %q rewritten to %q", name, line, got)
+		}
+	}
+	arm, err := readBinfmtLine(filepath.Join(hostBinfmtDir, "qemu-arm.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rewriteBinfmt(strings.Replace(arm, "qemu-arm", "qemu-aarch64", 1), "qemu-aarch64", emulatorPath("aarch64"), qemuTargets["aarch64"]); err == nil {
+		t.Fatal("arm's magic accepted for the aarch64 emulator")
+	}
+}

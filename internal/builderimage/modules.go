@@ -18,12 +18,14 @@ import (
 // builder VM, in load order: virtio over MMIO (microvm has no PCI), block
 // and console, the erofs root, ext4 for the cache volume (crc32c_generic
 // first: mke2fs enables metadata_csum), overlayfs for BuildKit's
-// snapshotter, and virtio_net for an optional network.
+// snapshotter, virtio_net for an optional network, and binfmt_misc for
+// the QEMU user-mode emulators of foreign platforms.
 var DefaultModules = []string{
 	"virtio_ring", "virtio", "virtio_mmio", "virtio_blk",
 	"crc16", "mbcache", "jbd2", "crc32c_generic", "ext4",
 	"libcrc32c", "erofs", "overlay",
 	"failover", "net_failover", "virtio_net", "virtio_console",
+	"binfmt_misc",
 }
 
 // module is one kernel module to ship in the initramfs.

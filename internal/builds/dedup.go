@@ -30,15 +30,11 @@ import (
 	"github.com/kiln-build/kiln/internal/store"
 )
 
-// platform is the one platform kiln builds for today; it is part of the
-// input hash so a multi-platform future cannot collide with it.
-const platform = "linux/amd64"
-
 // inputHash computes H over everything that determines a build's result,
 // from what the host holds:
 //
 //	sha256( "kiln-input-v1" ‖ context hash ‖ Dockerfile bytes ‖ sorted build args
-//	        ‖ target ‖ platform ‖ each base image ref and its digest ‖ builder identity )
+//	        ‖ target ‖ platforms ‖ each base image ref and its digest ‖ builder identity )
 //
 // every field length-prefixed so no two inputs share an encoding.
 func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOptions, bases []pinnedBase) string {
@@ -63,7 +59,7 @@ func (s *Service) inputHash(contextHash string, dockerfile []byte, o storeOption
 		field(o.BuildArgs[k])
 	}
 	field(o.Target)
-	field(platform)
+	field(platformKey(o))
 	field(fmt.Sprint(len(bases)))
 	for _, b := range bases {
 		field(b.ref)
@@ -146,9 +142,19 @@ type pinnedBase struct {
 // kiln's registry there, all others through the mirror (the first time
 // from their upstream registry; a pull build always asks upstream).
 func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []byte, o storeOptions) ([]pinnedBase, error) {
-	refs, err := baseImages(dockerfile, o.BuildArgs)
-	if err != nil {
-		return nil, badRequest("Dockerfile: %v", err)
+	// An image index is pinned whole, so one pin serves every platform;
+	// only FROM names that differ per platform add pins.
+	var refs []string
+	for _, target := range targetPlatforms(o) {
+		more, err := baseImages(dockerfile, o.BuildArgs, target)
+		if err != nil {
+			return nil, badRequest("Dockerfile: %v", err)
+		}
+		for _, r := range more {
+			if !slices.Contains(refs, r) {
+				refs = append(refs, r)
+			}
+		}
 	}
 	if ref := syntaxImage(dockerfile, o.BuildArgs); ref != "" {
 		refs = append([]string{ref}, refs...)
@@ -214,13 +220,6 @@ func (s *Service) resolveLocal(ctx context.Context, named reference.Named) (stri
 
 type storeOptions = store.BuildOptions
 
-// platformArgs are BuildKit's automatic platform build args for platform.
-func platformArgs() []string {
-	goos, arch, _ := strings.Cut(platform, "/")
-	return []string{"TARGETPLATFORM=" + platform, "TARGETOS=" + goos, "TARGETARCH=" + arch, "TARGETVARIANT=",
-		"BUILDPLATFORM=" + platform, "BUILDOS=" + goos, "BUILDARCH=" + arch, "BUILDVARIANT="}
-}
-
 // syntaxImage is the frontend image a build runs instead of BuildKit's
 // built-in Dockerfile frontend: the BUILDKIT_SYNTAX build arg, else the
 // Dockerfile's "# syntax=" line. It is pinned like a base image, so it
@@ -237,10 +236,11 @@ func syntaxImage(dockerfile []byte, buildArgs map[string]string) string {
 	return ""
 }
 
-// baseImages lists the images a Dockerfile uses — FROM, COPY --from and
-// RUN --mount from= — with ARGs expanded the way BuildKit expands them in
-// FROM (build args over ARG defaults), skipping scratch and stages.
-func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error) {
+// baseImages lists the images a Dockerfile uses for target — FROM, COPY
+// --from and RUN --mount from= — with ARGs expanded the way BuildKit
+// expands them in FROM (build args over ARG defaults), skipping scratch
+// and stages.
+func baseImages(dockerfile []byte, buildArgs map[string]string, target string) ([]string, error) {
 	res, err := parser.Parse(bytes.NewReader(dockerfile))
 	if err != nil {
 		return nil, err
@@ -250,9 +250,9 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 		return nil, err
 	}
 	lex := shell.NewLex(res.EscapeToken)
-	// BuildKit's automatic platform args, as it sets them for the one
-	// platform kiln builds, so FROM alpine-${TARGETARCH} is pinned too.
-	env := platformArgs()
+	// BuildKit's automatic platform args, as it sets them for target, so
+	// FROM alpine-${TARGETARCH} is pinned too.
+	env := platformArgs(target)
 	for _, cmd := range metaArgs {
 		for _, a := range cmd.Args {
 			if v, ok := buildArgs[a.Key]; ok {
@@ -320,9 +320,14 @@ func baseImages(dockerfile []byte, buildArgs map[string]string) ([]string, error
 // dedupEligible says whether a build may be answered from an earlier one:
 // never with secrets (the result may depend on them), no_cache or pull
 // (the user asked for fresh work), or a cache export or a push to another
-// registry (the export or the push is the point of the build).
+// registry (the export or the push is the point of the build). Nor with
+// ssh agents: a step with an agent typically fetches what its keys grant
+// (a private repository at whatever its branch holds now), which no
+// input hash covers, and an answer from another build would hand this
+// one a result made with someone else's access; as with secrets, the
+// ids alone say nothing about what the agent holds.
 func dedupEligible(o store.BuildOptions) bool {
-	return len(o.SecretIDs) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport &&
+	return len(o.SecretIDs) == 0 && len(o.SSH) == 0 && !o.NoCache && !o.Pull && !o.GlobalCacheExport &&
 		len(o.ExternalPush) == 0 && o.CacheTo == nil && o.Call == ""
 }
 

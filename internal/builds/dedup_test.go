@@ -22,7 +22,7 @@ COPY --from=tools:${TAG} /b /b
 RUN --mount=from=cachebox,target=/c true
 FROM scratch
 `
-	got, err := baseImages([]byte(df), map[string]string{"TAG": "2"})
+	got, err := baseImages([]byte(df), map[string]string{"TAG": "2"}, "linux/amd64")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,8 +30,11 @@ FROM scratch
 	if !slices.Equal(got, want) {
 		t.Errorf("baseImages = %v, want %v", got, want)
 	}
-	if got, _ := baseImages([]byte(df), map[string]string{"BASE": "debian:12"}); got[0] != "debian:12" {
+	if got, _ := baseImages([]byte(df), map[string]string{"BASE": "debian:12"}, "linux/amd64"); got[0] != "debian:12" {
 		t.Errorf("a build arg does not override the ARG default: %v", got)
+	}
+	if got, _ := baseImages([]byte(df), nil, "linux/arm/v7"); !slices.Contains(got, "busybox-arm:1") {
+		t.Errorf("TARGETARCH is not the target platform's: %v", got)
 	}
 }
 

@@ -50,6 +50,17 @@ type scriptRuntime struct {
 	maxRunning int
 	gates      map[string]chan struct{}
 	startedC   chan string
+	jobs       []runtime.Job // every job run, in order
+
+	// platforms, if set, answers CheckPlatforms.
+	platforms func([]string) error
+}
+
+func (r *scriptRuntime) CheckPlatforms(p []string) error {
+	if r.platforms == nil {
+		return nil
+	}
+	return r.platforms(p)
 }
 
 var _ runtime.Runtime = (*scriptRuntime)(nil)
@@ -74,6 +85,7 @@ func (r *scriptRuntime) open(name string) { close(r.gate(name)) }
 func (r *scriptRuntime) Run(ctx context.Context, job runtime.Job, _ progress.Sink) (solve.Result, error) {
 	r.mu.Lock()
 	r.started = append(r.started, job.BuildID)
+	r.jobs = append(r.jobs, job)
 	r.running++
 	r.maxRunning = max(r.maxRunning, r.running)
 	r.mu.Unlock()

@@ -31,11 +31,14 @@ const (
 	maxRegistryAuth = 32
 )
 
-// attachment is what a build holds only in memory: its secrets and its
-// credentials for other registries. Neither is written anywhere.
+// attachment is what a build holds only in memory: its secrets, its
+// credentials for other registries and its ssh key files. None is
+// written anywhere.
 type attachment struct {
 	secrets      map[string][]byte
 	registryAuth map[string]solve.Credentials
+	// sshKeys are the private key files of --ssh ID=KEYFILE, by id.
+	sshKeys map[string][][]byte
 }
 
 // registries validates the build's names and caches on registries and

@@ -97,6 +97,10 @@ type Config struct {
 	// SBOMGenerator is the SBOM scanner image of an sbom attestation
 	// that names none (attest.sbom_generator).
 	SBOMGenerator string
+	// SSHSessionWait bounds how long a build that forwards its client's
+	// ssh agent waits for the client's ssh session
+	// (builds.ssh_session_wait); 0 means DefaultSSHSessionWait.
+	SSHSessionWait time.Duration
 }
 
 // Service runs builds.
@@ -119,6 +123,7 @@ type Service struct {
 	slots    Slots
 	metrics  *metrics
 	secrets  sync.Map // build id → *attachment, memory only
+	ssh      sshSessions
 	activeMu sync.Mutex
 	active   map[string]*activeBuild
 	stopping atomic.Bool
@@ -317,6 +322,7 @@ func (s *Service) finish(id string, o store.Outcome) (bool, error) {
 		return won, err
 	}
 	s.secrets.Delete(id)
+	s.ssh.end(id)
 	s.hub.detach(id)
 	if o.Error != "" && o.Status != store.StatusSucceeded {
 		s.message(id, "%s: %s", o.Status, o.Error)

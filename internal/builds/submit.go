@@ -138,6 +138,9 @@ type Request struct {
 	DockerfilePath string
 	BuildArgs      map[string]string
 	Target         string
+	// Platforms are --platform values as sent: each one a platform or a
+	// comma-separated list of them.
+	Platforms      []string
 	Tags           []string
 	NoCache        bool
 	Pull           bool
@@ -185,6 +188,12 @@ type Request struct {
 	// (type=provenance,mode=max; type=sbom,generator=IMAGE); see
 	// attest.go.
 	Attest []string
+	// SSH are ssh-agent ids forwarded from the client's agent through the
+	// build's ssh session (kiln build --ssh ID); SSHKeys are ids served
+	// from key files sent with the submission (--ssh ID=KEYFILE), held in
+	// memory only, like Secrets. See ssh.go.
+	SSH     []string
+	SSHKeys map[string][][]byte
 }
 
 // gitResolveTimeout bounds the host-side git ls-remote that pins a git
@@ -311,8 +320,8 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 			s.log.Info("dedup hit on a build whose image is gone from the registry; building", "original", orig.ID, "input_hash", b.InputHash)
 		}
 	}
-	if len(req.Secrets) > 0 || len(creds) > 0 {
-		s.secrets.Store(b.ID, &attachment{secrets: req.Secrets, registryAuth: creds})
+	if len(req.Secrets) > 0 || len(creds) > 0 || len(req.SSHKeys) > 0 {
+		s.secrets.Store(b.ID, &attachment{secrets: req.Secrets, registryAuth: creds, sshKeys: req.SSHKeys})
 	}
 	err = s.db.InTx(ctx, func(tx *sql.Tx) error {
 		// Looked up in the transaction that records the build, so of
@@ -393,6 +402,9 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 		o.SecretIDs = append(o.SecretIDs, id)
 	}
 	sort.Strings(o.SecretIDs)
+	if err := validateSSH(req, &o); err != nil {
+		return o, nil, err
+	}
 	if req.GlobalCache {
 		if !p.Has(auth.ScopeBuildAdmin) {
 			return o, nil, forbidden("global_cache writes the shared global cache tier and needs the build:admin scope; drop global_cache to import it read-only with global_cache_key")
@@ -409,6 +421,9 @@ func (s *Service) validate(ctx context.Context, p auth.Principal, u *Upload, req
 		return o, nil, err
 	}
 	if err := s.validateEntitlements(req, &o); err != nil {
+		return o, nil, err
+	}
+	if err := s.validatePlatforms(req, &o); err != nil {
 		return o, nil, err
 	}
 	var err error

@@ -111,6 +111,7 @@ func (s *Service) Stop(ctx context.Context) error {
 		close(s.watchStop)
 	}
 	err := s.river.StopAndCancel(ctx)
+	s.ssh.closeAll() // hijacked connections: the HTTP server's shutdown does not see them
 	if c, ok := s.slots.(interface{ Close() }); ok {
 		c.Close() // idle connections of shared slots
 	}
@@ -119,8 +120,9 @@ func (s *Service) Stop(ctx context.Context) error {
 
 // recover makes every build a previous server process left unfinished
 // either queued again (under a new attempt) or failed with the reason.
-// Builds with secrets or registry credentials cannot be rerun: those
-// lived in memory only.
+// Builds with secrets, registry credentials or ssh agents cannot be
+// rerun: those lived in memory only (or, for a forwarded agent, in the
+// client's session, which the restart cut).
 func (s *Service) recover(ctx context.Context) error {
 	builds, err := store.Unfinished(ctx, s.db.SQL)
 	if err != nil {
@@ -129,9 +131,9 @@ func (s *Service) recover(ctx context.Context) error {
 	keep := map[string]bool{}
 	for _, b := range builds {
 		was := b.Status
-		if len(b.Options.SecretIDs) > 0 || len(b.Options.RegistryAuthHosts) > 0 {
+		if heldInMemory(b.Options) {
 			if _, err := s.finish(b.ID, store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
-				Error: "the kiln server restarted before this build finished; its secrets and registry credentials were held only in memory and are gone, so it cannot be rerun: submit it again"}); err != nil {
+				Error: "the kiln server restarted before this build finished; its secrets, registry credentials and ssh agents were held only in memory (a forwarded agent, in its client's session) and are gone, so it cannot be rerun: submit it again"}); err != nil {
 				return err
 			}
 			s.cleanup(b.ID)
@@ -216,9 +218,12 @@ func (s *Service) execute(ctx context.Context, b Build) (o store.Outcome, ran bo
 	id := b.ID
 	att, _ := s.secrets.Load(id)
 	mem, _ := att.(*attachment)
-	if (len(b.Options.SecretIDs) > 0 || len(b.Options.RegistryAuthHosts) > 0) && mem == nil {
+	if needsAttachment(b.Options) && mem == nil {
 		return store.Outcome{Status: store.StatusFailed, Phase: "interrupted",
-			Error: "this build's secrets and registry credentials were held only in memory and are gone (the server restarted); submit it again"}, false
+			Error: "this build's secrets, registry credentials and ssh key files were held only in memory and are gone (the server restarted); submit it again"}, false
+	}
+	if o, ok := s.awaitSSH(ctx, b); !ok {
+		return o, false
 	}
 
 	if b.Options.Follows != "" && s.awaitLeader(ctx, b) {
@@ -381,6 +386,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 		ContextURL:     b.Options.ContextURL,
 		BuildArgs:      b.Options.BuildArgs,
 		Target:         b.Options.Target,
+		Platforms:      b.Options.Platforms,
 		NoCache:        b.Options.NoCache,
 		Pull:           b.Options.Pull,
 		Push:           push,
@@ -445,6 +451,10 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 		for h, c := range mem.registryAuth {
 			req.RegistryAuth[h] = c
 		}
+	}
+	var err error
+	if req.SSH, req.SSHAgent, err = s.sshAgents(b, mem); err != nil {
+		return runtime.Job{}, err
 	}
 	if k := b.Options.GlobalCacheKey; k != "" {
 		ref := host + "/cache/global/" + k + ":cache"
@@ -606,7 +616,7 @@ func (s *Service) fetchBases(ctx context.Context, b Build, job *runtime.Job) err
 		}
 		s.phase(b.ID, "fetching base images")
 		var last time.Time
-		err := s.mirror.Ensure(ctx, p, func(done, total int64) {
+		err := s.mirror.EnsureFor(ctx, p, b.Options.Platforms, func(done, total int64) {
 			if time.Since(last) > 2*time.Second || done == total {
 				last = time.Now()
 				s.message(b.ID, "base image %s: %d of %d bytes in kiln's mirror", bp.Upstream, done, total)

@@ -28,9 +28,11 @@ type buildFlags struct {
 	file           string
 	buildArgs      []string
 	target         string
+	platforms      []string
 	noCache        bool
 	pull           bool
 	secrets        []string
+	ssh            []string
 	cacheScope     string
 	globalCacheKey string
 	globalCache    bool
@@ -99,6 +101,10 @@ type buildForm struct {
 	namedDirs []namedDir
 	// check: the build runs the Dockerfile's checks only (--call check).
 	check bool
+	// sshAgents are the --ssh agents forwarded through the build's ssh
+	// session (id → socket); sshKeys the key files sent with it.
+	sshAgents map[string]string
+	sshKeys   []sshKeyFile
 }
 
 type namedDir struct{ name, dir string }
@@ -166,7 +172,10 @@ be written), 2 for a usage error and 130 if interrupted.`,
 		Example: `  kiln build -t myapp:1.0 .
   kiln build -f docker/Dockerfile --build-arg VERSION=1.2 --target prod .
   kiln build --secret id=npm,src=$HOME/.npmrc --secret id=token,env=GH_TOKEN .
+  kiln build --ssh default .                       # RUN --mount=type=ssh uses your ssh-agent
+  kiln build --ssh deploy=$HOME/.ssh/deploy_key .  # …,id=deploy gets that key (sent like a secret)
   kiln build --target artifacts -o dist .          # the result's files into ./dist
+  kiln build --platform linux/amd64,linux/arm64 -t app:1 .  # one multi-platform index
   kiln build -o type=docker,dest=app.tar -t app:1 .  # an image tarball for docker load
   ID=$(kiln build -q .)                            # the image digest
   kiln build --metadata-file meta.json -t app:1 .
@@ -181,9 +190,11 @@ be written), 2 for a usage error and 130 if interrupted.`,
 	fl.StringVarP(&f.file, "file", "f", "", `Dockerfile path, relative to the current directory (default "CONTEXT/Dockerfile"); "-" reads it from stdin`)
 	fl.StringArrayVar(&f.buildArgs, "build-arg", nil, "build argument NAME=VALUE; NAME alone takes the value from the environment (skipped if unset); repeatable")
 	fl.StringVar(&f.target, "target", "", "Dockerfile stage to build")
+	fl.StringArrayVar(&f.platforms, "platform", nil, "platforms to build for, os/arch[/variant], comma-separated or repeated (linux/amd64,linux/arm64): several give one multi-platform image index; foreign ones run emulated (default $DOCKER_DEFAULT_PLATFORM, else the builder's own)")
 	fl.BoolVar(&f.noCache, "no-cache", false, "do not use the build cache")
 	fl.BoolVar(&f.pull, "pull", false, "always fetch base images again")
 	fl.StringArrayVar(&f.secrets, "secret", nil, "secret for RUN --mount=type=secret: id=ID,src=FILE or id=ID,env=VAR; repeatable; the value is sent, never printed")
+	fl.StringArrayVar(&f.ssh, "ssh", nil, "ssh agent for RUN --mount=type=ssh: default|ID[=SOCKET|KEYFILE[,KEYFILE]] (no path: $SSH_AUTH_SOCK); an agent is forwarded while the build runs and keeps its keys, key files are sent like secrets; repeatable")
 	fl.StringVar(&f.cacheScope, "cache-scope", "", "cache scope to build in; must equal your token's cache scope")
 	fl.StringVar(&f.globalCacheKey, "global-cache-key", "", "also import the shared global cache cache/global/KEY (read-only)")
 	fl.BoolVar(&f.globalCache, "global-cache", false, "export to the global cache under --global-cache-key (needs build:admin)")
@@ -457,6 +468,20 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	if f.target != "" {
 		add("target", f.target)
 	}
+	platforms := f.platforms
+	if v, ok := lookupEnv("DOCKER_DEFAULT_PLATFORM"); ok && len(platforms) == 0 && v != "" {
+		platforms = []string{v}
+	}
+	n := 0
+	for _, p := range platforms {
+		add("platform", p)
+		n += len(strings.FieldsFunc(p, func(r rune) bool { return r == ',' }))
+	}
+	for _, o := range form.outputs {
+		if n > 1 && o.typ == "oci" {
+			return nil, usageError(cmd, "--output type=oci|docker writes one image, and --platform asks for %d: the multi-platform index is in kiln's registry (copy it with skopeo copy --all); use type=local or type=tar for each platform's files", n)
+		}
+	}
 	if f.noCache {
 		add("no_cache", "true")
 	}
@@ -549,6 +574,9 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 	if err != nil {
 		return nil, usageError(cmd, "%v", err)
 	}
+	if err := f.sshForm(form, add, lookupEnv); err != nil {
+		return nil, usageError(cmd, "%v", err)
+	}
 	return form, nil
 }
 
@@ -619,6 +647,7 @@ func (form *buildForm) wipe() {
 	for _, s := range form.secrets {
 		clear(s.value)
 	}
+	form.wipeSSH()
 	clear(form.registryAuth)
 }
 
@@ -888,6 +917,8 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, o bui
 		return err
 	}
 	form.wipe()
+	stopSSH := startSSHSession(ctx, c, b.Id, form.sshAgents, o.stderr)
+	defer stopSSH()
 
 	if form.detach {
 		// The id is the one thing a detached build has to say.
@@ -935,7 +966,7 @@ func runBuild(ctx context.Context, s settings, c *client, form *buildForm, o bui
 		return err
 	}
 	for _, out := range form.outputs {
-		what, err := fetchOutput(ctx, c, final.Id, out, o.stdout)
+		what, err := fetchOutput(ctx, c, *final, out, o.stdout)
 		if err != nil {
 			return err
 		}

@@ -199,6 +199,7 @@ func printBuild(w io.Writer, b *api.Build) {
 	row("dedup of", str(b.DedupOf))
 	row("queue position", num(b.QueuePosition, ""))
 	row("target", str(b.Target))
+	row("platforms", strings.Join(deref(b.Platforms), ", "))
 	if deref(b.NoCache) {
 		row("no cache", "true")
 	}

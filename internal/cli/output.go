@@ -84,24 +84,54 @@ func parseOutput(v string) (o *output, names []string, push bool, err error) {
 	return o, names, false, nil
 }
 
-// fetchOutput downloads build id's output and writes it where o says.
-func fetchOutput(ctx context.Context, c *client, id string, o *output, stdout io.Writer) (string, error) {
-	typ := api.BuildOutputParamsType("tar")
-	if o.typ == "oci" {
-		typ = "oci"
+// fetchOutput downloads build b's output and writes it where o says. A
+// multi-platform build's filesystem output is one per platform, as buildx
+// writes it: a local dest gets a directory per platform (linux_arm64/),
+// a tar has every platform's entries under such a directory.
+func fetchOutput(ctx context.Context, c *client, b api.Build, o *output, stdout io.Writer) (string, error) {
+	plats := []string{""} // the server's platform, or the only one
+	if b.Platforms != nil && len(*b.Platforms) > 1 {
+		plats = *b.Platforms
+		if o.typ == "oci" {
+			return "", fmt.Errorf("build %s is a multi-platform image index: an oci or docker tarball holds one image; its index is in kiln's registry (kiln images show, or skopeo copy --all)", b.Id)
+		}
 	}
-	resp, err := c.api.BuildOutput(ctx, id, &api.BuildOutputParams{Type: &typ})
-	if err != nil {
-		return "", c.transportError(ctx, "download the output of build "+id, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != 200 {
-		return "", c.readError(resp)
+	get := func(platform string) (io.ReadCloser, error) {
+		typ := api.BuildOutputParamsType("tar")
+		if o.typ == "oci" {
+			typ = "oci"
+		}
+		params := &api.BuildOutputParams{Type: &typ}
+		if platform != "" {
+			params.Platform = &platform
+		}
+		resp, err := c.api.BuildOutput(ctx, b.Id, params)
+		if err != nil {
+			return nil, c.transportError(ctx, "download the output of build "+b.Id, err)
+		}
+		if resp.StatusCode != 200 {
+			defer resp.Body.Close()
+			return nil, c.readError(resp)
+		}
+		return resp.Body, nil
 	}
 	if o.typ == "local" {
-		n, err := extractTar(resp.Body, o.dest)
-		if err != nil {
-			return "", fmt.Errorf("write the output of build %s into %s: %w", id, o.dest, err)
+		n := 0
+		for _, p := range plats {
+			body, err := get(p)
+			if err != nil {
+				return "", err
+			}
+			dest := o.dest
+			if p != "" {
+				dest = path.Join(o.dest, platformDir(p))
+			}
+			k, err := extractTar(body, dest)
+			body.Close()
+			if err != nil {
+				return "", fmt.Errorf("write the output of build %s into %s: %w", b.Id, dest, err)
+			}
+			n += k
 		}
 		return fmt.Sprintf("%d entries into %s", n, o.dest), nil
 	}
@@ -109,39 +139,73 @@ func fetchOutput(ctx context.Context, c *client, id string, o *output, stdout io
 	if o.dest != "-" {
 		f, err := os.Create(o.dest)
 		if err != nil {
-			return "", fmt.Errorf("write the output of build %s: %w", id, err)
+			return "", fmt.Errorf("write the output of build %s: %w", b.Id, err)
 		}
 		defer f.Close()
 		w = f
 	}
-	// Copy through a tar reader, so a stream the server broke off midway
-	// (no end marker) is an error here, not a short file that looks fine.
-	n, err := copyTar(resp.Body, w)
-	if err != nil {
+	fail := func(err error) (string, error) {
 		if o.dest != "-" {
 			os.Remove(o.dest)
 		}
-		return "", fmt.Errorf("download the output of build %s: %w", id, err)
+		return "", fmt.Errorf("download the output of build %s: %w", b.Id, err)
+	}
+	// Copied through a tar reader, so a stream the server broke off
+	// midway (no end marker) is an error here, not a short file that
+	// looks fine.
+	tw := tar.NewWriter(w)
+	n := 0
+	for _, p := range plats {
+		body, err := get(p)
+		if err != nil {
+			return fail(err)
+		}
+		prefix := ""
+		if p != "" {
+			prefix = platformDir(p) + "/"
+			if err := tw.WriteHeader(&tar.Header{Name: prefix, Mode: 0o755, Typeflag: tar.TypeDir}); err != nil {
+				body.Close()
+				return fail(err)
+			}
+		}
+		k, err := copyTar(body, tw, prefix)
+		body.Close()
+		if err != nil {
+			return fail(err)
+		}
+		n += k
+	}
+	if err := tw.Close(); err != nil {
+		return fail(err)
 	}
 	if o.dest != "-" {
 		if err := w.(*os.File).Close(); err != nil {
-			return "", fmt.Errorf("write the output of build %s: %w", id, err)
+			return "", fmt.Errorf("write the output of build %s: %w", b.Id, err)
 		}
 	}
 	return fmt.Sprintf("%s tar of %d entries to %s", o.typ, n, o.dest), nil
 }
 
-// copyTar re-writes a tar stream entry by entry and fails if it ends early.
-func copyTar(r io.Reader, w io.Writer) (int, error) {
-	tr, tw := tar.NewReader(r), tar.NewWriter(w)
+// platformDir is the directory buildx writes a platform's files into:
+// linux/arm/v7 is linux_arm_v7.
+func platformDir(p string) string { return strings.ReplaceAll(p, "/", "_") }
+
+// copyTar re-writes a tar stream entry by entry into tw, each name (and
+// hard link target) under prefix, and fails if the stream ends early.
+func copyTar(r io.Reader, tw *tar.Writer, prefix string) (int, error) {
+	tr := tar.NewReader(r)
 	n := 0
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
-			return n, tw.Close()
+			return n, nil
 		}
 		if err != nil {
 			return n, err
+		}
+		hdr.Name = prefix + hdr.Name
+		if hdr.Typeflag == tar.TypeLink {
+			hdr.Linkname = prefix + hdr.Linkname
 		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return n, err

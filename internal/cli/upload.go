@@ -199,7 +199,8 @@ func decodeBuild(resp *http.Response) (*api.Build, error) {
 	return &b, nil
 }
 
-// writeFields writes the form's fields and then its secrets.
+// writeFields writes the form's fields and then its secrets and ssh key
+// files.
 func writeFields(mw *multipart.Writer, form *buildForm) error {
 	for _, f := range form.fields {
 		if err := mw.WriteField(f.name, f.value); err != nil {
@@ -214,6 +215,9 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 		if _, err := w.Write(s.value); err != nil {
 			return err
 		}
+	}
+	if err := writeSSHKeys(mw, form); err != nil {
+		return err
 	}
 	if len(form.registryAuth) > 0 {
 		type cred struct {

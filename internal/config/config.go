@@ -129,6 +129,9 @@ type Config struct {
 	// attach=true, as kiln build does without --detach) that has had no
 	// event stream open for this long; 0 disables.
 	BuildsClientGoneAfter time.Duration
+	// BuildsSSHSessionWait bounds how long a build that forwards its
+	// client's ssh agent waits for the client's ssh session.
+	BuildsSSHSessionWait time.Duration
 }
 
 type kind int
@@ -199,6 +202,7 @@ func (c *Config) settings() []setting {
 		{"cache.gc_max_used_percent", "80", "share of a cache volume above which BuildKit's GC frees space", kInt, &c.GCMaxUsedPercent},
 		{"sse_heartbeat", "15s", "how often an idle build event stream sends a heartbeat comment (keep it under your proxies' idle timeout)", kDuration, &c.SSEHeartbeat},
 		{"builds.client_gone_after", "60s", "an attached build (submitted with attach=true, as kiln build does unless --detach) is canceled when no event stream has been open for it this long while it is queued or running: its client went away (0s: never; builds then outlive their client)", kDuration, &c.BuildsClientGoneAfter},
+		{"builds.ssh_session_wait", "60s", "how long a build that forwards its client's ssh agent (kiln build --ssh) waits, before it runs, for the client to open the build's ssh session; then it fails saying so", kDuration, &c.BuildsSSHSessionWait},
 		{"builds.entitlements", "", "insecure entitlements builds may ask for with kiln build --allow: network.host (RUN --network=host), security.insecure (RUN --security=insecure: privileged steps; on the process runtime, root on this host), comma-separated; builds asking for others are refused (403)", kList, &c.BuildsEntitlements},
 		{"attest.sbom_generator", "docker/buildkit-syft-scanner", "SBOM scanner image of builds that ask for an SBOM (kiln build --sbom=true) without naming one; pinned to a digest at submission and pulled through kiln's base-image mirror (or from kiln's registry, when it names it)", kString, &c.AttestSBOMGenerator},
 		{"dedup.ttl", "24h", "how long a succeeded build answers identical submissions without building (0s: never)", kDuration, &c.DedupTTL},
@@ -456,6 +460,9 @@ func (c *Config) validate() error {
 	}
 	if c.BuildsClientGoneAfter < 0 {
 		return fmt.Errorf("builds.client_gone_after must not be negative (0s turns it off)")
+	}
+	if c.BuildsSSHSessionWait <= 0 {
+		return fmt.Errorf("builds.ssh_session_wait must be positive")
 	}
 	if c.DedupTTL < 0 {
 		return fmt.Errorf("dedup.ttl must not be negative")

@@ -240,6 +240,7 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 		URLContextsAllowed: cfg.ContextURLAllowed,
 		Entitlements:       cfg.BuildsEntitlements,
 		ClientGoneAfter:    cfg.BuildsClientGoneAfter,
+		SSHSessionWait:     cfg.BuildsSSHSessionWait,
 		SBOMGenerator:      cfg.AttestSBOMGenerator,
 	}, builds.Deps{DB: db, Registry: reg, Images: imgs, Mirror: mir, Volumes: vols, Runtime: rt, Builders: pool, Contexts: contexts, Auth: authority, Policy: policy, Logger: log.With("part", "builds")})
 	if err != nil {

@@ -227,6 +227,7 @@ func (s *Session) newTask(m hostMessage) (*Task, error) {
 	case m.Type == msgJob && m.Seq > 0 && m.Job != nil:
 		t.job = *m.Job
 		t.job.Solve = joinMemory(t.job.Solve, m.Memory)
+		t.bindSSH()
 	default:
 		return nil, fmt.Errorf("malformed %s message", m.Type)
 	}

@@ -25,9 +25,9 @@
 // it has read the agent's hello (guest writes block until the host end is
 // connected, so the hello itself cannot be lost). Both are single JSON lines:
 //
-//	agent → host  {"proto":"kiln-guest","version":4,"agent":"kiln-agent v…"}
-//	host → agent  {"version":4}                      accepted
-//	host → agent  {"version":4,"error":"…"}          refused; host closes
+//	agent → host  {"proto":"kiln-guest","version":5,"agent":"kiln-agent v…"}
+//	host → agent  {"version":5}                      accepted
+//	host → agent  {"version":5,"error":"…"}          refused; host closes
 //
 // The host waits Host.HelloTimeout for the hello (boot time). A different
 // version is refused on both sides with an error wrapping
@@ -36,7 +36,9 @@
 // hello. Version is bumped on any incompatible change below (version 1 ran
 // exactly one job per session and had no setup, seq or release; version 2
 // had no named context trees and no NoProxy, which its agent would drop
-// without a word; version 3 had no entitlements, call or attestations).
+// without a word; version 3 had no entitlements, call or attestations;
+// version 4 had no ssh agents, and its agent would drop a job's
+// platforms, solve.Request.Platforms, and build the host's alone).
 //
 // # Multiplexing
 //
@@ -51,6 +53,7 @@
 //	{"kind":"context","name":"dockerfile","seq":N}  the Dockerfile dir, if separate
 //	{"kind":"context","name":"named/I","seq":N}     a named local context, one per name
 //	{"kind":"tunnel","name":"registry","seq":N}     one TCP connection, any number (any tunnel name)
+//	{"kind":"tunnel","name":"ssh/ID","seq":N}       one ssh-agent connection of the job's agent ID
 //
 // seq numbers the session's work: 0 is the setup, jobs are 1, 2, … in the
 // order the host sent them. The host refuses any stream whose seq is not
@@ -147,6 +150,16 @@
 // and any host it redirects blob requests to, must be reachable from the
 // guest as well: on the same host:port, they ride the same tunnel;
 // elsewhere, they need a way of their own (see the vm runtime).
+//
+// SSH agents: a job's solve.Request.SSH names the ssh-agent ids its RUN
+// --mount=type=ssh steps may use; their SSHAgent dialer is memory-only
+// and stays on the host. The agent's solve dials each agent connection as
+// a tunnel stream named "ssh/ID" (no listener in the guest: BuildKit's
+// session asks, the agent opens the stream), and the host connects it with
+// the job's own SSHAgent, only for an ID of that job's SSH. Key files and
+// the client's agent therefore never reach the guest, which sees the ids
+// and the agent protocol's bytes only; the tunnel limit and the job's end
+// apply to these streams as to any tunnel.
 //
 // # Ending a job
 //

@@ -23,7 +23,12 @@ import (
 // carries buildkitd's entitlements and a job's solve request its call
 // (check) and attestations, which an agent of version 3 would ignore:
 // it would build instead of checking, or leave the attestations out.
-const Version = 4
+// Version 5: a job's solve request names ssh agents (solve.Request.SSH),
+// which the agent dials back to the host as tunnel streams "ssh/<id>";
+// an agent of version 4 would drop them and fail every ssh mount. It
+// would also drop the platforms (solve.Request.Platforms) and build the
+// host's platform alone.
+const Version = 5
 
 // Job is everything the agent needs for one build. Its setup fields
 // (CacheDisk, GC, InsecureRegistries, Network, MaxParallelism, NIC, Proxy,

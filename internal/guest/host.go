@@ -493,6 +493,9 @@ func (h *Host) prepare(job Job) (Job, *memoryOnly, map[string]string, error) {
 	if job.Solve.ContextDir == "" {
 		return fail("solve request has no context dir")
 	}
+	if len(job.Solve.SSH) > 0 && job.Solve.SSHAgent == nil {
+		return fail("solve request names ssh agents %v but has no SSHAgent to reach them", job.Solve.SSH)
+	}
 	req, memory := splitMemory(job.Solve)
 	trees := map[string]string{treeContext: job.Solve.ContextDir}
 	req.ContextDir = treeContext
@@ -688,8 +691,8 @@ func (c *Conn) handleStream(stream net.Conn) {
 		}
 		w.sendTree(stream, hdr.Name, dir)
 	case kindTunnel:
-		dial := c.h.Tunnels[hdr.Name]
-		if dial == nil || !w.hasTunnel(hdr.Name) {
+		dial, ok := w.tunnelDialer(c.h, hdr.Name)
+		if !ok {
 			refuse("no tunnel %q in job %d", hdr.Name, w.seq)
 			return
 		}

@@ -391,13 +391,13 @@ func manifestSize(body []byte) int64 {
 
 // ExportFilesystem writes the flattened filesystem of digest as a tar
 // (`--output type=tar` / `type=local`).
-func (s *Service) ExportFilesystem(ctx context.Context, digest string, w io.Writer) error {
-	return s.conv.ExportTar(ctx, digest, w)
+func (s *Service) ExportFilesystem(ctx context.Context, digest, platform string, w io.Writer) error {
+	return s.conv.ExportTar(ctx, digest, platform, w)
 }
 
 // ExportImage writes digest as an OCI layout tar that docker load, podman
 // and skopeo import (`--output type=oci` / `type=docker`); name becomes its
 // reference name.
-func (s *Service) ExportImage(ctx context.Context, digest, name string, w io.Writer) error {
-	return s.conv.ExportOCI(ctx, digest, name, w)
+func (s *Service) ExportImage(ctx context.Context, digest, name, platform string, w io.Writer) error {
+	return s.conv.ExportOCI(ctx, digest, name, platform, w)
 }

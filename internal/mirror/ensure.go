@@ -48,6 +48,23 @@ const (
 // share one copy; each returns when it is done or its own ctx ends, and
 // the copy stops once every caller gave up.
 func (m *Mirror) Ensure(ctx context.Context, p Pinned, progress func(done, total int64)) error {
+	return m.EnsureFor(ctx, p, nil, progress)
+}
+
+// EnsureFor is Ensure for a build of platforms: of an index it copies
+// their children as well as the configured platforms' (a multi-platform
+// build needs each of its platforms' base image).
+func (m *Mirror) EnsureFor(ctx context.Context, p Pinned, platforms []string, progress func(done, total int64)) error {
+	plats := slices.Clone(m.platforms)
+	for _, s := range platforms {
+		q, err := parsePlatform(s)
+		if err != nil {
+			return fmt.Errorf("mirror %s: %w", p.Upstream, err)
+		}
+		if !slices.Contains(plats, q) {
+			plats = append(plats, q)
+		}
+	}
 	img, err := parseImage(p.Upstream)
 	if err != nil {
 		return fmt.Errorf("mirror image: %w", err)
@@ -59,7 +76,7 @@ func (m *Mirror) Ensure(ctx context.Context, p Pinned, progress func(done, total
 	if p.LocalRepo != img.local || (img.digest != "" && img.digest != d) {
 		return fmt.Errorf("mirror %s: pin is inconsistent (local repository %q, digest %s); resolve the reference again", p.Upstream, p.LocalRepo, d)
 	}
-	if err := m.join(ctx, img, d, progress); err != nil {
+	if err := m.join(ctx, img, d, plats, progress); err != nil {
 		return fmt.Errorf("mirror %s@%s: %w", img.named.Name(), d, err)
 	}
 	if img.digest != "" {
@@ -140,8 +157,9 @@ func (f *flight) notify() {
 }
 
 // join runs or joins the copy of img@d and waits for it or for ctx.
-func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, progress func(done, total int64)) error {
-	key := img.local + "@" + d.String()
+func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, plats []platform, progress func(done, total int64)) error {
+	// A copy for other platforms copies other children: its own flight.
+	key := img.local + "@" + d.String() + " " + platformList(plats)
 	m.mu.Lock()
 	f := m.flights[key]
 	if f == nil {
@@ -151,7 +169,7 @@ func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, progress 
 		f = &flight{done: make(chan struct{}), cancel: cancel, watchers: map[int]func(int64, int64){}}
 		m.flights[key] = f
 		go func() {
-			f.err = m.copyImage(work, img, d, f)
+			f.err = m.copyImage(work, img, d, plats, f)
 			cancel()
 			m.mu.Lock()
 			if m.flights[key] == f {
@@ -196,6 +214,7 @@ func (m *Mirror) join(ctx context.Context, img image, d digest.Digest, progress 
 
 // plan is what a copy must store, children before parents.
 type plan struct {
+	platforms []platform // the index children to keep
 	manifests []manifestItem
 	blobs     []v1.Descriptor
 	seen      map[digest.Digest]bool
@@ -211,11 +230,11 @@ type manifestItem struct {
 // first (so the total size is known), then downloads the missing blobs,
 // then stores the manifests bottom-up so a manifest never lands before
 // what it references.
-func (m *Mirror) copyImage(ctx context.Context, img image, root digest.Digest, f *flight) error {
+func (m *Mirror) copyImage(ctx context.Context, img image, root digest.Digest, plats []platform, f *flight) error {
 	started := time.Now()
 	// The upstream is only looked at when something is missing locally.
 	getUp := func() *upstream { return m.upstream(img.host) }
-	p := &plan{seen: map[digest.Digest]bool{}}
+	p := &plan{seen: map[digest.Digest]bool{}, platforms: plats}
 	if err := m.walk(ctx, img, root, 0, p, getUp); err != nil {
 		return err
 	}
@@ -294,10 +313,10 @@ func (m *Mirror) walk(ctx context.Context, img image, d digest.Digest, depth int
 		if err := json.Unmarshal(body, &idx); err != nil {
 			return fmt.Errorf("manifest %s: decode index: %w", d, err)
 		}
-		children := m.selectChildren(idx.Manifests)
+		children := selectChildren(idx.Manifests, p.platforms)
 		if len(children) == 0 {
 			return fmt.Errorf("%w: image %s offers no manifest for %s (it has: %s); add a platform it has to the mirror's platforms if that is what builds need",
-				ErrNotFound, d, m.platformList(), offeredPlatforms(idx.Manifests))
+				ErrNotFound, d, platformList(p.platforms), offeredPlatforms(idx.Manifests))
 		}
 		for _, c := range children {
 			if err := m.walk(ctx, img, c.Digest, depth+1, p, getUp); err != nil {
@@ -334,17 +353,17 @@ func isIndex(mediaType string) bool {
 	return mediaType == v1.MediaTypeImageIndex || mediaType == mediaTypeDockerList
 }
 
-// selectChildren keeps the children of an index for the configured
-// platforms. Nested indexes and children without a platform are kept,
-// since nothing says they are for another platform.
-func (m *Mirror) selectChildren(all []v1.Descriptor) []v1.Descriptor {
+// selectChildren keeps the children of an index for platforms. Nested
+// indexes and children without a platform are kept, since nothing says
+// they are for another platform.
+func selectChildren(all []v1.Descriptor, platforms []platform) []v1.Descriptor {
 	var out []v1.Descriptor
 	for _, c := range all {
 		if isIndex(c.MediaType) || c.Platform == nil {
 			out = append(out, c)
 			continue
 		}
-		for _, want := range m.platforms {
+		for _, want := range platforms {
 			if want.matches(c.Platform) {
 				out = append(out, c)
 				break
@@ -354,9 +373,9 @@ func (m *Mirror) selectChildren(all []v1.Descriptor) []v1.Descriptor {
 	return out
 }
 
-func (m *Mirror) platformList() string {
-	s := make([]string, len(m.platforms))
-	for i, p := range m.platforms {
+func platformList(platforms []platform) string {
+	s := make([]string, len(platforms))
+	for i, p := range platforms {
 		s[i] = p.String()
 	}
 	return strings.Join(s, ", ")

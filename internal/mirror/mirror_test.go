@@ -373,6 +373,15 @@ func TestIndexMirrorsConfiguredPlatformOnly(t *testing.T) {
 		t.Error("pulled index did not yield the amd64 layer")
 	}
 
+	// A build for arm64 as well copies the arm64 child too, and only it.
+	total = -1
+	if err := m.EnsureFor(ctx, p, []string{"linux/arm64"}, func(_, tot int64) { total = tot }); err != nil {
+		t.Fatal(err)
+	}
+	if total != arm.size() || !has(arm.layers[0].digest) || has(att.layers[0].digest) {
+		t.Errorf("an arm64 build's ensure downloaded %d bytes (want the arm64 image's %d); arm64 layer %v, attestation %v", total, arm.size(), has(arm.layers[0].digest), has(att.layers[0].digest))
+	}
+
 	other := newMirror(t, mirror.Config{Registry: startKilnRegistry(t).reg, Platforms: []string{"linux/riscv64"}})
 	err = other.Ensure(ctx, p, nil)
 	if err == nil || !strings.Contains(err.Error(), "linux/riscv64") || !strings.Contains(err.Error(), "linux/amd64, linux/arm64") {

@@ -248,6 +248,9 @@ func (r *Registry) PutManifest(ctx context.Context, repo, mediaType string, body
 		// would then not be what the digest pins.
 		return "", fail(fmt.Errorf("%w: stored as %s", ErrDigestMismatch, got))
 	}
+	if _, err := r.indexReferrer(ctx, repo, dgst, mediaType, body); err != nil {
+		return "", fail(err)
+	}
 	if tag != "" {
 		if err := rp.Tags(ctx).Tag(ctx, tag, v1.Descriptor{Digest: dgst}); err != nil {
 			return "", fail(fmt.Errorf("tag %s: %w", tag, err))

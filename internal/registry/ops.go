@@ -64,9 +64,15 @@ func (r *Registry) Manifest(ctx context.Context, repo, ref string) (mediaType st
 
 // Tag makes dstRepo:dstTag point at the manifest srcRepo@reference
 // (reference a tag or a digest). Across repositories it links the
-// manifest, any child manifests of an index, and all their blobs into
-// dstRepo first, so the new name pulls completely even if dstRepo is new.
-// Nothing is copied: blobs are shared by digest.
+// manifest, any child manifests of an index (attestation manifests
+// included), and all their blobs into dstRepo first, so the new name
+// pulls completely even if dstRepo is new. Nothing is copied: blobs are
+// shared by digest. A linked manifest with a subject is indexed in
+// dstRepo, so dstRepo's referrers API lists it. Referrers that were
+// pushed to srcRepo separately (a signature attached with oras or
+// cosign) stay there: they are statements made in srcRepo, and Tag also
+// links across tenants (a deduplicated build), whose artifacts must not
+// travel with the image.
 func (r *Registry) Tag(ctx context.Context, srcRepo, ref, dstRepo, dstTag string) error {
 	fail := func(err error) error {
 		return fmt.Errorf("tag %s %s as %s:%s: %w", srcRepo, ref, dstRepo, dstTag, err)
@@ -87,7 +93,7 @@ func (r *Registry) Tag(ctx context.Context, srcRepo, ref, dstRepo, dstTag string
 		return fail(err)
 	}
 	if src.Named().Name() != dst.Named().Name() {
-		if err := linkManifest(ctx, src, dst, d, 0); err != nil {
+		if err := r.linkManifest(ctx, src, dst, d, 0); err != nil {
 			return fail(err)
 		}
 	}
@@ -220,8 +226,8 @@ func getManifest(ctx context.Context, rp distribution.Repository, d digest.Diges
 }
 
 // linkManifest makes manifest d of src, and everything it references,
-// available in dst.
-func linkManifest(ctx context.Context, src, dst distribution.Repository, d digest.Digest, depth int) error {
+// available in dst, and indexes it in dst when it has a subject.
+func (r *Registry) linkManifest(ctx context.Context, src, dst distribution.Repository, d digest.Digest, depth int) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -235,20 +241,31 @@ func linkManifest(ctx context.Context, src, dst distribution.Repository, d diges
 	if ok, err := dstMS.Exists(ctx, d); err == nil && ok {
 		return nil // a manifest only lands in a repo after its references
 	}
-	m, err := getManifest(ctx, src, d)
+	stored := d
+	if d.Algorithm() != digest.SHA256 {
+		// Pushed by another digest (sha512): stored under the sha256
+		// src's alias names, linked as that, then given the alias.
+		if stored, err = r.alias(ctx, src.Named().Name(), d); err != nil {
+			return fmt.Errorf("manifest %s: %w", d, err)
+		}
+		if stored == "" {
+			return fmt.Errorf("manifest %s in %s: %w", d, src.Named().Name(), ErrNotFound)
+		}
+	}
+	m, err := getManifest(ctx, src, stored)
 	if err != nil {
 		return fmt.Errorf("manifest %s: %w", d, err)
 	}
 	switch m.(type) {
 	case *ocischema.DeserializedImageIndex, *manifestlist.DeserializedManifestList:
 		for _, child := range m.References() {
-			if err := linkManifest(ctx, src, dst, child.Digest, depth+1); err != nil {
+			if err := r.linkManifest(ctx, src, dst, child.Digest, depth+1); err != nil {
 				return err
 			}
 		}
 	default:
 		for _, blob := range m.References() {
-			if err := linkBlob(ctx, src, dst, blob.Digest); err != nil {
+			if err := r.linkBlob(ctx, src, dst, blob.Digest); err != nil {
 				return err
 			}
 		}
@@ -257,15 +274,26 @@ func linkManifest(ctx context.Context, src, dst distribution.Repository, d diges
 	if err != nil {
 		return fmt.Errorf("store manifest %s in %s: %w", d, dst.Named().Name(), err)
 	}
-	if got != d {
-		return fmt.Errorf("manifest %s changed digest to %s when stored in %s", d, got, dst.Named().Name())
+	if got != stored {
+		return fmt.Errorf("manifest %s changed digest to %s when stored in %s", stored, got, dst.Named().Name())
 	}
-	return nil
+	if d != stored {
+		if err := r.driver.PutContent(ctx, aliasPath(dst.Named().Name(), d), []byte(stored.String())); err != nil {
+			return fmt.Errorf("link manifest %s into %s as %s: %w", stored, dst.Named().Name(), d, err)
+		}
+	}
+	mt, body, err := m.Payload()
+	if err != nil {
+		return fmt.Errorf("manifest %s: %w", d, err)
+	}
+	// Indexed by the name it was pushed by, as its push indexed it.
+	_, err = r.indexReferrer(ctx, dst.Named().Name(), d, mt, body)
+	return err
 }
 
 // linkBlob mounts blob d from src into dst, the same cross-repository
 // mount a client gets with POST /v2/<dst>/blobs/uploads/?mount=d&from=src.
-func linkBlob(ctx context.Context, src, dst distribution.Repository, d digest.Digest) error {
+func (r *Registry) linkBlob(ctx context.Context, src, dst distribution.Repository, d digest.Digest) error {
 	blobs := dst.Blobs(ctx)
 	if _, err := blobs.Stat(ctx, d); err == nil {
 		return nil
@@ -277,6 +305,10 @@ func linkBlob(ctx context.Context, src, dst distribution.Repository, d digest.Di
 	w, err := blobs.Create(ctx, storage.WithMountFrom(canonical))
 	var mounted distribution.ErrBlobMounted
 	if errors.As(err, &mounted) {
+		if d.Algorithm() != digest.SHA256 {
+			// As over HTTP: distribution links d to itself.
+			return r.fixMountedAlias(ctx, src.Named().Name(), dst.Named().Name(), d)
+		}
 		return nil
 	}
 	if err != nil {

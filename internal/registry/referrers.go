@@ -6,10 +6,14 @@ package registry
 //
 // The referrers index is kept through the storage driver, per repository,
 // under repositories/<name>/_referrers/<subject alg>/<subject hex>/<alg>/<hex>,
-// one small JSON descriptor per referrer, written when a manifest with a
-// subject is pushed. It is read back through the manifest store: an entry
-// whose manifest is gone (deleted over the API, or its tag deleted by kiln)
-// is left out and removed, so the answer follows deletes without having to
+// one small JSON descriptor per referrer, written by indexReferrer for
+// every manifest with a subject that enters the repository: pushed over
+// the API, linked by Tag, stored by PutManifest. Manifests stored before
+// the index existed (a data dir of an older kiln) are indexed by
+// backfillReferrers, once per repository, on its first referrers query.
+// The index is read back through the manifest store: an entry whose
+// manifest is gone (deleted over the API, or its tag deleted by kiln) is
+// left out and removed, so the answer follows deletes without having to
 // hook each one. Registry GC (distribution's mark and sweep) keeps every
 // manifest a repository still links, so a signature or attestation of an
 // image stays as long as it is not deleted itself, whether or not it is
@@ -20,9 +24,13 @@ package registry
 // sha512: distribution stores every blob under its sha256 and links the
 // sha512 name to it, but answers with the sha256. kiln rewrites the
 // answer's Docker-Content-Digest and Location to the digest the client
-// asked by. Manifests pushed by a sha512 digest are stored under their
-// sha256 with an alias, repositories/<name>/_digests/sha512/<hex>, holding
-// the sha256, that GET, HEAD and DELETE by sha512 go through.
+// asked by. A cross-repository mount by sha512 makes distribution link
+// the sha512 name to itself, where nothing is stored; kiln links it to
+// the sha256 the source's link names instead, and the sha256 too (the
+// blob GET serves the sha256 through the repository's own link).
+// Manifests pushed by a sha512 digest are stored under their sha256 with
+// an alias, the sha512 revision link holding the sha256, that GET, HEAD
+// and DELETE by sha512 go through.
 
 import (
 	"bytes"
@@ -33,6 +41,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"path"
 	"regexp"
 	"strings"
 
@@ -71,6 +80,39 @@ func blobLinkPath(repo string, d digest.Digest) string {
 	return repoDir(repo) + "/_layers/" + d.Algorithm().String() + "/" + d.Encoded() + "/link"
 }
 
+// linkBlobAlias makes blob d of repo, stored under its sha256 canon, GET
+// by both names, as an upload by d links it: distribution's blob GET
+// looks d up, then serves canon through repo's own link to canon.
+func (r *Registry) linkBlobAlias(ctx context.Context, repo string, d, canon digest.Digest) error {
+	if err := r.driver.PutContent(ctx, blobLinkPath(repo, canon), []byte(canon.String())); err != nil {
+		return fmt.Errorf("link blob %s into %s: %w", canon, repo, err)
+	}
+	if err := r.driver.PutContent(ctx, blobLinkPath(repo, d), []byte(canon.String())); err != nil {
+		return fmt.Errorf("link blob %s into %s as %s: %w", canon, repo, d, err)
+	}
+	return nil
+}
+
+// fixMountedAlias repairs what distribution's mount of blob d (not a
+// sha256) from repository from into repo leaves: a link of d to d, where
+// nothing is stored. from's own link says which sha256 holds the data.
+// It does nothing when from does not hold d (then nothing was mounted).
+func (r *Registry) fixMountedAlias(ctx context.Context, from, repo string, d digest.Digest) error {
+	raw, err := r.driver.GetContent(ctx, blobLinkPath(from, d))
+	var missing storagedriver.PathNotFoundError
+	if errors.As(err, &missing) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read the link of blob %s in %s: %w", d, from, err)
+	}
+	canon, err := digest.Parse(strings.TrimSpace(string(raw)))
+	if err != nil || canon == d {
+		return nil // not an alias: distribution's link is right
+	}
+	return r.linkBlobAlias(ctx, repo, d, canon)
+}
+
 // oci11 serves what distribution lacks, or adjusts req and w so that
 // distribution's answer is right; it reports whether it answered req.
 func (r *Registry) oci11(w http.ResponseWriter, req *http.Request) (http.ResponseWriter, *http.Request, bool) {
@@ -95,24 +137,16 @@ func (r *Registry) oci11(w http.ResponseWriter, req *http.Request) (http.Respons
 	if d, err := digest.Parse(asked); err == nil && d.Algorithm() != digest.SHA256 {
 		rw := &digestRewriter{ResponseWriter: w, want: d}
 		if m := uploadPath.FindStringSubmatch(p); m != nil && req.Method == http.MethodPost {
-			// A mount links only the sha256 into the repository.
-			repo := m[1]
+			repo, from := m[1], req.URL.Query().Get("from")
 			rw.before = func() error {
-				ctx := context.WithoutCancel(req.Context())
 				canon, err := digest.Parse(rw.canon)
-				if err != nil || canon == d {
-					// Distribution named the blob as asked: its link in
-					// the source repository says where it is stored.
-					from := req.URL.Query().Get("from")
-					raw, err := r.driver.GetContent(ctx, blobLinkPath(from, d))
-					if from == "" || err != nil {
-						return nil
-					}
-					if canon, err = digest.Parse(strings.TrimSpace(string(raw))); err != nil || canon == d {
-						return nil
-					}
+				if err == nil && canon != d {
+					return r.linkBlobAlias(context.WithoutCancel(req.Context()), repo, d, canon)
 				}
-				return r.driver.PutContent(ctx, blobLinkPath(repo, d), []byte(canon.String()))
+				if from == "" {
+					return nil // a new upload session: its PUT links the blob
+				}
+				return r.fixMountedAlias(context.WithoutCancel(req.Context()), from, repo, d)
 			}
 		}
 		return rw, req, false
@@ -199,6 +233,9 @@ func (r *Registry) Referrers(ctx context.Context, repo, subjectDigest string) ([
 	if err != nil {
 		return nil, err
 	}
+	if err := r.backfillReferrers(ctx, repo); err != nil {
+		return nil, err
+	}
 	dir := referrersDir(repo, subject)
 	var out []v1.Descriptor
 	algs, err := r.driver.List(ctx, dir)
@@ -281,6 +318,149 @@ type ociManifest struct {
 	Config       *v1.Descriptor    `json:"config"`
 	Subject      *v1.Descriptor    `json:"subject"`
 	Annotations  map[string]string `json:"annotations"`
+	Manifests    json.RawMessage   `json:"manifests"`
+}
+
+// referrerEntry is the index entry of manifest self, a referrer of subject, in repo.
+func referrerEntry(repo string, subject, self digest.Digest) string {
+	return referrersDir(repo, subject) + "/" + self.Algorithm().String() + "/" + self.Encoded()
+}
+
+// indexReferrer records manifest self of repo (body exactly as stored;
+// mediaType its type when body does not say) under its subject, if it
+// has one, and returns that subject. Every way a manifest gets into a
+// repository calls it: a push over the API, Tag, PutManifest and the
+// backfill of manifests stored before the index existed.
+func (r *Registry) indexReferrer(ctx context.Context, repo string, self digest.Digest, mediaType string, body []byte) (digest.Digest, error) {
+	var m ociManifest
+	// Not JSON, or no subject: nothing to index (distribution judges
+	// whether the manifest is valid).
+	if json.Unmarshal(body, &m) != nil || m.Subject == nil || m.Subject.Digest.Validate() != nil {
+		return "", nil
+	}
+	mt := m.MediaType
+	if mt == "" {
+		mt = mediaType
+	}
+	if mt == "" {
+		// A manifest whose push named no type either: its shape says.
+		mt = v1.MediaTypeImageManifest
+		if len(m.Manifests) > 0 {
+			mt = v1.MediaTypeImageIndex
+		}
+	}
+	desc := v1.Descriptor{MediaType: mt, Digest: self, Size: int64(len(body)), ArtifactType: m.ArtifactType, Annotations: m.Annotations}
+	if desc.ArtifactType == "" && m.Config != nil {
+		desc.ArtifactType = m.Config.MediaType
+	}
+	entry, err := json.Marshal(desc)
+	if err != nil {
+		return "", err
+	}
+	if err := r.driver.PutContent(ctx, referrerEntry(repo, m.Subject.Digest, self), entry); err != nil {
+		return "", fmt.Errorf("index %s in %s as a referrer of %s: %w", self, repo, m.Subject.Digest, err)
+	}
+	return m.Subject.Digest, nil
+}
+
+// backfillMarker is the file whose presence says that repo's manifests
+// stored before kiln kept a referrers index (a data dir of an older kiln)
+// have been indexed.
+func backfillMarker(repo string) string { return repoDir(repo) + "/_referrers/backfilled" }
+
+// backfillReferrers indexes, once per repository, every manifest of repo
+// with a subject; the first referrers query of a repository runs it.
+// After that every way a manifest enters repo indexes it. Running it
+// twice, or beside a push, only writes the same entries again; an entry
+// of a manifest deleted meanwhile is dropped by Referrers as any other.
+func (r *Registry) backfillReferrers(ctx context.Context, repo string) error {
+	if done, err := r.exists(ctx, backfillMarker(repo)); err != nil || done {
+		return err
+	}
+	fail := func(err error) error {
+		return fmt.Errorf("index the referrers of %s stored before kiln kept a referrers index: %w", repo, err)
+	}
+	// A revision link's path names the digest a manifest was pushed by,
+	// its content the sha256 it is stored under: a manifest pushed by
+	// sha512 has both, and is indexed by the name it was pushed by, as a
+	// push indexes it.
+	revisions := repoDir(repo) + "/_manifests/revisions"
+	names := map[digest.Digest][]digest.Digest{}
+	var missing storagedriver.PathNotFoundError
+	err := r.driver.Walk(ctx, revisions, func(fi storagedriver.FileInfo) error {
+		if fi.IsDir() || path.Base(fi.Path()) != "link" {
+			return nil
+		}
+		alg, hex, _ := strings.Cut(strings.TrimPrefix(path.Dir(fi.Path()), revisions+"/"), "/")
+		name := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex)
+		raw, err := r.driver.GetContent(ctx, fi.Path())
+		if errors.As(err, &missing) {
+			return nil // deleted while walking
+		}
+		if err != nil {
+			return err
+		}
+		stored, err := digest.Parse(strings.TrimSpace(string(raw)))
+		if err != nil || name.Validate() != nil {
+			return nil // not a revision distribution wrote
+		}
+		if name != stored {
+			names[stored] = append(names[stored], name)
+		} else if _, ok := names[stored]; !ok {
+			names[stored] = nil
+		}
+		return nil
+	})
+	if errors.As(err, &missing) {
+		return nil // no manifest yet: pushes from now on index themselves
+	}
+	if err != nil {
+		return fail(err)
+	}
+	for stored, aliases := range names {
+		body, err := r.manifestBytes(ctx, stored)
+		if errors.Is(err, ErrNotFound) || errors.Is(err, errManifestTooLarge) {
+			// Its blob is gone (deleted, collected), or it is no manifest
+			// a client could have pushed: nothing to serve.
+			continue
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if len(aliases) == 0 {
+			aliases = []digest.Digest{stored}
+		}
+		for _, self := range aliases {
+			if _, err := r.indexReferrer(ctx, repo, self, "", body); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	if err := r.driver.PutContent(ctx, backfillMarker(repo), []byte("1")); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
+// errManifestTooLarge: a stored manifest larger than maxManifestBytes.
+var errManifestTooLarge = errors.New("manifest larger than 4 MiB")
+
+// manifestBytes reads manifest d from the content store, refusing one
+// larger than a manifest may be.
+func (r *Registry) manifestBytes(ctx context.Context, d digest.Digest) ([]byte, error) {
+	rc, err := r.Blob(ctx, d.String())
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	body, err := io.ReadAll(io.LimitReader(rc, maxManifestBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read manifest %s: %w", d, err)
+	}
+	if len(body) > maxManifestBytes {
+		return nil, fmt.Errorf("manifest %s: %w", d, errManifestTooLarge)
+	}
+	return body, nil
 }
 
 // manifest11 handles manifest requests: sha512 references through their
@@ -331,8 +511,6 @@ func (r *Registry) manifest11(w http.ResponseWriter, req *http.Request, repo, re
 		self = d
 		req = withPath(req, "/v2/"+repo+"/manifests/"+canon.String())
 	}
-	var m ociManifest
-	_ = json.Unmarshal(body, &m) // distribution judges the manifest
 	rw := &digestRewriter{ResponseWriter: w}
 	if byOther {
 		rw.want = d
@@ -344,23 +522,13 @@ func (r *Registry) manifest11(w http.ResponseWriter, req *http.Request, repo, re
 				return err
 			}
 		}
-		if m.Subject == nil || m.Subject.Digest.Validate() != nil {
-			return nil
-		}
-		mt := m.MediaType
-		if mt == "" {
-			mt = req.Header.Get("Content-Type")
-		}
-		desc := v1.Descriptor{MediaType: mt, Digest: self, Size: int64(len(body)), ArtifactType: m.ArtifactType, Annotations: m.Annotations}
-		if desc.ArtifactType == "" && m.Config != nil {
-			desc.ArtifactType = m.Config.MediaType
-		}
-		entry, _ := json.Marshal(desc)
-		p := referrersDir(repo, m.Subject.Digest) + "/" + self.Algorithm().String() + "/" + self.Encoded()
-		if err := r.driver.PutContent(ctx, p, entry); err != nil {
+		subject, err := r.indexReferrer(ctx, repo, self, req.Header.Get("Content-Type"), body)
+		if err != nil {
 			return err
 		}
-		rw.Header().Set("OCI-Subject", m.Subject.Digest.String())
+		if subject != "" {
+			rw.Header().Set("OCI-Subject", subject.String())
+		}
 		return nil
 	}
 	return rw, req, false

@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"archive/tar"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -22,13 +23,14 @@ import (
 // ExportTar writes the flattened filesystem of image dgst (its layers
 // applied per the OCI spec, as for a conversion) to w as a tar: what
 // `docker buildx build --output type=tar` writes. Staging happens in the
-// store's directory and is removed afterwards.
-func (s *Store) ExportTar(ctx context.Context, dgst string, w io.Writer) error {
+// store's directory and is removed afterwards. Of an index it exports
+// platform's image ("" is the store's platform).
+func (s *Store) ExportTar(ctx context.Context, dgst, platform string, w io.Writer) error {
 	if err := validDigest(dgst); err != nil {
 		return err
 	}
 	fail := func(err error) error { return fmt.Errorf("export the filesystem of %s: %w", dgst, err) }
-	img, err := resolveImage(ctx, s.src, dgst, s.opt.Platform)
+	img, err := resolveImage(ctx, s.src, dgst, cmp.Or(platform, s.opt.Platform))
 	if err != nil {
 		return fail(err)
 	}
@@ -178,13 +180,14 @@ func addXattrs(p string, hdr *tar.Header) error {
 // layout tar (oci-layout, index.json, blobs/sha256/…) with a Docker
 // manifest.json beside it, so `docker load`, podman, skopeo (oci-archive:)
 // and containerd all import it. name, if set, is recorded as the image's
-// reference name and repo tag.
-func (s *Store) ExportOCI(ctx context.Context, dgst, name string, w io.Writer) error {
+// reference name and repo tag. Of an index it exports platform's image
+// ("" is the store's platform).
+func (s *Store) ExportOCI(ctx context.Context, dgst, name, platform string, w io.Writer) error {
 	if err := validDigest(dgst); err != nil {
 		return err
 	}
 	fail := func(err error) error { return fmt.Errorf("export image %s: %w", dgst, err) }
-	img, err := resolveImage(ctx, s.src, dgst, s.opt.Platform)
+	img, err := resolveImage(ctx, s.src, dgst, cmp.Or(platform, s.opt.Platform))
 	if err != nil {
 		return fail(err)
 	}

@@ -27,7 +27,7 @@ func TestExportTarCarriesTheAppliedTree(t *testing.T) {
 		t.Fatal(err)
 	}
 	var buf bytes.Buffer
-	if err := s.ExportTar(context.Background(), dgst, &buf); err != nil {
+	if err := s.ExportTar(context.Background(), dgst, "", &buf); err != nil {
 		t.Fatal(err)
 	}
 	entries := map[string]*tar.Header{}

@@ -74,6 +74,14 @@ type NetworkChecker interface {
 	CheckNetwork(mode string, allowedDomains []string) error
 }
 
+// PlatformChecker is implemented by runtimes that build only some
+// platforms: their own and those they can emulate. Builds are checked
+// against it at submission, like NetworkChecker. platforms are
+// normalized os/arch[/variant] strings (linux/arm64, linux/arm/v7).
+type PlatformChecker interface {
+	CheckPlatforms(platforms []string) error
+}
+
 // Keeper is implemented by runtimes that can keep a builder running
 // between builds (internal/builders pools them per cache scope). A builder
 // is started with the shape of its first job and takes later jobs of the

@@ -305,8 +305,9 @@ func startKilnAt(t *testing.T, data string, set func(*config.Config)) *kiln {
 	}
 }
 
-// call sends one API request and returns the status and body.
-func (k *kiln) call(token, method, path string, body io.Reader, ctype string) (int, []byte) {
+// call sends one API request, with headers (name, value) if given, and
+// returns the status and body. A switch of protocols is closed at once.
+func (k *kiln) call(token, method, path string, body io.Reader, ctype string, headers ...[2]string) (int, []byte) {
 	req, _ := http.NewRequest(method, k.url+path, body)
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
@@ -314,11 +315,17 @@ func (k *kiln) call(token, method, path string, body io.Reader, ctype string) (i
 	if ctype != "" {
 		req.Header.Set("Content-Type", ctype)
 	}
+	for _, h := range headers {
+		req.Header.Set(h[0], h[1])
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		k.t.Fatalf("%s %s: %v", method, path, err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return resp.StatusCode, nil
+	}
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, b
 }
@@ -357,15 +364,7 @@ func submission(fields ...[2]string) (io.Reader, string) {
 		mw.WriteField(f[0], f[1])
 	}
 	w, _ := mw.CreateFormFile("context", "context.tar")
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
-	df := "FROM scratch\nCOPY f /f\n"
-	tw.WriteHeader(&tar.Header{Name: "Dockerfile", Mode: 0o644, Size: int64(len(df)), Typeflag: tar.TypeReg})
-	io.WriteString(tw, df)
-	tw.WriteHeader(&tar.Header{Name: "f", Mode: 0o644, Size: 1, Typeflag: tar.TypeReg})
-	io.WriteString(tw, "x")
-	tw.Close()
-	w.Write(tb.Bytes())
+	w.Write(scratchContext())
 	mw.Close()
 	return &buf, mw.FormDataContentType()
 }
@@ -400,4 +399,17 @@ var uniqueN int
 func unique(prefix string) string {
 	uniqueN++
 	return fmt.Sprintf("%s%d", prefix, uniqueN)
+}
+
+// scratchContext is a context tar with a FROM scratch Dockerfile.
+func scratchContext() []byte {
+	var tb bytes.Buffer
+	tw := tar.NewWriter(&tb)
+	df := "FROM scratch\nCOPY f /f\n"
+	tw.WriteHeader(&tar.Header{Name: "Dockerfile", Mode: 0o644, Size: int64(len(df)), Typeflag: tar.TypeReg})
+	io.WriteString(tw, df)
+	tw.WriteHeader(&tar.Header{Name: "f", Mode: 0o644, Size: 1, Typeflag: tar.TypeReg})
+	io.WriteString(tw, "x")
+	tw.Close()
+	return tb.Bytes()
 }

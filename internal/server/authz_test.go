@@ -67,6 +67,8 @@ type apiCase struct {
 	// unchanged, when set, checks after a refused request that the
 	// resource is as it was.
 	unchanged func(m *matrix, t *testing.T, path string)
+	// header are request headers (name, value) besides the token's.
+	header [][2]string
 }
 
 func get(path string) func(*matrix, string) (string, string, io.Reader, string) {
@@ -139,6 +141,23 @@ func apiCases(m *matrix) []apiCase {
 		{route: "GET /v1/builds/{id}/events", what: "A's build", allow: []string{tenantA, buildRead, admin}, ok: 200, req: get("/v1/builds/" + a + "/events")},
 		{route: "GET /v1/builds/{id}/logs", what: "A's build", allow: []string{tenantA, buildRead, admin}, ok: 200, req: get("/v1/builds/" + a + "/logs")},
 		{route: "GET /v1/builds/{id}/output", what: "A's build", allow: []string{tenantA, admin}, req: get("/v1/builds/" + a + "/output")},
+		// The build's own tenant only: an admin sees the build, yet may
+		// not lend it an agent (403); another tenant gets 404.
+		{route: "GET /v1/builds/{id}/ssh", what: "A's build waiting for its ssh session", allow: []string{tenantA}, ok: 101,
+			header: [][2]string{{"Connection", "Upgrade"}, {"Upgrade", "kiln-ssh/1"}},
+			req: func(m *matrix, _ string) (string, string, io.Reader, string) {
+				b := m.submitAs(m.tok[tenantA], [2]string{"ssh", "default"}, [2]string{"build_args", `{"N":"` + unique("ssh") + `"}`})
+				return "GET", "/v1/builds/" + b.Id + "/ssh", nil, ""
+			},
+			unchanged: func(m *matrix, t *testing.T, path string) {
+				id := strings.Split(path, "/")[3]
+				var b api.Build
+				m.json(m.admin, "GET", "/v1/builds/"+id, nil, http.StatusOK, &b)
+				if b.Status != api.BuildStatusQueued {
+					t.Errorf("a refused ssh session left build %s %s (%s)", id, b.Status, b.Phase)
+				}
+				m.json(m.admin, "POST", "/v1/builds/"+id+"/cancel", nil, http.StatusOK, nil)
+			}},
 
 		{route: "GET /v1/images", what: "list", allow: []string{tenantA, tenantB, imageOnly, admin}, ok: 200, req: get("/v1/images")},
 		{route: "GET /v1/images/{name...}", what: "A's image", allow: []string{tenantA, imageOnly, admin}, ok: 200, req: get("/v1/images/tenant-a/app:1")},
@@ -343,7 +362,7 @@ func TestAuthorizationMatrix(t *testing.T) {
 		covered[c.route] = true
 		for _, actor := range actors {
 			method, path, body, ct := c.req(m, actor)
-			code, resp := m.call(m.tok[actor], method, path, body, ct)
+			code, resp := m.call(m.tok[actor], method, path, body, ct, c.header...)
 			allowed := slices.Contains(c.allow, actor)
 			judge(t, c.route+" ("+c.what+")", actor, allowed, c.ok, code, string(resp))
 			if !allowed && c.unchanged != nil {

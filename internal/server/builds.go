@@ -11,11 +11,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/containerd/platforms"
+
 	"github.com/kiln-build/kiln/api"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/builds"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/solve"
+	"github.com/kiln-build/kiln/internal/sshrelay"
 	"github.com/kiln-build/kiln/internal/store"
 )
 
@@ -41,6 +44,7 @@ var fieldLimits = map[string]struct {
 	"dockerfile_path":  {4096, 1},
 	"build_args":       {128 << 10, 1},
 	"target":           {256, 1},
+	"platform":         {1024, 16},
 	"tags":             {512, builds.MaxTags},
 	"no_cache":         {16, 1},
 	"pull":             {16, 1},
@@ -67,6 +71,7 @@ var fieldLimits = map[string]struct {
 	"allow":            {64, 4},
 	"attach":           {16, 1},
 	"attest":           {2048, 8},
+	"ssh":              {256, sshrelay.MaxIDs},
 }
 
 // uploadSlot takes one of the caller's upload slots, or answers 429.
@@ -162,6 +167,11 @@ func (s *Server) createBuild(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 			req.Secrets[id] = v
+		case "ssh_key":
+			if err := readSSHKey(&req, part); err != nil {
+				s.fail(w, r, err)
+				return
+			}
 		case "registry_auth":
 			if req.RegistryAuth != nil {
 				writeError(w, http.StatusBadRequest, "bad_request", "registry_auth is sent twice; send one JSON object with every registry")
@@ -278,6 +288,8 @@ func setField(req *builds.Request, name, v string) error {
 		}
 	case "target":
 		req.Target = v
+	case "platform":
+		req.Platforms = append(req.Platforms, v)
 	case "tags":
 		req.Tags = append(req.Tags, v)
 	case "no_cache":
@@ -316,6 +328,8 @@ func setField(req *builds.Request, name, v string) error {
 		req.Allow = append(req.Allow, strings.TrimSpace(v))
 	case "attest":
 		req.Attest = append(req.Attest, strings.TrimSpace(v))
+	case "ssh":
+		req.SSH = append(req.SSH, strings.TrimSpace(v))
 	case "labels", "annotations":
 		m := &req.Labels
 		if name == "annotations" {
@@ -366,6 +380,9 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	if len(b.Options.AllowedDomains) > 0 {
 		out.AllowedDomains = &b.Options.AllowedDomains
 	}
+	if len(b.Options.Platforms) > 0 {
+		out.Platforms = &b.Options.Platforms
+	}
 	if len(b.Options.ExternalPush) > 0 {
 		out.Pushed = &b.Options.ExternalPush
 	}
@@ -394,6 +411,13 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 	}
 	if b.Options.Call != "" {
 		out.Call = &b.Options.Call
+	}
+	if len(b.Options.SSH) > 0 {
+		ids := make([]string, len(b.Options.SSH))
+		for i, a := range b.Options.SSH {
+			ids[i] = a.ID
+		}
+		out.Ssh = &ids
 	}
 	if c := b.Check; c != nil {
 		out.Check = &api.BuildCheck{Warnings: c.Warnings, Report: c.Report}
@@ -657,17 +681,26 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusConflict, "not_succeeded", fmt.Sprintf("build %s is %s; its output exists once it has succeeded", id, b.Status))
 		return
 	}
+	platform := r.URL.Query().Get("platform")
+	if platform != "" {
+		p, err := platforms.Parse(platform)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("platform %s is not a platform: use os/arch[/variant], like linux/arm64", errdefs.Quote(platform)))
+			return
+		}
+		platform = platforms.Format(platforms.Normalize(p))
+	}
 	var export func(io.Writer) error
 	switch typ := r.URL.Query().Get("type"); typ {
 	case "", "tar":
-		export = func(w io.Writer) error { return s.images.ExportFilesystem(r.Context(), b.ImageDigest, w) }
+		export = func(w io.Writer) error { return s.images.ExportFilesystem(r.Context(), b.ImageDigest, platform, w) }
 	case "oci":
 		name := builds.CanonicalName(b.ID)
 		if len(b.Tags) > 0 {
 			name = b.Tags[0]
 		}
 		export = func(w io.Writer) error {
-			return s.images.ExportImage(r.Context(), b.ImageDigest, s.registryHost+"/"+name, w)
+			return s.images.ExportImage(r.Context(), b.ImageDigest, s.registryHost+"/"+name, platform, w)
 		}
 	default:
 		writeError(w, http.StatusBadRequest, "bad_request", fmt.Sprintf("output type %q is unknown: use tar (the filesystem) or oci (the image)", typ))

@@ -139,6 +139,7 @@ func (s *Server) table(metrics http.Handler) []route {
 		{"GET /v1/builds/{id}/events", auth.ScopeBuildRead, http.HandlerFunc(s.buildEvents)},
 		{"GET /v1/builds/{id}/logs", auth.ScopeBuildRead, http.HandlerFunc(s.buildLogs)},
 		{"GET /v1/builds/{id}/output", auth.ScopeImageRead, http.HandlerFunc(s.buildOutput)},
+		{"GET /v1/builds/{id}/ssh", auth.ScopeBuildWrite, http.HandlerFunc(s.buildSSH)},
 
 		{"GET /v1/images", auth.ScopeImageRead, http.HandlerFunc(s.listImages)},
 		{"GET /v1/images/{name...}", auth.ScopeImageRead, http.HandlerFunc(s.getImage)},

@@ -34,8 +34,13 @@ type Request struct {
 
 	BuildArgs map[string]string `json:"build_args,omitempty"`
 	Target    string            `json:"target,omitempty"`
-	NoCache   bool              `json:"no_cache,omitempty"`
-	Pull      bool              `json:"pull,omitempty"`
+	// Platforms are the os/arch[/variant] the result is built for, in
+	// order; empty is the builder's own. More than one makes the result
+	// an image index with a manifest per platform. The builder runs a
+	// foreign platform's steps under QEMU user-mode emulation.
+	Platforms []string `json:"platforms,omitempty"`
+	NoCache   bool     `json:"no_cache,omitempty"`
+	Pull      bool     `json:"pull,omitempty"`
 
 	// Knobs of docker build: image labels (--label), manifest
 	// annotations (--annotation), extra /etc/hosts lines for RUN
@@ -54,6 +59,15 @@ type Request struct {
 	// Secrets are served to RUN --mount=type=secret through the session.
 	// Memory-only.
 	Secrets map[string][]byte `json:"-"`
+
+	// SSH are the ssh-agent ids RUN --mount=type=ssh may use (buildx
+	// --ssh; "default" is a mount's id when it names none); SSHAgent
+	// connects each. Plain data: a builder VM's agent dials them back to
+	// the host.
+	SSH []string `json:"ssh,omitempty"`
+	// SSHAgent opens the agent connections of SSH. Memory-only; never
+	// encoded.
+	SSHAgent SSHDialer `json:"-"`
 
 	// Push lists full image references (host/repo:tag) the result is
 	// pushed to. The first one is the canonical builds/<id> name.

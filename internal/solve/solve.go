@@ -168,6 +168,9 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 	if req.Target != "" {
 		attrs["target"] = req.Target
 	}
+	if len(req.Platforms) > 0 {
+		attrs["platform"] = strings.Join(req.Platforms, ",")
+	}
 	for k, v := range req.Labels {
 		attrs["label:"+k] = v
 	}
@@ -233,6 +236,7 @@ func solveOpt(req Request) (client.SolveOpt, error) {
 		Session: []session.Attachable{
 			secretsprovider.FromMap(req.Secrets),
 			newMemoryAuth(req.RegistryAuth),
+			newSSHAgents(req.SSH, req.SSHAgent),
 		},
 	}
 	if len(req.Push) > 0 {

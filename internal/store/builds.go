@@ -66,22 +66,25 @@ type Check struct {
 // BuildOptions are the request knobs, stored as JSON. Secrets are never
 // here: only their ids.
 type BuildOptions struct {
-	DockerfilePath    string            `json:"dockerfile_path,omitempty"`
-	InlineDockerfile  bool              `json:"inline_dockerfile,omitempty"`
-	BuildArgs         map[string]string `json:"build_args,omitempty"`
-	Target            string            `json:"target,omitempty"`
-	NoCache           bool              `json:"no_cache,omitempty"`
-	Pull              bool              `json:"pull,omitempty"`
-	SecretIDs         []string          `json:"secret_ids,omitempty"`
-	CPUs              int               `json:"cpus,omitempty"`
-	MemoryMB          int               `json:"memory_mb,omitempty"`
-	DiskGB            int               `json:"disk_gb,omitempty"`
-	TimeoutSeconds    int               `json:"timeout_seconds,omitempty"`
-	GlobalCacheKey    string            `json:"global_cache_key,omitempty"`
-	GlobalCacheExport bool              `json:"global_cache_export,omitempty"`
-	Admin             bool              `json:"admin,omitempty"` // submitter held build:admin
-	Network           string            `json:"network,omitempty"`
-	AllowedDomains    []string          `json:"allowed_domains,omitempty"`
+	DockerfilePath   string            `json:"dockerfile_path,omitempty"`
+	InlineDockerfile bool              `json:"inline_dockerfile,omitempty"`
+	BuildArgs        map[string]string `json:"build_args,omitempty"`
+	Target           string            `json:"target,omitempty"`
+	// Platforms are the normalized platforms asked for (--platform), in
+	// order; empty builds the builder's own.
+	Platforms         []string `json:"platforms,omitempty"`
+	NoCache           bool     `json:"no_cache,omitempty"`
+	Pull              bool     `json:"pull,omitempty"`
+	SecretIDs         []string `json:"secret_ids,omitempty"`
+	CPUs              int      `json:"cpus,omitempty"`
+	MemoryMB          int      `json:"memory_mb,omitempty"`
+	DiskGB            int      `json:"disk_gb,omitempty"`
+	TimeoutSeconds    int      `json:"timeout_seconds,omitempty"`
+	GlobalCacheKey    string   `json:"global_cache_key,omitempty"`
+	GlobalCacheExport bool     `json:"global_cache_export,omitempty"`
+	Admin             bool     `json:"admin,omitempty"` // submitter held build:admin
+	Network           string   `json:"network,omitempty"`
+	AllowedDomains    []string `json:"allowed_domains,omitempty"`
 	// docker build's knobs; AddHosts as "host=ip".
 	Labels      map[string]string `json:"labels,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
@@ -131,6 +134,9 @@ type BuildOptions struct {
 	// SBOM, when set, asks for an SBOM attestation made by a scanner
 	// image pinned at submission (kiln build --sbom).
 	SBOM *SBOMAttest `json:"sbom,omitempty"`
+	// SSH are the build's ssh-agent ids (--ssh), sorted by id; never a
+	// key or a socket.
+	SSH []SSHAgent `json:"ssh,omitempty"`
 }
 
 // SBOMAttest is an SBOM attestation request: the scanner (generator)

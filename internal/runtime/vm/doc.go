@@ -13,7 +13,10 @@
 // (and each named local context, --build-context NAME=DIR) is streamed
 // over the channel onto the volume, events come back over it, and
 // kiln's registry is reached through a "registry" tunnel (other registries
-// the build names through tunnels of their own), all of it per build. Builder.Run may be called again with builds of the same shape
+// the build names through tunnels of their own), and each ssh-agent
+// connection of a RUN --mount=type=ssh step comes back to the host as a
+// tunnel stream "ssh/<id>" served by the job's own solve.Request.SSHAgent
+// (no listener, no key in the guest), all of it per build. Builder.Run may be called again with builds of the same shape
 // (runtime.ShapeOf): nothing but the BuildKit cache on the volume crosses
 // from one build to the next. Builder.Stop has the agent stop buildkitd,
 // unmount the volume and exit, which powers the VM off.
@@ -64,6 +67,14 @@
 // the proxy, though, when it lies below a tunnelled host name
 // (cdn01.quay.io below quay.io): buildkitd's NO_PROXY holds the tunnelled
 // names, and a NO_PROXY entry covers the names below it.
+//
+// Platforms (platforms.go): a build may target what the builder image
+// runs natively (linux/amd64, linux/386) and what its QEMU user-mode
+// emulators run (Manifest.Emulates: linux/arm64, linux/arm/v6, v7,
+// linux/riscv64, linux/ppc64le, linux/s390x), which /init registers with
+// binfmt_misc in the guest and buildkitd then reports as its worker's.
+// CheckPlatforms refuses anything else at submission, as invalid input
+// naming what the server builds.
 //
 // Network (see network.go): an isolated build has no network card and
 // reaches only the registry tunnels. An egress build with allowed domains
