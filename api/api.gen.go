@@ -889,7 +889,7 @@ type ClientInterface interface {
 
 	// BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
 	//
-	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, type=tar is one platform's filesystem: the platform parameter's, default the server's own (kiln build -o writes each platform's into a directory of its own, as buildx does); type=oci is the whole image index (every platform's image and attestation manifests, no Docker manifest.json), or with platform that platform's image.
 	//
 	// Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
 	BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error)
@@ -1260,7 +1260,7 @@ func (c *Client) BuildLogs(ctx context.Context, id BuildID, reqEditors ...Reques
 
 // BuildOutput A succeeded build's result as a tar (needs build:read and image:read)
 //
-// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, type=tar is one platform's filesystem: the platform parameter's, default the server's own (kiln build -o writes each platform's into a directory of its own, as buildx does); type=oci is the whole image index (every platform's image and attestation manifests, no Docker manifest.json), or with platform that platform's image.
 //
 // Corresponds with GET /v1/builds/{id}/output (the `BuildOutput` operationId).
 func (c *Client) BuildOutput(ctx context.Context, id BuildID, params *BuildOutputParams, reqEditors ...RequestEditorFn) (*http.Response, error) {
@@ -2906,7 +2906,7 @@ type ClientWithResponsesInterface interface {
 
 	// BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
 	//
-	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
+	// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, type=tar is one platform's filesystem: the platform parameter's, default the server's own (kiln build -o writes each platform's into a directory of its own, as buildx does); type=oci is the whole image index (every platform's image and attestation manifests, no Docker manifest.json), or with platform that platform's image.
 	//
 	// Returns a wrapper object for the known response body format(s).
 	//
@@ -4657,7 +4657,7 @@ func (c *ClientWithResponses) BuildLogsWithResponse(ctx context.Context, id Buil
 
 // BuildOutputWithResponse A succeeded build's result as a tar (needs build:read and image:read)
 //
-// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, one platform's image: the platform parameter's, default the server's own (kiln build -o writes each platform of such a build into a directory of its own, as buildx does).
+// type=tar (default) is the image's flattened filesystem, what `--output type=local|tar` exports; type=oci is the image as an OCI image layout with a Docker manifest.json, which docker load, podman and skopeo import (`--output type=oci|docker`). A stream that ends without the tar's end marker failed midway. Of a multi-platform build, type=tar is one platform's filesystem: the platform parameter's, default the server's own (kiln build -o writes each platform's into a directory of its own, as buildx does); type=oci is the whole image index (every platform's image and attestation manifests, no Docker manifest.json), or with platform that platform's image.
 //
 // Returns a wrapper object for the known response body format(s).
 //

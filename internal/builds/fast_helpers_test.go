@@ -15,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -314,9 +315,17 @@ func endings(t *testing.T, s *Service, id string) {
 	if !store.Terminal(b.Status) {
 		t.Errorf("build %s is %s, not terminal", id, b.Status)
 	}
-	evs, err := s.Events(context.Background(), id, 0, 10000)
-	if err != nil {
-		t.Fatal(err)
+	// The record turns terminal a moment before its last events are
+	// written: wait for the end event (its absence fails below).
+	var evs []StoredEvent
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		evs, err = s.Events(context.Background(), id, 0, 10000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if slices.ContainsFunc(evs, func(e StoredEvent) bool { return e.Event.Kind == KindEnd }) || time.Now().After(deadline) {
+			break
+		}
 	}
 	var ends, terminal int
 	final := false

@@ -478,8 +478,8 @@ func (f *buildFlags) form(cmd *cobra.Command, dir string, stdin io.Reader, looku
 		n += len(strings.FieldsFunc(p, func(r rune) bool { return r == ',' }))
 	}
 	for _, o := range form.outputs {
-		if n > 1 && o.typ == "oci" {
-			return nil, usageError(cmd, "--output type=oci|docker writes one image, and --platform asks for %d: the multi-platform index is in kiln's registry (copy it with skopeo copy --all); use type=local or type=tar for each platform's files", n)
+		if n > 1 && o.docker {
+			return nil, usageError(cmd, "--output type=docker writes one image, and --platform asks for %d: use type=oci (the whole index, which docker load also reads), or type=local or type=tar for each platform's files", n)
 		}
 	}
 	if f.noCache {

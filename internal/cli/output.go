@@ -17,8 +17,9 @@ import (
 
 // output is one --output destination, as docker buildx spells them.
 type output struct {
-	typ  string // local, tar, oci (docker is oci: docker load reads both)
-	dest string // directory, file, or "-" for stdout
+	typ    string // local, tar, oci (docker is oci: docker load reads both)
+	dest   string // directory, file, or "-" for stdout
+	docker bool   // asked for as type=docker, which holds one image
 }
 
 // parseOutput reads one --output value: "type=local,dest=DIR",
@@ -79,7 +80,7 @@ func parseOutput(v string) (o *output, names []string, push bool, err error) {
 		return nil, nil, false, fmt.Errorf("--output %q: a local output needs a directory; use type=tar,dest=- for stdout", v)
 	}
 	if o.typ == "docker" {
-		o.typ = "oci"
+		o.typ, o.docker = "oci", true
 	}
 	return o, names, false, nil
 }
@@ -89,12 +90,9 @@ func parseOutput(v string) (o *output, names []string, push bool, err error) {
 // writes it: a local dest gets a directory per platform (linux_arm64/),
 // a tar has every platform's entries under such a directory.
 func fetchOutput(ctx context.Context, c *client, b api.Build, o *output, stdout io.Writer) (string, error) {
-	plats := []string{""} // the server's platform, or the only one
-	if b.Platforms != nil && len(*b.Platforms) > 1 {
+	plats := []string{""} // the server's platform, the only one, or the whole index
+	if b.Platforms != nil && len(*b.Platforms) > 1 && o.typ != "oci" {
 		plats = *b.Platforms
-		if o.typ == "oci" {
-			return "", fmt.Errorf("build %s is a multi-platform image index: an oci or docker tarball holds one image; its index is in kiln's registry (kiln images show, or skopeo copy --all)", b.Id)
-		}
 	}
 	get := func(platform string) (io.ReadCloser, error) {
 		typ := api.BuildOutputParamsType("tar")

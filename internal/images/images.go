@@ -401,3 +401,9 @@ func (s *Service) ExportFilesystem(ctx context.Context, digest, platform string,
 func (s *Service) ExportImage(ctx context.Context, digest, name, platform string, w io.Writer) error {
 	return s.conv.ExportOCI(ctx, digest, name, platform, w)
 }
+
+// ExportImageIndex writes index digest whole (every platform's image and
+// its attestations) as an OCI layout tar; name becomes its reference name.
+func (s *Service) ExportImageIndex(ctx context.Context, digest, name string, w io.Writer) error {
+	return s.conv.ExportOCIIndex(ctx, digest, name, w)
+}

@@ -211,34 +211,26 @@ func (s *Store) ExportOCI(ctx context.Context, dgst, name, platform string, w io
 	}
 	index, _ := json.Marshal(v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc}})
 	layout, _ := json.Marshal(v1.ImageLayout{Version: v1.ImageLayoutVersion})
-	blobPath := func(d digest.Digest) string { return "blobs/" + d.Algorithm().String() + "/" + d.Encoded() }
-	dockerManifest := []map[string]any{{"Config": blobPath(m.Config.Digest), "RepoTags": tags, "Layers": func() []string {
+	dockerManifest := []map[string]any{{"Config": blobName(m.Config.Digest), "RepoTags": tags, "Layers": func() []string {
 		var ls []string
 		for _, l := range img.layers {
-			ls = append(ls, blobPath(l.Digest))
+			ls = append(ls, blobName(l.Digest))
 		}
 		return ls
 	}()}}
 	docker, _ := json.Marshal(dockerManifest)
 
 	tw := tar.NewWriter(w)
-	file := func(name string, data []byte) error {
-		if err := tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(data)), Typeflag: tar.TypeReg}); err != nil {
-			return err
-		}
-		_, err := tw.Write(data)
-		return err
-	}
 	for _, d := range []string{"blobs/", "blobs/sha256/"} {
 		if err := tw.WriteHeader(&tar.Header{Name: d, Mode: 0o755, Typeflag: tar.TypeDir}); err != nil {
 			return fail(err)
 		}
 	}
-	if err := file(blobPath(desc.Digest), raw); err != nil {
+	if err := tarFile(tw, blobName(desc.Digest), raw); err != nil {
 		return fail(err)
 	}
 	for _, b := range append([]v1.Descriptor{*m.Config}, img.layers...) {
-		if err := copyBlob(ctx, s.src, tw, blobPath(b.Digest), b); err != nil {
+		if err := copyBlob(ctx, s.src, tw, blobName(b.Digest), b); err != nil {
 			return fail(err)
 		}
 	}
@@ -246,7 +238,7 @@ func (s *Store) ExportOCI(ctx context.Context, dgst, name, platform string, w io
 		name string
 		data []byte
 	}{{v1.ImageLayoutFile, layout}, {v1.ImageIndexFile, index}, {"manifest.json", docker}} {
-		if err := file(f.name, f.data); err != nil {
+		if err := tarFile(tw, f.name, f.data); err != nil {
 			return fail(err)
 		}
 	}

@@ -4,11 +4,16 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
+	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
 // ExportTar writes the same flattened tree a conversion builds: layers
@@ -77,5 +82,90 @@ func TestExportTarCarriesTheAppliedTree(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(s.dir, "by-digest", ".export-*")); len(left) > 0 {
 		t.Errorf("export left its staging behind: %v", left)
+	}
+}
+
+// An index exports whole, every manifest and blob once, under an
+// index.json naming it; ExportTar and ExportOCI pick the platform asked
+// for from it.
+func TestExportOfAnIndex(t *testing.T) {
+	r := startRegistry(t)
+	repo := "multi/export"
+	shared := makeLayer(t, "gzip", tarOf(t, fileE("shared", "both", 0o644)))
+	amd := r.pushImage(t, repo, "amd", "amd64", v1.ImageConfig{}, shared, makeLayer(t, "gzip", tarOf(t, fileE("arch", "amd64", 0o644))))
+	arm := r.pushImage(t, repo, "arm", "arm64", v1.ImageConfig{}, shared, makeLayer(t, "gzip", tarOf(t, fileE("arch", "arm64", 0o644))))
+	desc := func(d, arch string) v1.Descriptor {
+		_, body, _, err := r.Registry.Manifest(context.Background(), repo, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digestOf(d), Size: int64(len(body)), Platform: &v1.Platform{OS: "linux", Architecture: arch}}
+	}
+	idx := v1.Index{MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc(amd, "amd64"), desc(arm, "arm64")}}
+	idx.SchemaVersion = 2
+	index := r.PushManifest(t, repo, "multi", v1.MediaTypeImageIndex, mustJSON(t, idx))
+	s, err := Open(t.TempDir(), r.Registry, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+
+	var buf bytes.Buffer
+	if err := s.ExportOCIIndex(ctx, index, "kiln.test/multi/export:1", &buf); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string][]byte{}
+	tr := tar.NewReader(&buf)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, dup := files[h.Name]; dup {
+			t.Errorf("%s is in the layout twice", h.Name)
+		}
+		files[h.Name], _ = io.ReadAll(tr)
+	}
+	var top v1.Index
+	if err := json.Unmarshal(files["index.json"], &top); err != nil || len(top.Manifests) != 1 || top.Manifests[0].Digest.String() != index ||
+		top.Manifests[0].MediaType != v1.MediaTypeImageIndex || top.Manifests[0].Annotations[v1.AnnotationRefName] != "kiln.test/multi/export:1" {
+		t.Fatalf("index.json (%v): %s", err, files["index.json"])
+	}
+	for _, d := range []string{index, amd, arm} {
+		if b, ok := files["blobs/sha256/"+digestOf(d).Encoded()]; !ok || digest.FromBytes(b).String() != d {
+			t.Errorf("manifest %s is missing or damaged in the layout", d)
+		}
+	}
+	blobs := 0
+	for name := range files {
+		if strings.HasPrefix(name, "blobs/sha256/") && name != "blobs/sha256/" {
+			blobs++
+		}
+	}
+	// 3 manifests, 2 configs, 3 distinct layers (one shared).
+	if blobs != 8 {
+		t.Errorf("layout holds %d blobs, want 8", blobs)
+	}
+	if _, ok := files["manifest.json"]; ok {
+		t.Error("a Docker manifest.json cannot describe an index, but the layout has one")
+	}
+	if err := s.ExportOCIIndex(ctx, amd, "", io.Discard); err == nil {
+		t.Error("an image manifest exported as an index")
+	}
+
+	for arch, want := range map[string]string{"amd64": amd, "arm64": arm} {
+		buf.Reset()
+		if err := s.ExportOCI(ctx, index, "", "linux/"+arch, &buf); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Contains(buf.Bytes(), []byte(digestOf(want).Encoded())) {
+			t.Errorf("ExportOCI for linux/%s does not hold its manifest %s", arch, want)
+		}
+	}
+	if err := s.ExportOCI(ctx, index, "", "linux/s390x", io.Discard); err == nil || !strings.Contains(err.Error(), "linux/amd64, linux/arm64") {
+		t.Errorf("an export for a platform the index lacks: %v", err)
 	}
 }

@@ -700,6 +700,9 @@ func (s *Server) buildOutput(w http.ResponseWriter, r *http.Request) {
 			name = b.Tags[0]
 		}
 		export = func(w io.Writer) error {
+			if platform == "" && len(b.Options.Platforms) > 1 {
+				return s.images.ExportImageIndex(r.Context(), b.ImageDigest, s.registryHost+"/"+name, w)
+			}
 			return s.images.ExportImage(r.Context(), b.ImageDigest, s.registryHost+"/"+name, platform, w)
 		}
 	default:
