@@ -94,16 +94,7 @@ func TestExportOfAnIndex(t *testing.T) {
 	shared := makeLayer(t, "gzip", tarOf(t, fileE("shared", "both", 0o644)))
 	amd := r.pushImage(t, repo, "amd", "amd64", v1.ImageConfig{}, shared, makeLayer(t, "gzip", tarOf(t, fileE("arch", "amd64", 0o644))))
 	arm := r.pushImage(t, repo, "arm", "arm64", v1.ImageConfig{}, shared, makeLayer(t, "gzip", tarOf(t, fileE("arch", "arm64", 0o644))))
-	desc := func(d, arch string) v1.Descriptor {
-		_, body, _, err := r.Registry.Manifest(context.Background(), repo, d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digestOf(d), Size: int64(len(body)), Platform: &v1.Platform{OS: "linux", Architecture: arch}}
-	}
-	idx := v1.Index{MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc(amd, "amd64"), desc(arm, "arm64")}}
-	idx.SchemaVersion = 2
-	index := r.PushManifest(t, repo, "multi", v1.MediaTypeImageIndex, mustJSON(t, idx))
+	index := r.pushIndex(t, repo, "multi", [2]string{amd, "amd64"}, [2]string{arm, "arm64"})
 	s, err := Open(t.TempDir(), r.Registry, Options{})
 	if err != nil {
 		t.Fatal(err)

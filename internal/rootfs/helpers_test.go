@@ -3,13 +3,15 @@ package rootfs
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"encoding/json"
-	"github.com/kiln-build/kiln/internal/testkit"
 	"io"
 	"os"
 	"os/exec"
 	"testing"
 	"time"
+
+	"github.com/kiln-build/kiln/internal/testkit"
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
@@ -193,3 +195,21 @@ func listDir(t *testing.T, dir string) []string {
 }
 
 func digestOf(s string) digest.Digest { return digest.Digest(s) }
+
+// pushIndex pushes an OCI index of repo's images, each given as its
+// manifest digest and architecture (linux), in order, and returns its
+// digest.
+func (r *testRegistry) pushIndex(t *testing.T, repo, tag string, images ...[2]string) string {
+	t.Helper()
+	idx := v1.Index{MediaType: v1.MediaTypeImageIndex}
+	idx.SchemaVersion = 2
+	for _, im := range images {
+		_, body, _, err := r.Registry.Manifest(context.Background(), repo, im[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		idx.Manifests = append(idx.Manifests, v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digestOf(im[0]),
+			Size: int64(len(body)), Platform: &v1.Platform{OS: "linux", Architecture: im[1]}})
+	}
+	return r.PushManifest(t, repo, tag, v1.MediaTypeImageIndex, mustJSON(t, idx))
+}

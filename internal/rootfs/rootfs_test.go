@@ -343,16 +343,7 @@ func TestConvertPicksPlatformFromIndex(t *testing.T) {
 		makeLayer(t, "gzip", tarOf(t, fileE("arch", "amd64", 0o644))))
 	arm := r.pushImage(t, repo, "arm", "arm64", v1.ImageConfig{Cmd: []string{"arm64"}},
 		makeLayer(t, "gzip", tarOf(t, fileE("arch", "arm64", 0o644))))
-	desc := func(d, arch string) v1.Descriptor {
-		_, body, _, err := r.Registry.Manifest(context.Background(), repo, d)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return v1.Descriptor{MediaType: v1.MediaTypeImageManifest, Digest: digestOf(d), Size: int64(len(body)), Platform: &v1.Platform{OS: "linux", Architecture: arch}}
-	}
-	idx := v1.Index{MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc(arm, "arm64"), desc(amd, "amd64")}}
-	idx.SchemaVersion = 2
-	index := r.PushManifest(t, repo, "multi", v1.MediaTypeImageIndex, mustJSON(t, idx))
+	index := r.pushIndex(t, repo, "multi", [2]string{arm, "arm64"}, [2]string{amd, "amd64"})
 
 	res, err := Convert(context.Background(), r.Registry, index, filepath.Join(t.TempDir(), "out"), Options{})
 	if err != nil {
