@@ -629,7 +629,16 @@ func (s *Service) fetchGit(ctx context.Context, g buildcontext.GitContext, dir, 
 		if !registryAllowed(host, s.cfg.URLContextsAllowed) {
 			return forbidden("%s: this server does not fetch contexts from %s (context.url_allowed: %s); hosts on the server's own networks must be listed by host:port", field, host, strings.Join(s.cfg.URLContextsAllowed, ", "))
 		}
-		return s.checkFetch(hostName(host), field, o)
+		if err := s.checkFetch(hostName(host), field, o); err != nil {
+			return err
+		}
+		if !listed(host, s.cfg.URLContextsAllowed) {
+			// git dials by itself: its host is checked once, here.
+			if err := egress.CheckPublic(ctx, hostName(host)); err != nil {
+				return fmt.Errorf("%s: git host %s: %w", field, host, err)
+			}
+		}
+		return nil
 	}
 	if err := allow(g.Remote); err != nil {
 		return buildcontext.Info{}, g, err

@@ -16,8 +16,10 @@ import (
 	"time"
 
 	"github.com/kiln-build/kiln/internal/buildcontext"
+	"github.com/kiln-build/kiln/internal/egress"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/store"
+	"golang.org/x/net/http/httpproxy"
 )
 
 // HTTP(S) contexts (kiln build https://host/ctx.tar.gz, --build-context
@@ -69,7 +71,7 @@ func (s *Service) fetchURL(ctx context.Context, rawURL, dir, field string, o *st
 		Timeout: urlFetchTimeout,
 		Transport: &http.Transport{
 			Proxy:                 http.ProxyFromEnvironment,
-			DialContext:           (&net.Dialer{Timeout: 30 * time.Second}).DialContext,
+			DialContext:           s.fetchDialer(),
 			ResponseHeaderTimeout: urlHeaderTimeout,
 			TLSHandshakeTimeout:   30 * time.Second,
 		},
@@ -92,6 +94,11 @@ func (s *Service) fetchURL(ctx context.Context, rawURL, dir, field string, o *st
 		}
 		var de *errdefs.Error
 		if errors.As(err, &de) {
+			var dial *net.OpError
+			if errors.As(err, &dial) {
+				// A host allowed by a wildcard resolved to a private address.
+				return fetched{}, forbidden("%s: downloading %s: %v", field, u.Redacted(), dial)
+			}
 			return fetched{}, de // a redirect to where the build may not go
 		}
 		return fetched{}, badRequest("%s: downloading %s failed: %v; check the URL and that the kiln server can reach it", field, u.Redacted(), unwrapURLError(err))
@@ -226,4 +233,32 @@ func redactURL(s string) string {
 		return "the URL"
 	}
 	return u.Redacted()
+}
+
+// fetchDialer dials for URL context downloads: a host the operator listed
+// in context.url_allowed as it resolves, any other (allowed by a
+// wildcard) only at public addresses, checked on the address dialed. A
+// proxy from the environment is the operator's and is dialed as is.
+func (s *Service) fetchDialer() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	proxies := map[string]bool{}
+	env := httpproxy.FromEnvironment()
+	for _, p := range []string{env.HTTPProxy, env.HTTPSProxy} {
+		if u, err := url.Parse(p); err == nil && u.Host != "" {
+			port := u.Port()
+			if port == "" {
+				port = map[string]string{"https": "443"}[u.Scheme]
+			}
+			if port == "" {
+				port = "80"
+			}
+			proxies[strings.ToLower(net.JoinHostPort(u.Hostname(), port))] = true
+		}
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		d := net.Dialer{Timeout: 30 * time.Second}
+		if !proxies[strings.ToLower(addr)] && !listed(addr, s.cfg.URLContextsAllowed) {
+			d.Control = egress.PublicOnly
+		}
+		return d.DialContext(ctx, network, addr)
+	}
 }

@@ -185,7 +185,7 @@ func (c *Config) settings() []setting {
 		{"max_concurrent_builds", "2", "builds running at once across all cache scopes", kInt, &c.MaxConcurrent},
 		{"context.max_bytes", "2GiB", "largest build context upload (as sent, possibly compressed)", kBytes, &c.ContextMaxBytes},
 		{"context.max_uncompressed_bytes", "8GiB", "largest build context once uncompressed", kBytes, &c.ContextMaxUncompressedBytes},
-		{"context.url_allowed", "*", "hosts the server downloads http(s) build contexts from (kiln build https://host/ctx.tar.gz, --build-context NAME=https://...): host, host:port or *.domain, comma-separated; * for any public host (hosts on the server's own networks — localhost, loopback, private IPs — only when listed by host:port); empty for none", kList, &c.ContextURLAllowed},
+		{"context.url_allowed", "*", "hosts the server downloads http(s) build contexts from (kiln build https://host/ctx.tar.gz, --build-context NAME=https://...): host, host:port or *.domain, comma-separated; * for any public host (hosts on the server's own networks — localhost, loopback, private IPs — only when listed by host:port, and a host matched by a wildcard is fetched from only if it resolves to public addresses, git hosts too); empty for none", kList, &c.ContextURLAllowed},
 		{"context.max_entries", "1000000", "most files, directories and links in one build context", kInt, &c.ContextMaxEntries},
 		{"limits.cpus.default", "2", "CPUs a build gets when it asks for none", kInt, &c.CPUsDefault},
 		{"limits.cpus.max", "2", "most CPUs a build may ask for", kInt, &c.CPUsMax},
@@ -222,7 +222,7 @@ func (c *Config) settings() []setting {
 		{"mirror.endpoints", "{}", "upstream host → URL contacted instead, e.g. {\"docker.io\":\"https://dockerhub-cache.internal\"}", kObject, &c.MirrorEndpoints},
 		{"network.default", "egress", "network mode of builds that ask for none: egress or isolated", kString, &c.NetworkDefault},
 		{"network.allowed", "egress,isolated", "network modes builds may ask for (others get 403), comma-separated", kList, &c.NetworkAllowed},
-		{"registries.allowed", "*", "registries other than kiln's that builds may push to (kiln build --push), import or export caches from (--cache-from/--cache-to) and name in docker-image:// contexts, with the submitter's credentials: host, host:port or *.domain, comma-separated; * for any public host (hosts on the server's own networks — localhost, loopback, private IPs — only when listed by host:port); empty for none", kList, &c.RegistriesAllowed},
+		{"registries.allowed", "*", "registries other than kiln's that builds may push to (kiln build --push), import or export caches from (--cache-from/--cache-to) and name in docker-image:// contexts, with the submitter's credentials: host, host:port or *.domain, comma-separated; * for any public host (hosts on the server's own networks — localhost, loopback, private IPs — only when listed by host:port; with the vm runtime a registry matched by a wildcard is dialed at public addresses only); empty for none", kList, &c.RegistriesAllowed},
 		{"registries.insecure", "", "registries other than kiln's that builders reach over plain HTTP (loopback ones always are), comma-separated host:port", kList, &c.RegistriesInsecure},
 		{"shutdown_grace", "30s", "how long shutdown waits for running builds to stop", kDuration, &c.ShutdownGrace},
 	}

@@ -57,7 +57,11 @@
 // 443, or plain HTTP on 80 when listed in InsecureRegistries, which is
 // also what makes BuildKit speak plain HTTP to one with a port; docker.io
 // is registry-1.docker.io, as BuildKit names it. Whether the build may
-// reach a host at all is the server's decision, at submission. A
+// reach a host at all is the server's decision, at submission; where it
+// was allowed only by a wildcard (not in Job.ListedRegistries), the host
+// side dials public internet addresses only (egress.PublicOnly, on the
+// address dialed), so a name resolving into the server's own networks
+// reaches nothing there. A
 // builder's dialers are fixed when it starts; the hosts are part of its
 // shape, so every build it takes names the same ones. Only the hosts the
 // references name are tunnelled: a token realm or blob redirect on another

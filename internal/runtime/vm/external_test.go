@@ -41,6 +41,8 @@ func TestExternalRegistryIsReachedWithTheBuildsCredentials(t *testing.T) {
 		}))
 		j.Registry = guestRegistry
 		j.InsecureRegistries = append(j.InsecureRegistries, ext)
+		// On loopback: reached only because it is listed by host:port.
+		j.ListedRegistries = []string{ext}
 		return j
 	}
 

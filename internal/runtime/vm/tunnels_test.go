@@ -1,7 +1,10 @@
 package vm
 
 import (
+	"context"
+	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/guest"
 	"github.com/kiln-build/kiln/internal/progress"
 	"github.com/kiln-build/kiln/internal/runtime"
@@ -115,7 +119,7 @@ func TestRegistryTunnelsTellKilnFromExternalRegistries(t *testing.T) {
 			}
 			// The builder has a dialer for every tunnel, external ones to
 			// the host:port the name carries.
-			dialers := registryDialers(got, "127.0.0.1:1")
+			dialers := registryDialers(got, "127.0.0.1:1", nil)
 			var names []string
 			for _, tun := range got {
 				if dialers[tun.Name] == nil {
@@ -248,6 +252,59 @@ func TestAllowListBuilderSendsTunnelledRegistryNamesAroundTheProxy(t *testing.T)
 	for _, network := range []string{"isolated", "egress"} {
 		if s := setupOf(mk("b3", network)); s.Proxy != "" || s.NoProxy != nil {
 			t.Errorf("%s without allowed domains: proxy %q, no-proxy %v", network, s.Proxy, s.NoProxy)
+		}
+	}
+}
+
+// An external registry allowed by a wildcard is dialed at public
+// addresses only: named so that it resolves to the server's own networks
+// (here loopback, through "localhost"), it reaches nothing. Listed by
+// host:port (or as localhost), the same registry is reached.
+func TestExternalRegistryDialersReachPrivateAddressesOnlyWhenListed(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	tunnels, err := registryTunnels(runtime.Job{Registry: "127.0.0.1:7070",
+		Solve: solve.Request{Push: []string{"127.0.0.1:7070/app:1", "localhost:" + port + "/team/app:1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := externalTunnel + "127.0.0.1:" + port
+	for _, c := range []struct {
+		listed []string
+		ok     bool
+	}{
+		{nil, false},
+		{[]string{"registry.example.com:" + port}, false},
+		{[]string{"127.0.0.1:" + port}, true},
+		{[]string{"localhost:" + port}, true},
+		{[]string{"localhost"}, true},
+	} {
+		dial := registryDialers(tunnels, "127.0.0.1:1", c.listed)[name]
+		if dial == nil {
+			t.Fatalf("no dialer for %s among %v", name, tunnels)
+		}
+		conn, err := dial(context.Background())
+		if conn != nil {
+			conn.Close()
+		}
+		switch {
+		case c.ok && err != nil:
+			t.Errorf("listed %v: %v, want the registry reached", c.listed, err)
+		case !c.ok && (err == nil || !errors.Is(err, errdefs.ErrForbidden)):
+			t.Errorf("listed %v: %v, want a forbidden error for a private address", c.listed, err)
 		}
 	}
 }
