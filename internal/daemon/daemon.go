@@ -87,6 +87,10 @@ func Run(ctx context.Context, cfg config.Config, ln net.Listener, opts ...Option
 	level := slog.LevelInfo
 	level.UnmarshalText([]byte(cfg.LogLevel))
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	// Libraries that print through the standard logger (x/crypto's ssh
+	// agent server, refusing a build's attempt to add a key) land in the
+	// same structured log instead of bare lines on stderr.
+	slog.SetDefault(log)
 
 	host, err := config.ReadHost(cfg.DataDir)
 	if err != nil {
