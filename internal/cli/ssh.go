@@ -187,11 +187,16 @@ func startSSHSession(ctx context.Context, c *client, build string, agents map[st
 		defer close(done)
 		for try := 1; ; try++ {
 			err := serveSSHSession(ctx, c, build, agents)
-			if err == nil || ctx.Err() != nil {
-				return // the server ended it: the build is over
+			if ctx.Err() != nil {
+				return
 			}
+			// The server ends the session when the build ends; a
+			// connection that closed while it runs is opened again.
 			if b, gerr := c.getBuild(ctx, build); gerr == nil && terminal(b.Status) {
 				return
+			}
+			if err == nil {
+				err = errors.New("the connection closed while the build runs")
 			}
 			// A conflict is the server still holding the broken session
 			// until its keepalive gives up on it: try again.
@@ -211,7 +216,8 @@ func startSSHSession(ctx context.Context, c *client, build string, agents map[st
 }
 
 // serveSSHSession opens the build's ssh session and answers it until it
-// ends: nil when the server ended it.
+// ends: nil when its connection closed (the server ended it, or it
+// dropped), an error when it could not be opened or served.
 func serveSSHSession(ctx context.Context, c *client, build string, agents map[string]string) error {
 	conn, err := c.upgrade(ctx, "/v1/builds/"+build+"/ssh", sshrelay.Protocol)
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"regexp"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/yamux"
@@ -129,7 +130,8 @@ type Handler func(stream net.Conn)
 // Serve is the client's end of a session on conn, the upgraded connection:
 // it answers the server's agent connections with lookup(id)'s handler
 // until the session ends or ctx is done, and returns why it ended (nil
-// when the server closed it). lookup returns an error, which the server
+// when the connection closed: the server ended the session, or the
+// connection dropped; the build's status tells which). lookup returns an error, which the server
 // sees, for an id the client does not serve.
 func Serve(ctx context.Context, conn io.ReadWriteCloser, lookup func(id string) (Handler, error)) error {
 	mux, err := yamux.Server(conn, muxConfig())
@@ -146,7 +148,11 @@ func Serve(ctx context.Context, conn io.ReadWriteCloser, lookup func(id string) 
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			if errors.Is(err, io.EOF) || errors.Is(err, yamux.ErrSessionShutdown) {
+			// The server closing the connection surfaces as whichever
+			// of yamux's loops noticed first: a read's EOF or a write's
+			// broken pipe.
+			if errors.Is(err, io.EOF) || errors.Is(err, yamux.ErrSessionShutdown) || errors.Is(err, io.ErrClosedPipe) ||
+				errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
 				return nil
 			}
 			return err
