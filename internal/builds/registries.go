@@ -267,32 +267,6 @@ func registryAllowed(host string, allowed []string) bool {
 	return false
 }
 
-// listed reports whether host[:port] is named by an entry of allowed
-// itself (host or host:port), not only matched by a wildcard. Only listed
-// hosts may resolve to the server's own networks (egress.PublicOnly).
-func listed(host string, allowed []string) bool {
-	host = strings.ToLower(host)
-	for _, a := range allowed {
-		a = strings.ToLower(strings.TrimSpace(a))
-		if a == host || a == hostName(host) {
-			return true
-		}
-	}
-	return false
-}
-
-// listedEntries are the entries of allowed that name a host or
-// host:port, not a wildcard.
-func listedEntries(allowed []string) []string {
-	var out []string
-	for _, a := range allowed {
-		if a = strings.ToLower(strings.TrimSpace(a)); a != "" && !strings.Contains(a, "*") {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
 // localHost reports a name or IP on the server's own networks.
 func localHost(name string) bool {
 	if name == "localhost" || strings.HasSuffix(name, ".localhost") {

@@ -632,7 +632,7 @@ func (s *Service) fetchGit(ctx context.Context, g buildcontext.GitContext, dir, 
 		if err := s.checkFetch(hostName(host), field, o); err != nil {
 			return err
 		}
-		if !listed(host, s.cfg.URLContextsAllowed) {
+		if !egress.Listed(host, s.cfg.URLContextsAllowed) {
 			// git dials by itself: its host is checked once, here.
 			if err := egress.CheckPublic(ctx, hostName(host)); err != nil {
 				return fmt.Errorf("%s: git host %s: %w", field, host, err)

@@ -256,7 +256,7 @@ func (s *Service) fetchDialer() func(ctx context.Context, network, addr string) 
 	}
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		d := net.Dialer{Timeout: 30 * time.Second}
-		if !proxies[strings.ToLower(addr)] && !listed(addr, s.cfg.URLContextsAllowed) {
+		if !proxies[strings.ToLower(addr)] && !egress.Listed(addr, s.cfg.URLContextsAllowed) {
 			d.Control = egress.PublicOnly
 		}
 		return d.DialContext(ctx, network, addr)

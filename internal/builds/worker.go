@@ -483,7 +483,7 @@ func (s *Service) job(b Build, vol *cachevol.Volume, mem *attachment) (runtime.J
 		},
 		Registry:           host,
 		InsecureRegistries: insecure,
-		ListedRegistries:   listedEntries(s.cfg.ExternalRegistries),
+		AllowedRegistries:  s.cfg.ExternalRegistries,
 		CPUs:               b.Options.CPUs,
 		MemoryMB:           b.Options.MemoryMB,
 		Network:            b.Options.Network,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 
 	"github.com/kiln-build/kiln/internal/errdefs"
@@ -57,6 +58,35 @@ func CheckPublic(ctx context.Context, host string) error {
 
 func notPublic(a netip.Addr) error {
 	return errdefs.Forbidden("%s is not a public internet address (it is on the server's own or a private network), and the host was allowed only by a wildcard: the operator must list it by host:port to allow it", a)
+}
+
+// Listed reports whether an entry of allowed (an operator's list of
+// host, host:port and *.domain entries) names host[:port] itself rather
+// than matching it by a wildcard: only such a host may lead into the
+// server's own networks. localhost and 127.0.0.1 are one host, as the
+// vm runtime tunnels the one to the other.
+func Listed(host string, allowed []string) bool {
+	host = strings.ToLower(host)
+	name, port, err := net.SplitHostPort(host)
+	if err != nil {
+		name, port = host, ""
+	}
+	names := []string{name}
+	switch name {
+	case "localhost":
+		names = append(names, "127.0.0.1")
+	case "127.0.0.1":
+		names = append(names, "localhost")
+	}
+	for _, a := range allowed {
+		a = strings.ToLower(strings.TrimSpace(a))
+		for _, n := range names {
+			if a == n || port != "" && a == net.JoinHostPort(n, port) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // DialPublic dials address (host:port), refusing addresses that are not

@@ -38,13 +38,13 @@ type Job struct {
 	// embedded registry on loopback, and those the operator listed in
 	// registries.insecure).
 	InsecureRegistries []string
-	// ListedRegistries are the registries.allowed entries that name a
-	// host or host:port rather than a wildcard. A runtime that dials
-	// external registries for the builder (vm) dials these as they
-	// resolve and every other external registry at public internet
-	// addresses only (egress.PublicOnly), so a name that resolves to the
-	// server's own networks reaches nothing there.
-	ListedRegistries []string
+	// AllowedRegistries is registries.allowed as the operator set it. A
+	// runtime that dials external registries for the builder (vm) dials
+	// those an entry names itself (egress.Listed) as they resolve, and
+	// those only a wildcard allowed at public internet addresses only
+	// (egress.PublicOnly), so a name that resolves into the server's own
+	// networks reaches nothing there.
+	AllowedRegistries []string
 
 	CPUs     int
 	MemoryMB int

@@ -176,7 +176,7 @@ func (r *Runtime) startBuilder(ctx context.Context, job runtime.Job, sink progre
 		return nil, err
 	}
 	gjob = b.withNetwork(gjob)
-	tunnels := registryDialers(gjob.Tunnels, r.cfg.RegistryAddr, job.ListedRegistries)
+	tunnels := registryDialers(gjob.Tunnels, r.cfg.RegistryAddr, job.AllowedRegistries)
 	if b.netw.dialer != nil {
 		tunnels[b.netw.tunnel.Name] = b.netw.dialer
 	}

@@ -58,7 +58,7 @@
 // also what makes BuildKit speak plain HTTP to one with a port; docker.io
 // is registry-1.docker.io, as BuildKit names it. Whether the build may
 // reach a host at all is the server's decision, at submission; where it
-// was allowed only by a wildcard (not in Job.ListedRegistries), the host
+// was allowed only by a wildcard (egress.Listed: not named in Job.AllowedRegistries itself), the host
 // side dials public internet addresses only (egress.PublicOnly, on the
 // address dialed), so a name resolving into the server's own networks
 // reaches nothing there. A

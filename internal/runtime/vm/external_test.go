@@ -42,7 +42,7 @@ func TestExternalRegistryIsReachedWithTheBuildsCredentials(t *testing.T) {
 		j.Registry = guestRegistry
 		j.InsecureRegistries = append(j.InsecureRegistries, ext)
 		// On loopback: reached only because it is listed by host:port.
-		j.ListedRegistries = []string{ext}
+		j.AllowedRegistries = []string{ext}
 		return j
 	}
 

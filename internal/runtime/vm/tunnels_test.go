@@ -283,16 +283,17 @@ func TestExternalRegistryDialersReachPrivateAddressesOnlyWhenListed(t *testing.T
 	}
 	name := externalTunnel + "127.0.0.1:" + port
 	for _, c := range []struct {
-		listed []string
-		ok     bool
+		allowed []string
+		ok      bool
 	}{
 		{nil, false},
+		{[]string{"*"}, false},
 		{[]string{"registry.example.com:" + port}, false},
 		{[]string{"127.0.0.1:" + port}, true},
 		{[]string{"localhost:" + port}, true},
 		{[]string{"localhost"}, true},
 	} {
-		dial := registryDialers(tunnels, "127.0.0.1:1", c.listed)[name]
+		dial := registryDialers(tunnels, "127.0.0.1:1", c.allowed)[name]
 		if dial == nil {
 			t.Fatalf("no dialer for %s among %v", name, tunnels)
 		}
@@ -302,9 +303,9 @@ func TestExternalRegistryDialersReachPrivateAddressesOnlyWhenListed(t *testing.T
 		}
 		switch {
 		case c.ok && err != nil:
-			t.Errorf("listed %v: %v, want the registry reached", c.listed, err)
+			t.Errorf("allowed %v: %v, want the registry reached", c.allowed, err)
 		case !c.ok && (err == nil || !errors.Is(err, errdefs.ErrForbidden)):
-			t.Errorf("listed %v: %v, want a forbidden error for a private address", c.listed, err)
+			t.Errorf("allowed %v: %v, want a forbidden error for a private address", c.allowed, err)
 		}
 	}
 }

@@ -444,22 +444,19 @@ func tunnelTarget(t guest.Tunnel) string {
 // registryDialers are the host-side dialers of a builder's tunnels: kiln's
 // registry where it really listens (addr), each external registry at the
 // host:port its tunnel names, resolved and dialed from the host — at
-// public internet addresses only unless the operator listed it (listed:
-// host or host:port entries of registries.allowed), so a name allowed by
-// a wildcard cannot lead a builder into the server's own networks. A
+// public internet addresses only unless an entry of allowed
+// (registries.allowed) names it itself, so a name allowed by a wildcard
+// cannot lead a builder into the server's own networks. A
 // builder's set is fixed when it starts; builders are reused only for jobs
 // of the same shape, which names the same registries.
-func registryDialers(tunnels []guest.Tunnel, kiln string, listed []string) map[string]guest.Dialer {
+func registryDialers(tunnels []guest.Tunnel, kiln string, allowed []string) map[string]guest.Dialer {
 	m := map[string]guest.Dialer{"registry": guest.DialTCP(kiln)}
 	for _, t := range tunnels {
 		addr, ok := strings.CutPrefix(t.Name, externalTunnel)
 		if !ok {
 			continue
 		}
-		host, port, _ := net.SplitHostPort(addr)
-		// A registry named localhost is tunnelled to 127.0.0.1.
-		local := host == "127.0.0.1" && (slices.Contains(listed, "localhost") || slices.Contains(listed, "localhost:"+port))
-		if local || slices.Contains(listed, addr) || slices.Contains(listed, host) {
+		if egress.Listed(addr, allowed) {
 			m[t.Name] = guest.DialTCP(addr)
 			continue
 		}
