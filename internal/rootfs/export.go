@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	specs "github.com/opencontainers/image-spec/specs-go"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 	"golang.org/x/sys/unix"
 )
@@ -209,8 +208,6 @@ func (s *Store) ExportOCI(ctx context.Context, dgst, name, platform string, w io
 		desc.Annotations = map[string]string{v1.AnnotationRefName: name}
 		tags = []string{name}
 	}
-	index, _ := json.Marshal(v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc}})
-	layout, _ := json.Marshal(v1.ImageLayout{Version: v1.ImageLayoutVersion})
 	dockerManifest := []map[string]any{{"Config": blobName(m.Config.Digest), "RepoTags": tags, "Layers": func() []string {
 		var ls []string
 		for _, l := range img.layers {
@@ -219,30 +216,11 @@ func (s *Store) ExportOCI(ctx context.Context, dgst, name, platform string, w io
 		return ls
 	}()}}
 	docker, _ := json.Marshal(dockerManifest)
-
-	tw := tar.NewWriter(w)
-	for _, d := range []string{"blobs/", "blobs/sha256/"} {
-		if err := tw.WriteHeader(&tar.Header{Name: d, Mode: 0o755, Typeflag: tar.TypeDir}); err != nil {
-			return fail(err)
-		}
+	content := layoutContent{
+		manifests: []manifestBlob{{desc.Digest, raw}},
+		blobs:     append([]v1.Descriptor{*m.Config}, img.layers...),
 	}
-	if err := tarFile(tw, blobName(desc.Digest), raw); err != nil {
-		return fail(err)
-	}
-	for _, b := range append([]v1.Descriptor{*m.Config}, img.layers...) {
-		if err := copyBlob(ctx, s.src, tw, blobName(b.Digest), b); err != nil {
-			return fail(err)
-		}
-	}
-	for _, f := range []struct {
-		name string
-		data []byte
-	}{{v1.ImageLayoutFile, layout}, {v1.ImageIndexFile, index}, {"manifest.json", docker}} {
-		if err := tarFile(tw, f.name, f.data); err != nil {
-			return fail(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
+	if err := writeLayout(ctx, s.src, w, desc, content, map[string][]byte{"manifest.json": docker}); err != nil {
 		return fail(err)
 	}
 	return nil

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 
 	"github.com/opencontainers/go-digest"
 	specs "github.com/opencontainers/image-spec/specs-go"
@@ -39,73 +41,41 @@ func (s *Store) ExportOCIIndex(ctx context.Context, dgst, name string, w io.Writ
 
 	// Manifests are read (and checked) before anything is written, so a
 	// missing child fails the export with a clean error answer.
-	w2 := &layoutWriter{seen: map[digest.Digest]bool{}}
-	if err := w2.walk(ctx, s.src, root, raw, 0); err != nil {
+	content := layoutContent{seen: map[digest.Digest]bool{}}
+	if err := content.walk(ctx, s.src, root, raw, 0); err != nil {
 		return fail(err)
 	}
 	desc := v1.Descriptor{MediaType: mediaType, Digest: root, Size: int64(len(raw))}
 	if name != "" {
 		desc.Annotations = map[string]string{v1.AnnotationRefName: name}
 	}
-	index, _ := json.Marshal(v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{desc}})
-	layout, _ := json.Marshal(v1.ImageLayout{Version: v1.ImageLayoutVersion})
-
-	tw := tar.NewWriter(w)
-	dirs := map[string]bool{}
-	for _, d := range append(w2.manifestOrder, w2.blobs...) {
-		dir := "blobs/" + d.Digest.Algorithm().String() + "/"
-		for _, p := range []string{"blobs/", dir} {
-			if !dirs[p] {
-				dirs[p] = true
-				if err := tw.WriteHeader(&tar.Header{Name: p, Mode: 0o755, Typeflag: tar.TypeDir}); err != nil {
-					return fail(err)
-				}
-			}
-		}
-	}
-	for _, d := range w2.manifestOrder {
-		if err := tarFile(tw, blobName(d.Digest), w2.manifests[d.Digest]); err != nil {
-			return fail(err)
-		}
-	}
-	for _, b := range w2.blobs {
-		if err := copyBlob(ctx, s.src, tw, blobName(b.Digest), b); err != nil {
-			return fail(err)
-		}
-	}
-	for _, f := range []struct {
-		name string
-		data []byte
-	}{{v1.ImageLayoutFile, layout}, {v1.ImageIndexFile, index}} {
-		if err := tarFile(tw, f.name, f.data); err != nil {
-			return fail(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
+	if err := writeLayout(ctx, s.src, w, desc, content, nil); err != nil {
 		return fail(err)
 	}
 	return nil
 }
 
-// layoutWriter collects what an index export writes: each manifest's
-// bytes (read once) and each config and layer descriptor, once.
-type layoutWriter struct {
-	seen          map[digest.Digest]bool
-	manifests     map[digest.Digest][]byte
-	manifestOrder []v1.Descriptor
-	blobs         []v1.Descriptor
+// layoutContent is what an OCI image layout holds besides its index.json:
+// manifests (their bytes, read once) and the configs and layers they
+// name, each once.
+type layoutContent struct {
+	seen      map[digest.Digest]bool
+	manifests []manifestBlob
+	blobs     []v1.Descriptor
 }
 
-func (l *layoutWriter) walk(ctx context.Context, src Source, d digest.Digest, raw []byte, depth int) error {
+type manifestBlob struct {
+	digest digest.Digest
+	raw    []byte
+}
+
+// walk adds manifest d (raw) and everything below it.
+func (l *layoutContent) walk(ctx context.Context, src Source, d digest.Digest, raw []byte, depth int) error {
 	if depth > maxIndexDepth {
 		return unconvertiblef("image indexes nested deeper than %d levels", maxIndexDepth)
 	}
-	if l.manifests == nil {
-		l.manifests = map[digest.Digest][]byte{}
-	}
 	l.seen[d] = true
-	l.manifests[d] = raw
-	l.manifestOrder = append(l.manifestOrder, v1.Descriptor{Digest: d, Size: int64(len(raw))})
+	l.manifests = append(l.manifests, manifestBlob{d, raw})
 	var doc manifestDoc
 	if err := json.Unmarshal(raw, &doc); err != nil {
 		return fmt.Errorf("decode manifest %s: %w", d, err)
@@ -133,6 +103,59 @@ func (l *layoutWriter) walk(ctx context.Context, src Source, d digest.Digest, ra
 		}
 	}
 	return nil
+}
+
+// writeLayout writes an OCI image layout tar to w: the blob directories,
+// c's manifests and blobs (copied from src, verified), oci-layout, an
+// index.json naming root, then extra files (name → content).
+func writeLayout(ctx context.Context, src Source, w io.Writer, root v1.Descriptor, c layoutContent, extra map[string][]byte) error {
+	tw := tar.NewWriter(w)
+	dirs := map[string]bool{}
+	dir := func(d digest.Digest) error {
+		for _, p := range []string{"blobs/", "blobs/" + d.Algorithm().String() + "/"} {
+			if !dirs[p] {
+				dirs[p] = true
+				if err := tw.WriteHeader(&tar.Header{Name: p, Mode: 0o755, Typeflag: tar.TypeDir}); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	for _, m := range c.manifests {
+		if err := dir(m.digest); err != nil {
+			return err
+		}
+	}
+	for _, b := range c.blobs {
+		if err := dir(b.Digest); err != nil {
+			return err
+		}
+	}
+	for _, m := range c.manifests {
+		if err := tarFile(tw, blobName(m.digest), m.raw); err != nil {
+			return err
+		}
+	}
+	for _, b := range c.blobs {
+		if err := copyBlob(ctx, src, tw, blobName(b.Digest), b); err != nil {
+			return err
+		}
+	}
+	index, _ := json.Marshal(v1.Index{Versioned: specs.Versioned{SchemaVersion: 2}, MediaType: v1.MediaTypeImageIndex, Manifests: []v1.Descriptor{root}})
+	layout, _ := json.Marshal(v1.ImageLayout{Version: v1.ImageLayoutVersion})
+	if err := tarFile(tw, v1.ImageLayoutFile, layout); err != nil {
+		return err
+	}
+	if err := tarFile(tw, v1.ImageIndexFile, index); err != nil {
+		return err
+	}
+	for _, name := range slices.Sorted(maps.Keys(extra)) {
+		if err := tarFile(tw, name, extra[name]); err != nil {
+			return err
+		}
+	}
+	return tw.Close()
 }
 
 // blobName is a blob's path in an OCI image layout.
