@@ -52,10 +52,6 @@ import (
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 )
 
-// maxManifestBytes is the largest manifest kiln reads to index; the
-// same limit distribution applies to a manifest push.
-const maxManifestBytes = 4 << 20
-
 var (
 	referrersPath = regexp.MustCompile(`^/v2/(.+)/referrers/([^/]+)$`)
 	blobPath      = regexp.MustCompile(`^/v2/(.+)/blobs/([^/]+)$`)
@@ -442,7 +438,7 @@ func (r *Registry) backfillReferrers(ctx context.Context, repo string) error {
 	return nil
 }
 
-// errManifestTooLarge: a stored manifest larger than maxManifestBytes.
+// errManifestTooLarge: a stored manifest larger than MaxManifestSize.
 var errManifestTooLarge = errors.New("manifest larger than 4 MiB")
 
 // manifestBytes reads manifest d from the content store, refusing one
@@ -453,11 +449,11 @@ func (r *Registry) manifestBytes(ctx context.Context, d digest.Digest) ([]byte, 
 		return nil, err
 	}
 	defer rc.Close()
-	body, err := io.ReadAll(io.LimitReader(rc, maxManifestBytes+1))
+	body, err := io.ReadAll(io.LimitReader(rc, MaxManifestSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("read manifest %s: %w", d, err)
 	}
-	if len(body) > maxManifestBytes {
+	if len(body) > MaxManifestSize {
 		return nil, fmt.Errorf("manifest %s: %w", d, errManifestTooLarge)
 	}
 	return body, nil
@@ -482,21 +478,19 @@ func (r *Registry) manifest11(w http.ResponseWriter, req *http.Request, repo, re
 		}
 		req = withPath(req, "/v2/"+repo+"/manifests/"+canon.String())
 		rw := &digestRewriter{ResponseWriter: w, want: d}
-		if req.Method == http.MethodDelete {
-			rw.after = func() { _ = r.driver.Delete(context.WithoutCancel(req.Context()), aliasPath(repo, d)) }
-		}
+		rw.after = func() { _ = r.driver.Delete(context.WithoutCancel(req.Context()), aliasPath(repo, d)) }
 		return rw, req, false
 	case http.MethodPut:
 	default:
 		return w, req, false
 	}
-	body, err := io.ReadAll(io.LimitReader(req.Body, maxManifestBytes+1))
+	body, err := io.ReadAll(io.LimitReader(req.Body, MaxManifestSize+1))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "MANIFEST_INVALID", "read manifest: "+err.Error())
 		return w, req, true
 	}
-	if len(body) > maxManifestBytes {
-		writeError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", "manifest larger than 4 MiB")
+	if len(body) > MaxManifestSize {
+		writeError(w, http.StatusRequestEntityTooLarge, "SIZE_INVALID", errManifestTooLarge.Error())
 		return w, req, true
 	}
 	req.Body = io.NopCloser(bytes.NewReader(body))
