@@ -5,9 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
-	"net/url"
-	"regexp"
 
 	"github.com/spf13/cobra"
 
@@ -40,7 +37,7 @@ func imageShowCommand(g *globals) *cobra.Command {
 		if r.JSON200 == nil {
 			return fmt.Errorf("show image %s: server answered %d without the image", args[0], r.StatusCode())
 		}
-		info, err := inspectImage(ctx, &registryReader{cl: cl}, *r.JSON200)
+		info, err := inspectImage(ctx, cl, *r.JSON200)
 		if err != nil {
 			return err
 		}
@@ -78,9 +75,6 @@ type manifestDoc struct {
 	} `json:"layers"`
 }
 
-const manifestAccept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, " +
-	"application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"
-
 // imageInfo is what images show prints, as a table or as JSON.
 type imageInfo struct {
 	Name         string          `json:"name"`
@@ -109,10 +103,10 @@ type predicate struct {
 
 // inspectImage reads im's manifest (and its attestation manifests) from
 // kiln's registry.
-func inspectImage(ctx context.Context, reg *registryReader, im api.Image) (imageInfo, error) {
+func inspectImage(ctx context.Context, cl *client, im api.Image) (imageInfo, error) {
 	info := imageInfo{Name: im.Name, Digest: im.Digest, Type: "manifest", Attestations: []attestation{}}
 	repo := im.Repository
-	body, err := reg.get(ctx, repo, "manifests/"+im.Digest, manifestAccept)
+	body, _, err := cl.readManifest(ctx, repo, im.Digest)
 	if err != nil {
 		return info, err
 	}
@@ -126,7 +120,7 @@ func inspectImage(ctx context.Context, reg *registryReader, im api.Image) (image
 	info.Type = "index"
 	for _, m := range doc.Manifests {
 		if m.Annotations["vnd.docker.reference.type"] == "attestation-manifest" {
-			body, err := reg.get(ctx, repo, "manifests/"+m.Digest, manifestAccept)
+			body, _, err := cl.readManifest(ctx, repo, m.Digest)
 			if err != nil {
 				return info, err
 			}
@@ -178,88 +172,4 @@ func printImageInfo(w io.Writer, info imageInfo) {
 			fmt.Fprintf(w, "    %-32s %s (%d bytes)\n", p.Type, p.Digest, p.Size)
 		}
 	}
-}
-
-// registryReader reads kiln's registry as an OCI client: it meets the
-// registry's bearer challenge with the CLI's token and asks again.
-type registryReader struct {
-	cl     *client
-	tokens map[string]string // repository → registry token
-}
-
-var challengeRE = regexp.MustCompile(`(\w+)="([^"]*)"`)
-
-func (r *registryReader) get(ctx context.Context, repo, path, accept string) ([]byte, error) {
-	do := func(bearer string) (*http.Response, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.cl.base+"/v2/"+repo+"/"+path, nil)
-		if err != nil {
-			return nil, err
-		}
-		if accept != "" {
-			req.Header.Set("Accept", accept)
-		}
-		if bearer != "" {
-			req.Header.Set("Authorization", "Bearer "+bearer)
-		}
-		return r.cl.http.Do(req)
-	}
-	if r.tokens == nil {
-		r.tokens = map[string]string{}
-	}
-	resp, err := do(r.tokens[repo])
-	if err != nil {
-		return nil, fmt.Errorf("read %s from kiln's registry: %w", repo, err)
-	}
-	if resp.StatusCode == http.StatusUnauthorized {
-		resp.Body.Close()
-		tok, err := r.token(ctx, repo, resp.Header.Get("WWW-Authenticate"))
-		if err != nil {
-			return nil, err
-		}
-		r.tokens[repo] = tok
-		if resp, err = do(tok); err != nil {
-			return nil, fmt.Errorf("read %s from kiln's registry: %w", repo, err)
-		}
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("read %s/%s from kiln's registry: %s", repo, path, resp.Status)
-	}
-	return body, nil
-}
-
-func (r *registryReader) token(ctx context.Context, repo, challenge string) (string, error) {
-	params := map[string]string{}
-	for _, m := range challengeRE.FindAllStringSubmatch(challenge, -1) {
-		params[m[1]] = m[2]
-	}
-	if params["realm"] == "" {
-		return "", fmt.Errorf("kiln's registry answered 401 without a bearer challenge (%q)", challenge)
-	}
-	q := url.Values{"service": {params["service"]}, "scope": {"repository:" + repo + ":pull"}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, params["realm"]+"?"+q.Encode(), nil)
-	if err != nil {
-		return "", err
-	}
-	req.SetBasicAuth("kiln", r.cl.token)
-	resp, err := r.cl.http.Do(req)
-	if err != nil {
-		return "", fmt.Errorf("registry token: %w", err)
-	}
-	defer resp.Body.Close()
-	var tr struct {
-		Token       string `json:"token"`
-		AccessToken string `json:"access_token"`
-	}
-	if resp.StatusCode != http.StatusOK || json.NewDecoder(resp.Body).Decode(&tr) != nil {
-		return "", fmt.Errorf("registry token for %s: %s", repo, resp.Status)
-	}
-	if tr.Token == "" {
-		tr.Token = tr.AccessToken
-	}
-	return tr.Token, nil
 }

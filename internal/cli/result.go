@@ -162,34 +162,11 @@ func (c *client) manifestDescriptor(ctx context.Context, repos []string, digest 
 }
 
 func (c *client) fetchManifest(ctx context.Context, repo, digest string) (ociDescriptor, string, error) {
-	u, err := url.Parse(c.base)
+	body, contentType, err := c.readManifest(ctx, repo, digest)
 	if err != nil {
 		return ociDescriptor{}, "", err
 	}
 	what := fmt.Sprintf("manifest %s@%s", repo, digest)
-	target := u.Scheme + "://" + u.Host + "/v2/" + repo + "/manifests/" + digest
-	resp, err := c.registryGet(ctx, target)
-	if err != nil {
-		return ociDescriptor{}, "", fmt.Errorf("%s: %w", what, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
-		return ociDescriptor{}, "", fmt.Errorf("%s: registry answered %d: %s", what, resp.StatusCode, strings.TrimSpace(string(body)))
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifest+1))
-	if err != nil {
-		return ociDescriptor{}, "", fmt.Errorf("%s: %w", what, err)
-	}
-	if len(body) > maxManifest {
-		return ociDescriptor{}, "", fmt.Errorf("%s: larger than %s", what, humanSize(maxManifest))
-	}
-	if algo, hexSum, ok := strings.Cut(digest, ":"); ok && algo == "sha256" {
-		sum := sha256.Sum256(body)
-		if hex.EncodeToString(sum[:]) != hexSum {
-			return ociDescriptor{}, "", fmt.Errorf("%s: the registry's manifest does not match its digest", what)
-		}
-	}
 	var m struct {
 		MediaType string `json:"mediaType"`
 		Config    struct {
@@ -201,9 +178,43 @@ func (c *client) fetchManifest(ctx context.Context, repo, digest string) (ociDes
 	}
 	mediaType := m.MediaType
 	if mediaType == "" {
-		mediaType, _, _ = strings.Cut(resp.Header.Get("Content-Type"), ";")
+		mediaType, _, _ = strings.Cut(contentType, ";")
 	}
 	return ociDescriptor{MediaType: mediaType, Digest: digest, Size: int64(len(body))}, m.Config.Digest, nil
+}
+
+// readManifest reads repo@digest from kiln's registry, checked against
+// its digest, and returns it with the Content-Type it was served as.
+func (c *client) readManifest(ctx context.Context, repo, digest string) ([]byte, string, error) {
+	u, err := url.Parse(c.base)
+	if err != nil {
+		return nil, "", err
+	}
+	what := fmt.Sprintf("manifest %s@%s", repo, digest)
+	target := u.Scheme + "://" + u.Host + "/v2/" + repo + "/manifests/" + digest
+	resp, err := c.registryGet(ctx, target)
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", what, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+		return nil, "", fmt.Errorf("%s: registry answered %d: %s", what, resp.StatusCode, strings.TrimSpace(string(body)))
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxManifest+1))
+	if err != nil {
+		return nil, "", fmt.Errorf("%s: %w", what, err)
+	}
+	if len(body) > maxManifest {
+		return nil, "", fmt.Errorf("%s: larger than %s", what, humanSize(maxManifest))
+	}
+	if algo, hexSum, ok := strings.Cut(digest, ":"); ok && algo == "sha256" {
+		sum := sha256.Sum256(body)
+		if hex.EncodeToString(sum[:]) != hexSum {
+			return nil, "", fmt.Errorf("%s: the registry's manifest does not match its digest", what)
+		}
+	}
+	return body, resp.Header.Get("Content-Type"), nil
 }
 
 // registryGet GETs a registry URL, answering the registry's Bearer
