@@ -104,7 +104,7 @@ type buildForm struct {
 	// sshAgents are the --ssh agents forwarded through the build's ssh
 	// session (id → socket); sshKeys the key files sent with it.
 	sshAgents map[string]string
-	sshKeys   []sshKeyFile
+	sshKeys   []secret
 }
 
 type namedDir struct{ name, dir string }
@@ -644,10 +644,9 @@ func (f *buildFlags) otherContext(form *buildForm, arg string, stdin io.Reader, 
 
 // wipe overwrites the secret values once they have been sent.
 func (form *buildForm) wipe() {
-	for _, s := range form.secrets {
+	for _, s := range slices.Concat(form.secrets, form.sshKeys) {
 		clear(s.value)
 	}
-	form.wipeSSH()
 	clear(form.registryAuth)
 }
 

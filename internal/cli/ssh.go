@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"maps"
-	"mime/multipart"
 	"net"
 	"net/http"
 	"os"
@@ -27,13 +26,6 @@ import (
 // connection of its steps here, to be answered from the agent, read-only.
 // Key files are sent with the submission like secrets; the server serves
 // them from memory.
-
-// sshKeyFile is one key file's id and content, memory only, never
-// formatted into output, logs or errors.
-type sshKeyFile struct {
-	id    string
-	value []byte
-}
 
 // sshForm reads the --ssh flags into the form: forwarded agents (id →
 // socket) and key files.
@@ -60,7 +52,7 @@ func (f *buildFlags) sshForm(form *buildForm, add func(name, value string), look
 // readSSH parses --ssh values. Sockets are checked to answer; key files
 // are read and parsed, so an encrypted or broken key is a usage error
 // here rather than a failed build.
-func readSSH(specs []string, lookupEnv func(string) (string, bool)) (agents map[string]string, keys []sshKeyFile, err error) {
+func readSSH(specs []string, lookupEnv func(string) (string, bool)) (agents map[string]string, keys []secret, err error) {
 	seen := map[string]bool{}
 	for _, spec := range specs {
 		id, paths, hasPaths := strings.Cut(spec, "=")
@@ -109,7 +101,7 @@ func readSSH(specs []string, lookupEnv func(string) (string, bool)) (agents map[
 			continue
 		}
 		for _, data := range files {
-			keys = append(keys, sshKeyFile{id: id, value: data})
+			keys = append(keys, secret{id: id, value: data})
 		}
 	}
 	if len(agents)+len(keys) > sshrelay.MaxKeys || len(seen) > sshrelay.MaxIDs {
@@ -145,26 +137,6 @@ func checkAgent(sock string) error {
 		return err
 	}
 	return c.Close()
-}
-
-// writeSSHKeys sends the key files, one ssh_key part each.
-func writeSSHKeys(mw *multipart.Writer, form *buildForm) error {
-	for _, k := range form.sshKeys {
-		w, err := createFilePart(mw, "ssh_key", k.id, "application/octet-stream")
-		if err != nil {
-			return err
-		}
-		if _, err := w.Write(k.value); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (form *buildForm) wipeSSH() {
-	for _, k := range form.sshKeys {
-		clear(k.value)
-	}
 }
 
 // sshSessionRetries bounds how often a broken ssh session is opened

@@ -207,17 +207,19 @@ func writeFields(mw *multipart.Writer, form *buildForm) error {
 			return err
 		}
 	}
-	for _, s := range form.secrets {
-		w, err := createFilePart(mw, "secret", s.id, "application/octet-stream")
-		if err != nil {
-			return err
+	for _, part := range []struct {
+		name    string
+		secrets []secret
+	}{{"secret", form.secrets}, {"ssh_key", form.sshKeys}} {
+		for _, s := range part.secrets {
+			w, err := createFilePart(mw, part.name, s.id, "application/octet-stream")
+			if err != nil {
+				return err
+			}
+			if _, err := w.Write(s.value); err != nil {
+				return err
+			}
 		}
-		if _, err := w.Write(s.value); err != nil {
-			return err
-		}
-	}
-	if err := writeSSHKeys(mw, form); err != nil {
-		return err
 	}
 	if len(form.registryAuth) > 0 {
 		type cred struct {
