@@ -97,14 +97,6 @@ func needsAttachment(o store.BuildOptions) bool {
 // the server go away and does not come back for a rerun).
 func heldInMemory(o store.BuildOptions) bool { return needsAttachment(o) || len(o.SSH) > 0 }
 
-func sshIDs(o store.BuildOptions) []string {
-	ids := make([]string, len(o.SSH))
-	for i, a := range o.SSH {
-		ids[i] = a.ID
-	}
-	return ids
-}
-
 // sshAgents is what the build's solve gets: its ids, and a dialer that
 // answers key-file ids from keyrings made here (in memory, for this run)
 // and forwarded ids through the client's ssh session, as it is when the
@@ -132,7 +124,7 @@ func (s *Service) sshAgents(b Build, mem *attachment) ([]string, solve.SSHDialer
 		rings[a.ID] = sshrelay.AgentDialer(ring)
 	}
 	build := b.ID
-	return sshIDs(b.Options), func(ctx context.Context, id string) (net.Conn, error) {
+	return b.Options.SSHIDs(), func(ctx context.Context, id string) (net.Conn, error) {
 		if dial, ok := rings[id]; ok {
 			return dial(ctx)
 		}
@@ -164,7 +156,7 @@ func (s *Service) awaitSSH(ctx context.Context, b Build) (o store.Outcome, ok bo
 		wait = DefaultSSHSessionWait
 	}
 	s.phase(b.ID, sshWaitPhase)
-	s.message(b.ID, "%s (ssh agents %s) for up to %s", sshWaitPhase, strings.Join(sshIDs(b.Options), ", "), wait)
+	s.message(b.ID, "%s (ssh agents %s) for up to %s", sshWaitPhase, strings.Join(b.Options.SSHIDs(), ", "), wait)
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	select {
@@ -177,7 +169,7 @@ func (s *Service) awaitSSH(ctx context.Context, b Build) (o store.Outcome, ok bo
 	}
 	o.Status, o.Phase = store.StatusFailed, "failed"
 	o.Error = fmt.Sprintf("the build forwards ssh agents (%s) from its client, but no client opened the build's ssh session within %s: build with kiln build --ssh, which opens it, or open GET /v1/builds/%s/ssh with Connection: Upgrade and Upgrade: %s right after submitting (see api/openapi.yaml)",
-		strings.Join(sshIDs(b.Options), ", "), wait, b.ID, sshrelay.Protocol)
+		strings.Join(b.Options.SSHIDs(), ", "), wait, b.ID, sshrelay.Protocol)
 	return o, false
 }
 

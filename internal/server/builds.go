@@ -413,10 +413,7 @@ func (s *Server) apiBuild(r *http.Request, b store.Build) api.Build {
 		out.Call = &b.Options.Call
 	}
 	if len(b.Options.SSH) > 0 {
-		ids := make([]string, len(b.Options.SSH))
-		for i, a := range b.Options.SSH {
-			ids[i] = a.ID
-		}
+		ids := b.Options.SSHIDs()
 		out.Ssh = &ids
 	}
 	if c := b.Check; c != nil {

@@ -10,3 +10,12 @@ type SSHAgent struct {
 	// not from the client's agent.
 	Keys bool `json:"keys,omitempty"`
 }
+
+// SSHIDs are the build's ssh agent ids, in order.
+func (o BuildOptions) SSHIDs() []string {
+	ids := make([]string, len(o.SSH))
+	for i, a := range o.SSH {
+		ids[i] = a.ID
+	}
+	return ids
+}
