@@ -9,9 +9,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/distribution/reference"
-
-	"github.com/kiln-build/kiln/internal/access"
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/mirror"
@@ -172,34 +169,4 @@ func (s *Service) ensureGenerator(ctx context.Context, b Build) error {
 	g := b.Options.SBOM.Generator
 	s.phase(b.ID, "fetching the sbom scanner")
 	return s.mirror.Ensure(ctx, mirror.Pinned{Upstream: g.Upstream, LocalRepo: g.LocalRepo, Digest: g.Digest, FromUpstream: g.FromUpstream}, nil)
-}
-
-// pinImage resolves an image reference to a digest as pinBases does for
-// a base image: in kiln's registry (the tenant must be able to pull it),
-// else through the mirror.
-func (s *Service) pinImage(ctx context.Context, p auth.Principal, ref string, pull bool, what string) (pinnedBase, error) {
-	named, err := reference.ParseNormalizedNamed(ref)
-	if err != nil {
-		return pinnedBase{}, badRequest("%s %q is not a valid image reference: %v", what, ref, err)
-	}
-	if reference.Domain(named) == s.cfg.RegistryHost {
-		if err := s.policy.Repo(ctx, p, reference.Path(named), access.Pull); err != nil {
-			return pinnedBase{}, badRequest("%s %s: %v", what, errdefs.Quote(ref), err)
-		}
-		d, err := s.resolveLocal(ctx, named)
-		if err != nil {
-			return pinnedBase{}, badRequest("%s %q: %v; push it to kiln's registry first", what, ref, err)
-		}
-		return pinnedBase{ref: ref, digest: d, pin: store.BasePin{
-			Upstream: ref, LocalRepo: reference.Path(named), Digest: d, Local: true}}, nil
-	}
-	if s.mirror == nil {
-		return pinnedBase{}, badRequest("%s %q is in another registry and this server mirrors none", what, ref)
-	}
-	pin, err := s.mirror.Resolve(ctx, ref, pull)
-	if err != nil {
-		return pinnedBase{}, mirrorError(ref, err)
-	}
-	return pinnedBase{ref: ref, digest: pin.Digest, pin: store.BasePin{
-		Upstream: pin.Upstream, LocalRepo: pin.LocalRepo, Digest: pin.Digest, FromUpstream: pin.FromUpstream}}, nil
 }

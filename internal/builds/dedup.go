@@ -169,31 +169,44 @@ func (s *Service) pinBases(ctx context.Context, p auth.Principal, dockerfile []b
 		if user[strings.TrimSuffix(reference.FamiliarString(named), ":latest")] {
 			continue // the build's own named context replaces it
 		}
-		if reference.Domain(named) == s.cfg.RegistryHost {
-			// The build pulls it as its tenant; ask now, so another
-			// tenant's image is refused before anything is queued.
-			if err := s.policy.Repo(ctx, p, reference.Path(named), access.Pull); err != nil {
-				return nil, badRequest("base image %s: %v", errdefs.Quote(ref), err)
-			}
-			d, err := s.resolveLocal(ctx, named)
-			if err != nil {
-				return nil, badRequest("base image %q: %v; push it to kiln's registry first", ref, err)
-			}
-			out = append(out, pinnedBase{ref: ref, digest: d, pin: store.BasePin{
-				Upstream: ref, LocalRepo: reference.Path(named), Digest: d, Local: true}})
-			continue
-		}
-		if s.mirror == nil {
-			return nil, badRequest("base image %q is in another registry and this server mirrors none", ref)
-		}
-		p, err := s.mirror.Resolve(ctx, ref, o.Pull)
+		pb, err := s.pinImage(ctx, p, ref, o.Pull, "base image")
 		if err != nil {
-			return nil, mirrorError(ref, err)
+			return nil, err
 		}
-		out = append(out, pinnedBase{ref: ref, digest: p.Digest, pin: store.BasePin{
-			Upstream: p.Upstream, LocalRepo: p.LocalRepo, Digest: p.Digest, FromUpstream: p.FromUpstream}})
+		out = append(out, pb)
 	}
 	return out, nil
+}
+
+// pinImage resolves an image reference (what it is, for errors: "base
+// image") to a digest: in kiln's registry, which the tenant must be able
+// to pull from (asked now, so another tenant's image is refused before
+// anything is queued), else through the mirror.
+func (s *Service) pinImage(ctx context.Context, p auth.Principal, ref string, pull bool, what string) (pinnedBase, error) {
+	named, err := reference.ParseNormalizedNamed(ref)
+	if err != nil {
+		return pinnedBase{}, badRequest("%s %q is not a valid image reference: %v", what, ref, err)
+	}
+	if reference.Domain(named) == s.cfg.RegistryHost {
+		if err := s.policy.Repo(ctx, p, reference.Path(named), access.Pull); err != nil {
+			return pinnedBase{}, badRequest("%s %s: %v", what, errdefs.Quote(ref), err)
+		}
+		d, err := s.resolveLocal(ctx, named)
+		if err != nil {
+			return pinnedBase{}, badRequest("%s %q: %v; push it to kiln's registry first", what, ref, err)
+		}
+		return pinnedBase{ref: ref, digest: d, pin: store.BasePin{
+			Upstream: ref, LocalRepo: reference.Path(named), Digest: d, Local: true}}, nil
+	}
+	if s.mirror == nil {
+		return pinnedBase{}, badRequest("%s %q is in another registry and this server mirrors none", what, ref)
+	}
+	pin, err := s.mirror.Resolve(ctx, ref, pull)
+	if err != nil {
+		return pinnedBase{}, mirrorError(ref, err)
+	}
+	return pinnedBase{ref: ref, digest: pin.Digest, pin: store.BasePin{
+		Upstream: pin.Upstream, LocalRepo: pin.LocalRepo, Digest: pin.Digest, FromUpstream: pin.FromUpstream}}, nil
 }
 
 func mirrorError(ref string, err error) error {
