@@ -25,17 +25,30 @@ func Oras(t testing.TB) string { t.Helper(); return orasTool.path(t) }
 // older than go.mod.
 func Crane(t testing.TB) string { t.Helper(); return craneTool.path(t) }
 
-// goToolOnce finds or builds one go.mod tool once per test binary.
+// goToolOnce finds or builds one Go program (goTool) once per test
+// binary.
 type goToolOnce struct {
 	env, name, pkg string
-	once           sync.Once
-	bin            string
-	err            error
+	// stale says when an existing binary is rebuilt; nil: when it is
+	// older than go.mod.
+	stale func(bin, root string) bool
+	// buildEnv is added to the build's environment.
+	buildEnv []string
+
+	once sync.Once
+	bin  string
+	err  error
 }
 
 func (g *goToolOnce) path(t testing.TB) string {
 	t.Helper()
-	g.once.Do(func() { g.bin, g.err = goTool(g.env, g.name, g.pkg, olderThanGoMod) })
+	g.once.Do(func() {
+		stale := g.stale
+		if stale == nil {
+			stale = olderThanGoMod
+		}
+		g.bin, g.err = goTool(g.env, g.name, g.pkg, stale, g.buildEnv...)
+	})
 	if g.err != nil {
 		t.Fatalf("%s binary: %v", g.name, g.err)
 	}

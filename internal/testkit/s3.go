@@ -12,7 +12,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -49,33 +48,12 @@ func (s *S3Server) ObjectFile(key string) string {
 	return filepath.Join(s.BucketDir, filepath.FromSlash(strings.TrimPrefix(key, "/")))
 }
 
-var (
-	versitygwOnce sync.Once
-	versitygwPath string
-	versitygwErr  error
-)
+var versitygwTool = &goToolOnce{env: "KILN_VERSITYGW", name: "versitygw", pkg: "github.com/versity/versitygw/cmd/versitygw"}
 
 // Versitygw returns the path of a versitygw binary: $KILN_VERSITYGW if
 // set, else <repo>/bin/versitygw, built from the go.mod tool dependency
-// the first time (later runs reuse it).
-func Versitygw(t testing.TB) string {
-	t.Helper()
-	versitygwOnce.Do(func() { versitygwPath, versitygwErr = findOrBuildVersitygw() })
-	if versitygwErr != nil {
-		t.Fatalf("versitygw binary: %v", versitygwErr)
-	}
-	return versitygwPath
-}
-
-func findOrBuildVersitygw() (string, error) {
-	// A binary older than go.mod may be another version of the tool.
-	stale := func(bin, root string) bool {
-		fi, err := os.Stat(bin)
-		mod, merr := os.Stat(filepath.Join(root, "go.mod"))
-		return err != nil || merr != nil || fi.ModTime().Before(mod.ModTime())
-	}
-	return goTool("KILN_VERSITYGW", "versitygw", "github.com/versity/versitygw/cmd/versitygw", stale)
-}
+// when missing or older than go.mod.
+func Versitygw(t testing.TB) string { t.Helper(); return versitygwTool.path(t) }
 
 // StartS3 starts versitygw on a free loopback port over a temporary
 // directory, with bucket "kiln", and stops it when the test ends.

@@ -2,21 +2,13 @@ package testkit
 
 import (
 	"bytes"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/crypto/ssh"
-)
-
-var (
-	sshListOnce sync.Once
-	sshListPath string
-	sshListErr  error
 )
 
 // SSHList returns a static build of ./internal/testkit/sshlist, which a
@@ -24,37 +16,11 @@ var (
 // at $SSH_AUTH_SOCK ("key SHA256:… comment") and signs with each
 // ("signed SHA256:…"). Put it in a build context and run it from a FROM
 // scratch or busybox image. It is built once per test binary into
-// <repo>/bin/sshlist (the Go build cache makes that quick), renamed into
-// place so parallel test binaries never see half a file.
-func SSHList(t testing.TB) string {
-	t.Helper()
-	sshListOnce.Do(func() {
-		root, err := RepoRoot()
-		if err != nil {
-			sshListErr = err
-			return
-		}
-		sshListPath = filepath.Join(root, "bin", "sshlist")
-		if err := os.MkdirAll(filepath.Dir(sshListPath), 0o755); err != nil {
-			sshListErr = err
-			return
-		}
-		tmp := fmt.Sprintf("%s.tmp-%d", sshListPath, os.Getpid())
-		cmd := exec.Command("go", "build", "-trimpath", "-o", tmp, "./internal/testkit/sshlist")
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod", "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			os.Remove(tmp)
-			sshListErr = fmt.Errorf("go build ./internal/testkit/sshlist: %v\n%s", err, out)
-			return
-		}
-		sshListErr = os.Rename(tmp, sshListPath)
-	})
-	if sshListErr != nil {
-		t.Fatal(sshListErr)
-	}
-	return sshListPath
-}
+// <repo>/bin/sshlist ($KILN_SSHLIST if set), as it is kiln's own source.
+func SSHList(t testing.TB) string { t.Helper(); return sshListTool.path(t) }
+
+var sshListTool = &goToolOnce{env: "KILN_SSHLIST", name: "sshlist", pkg: "./internal/testkit/sshlist",
+	stale: func(string, string) bool { return true }, buildEnv: []string{"CGO_ENABLED=0"}}
 
 // SSHKey is a generated, unencrypted ed25519 key pair.
 type SSHKey struct {

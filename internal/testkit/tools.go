@@ -13,10 +13,11 @@ import (
 // goTool returns the path of a server binary the tests run, built from a
 // Go module go.mod pins (a tool directive): $env if set, else
 // <repo>/bin/<name>, built from pkg the first time and again when stale
-// says the existing one is out of date. Test binaries of several
-// packages run in parallel; a file lock makes exactly one of them build
-// while the others wait for its result.
-func goTool(env, name, pkg string, stale func(bin, root string) bool) (string, error) {
+// says the existing one is out of date, with buildEnv added to the
+// build's environment. Test binaries of several packages run in
+// parallel; a file lock makes exactly one of them build while the others
+// wait for its result.
+func goTool(env, name, pkg string, stale func(bin, root string) bool, buildEnv ...string) (string, error) {
 	if p := os.Getenv(env); p != "" {
 		if err := checkExecutable(p); err != nil {
 			return "", fmt.Errorf("%s=%s: %w", env, p, err)
@@ -56,7 +57,7 @@ func goTool(env, name, pkg string, stale func(bin, root string) bool) (string, e
 	tmp := fmt.Sprintf("%s.tmp-%d", bin, os.Getpid())
 	cmd := exec.Command("go", "build", "-o", tmp, pkg)
 	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	cmd.Env = append(append(os.Environ(), "GOFLAGS=-mod=mod"), buildEnv...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
