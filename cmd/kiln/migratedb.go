@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -43,7 +42,7 @@ PGPASSWORD or ~/.pgpass) rather than --to, which shows in ps.`,
 			if fi, err := os.Stat(from); err != nil {
 				return fmt.Errorf("--from: %w", err)
 			} else if fi.IsDir() {
-				path = filepath.Join(from, "kiln.db")
+				path = store.Location("", from)
 				if _, err := os.Stat(path); err != nil {
 					return fmt.Errorf("--from %s: no kiln.db in it: %w", from, err)
 				}

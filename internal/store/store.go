@@ -134,7 +134,8 @@ func openPostgres(ctx context.Context, url string) (*DB, error) {
 	if cfg.RuntimeParams["application_name"] == "" {
 		cfg.RuntimeParams["application_name"] = "kiln"
 	}
-	where := Redact(url)
+	// What may be shown: no user, password or parameters.
+	where := fmt.Sprintf("postgres://%s:%d/%s", cfg.Host, cfg.Port, cfg.Database)
 	db := stdlib.OpenDB(*cfg)
 	// River's workers, the API and event writers share the pool; kiln's
 	// statements are short, so a modest pool serves many builds.
@@ -145,20 +146,6 @@ func openPostgres(ctx context.Context, url string) (*DB, error) {
 		return nil, fmt.Errorf("open database %s: %w", where, err)
 	}
 	return &DB{SQL: db, dialect: Postgres, where: where}, nil
-}
-
-// Redact returns what may be shown of a database setting: a SQLite path
-// as is; of a postgres:// URL only postgres://host:port/dbname — no user,
-// password or parameters.
-func Redact(location string) string {
-	if !IsPostgres(location) {
-		return location
-	}
-	cfg, err := pgx.ParseConfig(location)
-	if err != nil {
-		return "postgres://(unparsable URL)"
-	}
-	return fmt.Sprintf("postgres://%s:%d/%s", cfg.Host, cfg.Port, cfg.Database)
 }
 
 // Dialect is the engine behind s.

@@ -129,12 +129,6 @@ func (p *PostgresServer) NewDatabase(t testing.TB) string {
 	return fmt.Sprintf("postgres://kiln@127.0.0.1:%d/%s?sslmode=disable", p.Port, name)
 }
 
-// Log is the server's log so far, for failure messages.
-func (p *PostgresServer) Log() string {
-	b, _ := os.ReadFile(filepath.Join(p.dir, "server.log"))
-	return string(b)
-}
-
 func (p *PostgresServer) data() string { return filepath.Join(p.dir, "data") }
 
 // asOwner runs one of the server binaries as the cluster's owner.
