@@ -50,15 +50,27 @@ func newAccessController(options map[string]any) (dauth.AccessController, error)
 	return &accessController{authority: a, service: service, tokenPath: tokenPath}, nil
 }
 
+// errNoToken: a request without a bearer token.
+var errNoToken = errors.New("authorization token required")
+
+// verify checks r's bearer token: issued by kiln for this registry, and
+// current. What it grants is the caller's to check.
+func (ac *accessController) verify(r *http.Request) (auth.RegistryGrant, error) {
+	scheme, raw, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || raw == "" || !strings.EqualFold(scheme, "bearer") {
+		return auth.RegistryGrant{}, errNoToken
+	}
+	return ac.authority.VerifyRegistryToken(strings.TrimSpace(raw), ac.service)
+}
+
 func (ac *accessController) Authorized(r *http.Request, wanted ...dauth.Access) (*dauth.Grant, error) {
 	ch := challenge{service: ac.service, tokenPath: ac.tokenPath, scope: scopeParam(wanted)}
 
-	scheme, raw, ok := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !ok || raw == "" || !strings.EqualFold(scheme, "bearer") {
-		ch.err = errors.New("authorization token required")
+	g, err := ac.verify(r)
+	if errors.Is(err, errNoToken) {
+		ch.err = err
 		return nil, ch
 	}
-	g, err := ac.authority.VerifyRegistryToken(strings.TrimSpace(raw), ac.service)
 	if err != nil {
 		ch.err, ch.code = err, "invalid_token"
 		return nil, ch

@@ -153,12 +153,11 @@ func (r *Registry) oci11(w http.ResponseWriter, req *http.Request) (http.Respons
 // authorize checks req's token for access to repo as distribution's
 // handlers would, answering the challenge itself when it falls short.
 func (r *Registry) authorize(w http.ResponseWriter, req *http.Request, repo string, actions ...string) bool {
-	ac := &accessController{authority: r.authority, service: r.service, tokenPath: r.tokenPath}
 	var wanted []dauth.Access
 	for _, a := range actions {
 		wanted = append(wanted, dauth.Access{Resource: dauth.Resource{Type: "repository", Name: repo}, Action: a})
 	}
-	_, err := ac.Authorized(req, wanted...)
+	_, err := r.access.Authorized(req, wanted...)
 	if err == nil {
 		return true
 	}

@@ -57,9 +57,10 @@ type Registry struct {
 	// direct is nil, or when app redirects blob downloads to the store,
 	// an app over the same driver that never does: builds get their
 	// blobs through kiln (see servesDirect).
-	direct    *handlers.App
-	authority *auth.Authority
-	service   string
+	direct *handlers.App
+	// access checks the tokens of the requests kiln answers itself, as
+	// distribution's handlers do with the same controller.
+	access    *accessController
 	tokens    http.Handler
 	tokenPath string
 	// ns is a second view of the same storage for the helpers; it shares
@@ -194,8 +195,7 @@ func New(ctx context.Context, cfg Config) (*Registry, error) {
 	return &Registry{
 		app:       app,
 		direct:    direct,
-		authority: cfg.Authority,
-		service:   cfg.Service,
+		access:    &accessController{authority: cfg.Authority, service: cfg.Service, tokenPath: cfg.TokenPath},
 		tokens:    cfg.Authority.TokenHandler(cfg.Service, cfg.Grant),
 		tokenPath: cfg.TokenPath,
 		ns:        ns,
@@ -310,11 +310,7 @@ func (r *Registry) servesDirect(req *http.Request) bool {
 	if !strings.Contains(req.URL.Path, "/blobs/") {
 		return false
 	}
-	scheme, raw, ok := strings.Cut(req.Header.Get("Authorization"), " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") {
-		return false
-	}
-	g, err := r.authority.VerifyRegistryToken(strings.TrimSpace(raw), r.service)
+	g, err := r.access.verify(req)
 	// Build tokens are issued to subject build:<id> (internal/builds).
 	return err == nil && strings.HasPrefix(g.Subject, "build:")
 }
