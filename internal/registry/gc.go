@@ -100,11 +100,10 @@ func storageDir(name string) string {
 // directory, or on S3 a prefix of at least one object.
 func (r *Registry) exists(ctx context.Context, p string) (bool, error) {
 	_, err := r.driver.Stat(ctx, p)
-	var missing storagedriver.PathNotFoundError
 	switch {
 	case err == nil:
 		return true, nil
-	case errors.As(err, &missing):
+	case isMissing(err):
 		return false, nil
 	}
 	return false, err
@@ -120,8 +119,7 @@ func (r *Registry) blobUsage(ctx context.Context) (n int, bytes int64, err error
 		}
 		return nil
 	})
-	var missing storagedriver.PathNotFoundError
-	if errors.As(err, &missing) {
+	if isMissing(err) {
 		return 0, 0, nil
 	}
 	if err != nil {

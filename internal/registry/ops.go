@@ -11,7 +11,6 @@ import (
 	"github.com/distribution/distribution/v3/manifest/manifestlist"
 	"github.com/distribution/distribution/v3/manifest/ocischema"
 	"github.com/distribution/distribution/v3/registry/storage"
-	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
@@ -151,8 +150,7 @@ func (r *Registry) Catalog(ctx context.Context) ([]string, error) {
 		repos = append(repos, name)
 		return nil
 	})
-	var pnf storagedriver.PathNotFoundError
-	if err != nil && !errors.As(err, &pnf) { // an empty registry has no repositories dir yet
+	if err != nil && !isMissing(err) { // an empty registry has no repositories dir yet
 		return nil, fmt.Errorf("list repositories: %w", err)
 	}
 	slices.Sort(repos)
@@ -278,7 +276,7 @@ func (r *Registry) linkManifest(ctx context.Context, src, dst distribution.Repos
 		return fmt.Errorf("manifest %s changed digest to %s when stored in %s", stored, got, dst.Named().Name())
 	}
 	if d != stored {
-		if err := r.driver.PutContent(ctx, aliasPath(dst.Named().Name(), d), []byte(stored.String())); err != nil {
+		if err := r.writeLink(ctx, aliasPath(dst.Named().Name(), d), stored); err != nil {
 			return fmt.Errorf("link manifest %s into %s as %s: %w", stored, dst.Named().Name(), d, err)
 		}
 	}
@@ -325,11 +323,10 @@ func mapNotFound(err error) error {
 		repoUnknown distribution.ErrRepositoryUnknown
 		revUnknown  distribution.ErrManifestUnknownRevision
 		mfUnknown   distribution.ErrManifestUnknown
-		pathMissing storagedriver.PathNotFoundError
 	)
 	switch {
 	case errors.As(err, &tagUnknown), errors.As(err, &repoUnknown), errors.As(err, &revUnknown),
-		errors.As(err, &mfUnknown), errors.As(err, &pathMissing), errors.Is(err, distribution.ErrBlobUnknown):
+		errors.As(err, &mfUnknown), isMissing(err), errors.Is(err, distribution.ErrBlobUnknown):
 		return fmt.Errorf("%w: %v", ErrNotFound, err)
 	}
 	return err

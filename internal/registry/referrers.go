@@ -80,10 +80,10 @@ func blobLinkPath(repo string, d digest.Digest) string {
 // by both names, as an upload by d links it: distribution's blob GET
 // looks d up, then serves canon through repo's own link to canon.
 func (r *Registry) linkBlobAlias(ctx context.Context, repo string, d, canon digest.Digest) error {
-	if err := r.driver.PutContent(ctx, blobLinkPath(repo, canon), []byte(canon.String())); err != nil {
+	if err := r.writeLink(ctx, blobLinkPath(repo, canon), canon); err != nil {
 		return fmt.Errorf("link blob %s into %s: %w", canon, repo, err)
 	}
-	if err := r.driver.PutContent(ctx, blobLinkPath(repo, d), []byte(canon.String())); err != nil {
+	if err := r.writeLink(ctx, blobLinkPath(repo, d), canon); err != nil {
 		return fmt.Errorf("link blob %s into %s as %s: %w", canon, repo, d, err)
 	}
 	return nil
@@ -94,15 +94,14 @@ func (r *Registry) linkBlobAlias(ctx context.Context, repo string, d, canon dige
 // nothing is stored. from's own link says which sha256 holds the data.
 // It does nothing when from does not hold d (then nothing was mounted).
 func (r *Registry) fixMountedAlias(ctx context.Context, from, repo string, d digest.Digest) error {
-	raw, err := r.driver.GetContent(ctx, blobLinkPath(from, d))
-	var missing storagedriver.PathNotFoundError
-	if errors.As(err, &missing) {
-		return nil
-	}
+	link, err := r.readLink(ctx, blobLinkPath(from, d))
 	if err != nil {
 		return fmt.Errorf("read the link of blob %s in %s: %w", d, from, err)
 	}
-	canon, err := digest.Parse(strings.TrimSpace(string(raw)))
+	if link == "" {
+		return nil
+	}
+	canon, err := digest.Parse(link)
 	if err != nil || canon == d {
 		return nil // not an alias: distribution's link is right
 	}
@@ -234,8 +233,7 @@ func (r *Registry) Referrers(ctx context.Context, repo, subjectDigest string) ([
 	dir := referrersDir(repo, subject)
 	var out []v1.Descriptor
 	algs, err := r.driver.List(ctx, dir)
-	var missing storagedriver.PathNotFoundError
-	if errors.As(err, &missing) {
+	if isMissing(err) {
 		return nil, nil
 	}
 	if err != nil {
@@ -243,12 +241,12 @@ func (r *Registry) Referrers(ctx context.Context, repo, subjectDigest string) ([
 	}
 	for _, a := range algs {
 		entries, err := r.driver.List(ctx, a)
-		if err != nil && !errors.As(err, &missing) {
+		if err != nil && !isMissing(err) {
 			return nil, fmt.Errorf("referrers of %s in %s: %w", subject, repo, err)
 		}
 		for _, e := range entries {
 			raw, err := r.driver.GetContent(ctx, e)
-			if errors.As(err, &missing) {
+			if isMissing(err) {
 				continue
 			}
 			if err != nil {
@@ -295,15 +293,35 @@ func (r *Registry) manifestExists(ctx context.Context, repo string, ms interface
 // alias returns the sha256 a manifest pushed by digest d is stored under,
 // or "" if none.
 func (r *Registry) alias(ctx context.Context, repo string, d digest.Digest) (digest.Digest, error) {
-	raw, err := r.driver.GetContent(ctx, aliasPath(repo, d))
-	var missing storagedriver.PathNotFoundError
-	if errors.As(err, &missing) {
+	link, err := r.readLink(ctx, aliasPath(repo, d))
+	if err != nil || link == "" {
+		return "", err
+	}
+	return digest.Parse(link)
+}
+
+// readLink reads a link file: the digest it holds as written (the
+// caller parses it), "" when there is none.
+func (r *Registry) readLink(ctx context.Context, p string) (string, error) {
+	raw, err := r.driver.GetContent(ctx, p)
+	if isMissing(err) {
 		return "", nil
 	}
 	if err != nil {
 		return "", err
 	}
-	return digest.Parse(strings.TrimSpace(string(raw)))
+	return strings.TrimSpace(string(raw)), nil
+}
+
+// writeLink points link file p at d, as distribution's links do.
+func (r *Registry) writeLink(ctx context.Context, p string, d digest.Digest) error {
+	return r.driver.PutContent(ctx, p, []byte(d.String()))
+}
+
+// isMissing reports a storage driver's "no such path".
+func isMissing(err error) bool {
+	var missing storagedriver.PathNotFoundError
+	return errors.As(err, &missing)
 }
 
 // ociManifest is the part of a manifest or index the referrers index needs.
@@ -381,21 +399,20 @@ func (r *Registry) backfillReferrers(ctx context.Context, repo string) error {
 	// push indexes it.
 	revisions := repoDir(repo) + "/_manifests/revisions"
 	names := map[digest.Digest][]digest.Digest{}
-	var missing storagedriver.PathNotFoundError
 	err := r.driver.Walk(ctx, revisions, func(fi storagedriver.FileInfo) error {
 		if fi.IsDir() || path.Base(fi.Path()) != "link" {
 			return nil
 		}
 		alg, hex, _ := strings.Cut(strings.TrimPrefix(path.Dir(fi.Path()), revisions+"/"), "/")
 		name := digest.NewDigestFromEncoded(digest.Algorithm(alg), hex)
-		raw, err := r.driver.GetContent(ctx, fi.Path())
-		if errors.As(err, &missing) {
-			return nil // deleted while walking
-		}
+		link, err := r.readLink(ctx, fi.Path())
 		if err != nil {
 			return err
 		}
-		stored, err := digest.Parse(strings.TrimSpace(string(raw)))
+		if link == "" {
+			return nil // deleted while walking
+		}
+		stored, err := digest.Parse(link)
 		if err != nil || name.Validate() != nil {
 			return nil // not a revision distribution wrote
 		}
@@ -406,7 +423,7 @@ func (r *Registry) backfillReferrers(ctx context.Context, repo string) error {
 		}
 		return nil
 	})
-	if errors.As(err, &missing) {
+	if isMissing(err) {
 		return nil // no manifest yet: pushes from now on index themselves
 	}
 	if err != nil {
@@ -511,7 +528,7 @@ func (r *Registry) manifest11(w http.ResponseWriter, req *http.Request, repo, re
 	rw.before = func() error {
 		ctx := context.WithoutCancel(req.Context())
 		if byOther {
-			if err := r.driver.PutContent(ctx, aliasPath(repo, d), []byte(canon.String())); err != nil {
+			if err := r.writeLink(ctx, aliasPath(repo, d), canon); err != nil {
 				return err
 			}
 		}
