@@ -3,7 +3,6 @@ package builderimage
 import (
 	"bufio"
 	"context"
-	"debug/elf"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -12,6 +11,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-build/kiln/internal/binfmt"
 )
 
 // Foreign platforms: the image carries QEMU user-mode emulators from
@@ -50,22 +51,15 @@ const (
 	qemuUserStatic = "qemu-user-static"
 )
 
-// qemuTarget is what one emulator covers: the ELF it runs and the OCI
-// platforms BuildKit builds with it.
-type qemuTarget struct {
-	class     elf.Class
-	data      elf.Data
-	machine   elf.Machine
-	platforms []string
-}
-
-var qemuTargets = map[string]qemuTarget{
-	"aarch64": {elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EM_AARCH64, []string{"linux/arm64"}},
+// qemuTargets are the emulators kiln knows, each with the OCI platforms
+// BuildKit builds with it.
+var qemuTargets = map[string][]string{
+	"aarch64": {"linux/arm64"},
 	// One 32-bit ARM emulator runs both variants BuildKit knows.
-	"arm":     {elf.ELFCLASS32, elf.ELFDATA2LSB, elf.EM_ARM, []string{"linux/arm/v6", "linux/arm/v7"}},
-	"riscv64": {elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EM_RISCV, []string{"linux/riscv64"}},
-	"ppc64le": {elf.ELFCLASS64, elf.ELFDATA2LSB, elf.EM_PPC64, []string{"linux/ppc64le"}},
-	"s390x":   {elf.ELFCLASS64, elf.ELFDATA2MSB, elf.EM_S390, []string{"linux/s390x"}},
+	"arm":     {"linux/arm/v6", "linux/arm/v7"},
+	"riscv64": {"linux/riscv64"},
+	"ppc64le": {"linux/ppc64le"},
+	"s390x":   {"linux/s390x"},
 }
 
 // emulatorPath is where emulator name lives, on the host and in the image.
@@ -87,7 +81,7 @@ type emulation struct {
 func emulatorFiles(ctx context.Context, names []string) (emulation, error) {
 	var e emulation
 	for _, name := range names {
-		t, ok := qemuTargets[name]
+		platforms, ok := qemuTargets[name]
 		if !ok {
 			known := make([]string, 0, len(qemuTargets))
 			for k := range qemuTargets {
@@ -108,7 +102,7 @@ func emulatorFiles(ctx context.Context, names []string) (emulation, error) {
 		if err != nil {
 			return emulation{}, fmt.Errorf("builder image: %w; reinstall %s", err, qemuUserStatic)
 		}
-		reg, err := rewriteBinfmt(line, "qemu-"+name, bin, t)
+		reg, err := rewriteBinfmt(line, "qemu-"+name, bin, platforms)
 		if err != nil {
 			return emulation{}, fmt.Errorf("builder image: %s: %w", conf, err)
 		}
@@ -116,7 +110,7 @@ func emulatorFiles(ctx context.Context, names []string) (emulation, error) {
 			rootFile{Path: bin, Mode: 0o755, Source: bin},
 			rootFile{Path: filepath.Join(BinfmtDir, "qemu-"+name+".conf"), Mode: 0o644, Data: []byte(reg + "\n")},
 		)
-		e.platforms = append(e.platforms, t.platforms...)
+		e.platforms = append(e.platforms, platforms...)
 		if e.version == "" {
 			e.version = commandVersion(ctx, bin)
 		}
@@ -154,7 +148,7 @@ func readBinfmtLine(path string) (string, error) {
 // rewriteBinfmt checks a magic-type registration line
 // (:name:M:offset:magic:mask:interpreter:flags) matches target t and
 // replaces its interpreter and flags.
-func rewriteBinfmt(line, name, interp string, t qemuTarget) (string, error) {
+func rewriteBinfmt(line, name, interp string, platforms []string) (string, error) {
 	// The magic and mask are \x-escaped, so ':' only separates fields.
 	f := strings.Split(line, ":")
 	if len(f) != 8 || f[0] != "" {
@@ -167,8 +161,8 @@ func rewriteBinfmt(line, name, interp string, t qemuTarget) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("magic: %w", err)
 	}
-	if m, ok := elfMachine(magic, t.class, t.data); !ok || m != t.machine {
-		return "", fmt.Errorf("registration %s does not match %s %s ELF executables for %s", name, t.class, t.data, t.machine)
+	if got := binfmt.ELFPlatforms(magic, nil); !slices.Equal(got, platforms) {
+		return "", fmt.Errorf("registration %s matches ELF executables of %v, not of %s", name, got, strings.Join(platforms, ", "))
 	}
 	f[6], f[7] = interp, BinfmtFlags
 	return strings.Join(f, ":"), nil
@@ -193,18 +187,6 @@ func unescapeBinfmt(s string) ([]byte, error) {
 		i += 3
 	}
 	return out, nil
-}
-
-// elfMachine reads e_machine from the first 20 bytes of an ELF header of
-// the given class and byte order.
-func elfMachine(hdr []byte, class elf.Class, data elf.Data) (elf.Machine, bool) {
-	if len(hdr) < 20 || string(hdr[:4]) != elf.ELFMAG || elf.Class(hdr[elf.EI_CLASS]) != class || elf.Data(hdr[elf.EI_DATA]) != data {
-		return 0, false
-	}
-	if data == elf.ELFDATA2MSB {
-		return elf.Machine(uint16(hdr[18])<<8 | uint16(hdr[19])), true
-	}
-	return elf.Machine(uint16(hdr[19])<<8 | uint16(hdr[18])), true
 }
 
 // nativePlatforms is what the guest kernel runs without emulation: amd64,

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/kiln-build/kiln/internal/binfmt"
 	"github.com/kiln-build/kiln/internal/errdefs"
 	"github.com/kiln-build/kiln/internal/runtime"
 )
@@ -174,56 +175,11 @@ func parseBinfmt(name, s string) binfmtHandler {
 			mask, _ = hex.DecodeString(v)
 		}
 	}
-	if offset != "0" || len(magic) < 20 {
+	if offset != "0" {
 		return h
 	}
-	hdr := bytes.Clone(magic[:20])
-	if len(mask) >= 20 {
-		for i := range hdr {
-			hdr[i] &= mask[i]
-		}
-	}
-	if string(hdr[:4]) != elf.ELFMAG {
-		return h
-	}
-	class, data := elf.Class(hdr[elf.EI_CLASS]), elf.Data(hdr[elf.EI_DATA])
-	var machine elf.Machine
-	switch data {
-	case elf.ELFDATA2LSB:
-		machine = elf.Machine(binary.LittleEndian.Uint16(hdr[18:20]))
-	case elf.ELFDATA2MSB:
-		machine = elf.Machine(binary.BigEndian.Uint16(hdr[18:20]))
-	default:
-		return h
-	}
-	h.platforms = elfPlatforms(class, data, machine)
+	h.platforms = binfmt.ELFPlatforms(magic, mask)
 	return h
-}
-
-// elfPlatforms maps an ELF executable's class, byte order and machine to
-// the OCI platforms whose images hold such executables.
-func elfPlatforms(class elf.Class, data elf.Data, machine elf.Machine) []string {
-	type key struct {
-		class   elf.Class
-		data    elf.Data
-		machine elf.Machine
-	}
-	c32, c64 := elf.ELFCLASS32, elf.ELFCLASS64
-	lsb, msb := elf.ELFDATA2LSB, elf.ELFDATA2MSB
-	m := map[key][]string{
-		{c64, lsb, elf.EM_X86_64}:    {"linux/amd64"},
-		{c32, lsb, elf.EM_386}:       {"linux/386"},
-		{c64, lsb, elf.EM_AARCH64}:   {"linux/arm64"},
-		{c32, lsb, elf.EM_ARM}:       {"linux/arm/v6", "linux/arm/v7"},
-		{c64, lsb, elf.EM_RISCV}:     {"linux/riscv64"},
-		{c64, lsb, elf.EM_PPC64}:     {"linux/ppc64le"},
-		{c64, msb, elf.EM_PPC64}:     {"linux/ppc64"},
-		{c64, msb, elf.EM_S390}:      {"linux/s390x"},
-		{c64, lsb, elf.EM_MIPS}:      {"linux/mips64le"},
-		{c64, msb, elf.EM_MIPS}:      {"linux/mips64"},
-		{c64, lsb, elf.EM_LOONGARCH}: {"linux/loong64"},
-	}
-	return m[key{class, data, machine}]
 }
 
 // runs386 reports whether the host kernel runs 32-bit x86 executables
