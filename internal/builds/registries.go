@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/distribution/reference"
+	"golang.org/x/crypto/ssh/agent"
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/errdefs"
@@ -37,8 +38,8 @@ const (
 type attachment struct {
 	secrets      map[string][]byte
 	registryAuth map[string]solve.Credentials
-	// sshKeys are the private key files of --ssh ID=KEYFILE, by id.
-	sshKeys map[string][][]byte
+	// sshRings serve the key files of --ssh ID=KEYFILE, by id, parsed.
+	sshRings map[string]agent.Agent
 }
 
 // registries validates the build's names and caches on registries and

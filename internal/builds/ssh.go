@@ -14,6 +14,7 @@ import (
 	"github.com/kiln-build/kiln/internal/solve"
 	"github.com/kiln-build/kiln/internal/sshrelay"
 	"github.com/kiln-build/kiln/internal/store"
+	"golang.org/x/crypto/ssh/agent"
 )
 
 // SSH agents for RUN --mount=type=ssh (kiln build --ssh, as buildx has
@@ -39,8 +40,9 @@ const DefaultSSHSessionWait = time.Minute
 // sshWaitPhase is the phase of a build waiting for its client's session.
 const sshWaitPhase = "waiting for the client's ssh session"
 
-// validateSSH checks the request's agent ids and key files and records
-// the ids in o. Its errors never quote a key.
+// validateSSH checks the request's agent ids and key files, records the
+// ids in o and parses each id's key files, once, into the keyring the
+// build is served from (req.sshRings). Its errors never quote a key.
 func validateSSH(req *Request, o *store.BuildOptions) error {
 	if n := len(req.SSH) + len(req.SSHKeys); n > sshrelay.MaxIDs {
 		return badRequest("%d ssh agent ids; at most %d", n, sshrelay.MaxIDs)
@@ -53,11 +55,14 @@ func validateSSH(req *Request, o *store.BuildOptions) error {
 		if len(files) == 0 {
 			return badRequest("ssh key id %s has no key file", id)
 		}
-		for i, data := range files {
-			if _, err := sshrelay.ParseKey(data); err != nil {
-				return badRequest("ssh key %s (file %d): %v", id, i+1, err)
-			}
+		ring, err := sshrelay.Keyring(files)
+		if err != nil {
+			return badRequest("ssh key %s: %v", id, err)
 		}
+		if req.sshRings == nil {
+			req.sshRings = map[string]agent.Agent{}
+		}
+		req.sshRings[id] = ring
 		keys += len(files)
 		o.SSH = append(o.SSH, store.SSHAgent{ID: id, Keys: true})
 	}
@@ -110,18 +115,10 @@ func (s *Service) sshAgents(b Build, mem *attachment) ([]string, solve.SSHDialer
 		if !a.Keys {
 			continue
 		}
-		var files [][]byte
-		if mem != nil {
-			files = mem.sshKeys[a.ID]
-		}
-		if len(files) == 0 {
+		if mem == nil || mem.sshRings[a.ID] == nil {
 			return nil, nil, fmt.Errorf("the key files of ssh agent %s were held only in memory and are gone (the server restarted); submit the build again", a.ID)
 		}
-		ring, err := sshrelay.Keyring(files)
-		if err != nil {
-			return nil, nil, fmt.Errorf("ssh agent %s: %w", a.ID, err)
-		}
-		rings[a.ID] = sshrelay.AgentDialer(ring)
+		rings[a.ID] = sshrelay.AgentDialer(mem.sshRings[a.ID])
 	}
 	build := b.ID
 	return b.Options.SSHIDs(), func(ctx context.Context, id string) (net.Conn, error) {

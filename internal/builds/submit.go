@@ -24,6 +24,7 @@ import (
 
 	"github.com/moby/buildkit/frontend/dockerfile/instructions"
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
+	"golang.org/x/crypto/ssh/agent"
 
 	"github.com/kiln-build/kiln/internal/auth"
 	"github.com/kiln-build/kiln/internal/buildcontext"
@@ -194,6 +195,9 @@ type Request struct {
 	// memory only, like Secrets. See ssh.go.
 	SSH     []string
 	SSHKeys map[string][][]byte
+
+	// sshRings are SSHKeys parsed into keyrings by validateSSH.
+	sshRings map[string]agent.Agent
 }
 
 // gitResolveTimeout bounds the host-side git ls-remote that pins a git
@@ -320,8 +324,8 @@ func (s *Service) Submit(ctx context.Context, p auth.Principal, u *Upload, req R
 			s.log.Info("dedup hit on a build whose image is gone from the registry; building", "original", orig.ID, "input_hash", b.InputHash)
 		}
 	}
-	if len(req.Secrets) > 0 || len(creds) > 0 || len(req.SSHKeys) > 0 {
-		s.secrets.Store(b.ID, &attachment{secrets: req.Secrets, registryAuth: creds, sshKeys: req.SSHKeys})
+	if len(req.Secrets) > 0 || len(creds) > 0 || len(req.sshRings) > 0 {
+		s.secrets.Store(b.ID, &attachment{secrets: req.Secrets, registryAuth: creds, sshRings: req.sshRings})
 	}
 	err = s.db.InTx(ctx, func(tx *sql.Tx) error {
 		// Looked up in the transaction that records the build, so of
