@@ -5,11 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -124,15 +121,13 @@ func clientSession(t *testing.T, key testkit.SSHKey) SSHSession {
 // assertNotUnder fails if needle is in any file below dir.
 func assertNotUnder(t *testing.T, dir string, needle []byte) {
 	t.Helper()
-	filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return nil
-		}
-		if data, err := os.ReadFile(p); err == nil && bytes.Contains(data, needle) {
-			t.Errorf("%s holds the private key", p)
-		}
-		return nil
-	})
+	found, err := testkit.FindBytes(dir, needle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range found {
+		t.Errorf("%s holds the private key", p)
+	}
 }
 
 // Key files are served to the build from memory, under their id, and

@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -73,10 +72,7 @@ func StartS3(t testing.TB) *S3Server {
 	// The port is picked free and then handed over, so another process
 	// may take it in between: try a few.
 	for range 5 {
-		addr, err := freeLoopbackAddr()
-		if err != nil {
-			t.Fatal(err)
-		}
+		addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		var logs bytes.Buffer
 		// Object metadata goes to a sidecar directory rather than xattrs,
 		// which not every temporary filesystem has.
@@ -108,15 +104,6 @@ func StartS3(t testing.TB) *S3Server {
 	}
 	t.Fatalf("versitygw did not start: %v", lastErr)
 	return nil
-}
-
-func freeLoopbackAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // waitHTTP waits until u answers HTTP at all (S3 answers an unsigned
